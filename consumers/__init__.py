@@ -1,0 +1,1 @@
+"""The long-running workers: buffer consumer, scanner, flusher, scheduler."""

@@ -1,0 +1,3 @@
+from relay import cli
+
+raise SystemExit(cli.main())

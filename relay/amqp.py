@@ -1,0 +1,203 @@
+"""RabbitMQ: topology, the confirming publisher, and the one boundary where aio-pika errors are translated.
+
+Topology (declared idempotently by every role, names prefixed by ``RELAY_AMQP_PREFIX``):
+
+``{p}.events``            quorum queue of raw Qonto events; ``x-delivery-limit`` guards against a message
+                          that crashes its consumer, dead-lettering it (at least once) to ``{p}.dlx``.
+``{p}.events.retry.<n>s`` quorum queues with a fixed message TTL: a transient failure (database down)
+                          republishes the message here; on expiry it dead-letters back to ``{p}.events``.
+``{p}.dlx`` → ``{p}.events.dlq``
+                          the dead-letter exchange and queue. The consumer also publishes a message there
+                          itself, with ``x-relay-reason``, when the message can never be processed.
+
+Message format (what the intake publishes): body = the webhook body exactly as received; persistent;
+``message_id`` = Qonto event id; headers ``x-connection-id``, ``x-received-at-ms`` (unix milliseconds, int).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, Final
+
+import aio_pika
+import aio_pika.abc
+import aiormq
+import pamqp.commands
+
+from relay import config, errors, log
+
+logger = log.get(__name__)
+
+DELIVERY_LIMIT: Final = 10
+RETRY_DELAYS_S: Final = (1, 5, 30, 120, 600)
+HEADER_CONNECTION: Final = "x-connection-id"
+HEADER_RECEIVED_AT: Final = "x-received-at-ms"
+HEADER_ATTEMPTS: Final = "x-relay-attempts"
+HEADER_REASON: Final = "x-relay-reason"
+HEADER_DLQ_ID: Final = "x-relay-dlq-id"
+HEADER_FAILED_AT: Final = "x-relay-failed-at"
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    RuntimeError,  # aio-pika raises it on a closed channel/connection
+)
+
+
+@contextlib.contextmanager
+def translate(what: str = "broker") -> Iterator[None]:
+    """Translate aio-pika/socket errors into BrokerUnavailable (the one boundary)."""
+    try:
+        yield
+    except errors.RelayError:
+        raise
+    except _UNAVAILABLE as exc:
+        raise errors.BrokerUnavailable(f"{what}: RabbitMQ unavailable ({type(exc).__name__})") from exc
+
+
+def retry_queue_name(settings: config.Settings, delay_s: int) -> str:
+    return f"{settings.retry_queue}.{delay_s}s"
+
+
+def retry_delay(attempt: int) -> int:
+    """Delay before retry number ``attempt`` (1-based), capped at the longest tier."""
+    return RETRY_DELAYS_S[min(max(attempt, 1), len(RETRY_DELAYS_S)) - 1]
+
+
+async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
+    """Declare the whole topology; idempotent, safe for every role to call at start."""
+    with translate("declare"):
+        dlx = await channel.declare_exchange(
+            settings.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        dlq = await channel.declare_queue(
+            settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dlq.bind(dlx, routing_key=settings.dead_letter_queue)
+        await channel.declare_queue(
+            settings.events_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": settings.dead_letter_exchange,
+                "x-dead-letter-routing-key": settings.dead_letter_queue,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        for delay in RETRY_DELAYS_S:
+            await channel.declare_queue(
+                retry_queue_name(settings, delay),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": delay * 1000,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": settings.events_queue,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                },
+            )
+
+
+async def delete_topology(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
+    """Remove every queue and exchange of this prefix (tests clean up after themselves)."""
+    with translate("delete"):
+        names = [
+            settings.events_queue,
+            settings.dead_letter_queue,
+            *(retry_queue_name(settings, d) for d in RETRY_DELAYS_S),
+        ]
+        for name in names:
+            await channel.queue_delete(name, if_unused=False, if_empty=False)
+        await channel.exchange_delete(settings.dead_letter_exchange)
+
+
+@contextlib.asynccontextmanager
+async def connection(
+    settings: config.Settings, *, name: str = "relay"
+) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    with translate("connect"):
+        conn = await aio_pika.connect_robust(
+            settings.amqp_url.reveal(), client_properties={"connection_name": name}, timeout=10
+        )
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
+class Publisher:
+    """Publishes persistent messages on a confirm channel; returns only once RabbitMQ confirmed."""
+
+    def __init__(self, channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
+        self._channel = channel
+        self._settings = settings
+
+    @classmethod
+    async def open(
+        cls, conn: aio_pika.abc.AbstractConnection, settings: config.Settings
+    ) -> Publisher:
+        with translate("open channel"):
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(channel, settings)
+
+    @property
+    def channel(self) -> aio_pika.abc.AbstractChannel:
+        return self._channel
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        timeout: float | None = 5.0,
+    ) -> None:
+        """Publish to the default exchange; raise BrokerUnavailable unless confirmed (ack) in time."""
+        message = aio_pika.Message(
+            body,
+            message_id=message_id,
+            headers=dict(headers or {}),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=time.time(),
+        )
+        with translate("publish"):
+            confirmation = await self._channel.default_exchange.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=timeout
+            )
+        if not isinstance(confirmation, pamqp.commands.Basic.Ack):
+            raise errors.BrokerUnavailable(f"publish: RabbitMQ did not confirm ({confirmation!r})")
+
+    async def publish_event(
+        self, body: bytes, *, connection_id: str, event_id: str, timeout: float | None = 5.0
+    ) -> None:
+        await self.publish(
+            self._settings.events_queue,
+            body,
+            message_id=event_id,
+            headers={HEADER_CONNECTION: connection_id, HEADER_RECEIVED_AT: time.time_ns() // 1_000_000},
+            timeout=timeout,
+        )
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._channel.close()
+
+
+async def ping(conn: aio_pika.abc.AbstractConnection) -> None:
+    """Raise BrokerUnavailable unless the connection is open and a channel can be opened."""
+    with translate("ping"):
+        if conn.is_closed:
+            raise errors.BrokerUnavailable("ping: RabbitMQ connection is closed")
+        channel = await asyncio.wait_for(conn.channel(), timeout=2)
+        await channel.close()

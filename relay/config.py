@@ -1,0 +1,242 @@
+"""The one Settings object, built once from ``RELAY_*`` variables and validated at start.
+
+Nothing else reads ``os.environ``. Every bad variable is reported at once, in one message. Secrets are
+held in :class:`Secret`, whose ``repr`` and ``str`` are masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import re
+from collections.abc import Mapping
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+from relay import crypto, errors
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Secret:
+    """A value that must never be printed. ``reveal()`` is the only way to read it."""
+
+    _value: str = dataclasses.field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+DEFAULTS: Final[Mapping[str, str]] = {
+    "RELAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/relay",
+    "RELAY_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/",
+    "RELAY_QONTO_API_URL": "https://thirdparty.qonto.com",
+    "RELAY_QONTO_OAUTH_URL": "https://oauth.qonto.com",
+    "RELAY_CEGID_API_URL": "https://api.cegid.com/loop-api-publiques",
+    "RELAY_PUBLIC_URL": "http://127.0.0.1:8000",
+    "RELAY_FLUSH_AT": "20:00",
+    "RELAY_HOST": "127.0.0.1",
+    "RELAY_PORT": "8000",
+    "RELAY_WORKERS": "2",
+    "RELAY_UPLOAD_CONCURRENCY": "16",
+    "RELAY_UPLOAD_CONCURRENCY_PER_FIRM": "4",
+    "RELAY_AMQP_PREFIX": "relay",
+    "RELAY_LOG_LEVEL": "info",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the relay can be configured with. Tests build it directly."""
+
+    secret_key: Secret
+    database_url: Secret = Secret(DEFAULTS["RELAY_DATABASE_URL"])
+    amqp_url: Secret = Secret(DEFAULTS["RELAY_AMQP_URL"])
+    qonto_api_url: str = DEFAULTS["RELAY_QONTO_API_URL"]
+    qonto_oauth_url: str = DEFAULTS["RELAY_QONTO_OAUTH_URL"]
+    qonto_client_id: str | None = None
+    qonto_client_secret: Secret | None = None
+    qonto_staging_token: Secret | None = None
+    cegid_api_url: str = DEFAULTS["RELAY_CEGID_API_URL"]
+    cegid_subscription_key: Secret | None = None
+    admin_token: Secret | None = None
+    public_url: str = DEFAULTS["RELAY_PUBLIC_URL"]
+    flush_at: dt.time = dt.time(20, 0)
+    host: str = DEFAULTS["RELAY_HOST"]
+    port: int = 8000
+    workers: int = 2
+    upload_concurrency: int = 16
+    upload_concurrency_per_firm: int = 4
+    amqp_prefix: str = DEFAULTS["RELAY_AMQP_PREFIX"]
+    log_level: str = DEFAULTS["RELAY_LOG_LEVEL"]
+
+    @property
+    def events_queue(self) -> str:
+        return f"{self.amqp_prefix}.events"
+
+    @property
+    def retry_queue(self) -> str:
+        return f"{self.amqp_prefix}.events.retry"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.amqp_prefix}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.amqp_prefix}.events.dlq"
+
+    def webhook_path(self, connection_id: str) -> str:
+        return f"/webhooks/qonto/{connection_id}"
+
+    def webhook_url(self, connection_id: str) -> str:
+        return self.public_url.rstrip("/") + self.webhook_path(connection_id)
+
+
+_FLUSH_AT = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _url(name: str, value: str, schemes: tuple[str, ...], bad: list[str]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        bad.append(f"{name}: expected a {' or '.join(schemes)} URL, got {redact_url(value)!r}")
+    return value
+
+
+def _int(name: str, value: str, low: int, high: int, bad: list[str]) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        bad.append(f"{name}: expected a whole number, got {value!r}")
+        return low
+    if not low <= number <= high:
+        bad.append(f"{name}: expected {low} to {high}, got {number}")
+    return number
+
+
+def from_env(
+    environ: Mapping[str, str] | None = None,
+    *,
+    require_secret_key: bool = True,
+    require_admin_token: bool = False,
+) -> Settings:
+    """Build Settings from the environment; raise ConfigurationError naming every bad variable."""
+    env = dict(os.environ if environ is None else environ)
+
+    def get(name: str) -> str:
+        value = env.get(name, "").strip()
+        return value or DEFAULTS.get(name, "")
+
+    def optional_secret(name: str) -> Secret | None:
+        value = env.get(name, "").strip()
+        return Secret(value) if value else None
+
+    bad: list[str] = []
+
+    key = env.get("RELAY_SECRET_KEY", "").strip()
+    if not key:
+        if require_secret_key:
+            bad.append("RELAY_SECRET_KEY: required (generate one with `relay keygen`)")
+        key = crypto.generate_key()
+    elif not crypto.is_valid_key(key):
+        bad.append(
+            "RELAY_SECRET_KEY: expected 32 bytes in URL-safe base64 (a Fernet key; "
+            "`relay keygen` prints one)"
+        )
+
+    database_url = _url(
+        "RELAY_DATABASE_URL", get("RELAY_DATABASE_URL"), ("postgresql", "postgres"), bad
+    )
+    amqp_url = _url("RELAY_AMQP_URL", get("RELAY_AMQP_URL"), ("amqp", "amqps"), bad)
+    qonto_api_url = _url("RELAY_QONTO_API_URL", get("RELAY_QONTO_API_URL"), ("http", "https"), bad)
+    qonto_oauth_url = _url(
+        "RELAY_QONTO_OAUTH_URL", get("RELAY_QONTO_OAUTH_URL"), ("http", "https"), bad
+    )
+    cegid_api_url = _url("RELAY_CEGID_API_URL", get("RELAY_CEGID_API_URL"), ("http", "https"), bad)
+    public_url = _url("RELAY_PUBLIC_URL", get("RELAY_PUBLIC_URL"), ("http", "https"), bad)
+
+    flush_at = dt.time(20, 0)
+    match = _FLUSH_AT.match(get("RELAY_FLUSH_AT"))
+    if match:
+        flush_at = dt.time(int(match.group(1)), int(match.group(2)))
+    else:
+        bad.append(f"RELAY_FLUSH_AT: expected HH:MM in UTC, got {get('RELAY_FLUSH_AT')!r}")
+
+    port = _int("RELAY_PORT", get("RELAY_PORT"), 0, 65535, bad)
+    workers = _int("RELAY_WORKERS", get("RELAY_WORKERS"), 1, 64, bad)
+    upload_concurrency = _int(
+        "RELAY_UPLOAD_CONCURRENCY", get("RELAY_UPLOAD_CONCURRENCY"), 1, 1024, bad
+    )
+    per_firm = _int(
+        "RELAY_UPLOAD_CONCURRENCY_PER_FIRM", get("RELAY_UPLOAD_CONCURRENCY_PER_FIRM"), 1, 1024, bad
+    )
+    prefix = get("RELAY_AMQP_PREFIX")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", prefix):
+        bad.append(f"RELAY_AMQP_PREFIX: expected letters, digits, '.', '_' or '-', got {prefix!r}")
+    log_level = get("RELAY_LOG_LEVEL").lower()
+    if log_level not in _LOG_LEVELS:
+        bad.append(f"RELAY_LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+
+    client_id = env.get("RELAY_QONTO_CLIENT_ID", "").strip() or None
+    client_secret = optional_secret("RELAY_QONTO_CLIENT_SECRET")
+    if bool(client_id) != bool(client_secret):
+        bad.append(
+            "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: set both or neither "
+            "(they are the OAuth app's credentials)"
+        )
+
+    admin_token = optional_secret("RELAY_ADMIN_TOKEN")
+    if require_admin_token and admin_token is None:
+        bad.append("RELAY_ADMIN_TOKEN: required for the admin API")
+    elif admin_token is not None and len(admin_token.reveal()) < 16:
+        bad.append("RELAY_ADMIN_TOKEN: must be at least 16 characters")
+
+    if bad:
+        raise errors.ConfigurationError(
+            "invalid configuration:\n" + "\n".join(f"  - {line}" for line in bad)
+        )
+
+    return Settings(
+        secret_key=Secret(key),
+        database_url=Secret(database_url),
+        amqp_url=Secret(amqp_url),
+        qonto_api_url=qonto_api_url.rstrip("/"),
+        qonto_oauth_url=qonto_oauth_url.rstrip("/"),
+        qonto_client_id=client_id,
+        qonto_client_secret=client_secret,
+        qonto_staging_token=optional_secret("RELAY_QONTO_STAGING_TOKEN"),
+        cegid_api_url=cegid_api_url.rstrip("/"),
+        cegid_subscription_key=optional_secret("RELAY_CEGID_SUBSCRIPTION_KEY"),
+        admin_token=admin_token,
+        public_url=public_url.rstrip("/"),
+        flush_at=flush_at,
+        host=get("RELAY_HOST"),
+        port=port,
+        workers=workers,
+        upload_concurrency=upload_concurrency,
+        upload_concurrency_per_firm=per_firm,
+        amqp_prefix=prefix,
+        log_level=log_level,
+    )

@@ -1,0 +1,135 @@
+"""Integration fixtures: the real PostgreSQL and RabbitMQ, isolated per test.
+
+Each test gets a fresh database cloned from a template migrated once per session, and an AMQP prefix
+of its own; both are removed afterwards. A missing service fails the test loudly: a skipped test would
+hide it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import aio_pika
+import aio_pika.abc
+import asyncpg
+import pytest
+
+from relay import amqp, config, crypto, db
+
+BASE_DSN = os.environ.get("RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
+AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+TEMPLATE = f"relay_test_template_{os.getpid()}"
+
+
+def _dsn(database: str) -> str:
+    return f"{BASE_DSN.rstrip('/')}/{database}"
+
+
+async def _admin() -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(_dsn("postgres"), timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {BASE_DSN} ({exc!r}): start it "
+            "(`make services` does) before running the integration tests",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def migrated_template() -> Iterator[str]:
+    """A database with every migration applied, cloned by each test."""
+    import asyncio
+
+    async def create() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        settings = config.Settings(
+            secret_key=config.Secret(crypto.generate_key()),
+            database_url=config.Secret(_dsn(TEMPLATE)),
+        )
+        await db.migrate(settings)
+
+    async def drop() -> None:
+        admin = await _admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    yield TEMPLATE
+    asyncio.run(drop())
+
+
+@pytest.fixture
+async def database_url(migrated_template: str) -> AsyncIterator[str]:
+    name = f"relay_test_{uuid.uuid4().hex[:12]}"
+    admin = await _admin()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
+    finally:
+        await admin.close()
+    yield _dsn(name)
+    admin = await _admin()
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def amqp_prefix() -> str:
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def settings(
+    database_url: str, amqp_prefix: str, secret_key: str
+) -> AsyncIterator[config.Settings]:
+    """Settings pointing at this test's own database and queues; the queues are deleted after."""
+    value = config.Settings(
+        secret_key=config.Secret(secret_key),
+        database_url=config.Secret(database_url),
+        amqp_url=config.Secret(AMQP_URL),
+        amqp_prefix=amqp_prefix,
+        admin_token=config.Secret("test-admin-token-0123456789"),
+    )
+    yield value
+    try:
+        conn = await aio_pika.connect(AMQP_URL, timeout=5)
+    except OSError:
+        return
+    async with conn:
+        channel = await conn.channel()
+        await amqp.delete_topology(channel, value)
+
+
+@pytest.fixture
+async def pool(settings: config.Settings) -> AsyncIterator[asyncpg.Pool]:
+    async with db.pool_for(settings) as value:
+        yield value
+
+
+@pytest.fixture
+async def amqp_connection(
+    settings: config.Settings,
+) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    try:
+        async with amqp.connection(settings, name="test") as conn:
+            channel = await conn.channel()
+            await amqp.declare(channel, settings)
+            await channel.close()
+            yield conn
+    except Exception as exc:
+        if "RabbitMQ unavailable" in str(exc):
+            pytest.fail(
+                f"RabbitMQ is not reachable at {AMQP_URL}: start it (`make services` does)",
+                pytrace=False,
+            )
+        raise
