@@ -1,0 +1,693 @@
+"""Qonto's Business API as ``../shared/contracts/qonto.md`` documents it, on a loopback socket.
+
+Authentication (``login:secret`` verbatim, or an OAuth bearer from its token endpoint), the staging
+token trap (an HTML page with status 200), pagination with ``meta.next_page`` and 422 past the end,
+presigned attachment URLs valid 30 minutes that refuse an ``Authorization`` header, 404 for deleted
+attachments, the 1,000 requests / 10 s limit, and injectable faults (429, 5xx, slow, expired URLs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import random
+import secrets
+import threading
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from relay.sandbox import files
+from relay.sandbox.http import Request, Response, ServerThread, json_error
+
+URL_LIFETIME_S = 30 * 60
+RATE_LIMIT, RATE_WINDOW_S = 1000, 10.0
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclasses.dataclass
+class _Fault:
+    prefix: str
+    status: int | None  # None: slow
+    remaining: int
+    retry_after: float | None = None
+    seconds: float = 0.0
+
+
+class QontoFaults:
+    """Faults injected into the next matching requests, or at random with a seeded generator."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[_Fault] = []
+        self._expire_next = 0
+        self._random: random.Random | None = None
+        self._rate = 0.0
+        self.omit_retry_after = False
+        self.injected: collections.Counter[str] = collections.Counter()
+
+    def fail_next(
+        self, prefix: str, status: int, count: int = 1, retry_after: float | None = None
+    ) -> None:
+        with self._lock:
+            self._queue.append(_Fault(prefix, status, count, retry_after))
+
+    def slow(self, prefix: str, seconds: float, count: int = 1) -> None:
+        with self._lock:
+            self._queue.append(_Fault(prefix, None, count, seconds=seconds))
+
+    def expire_next_urls(self, count: int = 1) -> None:
+        with self._lock:
+            self._expire_next += count
+
+    def random_plan(self, seed: int, rate: float) -> None:
+        """Each API or storage request fails at ``rate`` with 429, 500, 503, a slow answer or an
+        expired URL, chosen by ``random.Random(seed)``."""
+        with self._lock:
+            self._random, self._rate = random.Random(seed), rate
+
+    def take(self, path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._queue:
+                if path.startswith(fault.prefix) and fault.remaining > 0:
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._queue.remove(fault)
+                    self.injected[str(fault.status or "slow")] += 1
+                    return fault
+            if self._random is not None and self._random.random() < self._rate:
+                kind = self._random.choice(["429", "500", "503", "slow"])
+                self.injected[kind] += 1
+                if kind == "slow":
+                    return _Fault(path, None, 0, seconds=self._random.uniform(0.05, 0.3))
+                return _Fault(path, int(kind), 0, retry_after=0.05 if kind == "429" else None)
+        return None
+
+    def take_expired(self) -> bool:
+        with self._lock:
+            if self._expire_next > 0:
+                self._expire_next -= 1
+                self.injected["expired_url"] += 1
+                return True
+            if self._random is not None and self._random.random() < self._rate / 2:
+                self.injected["expired_url"] += 1
+                return True
+        return False
+
+
+class QontoSandbox:
+    """One organization with one bank account; seed it, then point the relay at ``url``."""
+
+    def __init__(
+        self,
+        *,
+        organization_id: str | None = None,
+        login: str = "sandbox-login",
+        secret_key: str = "sandbox-secret-key",
+        staging_token: str | None = None,
+    ) -> None:
+        self.organization_id = organization_id or str(uuid.uuid4())
+        self.membership_id = str(uuid.uuid4())
+        self.bank_account_id = str(uuid.uuid4())
+        self.login, self.secret_key, self.staging_token = login, secret_key, staging_token
+        self.membership_role = "admin"
+        self.clock_offset_s = 0.0
+        self.faults = QontoFaults()
+        self.requests: list[tuple[str, str, bool]] = []
+        self.subscription_id = str(uuid.uuid4())
+        self._lock = threading.RLock()
+        self._signing_key = secrets.token_bytes(32)
+        self._attachments: dict[str, dict[str, Any]] = {}
+        self._contents: dict[str, bytes | files.Synthetic] = {}
+        self._transactions: dict[str, dict[str, Any]] = {}
+        self._supplier_invoices: dict[str, dict[str, Any]] = {}
+        self._client_invoices: dict[str, dict[str, Any]] = {}
+        self._subscriptions: dict[str, dict[str, Any]] = {}
+        self._oauth_clients: dict[str, str] = {}
+        self._refresh_tokens: dict[str, float] = {}  # token -> valid until (sandbox time)
+        self._access_tokens: dict[str, float] = {}
+        self._last_stamp = 0.0
+        self._hits: collections.deque[float] = collections.deque()
+        self._server = ServerThread(self._handle, name="qonto-sandbox")
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> QontoSandbox:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    @property
+    def oauth_url(self) -> str:
+        return self._server.url
+
+    @property
+    def api_key_header(self) -> str:
+        return f"{self.login}:{self.secret_key}"
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset_s
+
+    def _stamp(self) -> str:
+        """A strictly increasing updated_at (millisecond resolution)."""
+        with self._lock:
+            moment = max(self.now(), self._last_stamp + 0.001)
+            self._last_stamp = moment
+        return _iso(dt.datetime.fromtimestamp(moment, dt.UTC))
+
+    # -------------------------------------------------------------------------------- seeding
+
+    def add_attachment(
+        self, content: bytes | files.Synthetic, *, file_name: str, content_type: str
+    ) -> str:
+        attachment_id = str(uuid.uuid4())
+        size = content.size if isinstance(content, files.Synthetic) else len(content)
+        with self._lock:
+            self._contents[attachment_id] = content
+            self._attachments[attachment_id] = {
+                "id": attachment_id,
+                "created_at": self._stamp(),
+                "file_name": file_name,
+                "file_size": str(size),
+                "file_content_type": content_type,
+                "probative_attachment": {"status": "unavailable"},
+            }
+        return attachment_id
+
+    def delete_attachment(self, attachment_id: str) -> None:
+        with self._lock:
+            self._attachments.pop(attachment_id, None)
+            self._contents.pop(attachment_id, None)
+
+    def add_transaction(
+        self,
+        *,
+        side: str,
+        amount: str | float,
+        label: str,
+        attachment_ids: list[str],
+        settled_at: str | None = None,
+        counterparty: str | None = None,
+        currency: str = "EUR",
+    ) -> dict[str, Any]:
+        transaction_id = str(uuid.uuid4())
+        stamp = self._stamp()
+        tx = {
+            "id": transaction_id,
+            "transaction_id": f"sandbox-{transaction_id[:8]}",
+            "amount": float(amount),
+            "currency": currency,
+            "local_amount": float(amount),
+            "local_currency": currency,
+            "side": side,
+            "operation_type": "card" if side == "debit" else "income",
+            "status": "completed",
+            "label": label,
+            "clean_counterparty_name": counterparty or label.title(),
+            "note": None,
+            "reference": None,
+            "settled_at": settled_at or stamp,
+            "emitted_at": settled_at or stamp,
+            "updated_at": stamp,
+            "attachment_ids": list(attachment_ids),
+            "subject_type": "Card" if side == "debit" else "Income",
+            "bank_account_id": self.bank_account_id,
+        }
+        with self._lock:
+            self._transactions[transaction_id] = tx
+        return copy.deepcopy(tx)
+
+    def update_transaction(
+        self, transaction_id: str, *, attachment_ids: list[str]
+    ) -> dict[str, Any]:
+        with self._lock:
+            tx = self._transactions[transaction_id]
+            tx["attachment_ids"] = list(attachment_ids)
+            tx["updated_at"] = self._stamp()
+            return copy.deepcopy(tx)
+
+    def add_supplier_invoice(
+        self,
+        *,
+        attachment_id: str,
+        supplier_name: str,
+        total: str,
+        status: str = "to_pay",
+        invoice_number: str | None = None,
+        file_name: str | None = None,
+    ) -> dict[str, Any]:
+        invoice_id = str(uuid.uuid4())
+        stamp = self._stamp()
+        invoice = {
+            "id": invoice_id,
+            "organization_id": self.organization_id,
+            "file_name": file_name or self._attachments[attachment_id]["file_name"],
+            "status": status,
+            "source_type": "email",
+            "attachment_id": attachment_id,
+            "supplier_name": supplier_name,
+            "invoice_number": invoice_number or f"INV-{invoice_id[:6]}",
+            "total_amount": {"value": total, "currency": "EUR"},
+            "issue_date": stamp[:10],
+            "due_date": stamp[:10],
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        with self._lock:
+            self._supplier_invoices[invoice_id] = invoice
+        return copy.deepcopy(invoice)
+
+    def add_client_invoice(
+        self, *, attachment_id: str, status: str, total: str, number: str | None = None
+    ) -> dict[str, Any]:
+        invoice_id = str(uuid.uuid4())
+        stamp = self._stamp()
+        invoice = {
+            "id": invoice_id,
+            "number": number or f"F-{invoice_id[:6]}",
+            "status": status,
+            "attachment_id": attachment_id,
+            "invoice_url": f"https://pay.example.invalid/invoices/{invoice_id[:8]}",
+            "currency": "EUR",
+            "total_amount": {"value": total, "currency": "EUR"},
+            "client": {"name": "Atelier Nova"},
+            "issue_date": stamp[:10],
+            "due_date": stamp[:10],
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        with self._lock:
+            self._client_invoices[invoice_id] = invoice
+        return copy.deepcopy(invoice)
+
+    def set_client_invoice_status(self, invoice_id: str, status: str) -> dict[str, Any]:
+        with self._lock:
+            invoice = self._client_invoices[invoice_id]
+            invoice["status"] = status
+            invoice["updated_at"] = self._stamp()
+            return copy.deepcopy(invoice)
+
+    def add_oauth_client(self, client_id: str, client_secret: str) -> str:
+        """Register an OAuth app; returns a refresh token for this organization."""
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self._oauth_clients[client_id] = client_secret
+            self._refresh_tokens[token] = float("inf")
+        return token
+
+    # -------------------------------------------------------------------------------- events
+
+    def _envelope(self, topic: str, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": str(uuid.uuid4()),
+            "subscription_id": self.subscription_id,
+            "organization_id": self.organization_id,
+            "membership_id": self.membership_id,
+            "type": topic,
+            "created_at": self._stamp(),
+            "data": data,
+        }
+
+    def transaction_event(self, tx: dict[str, Any]) -> dict[str, Any]:
+        data = {"event": "updated", **copy.deepcopy(tx)}
+        return self._envelope("v1/transactions", data)
+
+    def client_invoice_event(
+        self, invoice: dict[str, Any], *, with_attachment_id: bool = False
+    ) -> dict[str, Any]:
+        data = copy.deepcopy(invoice)
+        if not with_attachment_id:
+            data.pop("attachment_id", None)
+        return self._envelope("v1/client-invoices", data)
+
+    def consent_revocation_event(self) -> dict[str, Any]:
+        stamp = self._stamp()
+        return self._envelope(
+            "v1/consent-revocations", {"client_id": str(uuid.uuid4()), "revoked_at": stamp}
+        )
+
+    # -------------------------------------------------------------------------------- HTTP
+
+    async def _handle(self, request: Request) -> Response:
+        self.requests.append((request.method, request.path, "authorization" in request.headers))
+        if request.path.startswith("/storage/"):
+            return await self._storage(request)
+        fault = self.faults.take(request.path)
+        if fault is not None:
+            if fault.status is None:
+                await asyncio.sleep(fault.seconds)
+            else:
+                headers = {}
+                if fault.status == 429 and not self.faults.omit_retry_after:
+                    headers["Retry-After"] = str(
+                        fault.retry_after if fault.retry_after is not None else 1
+                    )
+                return json_error(fault.status, "sandbox_fault", "injected fault", headers)
+        if self._rate_limited():
+            headers = {} if self.faults.omit_retry_after else {"Retry-After": "1"}
+            return json_error(429, "too_many_requests", "rate limit exceeded", headers)
+        if request.path == "/oauth2/token" and request.method == "POST":
+            return await self._token(request)
+        if (
+            self.staging_token is not None
+            and request.headers.get("x-qonto-staging-token") != self.staging_token
+        ):
+            return Response(200, b"<html><body>Sign in to Qonto</body></html>", "text/html")
+        if not self._authenticated(request.headers.get("authorization", "")):
+            return json_error(401, "unauthorized", "invalid credentials")
+        return self._route(request, await request.body())
+
+    def _rate_limited(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            while self._hits and now - self._hits[0] > RATE_WINDOW_S:
+                self._hits.popleft()
+            if len(self._hits) >= RATE_LIMIT:
+                return True
+            self._hits.append(now)
+        return False
+
+    def _authenticated(self, header: str) -> bool:
+        if hmac.compare_digest(header.encode(), self.api_key_header.encode()):
+            return True
+        if header.startswith("Bearer "):
+            with self._lock:
+                return self._access_tokens.get(header[7:], 0) > self.now()
+        return False
+
+    async def _token(self, request: Request) -> Response:
+        import urllib.parse
+
+        form = {k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode()).items()}
+        with self._lock:
+            if form.get("grant_type") != "refresh_token" or self._oauth_clients.get(
+                form.get("client_id", "")
+            ) != form.get("client_secret"):
+                return Response(401, orjson.dumps({"error": "invalid_client"}))
+            token = form.get("refresh_token", "")
+            if self._refresh_tokens.get(token, 0) < self.now():
+                return Response(400, orjson.dumps({"error": "invalid_grant"}))
+            self._refresh_tokens[token] = min(self._refresh_tokens[token], self.now() + 60)
+            new_refresh, access = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+            self._refresh_tokens[new_refresh] = self.now() + 90 * 86400
+            self._access_tokens[access] = self.now() + 3600
+        return Response(
+            200,
+            orjson.dumps(
+                {
+                    "access_token": access,
+                    "refresh_token": new_refresh,
+                    "expires_in": 3600,
+                    "token_type": "bearer",
+                }
+            ),
+        )
+
+    def _route(self, request: Request, body: bytes) -> Response:
+        path, method = request.path.rstrip("/"), request.method
+        parts = path.split("/")
+        if method == "GET" and path == "/v2/membership":
+            return self._json(
+                {
+                    "membership": {
+                        "id": self.membership_id,
+                        "first_name": "Claire",
+                        "last_name": "Martin",
+                        "role": self.membership_role,
+                        "status": "active",
+                        "organization_id": self.organization_id,
+                    }
+                }
+            )
+        if method == "GET" and path == "/v2/organization":
+            return self._json(
+                {
+                    "organization": {
+                        "id": self.organization_id,
+                        "slug": "atelier-demo",
+                        "legal_name": "Atelier Demo SAS",
+                        "bank_accounts": [
+                            {
+                                "id": self.bank_account_id,
+                                "slug": "atelier-demo-main",
+                                "iban": "FR7616958000019876543210987",
+                                "currency": "EUR",
+                            }
+                        ],
+                    }
+                }
+            )
+        if method == "GET" and len(parts) == 4 and parts[2] == "attachments":
+            return self._attachment(parts[3])
+        if method == "GET" and path == "/v2/transactions":
+            return self._transactions_page(request)
+        if (
+            method == "GET"
+            and len(parts) == 5
+            and parts[2] == "transactions"
+            and parts[4] == "attachments"
+        ):
+            with self._lock:
+                tx = self._transactions.get(parts[3])
+                if tx is None:
+                    return json_error(404, "not_found", "transaction not found")
+                found = [
+                    self._attachment_json(a) for a in tx["attachment_ids"] if a in self._attachments
+                ]
+            return self._json({"attachments": found})
+        if method == "GET" and path == "/v2/supplier_invoices":
+            return self._list(
+                request,
+                "supplier_invoices",
+                self._supplier_invoices,
+                "filter[updated_at_from]",
+                "filter[updated_at_to]",
+                None,
+            )
+        if method == "GET" and path == "/v2/client_invoices":
+            return self._list(
+                request,
+                "client_invoices",
+                self._client_invoices,
+                "filter[updated_at_from]",
+                "filter[updated_at_to]",
+                "filter[status]",
+            )
+        if method == "GET" and len(parts) == 4 and parts[2] == "client_invoices":
+            with self._lock:
+                invoice = self._client_invoices.get(parts[3])
+            if invoice is None:
+                return json_error(404, "not_found", "client invoice not found")
+            return self._json({"client_invoice": invoice})
+        if path == "/v2/webhook_subscriptions" and method == "POST":
+            return self._subscribe(body)
+        if path == "/v2/webhook_subscriptions" and method == "GET":
+            with self._lock:
+                items = [
+                    {k: v for k, v in s.items() if k != "secret"}
+                    for s in self._subscriptions.values()
+                ]
+            return self._json({"subscriptions": items})
+        if len(parts) == 4 and parts[2] == "webhook_subscriptions" and method == "DELETE":
+            with self._lock:
+                removed = self._subscriptions.pop(parts[3], None)
+            if removed is None:
+                return json_error(404, "not_found", "subscription not found")
+            return Response(204)
+        return json_error(404, "not_found", f"no route {method} {path}")
+
+    def _json(self, value: Any, status: int = 200) -> Response:
+        return Response(status, orjson.dumps(value))
+
+    def _attachment_json(self, attachment_id: str) -> dict[str, Any]:
+        expires = int(self.now()) + URL_LIFETIME_S
+        if self.faults.take_expired():
+            expires = int(self.now()) - 1
+        sig = hmac.new(
+            self._signing_key, f"{attachment_id}:{expires}".encode(), hashlib.sha256
+        ).hexdigest()
+        return {
+            **self._attachments[attachment_id],
+            "url": f"{self.url}/storage/{attachment_id}?expires={expires}&sig={sig}",
+        }
+
+    def _attachment(self, attachment_id: str) -> Response:
+        with self._lock:
+            if attachment_id not in self._attachments:
+                return json_error(404, "not_found", "attachment not found")
+            return self._json({"attachment": self._attachment_json(attachment_id)})
+
+    async def _storage(self, request: Request) -> Response:
+        attachment_id = request.path.rsplit("/", 1)[-1]
+        if "authorization" in request.headers:
+            return Response(
+                400,
+                b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed"
+                b"</Message></Error>",
+                "application/xml",
+            )
+        expires, sig = request.arg("expires", "0") or "0", request.arg("sig", "") or ""
+        expected = hmac.new(
+            self._signing_key, f"{attachment_id}:{expires}".encode(), hashlib.sha256
+        ).hexdigest()
+        if (
+            not hmac.compare_digest(sig, expected)
+            or not expires.isdigit()
+            or int(expires) < self.now()
+        ):
+            return Response(
+                403,
+                b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+                "application/xml",
+            )
+        fault = self.faults.take("/storage/")
+        if fault is not None:
+            if fault.status is None:
+                await asyncio.sleep(fault.seconds)
+            else:
+                return Response(
+                    fault.status, b"<Error><Code>SlowDown</Code></Error>", "application/xml"
+                )
+        with self._lock:
+            content = self._contents.get(attachment_id)
+            content_type = self._attachments.get(attachment_id, {}).get("file_content_type", "")
+        if content is None:
+            return Response(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
+        if isinstance(content, files.Synthetic):
+            return Response(200, content.chunks(), content_type, length=content.size)
+        return Response(200, content, content_type)
+
+    def _filtered(
+        self,
+        request: Request,
+        items: dict[str, dict[str, Any]],
+        from_key: str,
+        to_key: str,
+        status_key: str | None,
+    ) -> list[dict[str, Any]] | Response:
+        try:
+            low, high = _parse(request.arg(from_key)), _parse(request.arg(to_key))
+        except ValueError:
+            return json_error(422, "invalid_parameter", f"{from_key}/{to_key}: not a date")
+        statuses = None
+        if status_key and request.arg(status_key):
+            statuses = {s for v in request.query[status_key] for s in v.split(",")}
+        with self._lock:
+            found = [
+                copy.deepcopy(i)
+                for i in items.values()
+                if (low is None or _parse(i["updated_at"]) >= low)  # type: ignore[operator]
+                and (high is None or _parse(i["updated_at"]) <= high)  # type: ignore[operator]
+                and (statuses is None or i.get("status") in statuses)
+            ]
+        return sorted(found, key=lambda i: i["updated_at"])
+
+    def _page(self, request: Request, key: str, items: list[dict[str, Any]]) -> Response:
+        page_text, per_page_text = (
+            request.arg("page", "1") or "1",
+            request.arg("per_page", "100") or "100",
+        )
+        if not page_text.isdigit() or not per_page_text.isdigit():
+            return json_error(422, "invalid_parameter", "page and per_page are numbers")
+        page, per_page = int(page_text), int(per_page_text)
+        if not 1 <= per_page <= 100 or page < 1:
+            return json_error(422, "invalid_parameter", "per_page must be 1 to 100")
+        total_pages = max(1, -(-len(items) // per_page))
+        if page > total_pages:
+            return json_error(422, "invalid_parameter", "page is past the last page")
+        return self._json(
+            {
+                key: items[(page - 1) * per_page : page * per_page],
+                "meta": {
+                    "current_page": page,
+                    "next_page": page + 1 if page < total_pages else None,
+                    "prev_page": page - 1 if page > 1 else None,
+                    "total_pages": total_pages,
+                    "total_count": len(items),
+                    "per_page": per_page,
+                },
+            }
+        )
+
+    def _list(
+        self,
+        request: Request,
+        key: str,
+        items: dict[str, dict[str, Any]],
+        from_key: str,
+        to_key: str,
+        status_key: str | None,
+    ) -> Response:
+        found = self._filtered(request, items, from_key, to_key, status_key)
+        return found if isinstance(found, Response) else self._page(request, key, found)
+
+    def _transactions_page(self, request: Request) -> Response:
+        account, iban = request.arg("bank_account_id"), request.arg("iban")
+        if not account and not iban:
+            return json_error(422, "missing_parameter", "bank_account_id or iban is required")
+        if account not in (None, self.bank_account_id):
+            return self._page(request, "transactions", [])
+        found = self._filtered(
+            request, self._transactions, "updated_at_from", "updated_at_to", None
+        )
+        if isinstance(found, Response):
+            return found
+        if request.arg("with_attachments") == "true":
+            found = [t for t in found if t["attachment_ids"]]
+        return self._page(request, "transactions", found)
+
+    def _subscribe(self, body: bytes) -> Response:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return json_error(400, "invalid_json", "body is not JSON")
+        callback, types, secret = (
+            payload.get("callback_url"),
+            payload.get("types"),
+            payload.get("secret"),
+        )
+        if (
+            not isinstance(callback, str)
+            or not callback.startswith("https://")
+            or len(callback) > 512
+        ):
+            return json_error(
+                422, "invalid_parameter", "callback_url: an HTTPS URL of at most 512 characters"
+            )
+        if not isinstance(types, list) or not types:
+            return json_error(422, "invalid_parameter", "types: at least one")
+        if secret is not None and not (isinstance(secret, str) and 32 <= len(secret) <= 128):
+            return json_error(422, "invalid_parameter", "secret: 32 to 128 characters")
+        subscription = {
+            "id": str(uuid.uuid4()),
+            "callback_url": callback,
+            "types": types,
+            "description": payload.get("description"),
+            "secret": secret or secrets.token_hex(32),
+            "created_at": self._stamp(),
+        }
+        with self._lock:
+            self._subscriptions[subscription["id"]] = subscription
+        return self._json({"webhook_subscription": subscription}, 201)
