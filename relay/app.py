@@ -1,0 +1,94 @@
+"""The HTTP edge as a Starlette application: webhook intake, health, metrics and the admin API.
+
+The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache) and puts them
+on ``app.state``: ``settings``, ``pool``, ``amqp``, ``publisher``, ``secrets``, ``metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from relay import admin, amqp, config, db, errors, log, metrics, queries, webhook
+
+logger = log.get(__name__)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(db.ping(state.pool), timeout=2)
+        checks["postgresql"] = "ok"
+    except (errors.DatabaseUnavailable, TimeoutError) as exc:
+        checks["postgresql"] = f"unavailable: {exc}"
+    try:
+        await asyncio.wait_for(amqp.ping(state.amqp), timeout=2)
+        checks["rabbitmq"] = "ok"
+    except (errors.BrokerUnavailable, TimeoutError) as exc:
+        checks["rabbitmq"] = f"unavailable: {exc}"
+    ok = all(value == "ok" for value in checks.values())
+    return JSONResponse(checks, status_code=200 if ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    state = request.app.state
+    stats: metrics.Metrics = state.metrics
+    with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
+        with db.translate("metrics"):
+            records = await asyncio.wait_for(
+                state.pool.fetch(queries.get("count_documents_by_state"), None), timeout=2
+            )
+        totals: dict[str, int] = {}
+        for record in records:
+            totals[record["state"]] = totals.get(record["state"], 0) + record["n"]
+        for state_name in ("pending", "uploading", "uploaded", "skipped", "failed", "in_doubt"):
+            stats.documents.labels(state_name).set(totals.get(state_name, 0))
+    return Response(stats.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(settings: config.Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.metrics = metrics.create()
+        async with db.pool_for(settings, min_size=1, max_size=4) as pool:
+            app.state.pool = pool
+            async with amqp.connection(settings, name="relay-serve") as conn:
+                app.state.amqp = conn
+                channel = await conn.channel()
+                await amqp.declare(channel, settings)
+                await channel.close()
+                publisher = await amqp.Publisher.open(conn, settings)
+                app.state.publisher = publisher
+                cache = webhook.SecretCache(settings, pool)
+                await cache.start()
+                app.state.secrets = cache
+                logger.info("serve_started", host=settings.host, port=settings.port)
+                try:
+                    yield
+                finally:
+                    await cache.close()
+                    await publisher.close()
+                    logger.info("serve_stopped")
+
+    return Starlette(
+        routes=[
+            Route("/webhooks/qonto/{connection_id}", webhook.receive, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Mount("/admin", routes=admin.routes()),
+        ],
+        lifespan=lifespan,
+    )
