@@ -1,0 +1,193 @@
+"""The daily scan: what webhooks cannot bring (Qonto has no supplier-invoice topic and never replays).
+
+Per connection and per source (supplier invoices, client invoices, transactions with attachments),
+walk the list endpoint for everything updated since the source's watermark, minus a 10-minute
+overlap that dedupe makes harmless, and apply each page in its own transaction through
+:mod:`relay.ingest`, the same path webhooks take. A source's watermark advances only when its whole
+walk succeeded; a failure leaves it for the next run and says so in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+import asyncpg
+
+from relay import (
+    config,
+    credentials,
+    crypto,
+    db,
+    errors,
+    events,
+    ingest,
+    log,
+    models,
+    qonto,
+    queries,
+)
+
+logger = log.get(__name__)
+
+OVERLAP: Final = dt.timedelta(minutes=10)
+PAGE: Final = 100
+
+
+@dataclasses.dataclass
+class ConnectionScan:
+    connection_id: uuid.UUID
+    seen: dict[str, int] = dataclasses.field(default_factory=dict)
+    new_documents: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "connection_id": str(self.connection_id),
+            "seen": self.seen,
+            "new_documents": self.new_documents,
+            "errors": self.errors,
+        }
+
+
+@dataclasses.dataclass
+class ScanReport:
+    connections: list[ConnectionScan] = dataclasses.field(default_factory=list)
+
+    def for_connection(self, connection_id: uuid.UUID) -> ConnectionScan | None:
+        return next((c for c in self.connections if c.connection_id == connection_id), None)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [c.to_json() for c in self.connections]
+
+
+Walker = Callable[[qonto.QontoClient, dt.datetime, dt.datetime], AsyncIterator[dict[str, Any]]]
+SOURCES: Final[
+    tuple[tuple[models.Source, str, Walker, Callable[[dict[str, Any]], events.Snapshot]], ...]
+] = (
+    (
+        models.Source.SUPPLIER_INVOICE,
+        "supplier_invoices_scanned_to",
+        lambda c, a, b: c.supplier_invoices(a, b),
+        events.supplier_invoice_snapshot,
+    ),
+    (
+        models.Source.CLIENT_INVOICE,
+        "client_invoices_scanned_to",
+        lambda c, a, b: c.client_invoices(a, b),
+        events.client_invoice_snapshot,
+    ),
+    (
+        models.Source.TRANSACTION,
+        "transactions_scanned_to",
+        lambda c, a, b: c.transactions(a, b),
+        events.transaction_snapshot,
+    ),
+)
+
+
+async def _apply(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, snapshots: list[events.Snapshot]
+) -> int:
+    with db.translate("scan page"):
+        async with pool.acquire() as conn, conn.transaction():
+            applied = await ingest.apply(conn, [(connection_id, s) for s in snapshots])
+    return applied.created
+
+
+async def scan_connection(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    http: qonto.HttpClients,
+    connection: models.Connection,
+    *,
+    since: dt.datetime | None,
+    now: dt.datetime,
+) -> ConnectionScan:
+    result = ConnectionScan(connection.id)
+    box = crypto.Box(settings.secret_key.reveal())
+    qonto_creds, _ = await credentials.load(pool, box, connection.id)
+
+    async def store(creds: credentials.QontoCredentials) -> None:
+        await credentials.store_qonto(pool, box, connection.id, creds)
+
+    client = qonto.client(settings, qonto_creds, http, on_tokens_rotated=store)
+    for source, column, walk, to_snapshot in SOURCES:
+        watermark = getattr(connection, column) or connection.scan_since
+        start = (since or watermark) - OVERLAP
+        seen = 0
+        try:
+            page: list[events.Snapshot] = []
+            async for item in walk(client, start, now):
+                seen += 1
+                page.append(to_snapshot(item))
+                if len(page) >= PAGE:
+                    result.new_documents += await _apply(pool, connection.id, page)
+                    page = []
+            if page:
+                result.new_documents += await _apply(pool, connection.id, page)
+            with db.translate("advance watermark"):
+                await pool.execute(
+                    queries.get("advance_scan_watermark"), connection.id, source, now
+                )
+        except errors.QontoAuthRejected as exc:
+            reason = f"Qonto refused the credentials: reconnect the organization ({exc})"
+            with db.translate("flag connection"):
+                await pool.execute(
+                    queries.get("set_connection_state"),
+                    connection.id,
+                    models.ConnectionState.NEEDS_ATTENTION,
+                    reason,
+                )
+            result.errors.append(reason)
+            logger.warning("scan_refused", connection=str(connection.id), reason=str(exc))
+            break
+        except (errors.Retryable, errors.QontoProtocolError) as exc:
+            result.errors.append(f"{source}: {exc} (watermark kept, retried next run)")
+            logger.warning(
+                "scan_source_failed",
+                connection=str(connection.id),
+                source=str(source),
+                reason=str(exc),
+            )
+        result.seen[str(source)] = seen
+    logger.info(
+        "scan_finished",
+        connection=str(connection.id),
+        seen=result.seen,
+        new_documents=result.new_documents,
+        errors=len(result.errors),
+    )
+    return result
+
+
+async def scan(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    http: qonto.HttpClients,
+    *,
+    connection_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+    now: dt.datetime | None = None,
+) -> ScanReport:
+    """Scan every active (or flagged) connection, or only ``connection_id``."""
+    moment = now or dt.datetime.now(dt.UTC)
+    with db.translate("list connections"):
+        records = await pool.fetch(queries.get("list_connections"))
+    report = ScanReport()
+    for record in records:
+        connection = models.Connection.from_record(record)
+        if connection_id is not None and connection.id != connection_id:
+            continue
+        if connection.state not in (
+            models.ConnectionState.ACTIVE,
+            models.ConnectionState.NEEDS_ATTENTION,
+        ):
+            continue
+        report.connections.append(
+            await scan_connection(settings, pool, http, connection, since=since, now=moment)
+        )
+    return report

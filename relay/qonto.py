@@ -1,0 +1,481 @@
+"""Qonto's Business API: the one boundary where httpx and Qonto errors become the relay's.
+
+- API key (``login:secret`` verbatim) or OAuth (``Bearer``, refreshed before expiry; the rotated
+  refresh token is handed to ``on_tokens_rotated`` to be stored sealed).
+- 429 and 5xx and network errors are retried with exponential backoff and full jitter, honouring
+  ``Retry-After``; a client-side limiter keeps under the documented 1,000 requests / 10 s per IP.
+- A non-JSON 200 (the staging login page) is a protocol error, never data.
+- Attachments are downloaded from their presigned URL with a client that has no base URL and no
+  credentials (object storage refuses two, and Qonto's key must not go to another host), streamed to
+  a file while hashed; an expired URL (403) is fetched afresh once. URLs are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import pathlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import httpx
+import orjson
+
+from relay import config, credentials, errors, log, models
+
+logger = log.get(__name__)
+
+MAX_ATTEMPTS: Final = 6
+BACKOFF_BASE_S: Final = 0.5
+BACKOFF_CAP_S: Final = 30.0
+PER_PAGE: Final = 100
+LIMIT_REQUESTS, LIMIT_WINDOW_S = 900, 10.0
+REFRESH_MARGIN: Final = dt.timedelta(minutes=5)
+CHUNK: Final = 64 * 1024
+
+Sleep = Callable[[float], Awaitable[None]]
+TokensRotated = Callable[[credentials.QontoCredentials], Awaitable[None]]
+
+
+class TooLarge(errors.Permanent):
+    """The attachment is bigger than Cegid Loop accepts (50 MB)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attachment:
+    id: str
+    file_name: str | None
+    file_size: int | None
+    content_type: str | None
+    url: str = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Download:
+    attachment_id: str
+    path: pathlib.Path
+    size: int
+    sha256: str
+    head: bytes
+    file_name: str | None
+    content_type: str | None
+
+
+class RateLimiter:
+    """At most ``limit`` requests per sliding ``window`` seconds for this process."""
+
+    def __init__(self, limit: int = LIMIT_REQUESTS, window: float = LIMIT_WINDOW_S) -> None:
+        self._limit, self._window = limit, window
+        self._sent: collections.deque[float] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._sent and now - self._sent[0] >= self._window:
+                    self._sent.popleft()
+                if len(self._sent) < self._limit:
+                    self._sent.append(now)
+                    return
+                await asyncio.sleep(self._window - (now - self._sent[0]))
+
+
+@dataclasses.dataclass
+class HttpClients:
+    api: httpx.AsyncClient
+    storage: httpx.AsyncClient
+    limiter: RateLimiter
+
+
+@contextlib.asynccontextmanager
+async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
+    headers = {"Accept": "application/json", "User-Agent": "qonto-cegid-relay"}
+    if settings.qonto_staging_token is not None:
+        headers["X-Qonto-Staging-Token"] = settings.qonto_staging_token.reveal()
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+    async with (
+        httpx.AsyncClient(
+            base_url=settings.qonto_api_url,
+            headers=headers,
+            timeout=httpx.Timeout(connect=5, read=30, write=30, pool=30),
+            limits=limits,
+        ) as api,
+        httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5, read=60, write=30, pool=30),
+            limits=limits,
+            headers={"User-Agent": "qonto-cegid-relay"},
+        ) as storage,
+    ):
+        yield HttpClients(api=api, storage=storage, limiter=RateLimiter())
+
+
+def backoff(attempt: int, retry_after: float | None) -> float:
+    """Seconds before retry ``attempt`` (1-based): Retry-After when given, else full jitter."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), BACKOFF_CAP_S * 4)
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        first = body["errors"][0]
+        return str(first.get("detail") or first.get("code"))[:200]
+    except Exception:
+        return f"HTTP {response.status_code}"
+
+
+class QontoClient:
+    def __init__(
+        self,
+        settings: config.Settings,
+        creds: credentials.QontoCredentials,
+        http: HttpClients,
+        *,
+        on_tokens_rotated: TokensRotated | None = None,
+        sleep: Sleep = asyncio.sleep,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self._settings = settings
+        self._creds = creds
+        self._http = http
+        self._on_rotated = on_tokens_rotated
+        self._sleep = sleep
+        self._now = now
+        self._refresh_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------ auth
+
+    async def _authorization(self) -> str:
+        creds = self._creds
+        if isinstance(creds, credentials.QontoApiKey):
+            return creds.header()
+        if (
+            creds.access_token is None
+            or creds.expires_at is None
+            or (creds.expires_at - self._now() < REFRESH_MARGIN)
+        ):
+            await self._refresh(creds)
+        assert isinstance(self._creds, credentials.QontoOAuth)
+        assert self._creds.access_token is not None
+        return f"Bearer {self._creds.access_token.reveal()}"
+
+    async def _refresh(self, stale: credentials.QontoOAuth) -> None:
+        async with self._refresh_lock:
+            if self._creds is not stale:
+                return  # another task refreshed meanwhile
+            if not self._settings.qonto_client_id or self._settings.qonto_client_secret is None:
+                raise errors.ConfigurationError(
+                    "OAuth connection but RELAY_QONTO_CLIENT_ID/RELAY_QONTO_CLIENT_SECRET are not set"
+                )
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": stale.refresh_token.reveal(),
+                "client_id": self._settings.qonto_client_id,
+                "client_secret": self._settings.qonto_client_secret.reveal(),
+            }
+            url = self._settings.qonto_oauth_url.rstrip("/") + "/oauth2/token"
+            response = await self._send(lambda: self._http.api.post(url, data=form), "oauth token")
+            if response.status_code in (400, 401, 403):
+                raise errors.QontoAuthRejected(
+                    "Qonto refused the OAuth refresh token: the organization must reconnect"
+                )
+            payload = self._json(response, "oauth token")
+            fresh = credentials.QontoOAuth(
+                refresh_token=config.Secret(str(payload["refresh_token"])),
+                access_token=config.Secret(str(payload["access_token"])),
+                expires_at=self._now() + dt.timedelta(seconds=int(payload.get("expires_in", 3600))),
+            )
+            self._creds = fresh
+            logger.info("qonto_token_refreshed")
+            if self._on_rotated is not None:
+                await self._on_rotated(fresh)
+
+    # ------------------------------------------------------------------------------ transport
+
+    async def _send(
+        self, request: Callable[[], Awaitable[httpx.Response]], what: str
+    ) -> httpx.Response:
+        """One logical call with retries for 429, 5xx and network errors."""
+        last = ""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            await self._http.limiter.acquire()
+            try:
+                response = await request()
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}"
+                delay = backoff(attempt, None)
+            else:
+                if response.status_code == 429:
+                    last = "rate limited (429)"
+                    delay = backoff(attempt, retry_after(response))
+                elif response.status_code >= 500:
+                    last = f"HTTP {response.status_code}"
+                    delay = backoff(attempt, retry_after(response))
+                else:
+                    return response
+            if attempt < MAX_ATTEMPTS:
+                logger.info(
+                    "qonto_retry", call=what, attempt=attempt, reason=last, delay_s=round(delay, 2)
+                )
+                await self._sleep(delay)
+        if last.startswith("rate limited"):
+            raise errors.QontoRateLimited(
+                f"Qonto {what}: still rate limited after {MAX_ATTEMPTS} tries"
+            )
+        raise errors.QontoUnavailable(f"Qonto {what}: {last} after {MAX_ATTEMPTS} tries")
+
+    def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        if response.status_code in (401, 403):
+            raise errors.QontoAuthRejected(
+                f"Qonto refused the credentials ({what}): {_error_detail(response)}"
+            )
+        if response.status_code == 404:
+            raise errors.QontoNotFound(f"Qonto {what}: not found")
+        if response.status_code >= 400:
+            raise errors.QontoProtocolError(
+                f"Qonto {what}: HTTP {response.status_code}: {_error_detail(response)}"
+            )
+        if "json" not in response.headers.get("content-type", ""):
+            raise errors.QontoProtocolError(
+                f"Qonto {what}: answered {response.headers.get('content-type') or 'no content type'}, "
+                "not JSON (a sandbox without X-Qonto-Staging-Token answers its login page)"
+            )
+        try:
+            value = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise errors.QontoProtocolError(f"Qonto {what}: invalid JSON") from exc
+        if not isinstance(value, dict):
+            raise errors.QontoProtocolError(f"Qonto {what}: not a JSON object")
+        return value
+
+    async def _get(self, path: str, what: str, params: Any = None) -> dict[str, Any]:
+        async def call() -> httpx.Response:
+            return await self._http.api.get(
+                path, params=params, headers={"Authorization": await self._authorization()}
+            )
+
+        return self._json(await self._send(call, what), what)
+
+    # ------------------------------------------------------------------------------ API
+
+    async def get_membership(self) -> dict[str, Any]:
+        return dict(self._unwrap(await self._get("/v2/membership", "membership"), "membership"))
+
+    async def get_organization(self) -> dict[str, Any]:
+        return dict(
+            self._unwrap(await self._get("/v2/organization", "organization"), "organization")
+        )
+
+    async def get_client_invoice(self, invoice_id: str) -> dict[str, Any]:
+        body = await self._get(f"/v2/client_invoices/{invoice_id}", "client invoice")
+        return dict(self._unwrap(body, "client_invoice"))
+
+    async def get_attachment(self, attachment_id: str) -> Attachment:
+        body = await self._get(f"/v2/attachments/{attachment_id}", "attachment")
+        item = self._unwrap(body, "attachment")
+        url = item.get("url")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise errors.QontoProtocolError("Qonto attachment: no download URL")
+        size = item.get("file_size")
+        return Attachment(
+            id=attachment_id,
+            file_name=item.get("file_name") if isinstance(item.get("file_name"), str) else None,
+            file_size=int(size) if isinstance(size, str | int) and str(size).isdigit() else None,
+            content_type=item.get("file_content_type")
+            if isinstance(item.get("file_content_type"), str)
+            else None,
+            url=url,
+        )
+
+    @staticmethod
+    def _unwrap(body: dict[str, Any], key: str) -> dict[str, Any]:
+        value = body.get(key)
+        if not isinstance(value, dict):
+            raise errors.QontoProtocolError(f"Qonto answer without {key!r}")
+        return value
+
+    async def _pages(
+        self, path: str, key: str, params: dict[str, Any], what: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        page = 1
+        while True:
+            try:
+                body = await self._get(path, what, {**params, "page": page, "per_page": PER_PAGE})
+            except errors.QontoProtocolError:
+                if page > 1:  # asking past the last page has been seen to answer 422
+                    return
+                raise
+            items = body.get(key)
+            if not isinstance(items, list):
+                raise errors.QontoProtocolError(f"Qonto {what}: answer without {key!r}")
+            for item in items:
+                if isinstance(item, dict) and item.get("id"):
+                    yield item
+            meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
+            next_page = meta.get("next_page") if meta else None
+            if not next_page or not items:
+                return
+            page = int(next_page)
+
+    @staticmethod
+    def _stamp(moment: dt.datetime) -> str:
+        return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    async def transactions(
+        self, updated_from: dt.datetime, updated_to: dt.datetime
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Transactions with attachments updated in the window, for every bank account."""
+        organization = await self.get_organization()
+        for account in organization.get("bank_accounts") or []:
+            if not isinstance(account, dict) or not account.get("id"):
+                continue
+            params = {
+                "bank_account_id": account["id"],
+                "updated_at_from": self._stamp(updated_from),
+                "updated_at_to": self._stamp(updated_to),
+                "with_attachments": "true",
+                "includes[]": "attachments",
+                "sort_by": "updated_at:asc",
+            }
+            async for item in self._pages(
+                "/v2/transactions", "transactions", params, "transactions"
+            ):
+                yield item
+
+    async def supplier_invoices(
+        self, updated_from: dt.datetime, updated_to: dt.datetime
+    ) -> AsyncIterator[dict[str, Any]]:
+        params = {
+            "filter[updated_at_from]": self._stamp(updated_from),
+            "filter[updated_at_to]": self._stamp(updated_to),
+            "sort_by": "updated_at:asc",
+        }
+        async for item in self._pages(
+            "/v2/supplier_invoices", "supplier_invoices", params, "supplier invoices"
+        ):
+            yield item
+
+    async def client_invoices(
+        self, updated_from: dt.datetime, updated_to: dt.datetime
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Unpaid and paid client invoices; one pass per status (the docs do not say whether
+        ``filter[status]`` takes a list), filtered again here in case the filter is ignored."""
+        for status in ("unpaid", "paid"):
+            params = {
+                "filter[status]": status,
+                "filter[updated_at_from]": self._stamp(updated_from),
+                "filter[updated_at_to]": self._stamp(updated_to),
+            }
+            async for item in self._pages(
+                "/v2/client_invoices", "client_invoices", params, "client invoices"
+            ):
+                if item.get("status") == status:
+                    yield item
+
+    async def create_webhook_subscription(
+        self, callback_url: str, types: list[str], *, secret: str | None = None
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "callback_url": callback_url,
+            "types": types,
+            "description": "Cegid Loop relay",
+        }
+        if secret is not None:
+            payload["secret"] = secret
+
+        async def call() -> httpx.Response:
+            return await self._http.api.post(
+                "/v2/webhook_subscriptions",
+                json=payload,
+                headers={"Authorization": await self._authorization()},
+            )
+
+        body = self._json(await self._send(call, "webhook subscription"), "webhook subscription")
+        return dict(body.get("webhook_subscription") or body)
+
+    # ------------------------------------------------------------------------------ download
+
+    async def download(self, attachment_id: str, dest: pathlib.Path) -> Download:
+        """Stream the attachment to ``dest``; QontoNotFound when deleted, TooLarge over 50 MB."""
+        for fresh_url_attempt in range(2):
+            attachment = await self.get_attachment(attachment_id)
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                outcome = await self._fetch(attachment, dest)
+                if isinstance(outcome, Download):
+                    return outcome
+                if outcome == "expired":
+                    break
+                if attempt < MAX_ATTEMPTS:
+                    await self._sleep(backoff(attempt, None))
+            else:
+                raise errors.QontoUnavailable(
+                    f"Qonto storage: {outcome} after {MAX_ATTEMPTS} tries"
+                )
+            logger.info(
+                "qonto_url_expired", attachment=attachment_id, refetch=fresh_url_attempt == 0
+            )
+        raise errors.QontoUnavailable("Qonto storage: the fresh download URL was refused too (403)")
+
+    async def _fetch(self, attachment: Attachment, dest: pathlib.Path) -> Download | str:
+        digest, size, head = hashlib.sha256(), 0, b""
+        try:
+            async with self._http.storage.stream("GET", attachment.url) as response:
+                if response.status_code == 403:
+                    return "expired"
+                if response.status_code == 404:
+                    raise errors.QontoNotFound("Qonto storage: the file no longer exists")
+                if response.status_code >= 500 or response.status_code == 429:
+                    return f"HTTP {response.status_code}"
+                if response.status_code != 200:
+                    raise errors.QontoProtocolError(f"Qonto storage: HTTP {response.status_code}")
+                with dest.open("wb") as out:
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        size += len(chunk)
+                        if size > models.MAX_UPLOAD_BYTES:
+                            raise TooLarge(
+                                f"larger than {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB"
+                            )
+                        if len(head) < 16:
+                            head = (head + chunk)[:16]
+                        digest.update(chunk)
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            return type(exc).__name__
+        return Download(
+            attachment_id=attachment.id,
+            path=dest,
+            size=size,
+            sha256=digest.hexdigest(),
+            head=head,
+            file_name=attachment.file_name,
+            content_type=attachment.content_type,
+        )
+
+
+def client(
+    settings: config.Settings,
+    creds: credentials.QontoCredentials,
+    http: HttpClients,
+    *,
+    on_tokens_rotated: TokensRotated | None = None,
+    sleep: Sleep = asyncio.sleep,
+) -> QontoClient:
+    return QontoClient(settings, creds, http, on_tokens_rotated=on_tokens_rotated, sleep=sleep)
