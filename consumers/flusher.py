@@ -1,0 +1,618 @@
+"""The flush: every pending document to Cegid Loop, exactly once. One transaction per transition.
+
+    pending ──claim──▶ uploading ──download, type, dedupe──▶ (commit the attempt: "sending")
+        ──POST /storeDocument──▶ uploaded | pending (retry next run) | failed | in_doubt
+
+Loop has no idempotency key and no way to list what it holds, so this ledger is the only guard
+against a duplicate in the accountant's inbox:
+- the attempt row (``uploads``, outcome ``sending``) is committed before the first byte is sent;
+- a document left ``uploading`` by a dead worker becomes ``in_doubt`` if its attempt row exists (the
+  request may have gone out) and ``pending`` if not (it provably never left); a worker is dead when
+  the PostgreSQL advisory lock it holds for the whole flush is free;
+- a request fully sent without an answer is ``in_doubt`` and is never re-sent without an operator.
+
+Documents are claimed with ``FOR UPDATE SKIP LOCKED``, so several flush processes share a night.
+Uploads are capped globally (``RELAY_UPLOAD_CONCURRENCY``) and per firm
+(``RELAY_UPLOAD_CONCURRENCY_PER_FIRM``); files go from Qonto to a temporary file and from it to Loop,
+never whole in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import pathlib
+import random
+import secrets
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import asyncpg
+
+from consumers import scanner
+from relay import (
+    cegid,
+    config,
+    connections,
+    credentials,
+    crypto,
+    db,
+    errors,
+    filetype,
+    log,
+    models,
+    naming,
+    qonto,
+    queries,
+    report,
+)
+
+logger = log.get(__name__)
+
+WORKER_LOCK_SPACE: Final = 0x52454C59  # advisory lock namespace of flush workers ("RELY")
+UPLOAD_ATTEMPTS: Final = 5
+BACKOFF_BASE_S: Final = 0.5
+BACKOFF_CAP_S: Final = 30.0
+IN_DOUBT_REASON: Final = (
+    "sent to Cegid Loop but no answer came back ({detail}): check the client's Loop inbox, then "
+    "`relay documents resolve {id} --uploaded` or `--resend`"
+)
+DIED_REASON: Final = "the flush worker stopped during the upload"
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclasses.dataclass
+class Context:
+    settings: config.Settings
+    pool: asyncpg.Pool
+    worker: int
+    qonto_http: qonto.HttpClients
+    cegid: cegid.CegidClient
+    box: crypto.Box
+    sleep: Sleep
+    tmpdir: pathlib.Path
+    uploads: asyncio.Semaphore
+    firms: dict[str, asyncio.Semaphore]
+
+    def firm(self, fingerprint: str) -> asyncio.Semaphore:
+        if fingerprint not in self.firms:
+            self.firms[fingerprint] = asyncio.Semaphore(self.settings.upload_concurrency_per_firm)
+        return self.firms[fingerprint]
+
+
+@dataclasses.dataclass
+class ConnectionRun:
+    connection: models.Connection
+    qonto: qonto.QontoClient
+    cegid_creds: credentials.CegidCredentials
+    report: report.ConnectionReport
+    refused: str | None = None
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), BACKOFF_CAP_S * 4)
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+# ------------------------------------------------------------------------------------ transitions
+
+
+async def _transition(ctx: Context, name: str, *args: Any) -> None:
+    with db.translate(name):
+        await ctx.pool.execute(queries.get(name), *args)
+
+
+async def _finish(
+    ctx: Context,
+    run: ConnectionRun,
+    document: models.Document,
+    state: models.DocumentState,
+    reason: str | None,
+    *,
+    upload_id: int | None = None,
+    outcome: str | None = None,
+    http_status: int | None = None,
+    answer: Any = None,
+    release_content: bool = False,
+) -> None:
+    """One transaction: the document's new state, its attempt's outcome, the dossier's content."""
+    with db.translate("finish document"):
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                queries.get("finish_document"), document.id, state, reason, ctx.worker
+            )
+            if upload_id is not None:
+                await conn.execute(
+                    queries.get("finish_upload"), upload_id, outcome, http_status, answer, reason
+                )
+            if release_content:
+                await conn.execute(queries.get("release_dossier_content"), document.id)
+    counts = {
+        models.DocumentState.SKIPPED: run.report.skipped,
+        models.DocumentState.FAILED: run.report.failed,
+        models.DocumentState.PENDING: run.report.pending,
+    }
+    if state in counts:
+        counts[state][_reason_key(reason)] += 1
+    elif state == models.DocumentState.IN_DOUBT:
+        run.report.in_doubt += 1
+    logger.info(
+        "document_finished",
+        document=document.id,
+        connection=str(document.connection_id),
+        state=str(state),
+        reason=reason,
+    )
+
+
+def _reason_key(reason: str | None) -> str:
+    """Group reasons in the report without the per-document details."""
+    text = reason or "unknown"
+    return text.split(" (")[0].split(": document ")[0][:120]
+
+
+# ------------------------------------------------------------------------------------ one document
+
+
+async def _process(ctx: Context, run: ConnectionRun, document: models.Document) -> None:
+    path = ctx.tmpdir / f"{document.id}-{secrets.token_hex(4)}"
+    try:
+        await _download_and_upload(ctx, run, document, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+async def _download_and_upload(
+    ctx: Context, run: ConnectionRun, document: models.Document, path: pathlib.Path
+) -> None:
+    if run.refused:
+        await _finish(ctx, run, document, models.DocumentState.PENDING, f"waiting: {run.refused}")
+        return
+    try:
+        download = await run.qonto.download(document.qonto_attachment_id, path)
+    except errors.QontoNotFound:
+        await _finish(ctx, run, document, models.DocumentState.SKIPPED, models.SKIP_DELETED)
+        return
+    except qonto.TooLarge:
+        await _finish(
+            ctx,
+            run,
+            document,
+            models.DocumentState.SKIPPED,
+            f"{models.SKIP_TOO_LARGE} (over {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB)",
+        )
+        return
+    except errors.QontoAuthRejected as exc:
+        run.refused = f"Qonto refused the credentials: reconnect the organization ({exc})"
+        await _finish(ctx, run, document, models.DocumentState.PENDING, f"waiting: {run.refused}")
+        return
+    except (errors.Retryable, errors.QontoProtocolError, errors.ConfigurationError) as exc:
+        await _finish(
+            ctx,
+            run,
+            document,
+            models.DocumentState.PENDING,
+            f"Qonto download failed, retried next run ({exc})",
+        )
+        return
+    kind = filetype.detect(download.head)
+    if not kind.exported:
+        await _finish(
+            ctx,
+            run,
+            document,
+            models.DocumentState.SKIPPED,
+            f"{models.SKIP_UNSUPPORTED}: {kind.name}",
+        )
+        return
+    file_name = naming.file_name(document, kind.extension)
+    connection = run.connection
+    with db.translate("start upload"):
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            holder = await conn.fetchval(
+                queries.get("claim_dossier_content"),
+                connection.cegid_domain,
+                connection.cegid_dossier,
+                download.sha256,
+                document.id,
+            )
+            if holder is None:  # claimed concurrently: the other transaction has committed now
+                holder = await conn.fetchval(
+                    queries.get("dossier_content_holder"),
+                    connection.cegid_domain,
+                    connection.cegid_dossier,
+                    download.sha256,
+                )
+            await conn.execute(
+                queries.get("set_document_file"),
+                document.id,
+                download.sha256,
+                download.size,
+                kind.content_type,
+                file_name,
+            )
+    if holder != document.id:
+        await _finish(
+            ctx,
+            run,
+            document,
+            models.DocumentState.SKIPPED,
+            f"{models.SKIP_DUPLICATE}: document {holder} has the same content",
+        )
+        return
+    upload_id: int | None = None
+    direction = document.direction
+    async with ctx.firm(connection.cegid_key_fingerprint), ctx.uploads:
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            if run.refused:
+                await _finish(
+                    ctx,
+                    run,
+                    document,
+                    models.DocumentState.PENDING,
+                    f"waiting: {run.refused}",
+                    upload_id=upload_id,
+                    outcome="access_refused",
+                    release_content=True,
+                )
+                return
+            with db.translate("record attempt"):
+                upload_id = await ctx.pool.fetchval(
+                    queries.get("start_upload"), document.id, ctx.worker
+                )
+            try:
+                stored = await ctx.cegid.store_document(
+                    run.cegid_creds,
+                    dossier=connection.cegid_dossier,
+                    file_name=file_name,
+                    transaction=direction,
+                    content_type=kind.content_type,
+                    path=path,
+                    size=download.size,
+                )
+            except (errors.CegidUnavailable, errors.CegidRateLimited) as exc:
+                if attempt == UPLOAD_ATTEMPTS:
+                    await _finish(
+                        ctx,
+                        run,
+                        document,
+                        models.DocumentState.PENDING,
+                        f"Cegid Loop unavailable, retried next run ({exc})",
+                        upload_id=upload_id,
+                        outcome="retry",
+                        release_content=True,
+                    )
+                    return
+                await _transition(ctx, "finish_upload", upload_id, "retry", None, None, str(exc))
+                delay = _backoff(attempt, exc.retry_after)
+                logger.info(
+                    "upload_retry",
+                    document=document.id,
+                    attempt=attempt,
+                    delay_s=round(delay, 2),
+                    reason=str(exc),
+                )
+                await ctx.sleep(delay)
+                continue
+            except errors.CegidAccessRefused as exc:
+                run.refused = str(exc)
+                await _finish(
+                    ctx,
+                    run,
+                    document,
+                    models.DocumentState.PENDING,
+                    f"waiting: {exc}",
+                    upload_id=upload_id,
+                    outcome="access_refused",
+                    release_content=True,
+                )
+                return
+            except errors.CegidFileRejected as exc:
+                await _finish(
+                    ctx,
+                    run,
+                    document,
+                    models.DocumentState.FAILED,
+                    str(exc),
+                    upload_id=upload_id,
+                    outcome="failed",
+                    http_status=exc.status,
+                    release_content=True,
+                )
+                return
+            except errors.OutcomeUnknown as exc:
+                await _finish(
+                    ctx,
+                    run,
+                    document,
+                    models.DocumentState.IN_DOUBT,
+                    IN_DOUBT_REASON.format(detail=exc, id=document.id),
+                    upload_id=upload_id,
+                    outcome="in_doubt",
+                )
+                return
+            with db.translate("document uploaded"):
+                async with ctx.pool.acquire() as conn, conn.transaction():
+                    await conn.execute(
+                        queries.get("mark_uploaded"), document.id, stored.document_id, ctx.worker
+                    )
+                    await conn.execute(
+                        queries.get("finish_upload"),
+                        upload_id,
+                        "uploaded",
+                        stored.status,
+                        stored.body,
+                        None,
+                    )
+                    await conn.execute(queries.get("set_first_upload"), connection.id)
+            run.report.uploaded += 1
+            logger.info(
+                "document_uploaded",
+                document=document.id,
+                connection=str(connection.id),
+                cegid_document=stored.document_id,
+                size=download.size,
+            )
+            return
+
+
+# ------------------------------------------------------------------------------------ a connection
+
+
+async def _connection_loop(ctx: Context, run: ConnectionRun, window: int) -> None:
+    inflight: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            if not run.refused and len(inflight) < window:
+                with db.translate("claim documents"):
+                    records = await ctx.pool.fetch(
+                        queries.get("claim_documents"),
+                        run.connection.id,
+                        ctx.worker,
+                        window - len(inflight),
+                    )
+                for record in records:
+                    task = asyncio.create_task(
+                        _process(ctx, run, models.Document.from_record(record))
+                    )
+                    inflight.add(task)
+                if not records and not inflight:
+                    return
+            if not inflight:
+                return
+            done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+    finally:
+        for task in inflight:
+            task.cancel()
+        if inflight:
+            await asyncio.gather(*inflight, return_exceptions=True)
+    if run.refused:
+        run.report.attention = run.refused
+        await connections.set_state(
+            ctx.pool, run.connection.id, models.ConnectionState.NEEDS_ATTENTION, run.refused
+        )
+
+
+# ------------------------------------------------------------------------------------ recovery
+
+
+async def recover(pool: asyncpg.Pool) -> dict[str, int]:
+    """Settle documents left ``uploading`` by workers that died (their advisory lock is free)."""
+    result = {"in_doubt": 0, "pending": 0}
+    with db.translate("recover"):
+        workers = [r["claimed_by"] for r in await pool.fetch(queries.get("uploading_workers"))]
+        for worker in workers:
+            async with pool.acquire() as conn:
+                alive = not await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, $2)", WORKER_LOCK_SPACE, worker
+                )
+                if alive:
+                    continue
+                try:
+                    async with conn.transaction():
+                        for record in await conn.fetch(queries.get("orphaned_documents"), worker):
+                            if record["upload_id"] is not None:
+                                reason = IN_DOUBT_REASON.format(detail=DIED_REASON, id=record["id"])
+                                await conn.execute(
+                                    queries.get("finish_document"),
+                                    record["id"],
+                                    models.DocumentState.IN_DOUBT,
+                                    reason,
+                                    worker,
+                                )
+                                await conn.execute(
+                                    queries.get("finish_upload"),
+                                    record["upload_id"],
+                                    "in_doubt",
+                                    None,
+                                    None,
+                                    DIED_REASON,
+                                )
+                                result["in_doubt"] += 1
+                            else:
+                                await conn.execute(
+                                    queries.get("finish_document"),
+                                    record["id"],
+                                    models.DocumentState.PENDING,
+                                    "the previous flush stopped before sending it",
+                                    worker,
+                                )
+                                result["pending"] += 1
+                finally:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock($1, $2)", WORKER_LOCK_SPACE, worker
+                    )
+    if any(result.values()):
+        logger.warning("flush_recovered", **result)
+    return result
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+async def _worker_lease(pool: asyncpg.Pool) -> tuple[int, asyncpg.pool.PoolConnectionProxy]:
+    """A worker id whose session-level advisory lock is held by a dedicated connection."""
+    conn = await pool.acquire()
+    while True:
+        worker = secrets.randbelow(2**31 - 1) + 1
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", WORKER_LOCK_SPACE, worker):
+            return worker, conn
+
+
+async def flush(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    *,
+    connection_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+    run_kind: str = "manual",
+    run_id: int | None = None,
+    sleep: Sleep = asyncio.sleep,
+    now: dt.datetime | None = None,
+) -> report.RunReport:
+    """Recover, scan Qonto, then upload every pending document; returns the run's report."""
+    started = dt.datetime.now(dt.UTC)
+    clock = time.perf_counter()
+    run_report = report.RunReport(kind=run_kind, started_at=started)
+    with db.translate("worker lease"):
+        own_run = run_id is None
+        if run_id is None:
+            run_id = int(await pool.fetchval(queries.get("insert_manual_run")))
+        since_previous = await pool.fetchval(queries.get("previous_run_start"), run_id)
+        worker, lease = await _worker_lease(pool)
+    try:
+        run_report.recovered = await recover(pool)
+        async with (
+            qonto.http_clients(settings) as qonto_http,
+            cegid.http_client(settings) as cegid_http,
+        ):
+            scan = await scanner.scan(
+                settings, pool, qonto_http, connection_id=connection_id, since=since, now=now
+            )
+            with tempfile.TemporaryDirectory(prefix="relay-flush-") as tmp:
+                ctx = Context(
+                    settings=settings,
+                    pool=pool,
+                    worker=worker,
+                    qonto_http=qonto_http,
+                    cegid=cegid.CegidClient(settings, cegid_http),
+                    box=crypto.Box(settings.secret_key.reveal()),
+                    sleep=sleep,
+                    tmpdir=pathlib.Path(tmp),
+                    uploads=asyncio.Semaphore(settings.upload_concurrency),
+                    firms={},
+                )
+                runs = await _prepare(ctx, scan, connection_id)
+                window = max(4, settings.upload_concurrency * 2)
+                await asyncio.gather(
+                    *(_connection_loop(ctx, r, window) for r in runs if r.report.state == "active")
+                )
+                await _summarise(ctx, runs, run_report, since_previous)
+    finally:
+        with contextlib.suppress(Exception):
+            await lease.execute("SELECT pg_advisory_unlock($1, $2)", WORKER_LOCK_SPACE, worker)
+        await pool.release(lease)
+    run_report.finished_at = dt.datetime.now(dt.UTC)
+    if own_run:  # a scheduled run's row is finished by the scheduler
+        with db.translate("finish run"):
+            await pool.execute(queries.get("finish_run"), run_id, run_report.to_json())
+    logger.info(
+        "flush_finished",
+        kind=run_kind,
+        duration_s=round(time.perf_counter() - clock, 3),
+        **run_report.totals(),
+    )
+    return run_report
+
+
+async def _prepare(
+    ctx: Context, scan: scanner.ScanReport, only: uuid.UUID | None
+) -> list[ConnectionRun]:
+    runs = []
+    for connection in await connections.list_all(ctx.pool):
+        if only is not None and connection.id != only:
+            continue
+        if connection.state in (
+            models.ConnectionState.REVOKED,
+            models.ConnectionState.DISCONNECTED,
+        ):
+            continue
+        qonto_creds, cegid_creds = await credentials.load(ctx.pool, ctx.box, connection.id)
+
+        async def store(
+            creds: credentials.QontoCredentials, cid: uuid.UUID = connection.id
+        ) -> None:
+            await credentials.store_qonto(ctx.pool, ctx.box, cid, creds)
+
+        scanned = scan.for_connection(connection.id)
+        run = ConnectionRun(
+            connection=connection,
+            qonto=qonto.client(
+                ctx.settings, qonto_creds, ctx.qonto_http, on_tokens_rotated=store, sleep=ctx.sleep
+            ),
+            cegid_creds=cegid_creds,
+            report=report.ConnectionReport(
+                connection_id=connection.id,
+                client_name=connection.client_name,
+                dossier=connection.cegid_dossier,
+                state=str(connection.state),
+                scan=scanned.to_json() if scanned else None,
+            ),
+        )
+        if connection.state == models.ConnectionState.NEEDS_ATTENTION:
+            run.report.attention = connection.state_reason or "the connection needs attention"
+        runs.append(run)
+    return runs
+
+
+async def _summarise(
+    ctx: Context,
+    runs: list[ConnectionRun],
+    run_report: report.RunReport,
+    since_previous: dt.datetime | None,
+) -> None:
+    for run in runs:
+        description = await connections.describe(ctx.pool, run.connection.id)
+        since = since_previous or run.connection.created_at
+        with db.translate("skipped since"):
+            skipped = await ctx.pool.fetch(queries.get("skipped_since"), run.connection.id, since)
+        run.report.skipped.clear()
+        for record in skipped:
+            run.report.skipped[_reason_key(record["reason"])] += record["n"]
+        by_state = description["documents"]
+        run.report.in_doubt_total = int(by_state.get("in_doubt", 0))
+        left = int(by_state.get("pending", 0)) - sum(run.report.pending.values())
+        if left > 0:
+            run.report.pending[
+                "waiting for the connection to be fixed"
+                if run.report.attention
+                else "not processed in this run"
+            ] += left
+        run.report.state = description["state"]
+        if run.report.attention is None and description["state"] == "needs_attention":
+            run.report.attention = description["state_reason"]
+        run.report.warnings = description["warnings"]
+        run_report.connections.append(run.report)
+
+
+async def run_once(
+    settings: config.Settings,
+    *,
+    connection_id: uuid.UUID | None = None,
+    since: dt.datetime | None = None,
+) -> report.RunReport:
+    """`relay flush --now`: its own pool, one run, the report."""
+    async with db.pool_for(settings, min_size=2, max_size=8) as pool:
+        return await flush(
+            settings, pool, connection_id=connection_id, since=since, run_kind="manual"
+        )

@@ -1,0 +1,171 @@
+"""Cegid Loop's API: the one boundary where httpx and Loop answers become the relay's outcomes.
+
+``store_document`` classifies every way a deposit can end (the contract documents none of them):
+- 2xx: stored; the whole answer is kept, with its ``id`` when there is one;
+- 429 and 5xx, or a failure before the whole body was sent (refused connection, DNS, TLS, a write
+  error): Loop did not keep the file → ``CegidUnavailable`` / ``CegidRateLimited`` (retry);
+- 401/403: the firm's key or the dossier's association is refused → ``CegidAccessRefused``;
+- 400/413/415 and other 4xx: the file itself is refused → ``CegidFileRejected``;
+- the whole body was sent but no answer came (read timeout, connection reset or closed, garbled
+  answer) → ``OutcomeUnknown``: the file may or may not be in Loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import anyio
+import httpx
+import orjson
+
+from relay import config, credentials, errors, log
+
+logger = log.get(__name__)
+
+CHUNK: Final = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stored:
+    status: int
+    body: Any
+    document_id: str | None
+
+
+@contextlib.asynccontextmanager
+async def http_client(settings: config.Settings) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"User-Agent": "qonto-cegid-relay"}
+    if settings.cegid_subscription_key is not None:
+        headers["Ocp-Apim-Subscription-Key"] = settings.cegid_subscription_key.reveal()
+    async with httpx.AsyncClient(
+        base_url=settings.cegid_api_url,
+        headers=headers,
+        timeout=httpx.Timeout(connect=5, read=60, write=60, pool=None),
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+    ) as client:
+        yield client
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _excerpt(response: httpx.Response) -> str:
+    return response.text[:300].replace("\n", " ")
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return response.text[:2000]
+
+
+class CegidClient:
+    def __init__(self, settings: config.Settings, http: httpx.AsyncClient) -> None:
+        self._settings = settings
+        self._http = http
+
+    async def check_dossier(self, creds: credentials.CegidCredentials, dossier: str) -> None:
+        """A cheap dossier-scoped read: return if the key may read the dossier, else raise."""
+        try:
+            response = await self._http.get(
+                "/journal",
+                params={"codeDossier": dossier, "take": 1},
+                headers={"x-apikey": creds.header()},
+            )
+        except httpx.TransportError as exc:
+            raise errors.CegidUnavailable(f"Cegid Loop unreachable ({type(exc).__name__})") from exc
+        if response.status_code in (401, 403):
+            raise errors.CegidAccessRefused(
+                f"Cegid refused access to dossier {dossier} (HTTP {response.status_code}): check the firm's "
+                "API key and secret, and associate the dossier with the key in Loop Hub"
+            )
+        if response.status_code == 429:
+            raise errors.CegidRateLimited(
+                "Cegid Loop is throttling", retry_after=_retry_after(response)
+            )
+        if response.status_code >= 500:
+            raise errors.CegidUnavailable(f"Cegid Loop answered HTTP {response.status_code}")
+        body = _body(response)
+        data = body.get("data") if isinstance(body, dict) else body
+        if response.status_code >= 300 or not data:
+            raise errors.CegidAccessRefused(
+                f"dossier {dossier} was not found with this key (HTTP {response.status_code}): check the "
+                "code dossier in Loop"
+            )
+
+    async def store_document(
+        self,
+        creds: credentials.CegidCredentials,
+        *,
+        dossier: str,
+        file_name: str,
+        transaction: str,
+        content_type: str,
+        path: pathlib.Path,
+        size: int,
+    ) -> Stored:
+        sent = {"all": False}
+
+        async def body() -> AsyncIterator[bytes]:
+            async with await anyio.open_file(path, "rb") as handle:
+                while chunk := await handle.read(CHUNK):
+                    yield chunk
+            sent["all"] = True
+
+        params = {
+            "context": dossier,
+            "filename": file_name,
+            "transaction": transaction,
+            "uploadMode": "API",
+        }
+        headers = {
+            "x-apikey": creds.header(),
+            "Content-Type": content_type,
+            "Content-Length": str(size),
+        }
+        try:
+            response = await self._http.post(
+                "/storeDocument", params=params, content=body(), headers=headers
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise errors.CegidUnavailable(f"Cegid Loop unreachable ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            if sent["all"]:
+                raise errors.OutcomeUnknown(
+                    f"the file was sent but Cegid Loop did not answer ({type(exc).__name__})"
+                ) from exc
+            raise errors.CegidUnavailable(
+                f"Cegid Loop connection failed before the file was sent ({type(exc).__name__})"
+            ) from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            answer = _body(response)
+            document_id = answer.get("id") if isinstance(answer, dict) else None
+            return Stored(status, answer, str(document_id) if document_id else None)
+        if status == 429:
+            raise errors.CegidRateLimited(
+                "Cegid Loop is throttling (HTTP 429)", retry_after=_retry_after(response)
+            )
+        if status >= 500:
+            raise errors.CegidUnavailable(
+                f"Cegid Loop answered HTTP {status}", retry_after=_retry_after(response)
+            )
+        if status in (401, 403):
+            raise errors.CegidAccessRefused(
+                f"Cegid refused the deposit into dossier {dossier} (HTTP {status}): check the firm's API key "
+                "and the dossier's association with it in Loop Hub"
+            )
+        raise errors.CegidFileRejected(
+            f"Cegid refused the file (HTTP {status}): {_excerpt(response)}",
+            status=status,
+            body=_excerpt(response),
+        )
