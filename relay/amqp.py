@@ -57,7 +57,9 @@ def translate(what: str = "broker") -> Iterator[None]:
     except errors.RelayError:
         raise
     except _UNAVAILABLE as exc:
-        raise errors.BrokerUnavailable(f"{what}: RabbitMQ unavailable ({type(exc).__name__})") from exc
+        raise errors.BrokerUnavailable(
+            f"{what}: RabbitMQ unavailable ({type(exc).__name__})"
+        ) from exc
 
 
 def retry_queue_name(settings: config.Settings, delay_s: int) -> str:
@@ -160,7 +162,7 @@ class Publisher:
         *,
         message_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
-        timeout: float | None = 5.0,
+        timeout: float | None = 5.0,  # noqa: ASYNC109 - aio-pika's confirm timeout
     ) -> None:
         """Publish to the default exchange; raise BrokerUnavailable unless confirmed (ack) in time."""
         message = aio_pika.Message(
@@ -179,13 +181,21 @@ class Publisher:
             raise errors.BrokerUnavailable(f"publish: RabbitMQ did not confirm ({confirmation!r})")
 
     async def publish_event(
-        self, body: bytes, *, connection_id: str, event_id: str, timeout: float | None = 5.0
+        self,
+        body: bytes,
+        *,
+        connection_id: str,
+        event_id: str,
+        timeout: float | None = 5.0,  # noqa: ASYNC109
     ) -> None:
         await self.publish(
             self._settings.events_queue,
             body,
             message_id=event_id,
-            headers={HEADER_CONNECTION: connection_id, HEADER_RECEIVED_AT: time.time_ns() // 1_000_000},
+            headers={
+                HEADER_CONNECTION: connection_id,
+                HEADER_RECEIVED_AT: time.time_ns() // 1_000_000,
+            },
             timeout=timeout,
         )
 

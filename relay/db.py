@@ -16,6 +16,9 @@ import asyncpg
 
 from relay import config, errors, log, queries
 
+# A connection, whether from a pool (a proxy) or opened directly.
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 logger = log.get(__name__)
 
 # A fixed key for the migration advisory lock (arbitrary, stable): "relay-migrate".
@@ -40,7 +43,9 @@ def translate(what: str = "database") -> Any:
     try:
         yield
     except _UNAVAILABLE as exc:
-        raise errors.DatabaseUnavailable(f"{what}: PostgreSQL unavailable ({type(exc).__name__})") from exc
+        raise errors.DatabaseUnavailable(
+            f"{what}: PostgreSQL unavailable ({type(exc).__name__})"
+        ) from exc
     except asyncpg.SerializationError as exc:
         raise errors.DatabaseUnavailable(f"{what}: serialization conflict, retry") from exc
     except asyncpg.DeadlockDetectedError as exc:
@@ -48,7 +53,9 @@ def translate(what: str = "database") -> Any:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=_json_dumps, decoder=_json_loads, schema="pg_catalog")
+    await conn.set_type_codec(
+        "jsonb", encoder=_json_dumps, decoder=_json_loads, schema="pg_catalog"
+    )
 
 
 def _json_dumps(value: Any) -> str:
@@ -143,7 +150,9 @@ async def migrate(settings: config.Settings) -> list[str]:
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
                     " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
-                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
                 for version, sql in queries.migrations():
                     if version in done:
                         continue
@@ -164,3 +173,15 @@ async def migrate(settings: config.Settings) -> list[str]:
 async def ping(pool: asyncpg.Pool) -> None:
     with translate("ping"):
         await pool.fetchval("SELECT 1", timeout=2)
+
+
+async def drop_database(settings: config.Settings) -> None:
+    """Drop the database named in the settings (throwaway databases: the demo's, the benchmarks')."""
+    url = settings.database_url.reveal()
+    name = database_name(url).replace('"', "")
+    with translate("drop database"):
+        admin = await asyncpg.connect(_with_database(url, "postgres"), timeout=10)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()

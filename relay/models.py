@@ -9,6 +9,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Self
 
+import asyncpg
+
+Row = Mapping[str, Any] | asyncpg.Record
+
 
 class Source(enum.StrEnum):
     TRANSACTION = "transaction"
@@ -46,7 +50,7 @@ SKIP_TOO_LARGE = "too large"
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 
 
-def _fields(cls: type[Any], record: Mapping[str, Any]) -> dict[str, Any]:
+def _fields(cls: type[Any], record: Row) -> dict[str, Any]:
     return {f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record}
 
 
@@ -73,7 +77,7 @@ class Connection:
     updated_at: dt.datetime
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Self:
+    def from_record(cls, record: Row) -> Self:
         return cls(**_fields(cls, record))
 
     def to_json(self) -> dict[str, Any]:
@@ -133,7 +137,7 @@ class Document:
     updated_at: dt.datetime
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Self:
+    def from_record(cls, record: Row) -> Self:
         return cls(**_fields(cls, record))
 
     def to_json(self) -> dict[str, Any]:

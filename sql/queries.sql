@@ -51,10 +51,6 @@ UPDATE connections SET dossier_checked_at = now(), updated_at = now() WHERE id =
 SELECT id, qonto_subscription_id, topics, created_at, revoked_at
 FROM webhook_secrets WHERE connection_id = $1 ORDER BY id;
 
--- name: revoke_webhook_secrets
--- params: $1 connection_id
-UPDATE webhook_secrets SET revoked_at = now() WHERE connection_id = $1 AND revoked_at IS NULL;
-
 -- ============================================================================ intake cache
 
 -- name: intake_secrets_all
@@ -94,8 +90,188 @@ GROUP BY connection_id, state;
 
 -- ============================================================================ events & documents (consumer)
 
+-- name: connection_states
+-- params: $1 connection ids (uuid[])
+SELECT id, state FROM connections WHERE id = ANY($1::uuid[]);
+
+-- name: insert_events
+-- params: $1 connection ids, $2 event ids, $3 topics, $4 outcomes, $5 qonto created_at, $6 payloads (text)
+-- Returns the events not seen before: a duplicate delivery or a duplicate Qonto event is a no-op.
+INSERT INTO events (connection_id, event_id, topic, outcome, qonto_created_at, payload)
+SELECT c, e, t, o, q, p::jsonb
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+     AS x(c, e, t, o, q, p)
+ON CONFLICT (connection_id, event_id) DO NOTHING
+RETURNING connection_id, event_id;
+
+-- name: set_event_outcomes
+-- params: $1 connection ids, $2 event ids, $3 outcomes
+UPDATE events ev SET outcome = x.o
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS x(c, e, o)
+WHERE ev.connection_id = x.c AND ev.event_id = x.e;
+
+-- name: upsert_resources
+-- params: $1 connection ids, $2 sources, $3 resource ids, $4 updated_at (NULL when unknown)
+-- Records each resource's newest snapshot; returns the ones applied (an older snapshot is stale).
+INSERT INTO resources (connection_id, source, resource_id, updated_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
+ON CONFLICT (connection_id, source, resource_id) DO UPDATE SET updated_at = EXCLUDED.updated_at
+WHERE resources.updated_at IS NULL OR EXCLUDED.updated_at IS NULL
+   OR EXCLUDED.updated_at >= resources.updated_at
+RETURNING connection_id, source, resource_id;
+
+-- name: insert_documents
+-- params: $1 connection ids, $2 sources, $3 resource ids, $4 attachment ids, $5 directions,
+--         $6 document dates, $7 counterparties, $8 amounts, $9 currencies, $10 Qonto file names,
+--         $11 the "deleted before sync" reason
+-- One pending document per connection and attachment; one skipped as deleted comes back if listed again.
+INSERT INTO documents (connection_id, source, qonto_resource_id, qonto_attachment_id, direction,
+                       document_date, counterparty, amount, currency, qonto_file_name)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::date[],
+                     $7::text[], $8::text[], $9::text[], $10::text[])
+ON CONFLICT (connection_id, qonto_attachment_id) DO UPDATE
+    SET state = 'pending', reason = NULL, updated_at = now()
+    WHERE documents.state = 'skipped' AND documents.reason = $11
+RETURNING id;
+
+-- name: skip_removed_attachments
+-- params: $1 connection ids, $2 sources, $3 resource ids (the applied complete snapshots),
+--         $4 connection ids, $5 attachment ids (what they still list), $6 the reason
+UPDATE documents d SET state = 'skipped', reason = $6, updated_at = now()
+WHERE d.state = 'pending'
+  AND (d.connection_id, d.source, d.qonto_resource_id) IN
+      (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]))
+  AND (d.connection_id, d.qonto_attachment_id) NOT IN
+      (SELECT * FROM unnest($4::uuid[], $5::text[]));
+
+-- name: revoke_connection
+-- params: $1 connection_id, $2 reason
+UPDATE connections SET state = 'revoked', state_reason = $2, updated_at = now()
+WHERE id = $1 AND state <> 'revoked';
+
 -- ============================================================================ scan
+
+-- name: advance_scan_watermark
+-- params: $1 connection_id, $2 source, $3 scanned up to (never moves backwards)
+UPDATE connections SET
+    supplier_invoices_scanned_to = CASE WHEN $2 = 'supplier_invoice'
+        THEN greatest(supplier_invoices_scanned_to, $3) ELSE supplier_invoices_scanned_to END,
+    client_invoices_scanned_to = CASE WHEN $2 = 'client_invoice'
+        THEN greatest(client_invoices_scanned_to, $3) ELSE client_invoices_scanned_to END,
+    transactions_scanned_to = CASE WHEN $2 = 'transaction'
+        THEN greatest(transactions_scanned_to, $3) ELSE transactions_scanned_to END,
+    updated_at = now()
+WHERE id = $1;
 
 -- ============================================================================ flush
 
+-- name: claim_documents
+-- params: $1 connection_id, $2 worker, $3 how many
+-- Several flush workers share a night: each takes documents no one else holds.
+UPDATE documents SET state = 'uploading', claimed_by = $2, attempts = attempts + 1, updated_at = now()
+WHERE id IN (
+    SELECT id FROM documents WHERE connection_id = $1 AND state = 'pending'
+    ORDER BY id FOR UPDATE SKIP LOCKED LIMIT $3
+)
+RETURNING *;
+
+-- name: finish_document
+-- params: $1 document id, $2 state, $3 reason, $4 the worker holding it
+UPDATE documents SET state = $2, reason = $3, claimed_by = NULL, updated_at = now()
+WHERE id = $1 AND state = 'uploading' AND claimed_by = $4;
+
+-- name: set_document_file
+-- params: $1 document id, $2 sha256, $3 size, $4 content type (detected), $5 file name for Loop
+UPDATE documents SET sha256 = $2, size_bytes = $3, content_type = $4, file_name = $5,
+       sending_at = now(), updated_at = now()
+WHERE id = $1;
+
+-- name: claim_dossier_content
+-- params: $1 domain, $2 dossier, $3 sha256, $4 document id
+-- Returns the document id when this document now holds the content for the dossier.
+INSERT INTO dossier_contents (cegid_domain, cegid_dossier, sha256, document_id)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (cegid_domain, cegid_dossier, sha256) DO NOTHING
+RETURNING document_id;
+
+-- name: dossier_content_holder
+-- params: $1 domain, $2 dossier, $3 sha256
+SELECT document_id FROM dossier_contents WHERE cegid_domain = $1 AND cegid_dossier = $2 AND sha256 = $3;
+
+-- name: release_dossier_content
+-- params: $1 document id (its content is not in Loop: another copy may be sent)
+DELETE FROM dossier_contents WHERE document_id = $1;
+
+-- name: start_upload
+-- params: $1 document id, $2 worker
+-- Committed before the first byte is sent: its existence means the request may have gone out.
+INSERT INTO uploads (document_id, worker) VALUES ($1, $2) RETURNING id;
+
+-- name: finish_upload
+-- params: $1 upload id, $2 outcome, $3 HTTP status, $4 Cegid's answer (jsonb), $5 error
+UPDATE uploads SET outcome = $2, http_status = $3, cegid_answer = $4, error = $5, finished_at = now()
+WHERE id = $1;
+
+-- name: mark_uploaded
+-- params: $1 document id, $2 Cegid document id (when the answer has one), $3 worker
+UPDATE documents SET state = 'uploaded', reason = NULL, cegid_document_id = $2, uploaded_at = now(),
+       claimed_by = NULL, updated_at = now()
+WHERE id = $1 AND state = 'uploading' AND claimed_by = $3;
+
+-- name: set_first_upload
+-- params: $1 connection_id
+UPDATE connections SET first_upload_at = now(), updated_at = now()
+WHERE id = $1 AND first_upload_at IS NULL;
+
+-- name: uploading_workers
+-- params: (none)
+SELECT DISTINCT claimed_by FROM documents WHERE state = 'uploading' AND claimed_by IS NOT NULL;
+
+-- name: orphaned_documents
+-- params: $1 worker (whose advisory lock is free: it died)
+-- upload_id is the attempt that may have gone out; NULL when the document provably never left.
+SELECT d.id,
+       (SELECT u.id FROM uploads u WHERE u.document_id = d.id AND u.outcome = 'sending'
+        ORDER BY u.id DESC LIMIT 1) AS upload_id
+FROM documents d
+WHERE d.state = 'uploading' AND d.claimed_by = $1
+FOR UPDATE OF d;
+
+-- name: resolve_document
+-- params: $1 document id, $2 new state, $3 reason
+UPDATE documents SET state = $2, reason = $3, updated_at = now(),
+       uploaded_at = CASE WHEN $2 = 'uploaded' THEN now() ELSE uploaded_at END
+WHERE id = $1 AND state = 'in_doubt'
+RETURNING *;
+
 -- ============================================================================ runs
+
+-- name: claim_scheduled_run
+-- params: $1 day
+-- The run of a day is inserted once, whatever the number of schedulers; NULL when it already exists.
+INSERT INTO runs (kind, scheduled_for) VALUES ('scheduled', $1)
+ON CONFLICT (kind, scheduled_for) DO NOTHING
+RETURNING id;
+
+-- name: get_scheduled_run
+-- params: $1 day
+SELECT id, started_at, finished_at FROM runs WHERE kind = 'scheduled' AND scheduled_for = $1;
+
+-- name: insert_manual_run
+-- params: (none)
+INSERT INTO runs (kind) VALUES ('manual') RETURNING id;
+
+-- name: previous_run_start
+-- params: $1 this run's id
+SELECT max(started_at) FROM runs WHERE id < $1;
+
+-- name: skipped_since
+-- params: $1 connection_id, $2 since
+-- Skipped documents since the previous run, whether the flush or the consumer skipped them.
+SELECT reason, count(*) AS n FROM documents
+WHERE connection_id = $1 AND state = 'skipped' AND updated_at >= $2
+GROUP BY reason;
+
+-- name: finish_run
+-- params: $1 run id, $2 report (jsonb)
+UPDATE runs SET finished_at = now(), report = $2 WHERE id = $1;
