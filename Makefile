@@ -1,0 +1,62 @@
+# The two commands a newcomer needs are `make demo` and `make test`; everything else is for developers.
+# Every target that runs Python creates and reuses .venv by itself (re-installed when pyproject changes).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+COMPOSE = $(shell $(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+SEEDS  ?= 50
+
+.PHONY: help venv services demo test test-unit test-integration check lint typecheck compose-config chaos bench clean
+
+help:
+	@echo "make demo    the whole relay on its built-in Qonto and Cegid Loop sandboxes"
+	@echo "make test    unit + integration tests (real PostgreSQL and RabbitMQ) and a few chaos seeds"
+	@echo "make check   ruff, mypy --strict, docker-compose.yml validation"
+	@echo "make chaos   the fault-injection suite over SEEDS=$(SEEDS) seeds"
+	@echo "make bench   benchmarks side by side with their ceilings; writes bench/results.json"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+services:
+	.ci/services
+
+demo: $(STAMP) services
+	$(BIN)/relay demo
+
+test: $(STAMP) services
+	$(BIN)/python -m pytest -q --cov=relay --cov=consumers --cov-report=term:skip-covered
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: $(STAMP) services
+	$(BIN)/python -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check relay consumers tests bench
+	$(BIN)/ruff check relay consumers tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy relay consumers
+
+compose-config: $(STAMP)
+	RELAY_SECRET_KEY=check RELAY_ADMIN_TOKEN=check "$(COMPOSE)" -f docker-compose.yml config -q
+
+check: lint typecheck compose-config
+
+chaos: $(STAMP) services
+	RELAY_CHAOS_SEEDS=$(SEEDS) $(BIN)/python -m pytest -q -m chaos tests/integration
+
+bench: $(STAMP) services
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
