@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from relay import config, connections, credentials, crypto, documents, errors, log
+from relay import config, connections, credentials, crypto, documents, errors, log, models
 
 logger = log.get(__name__)
 Handler = Callable[[Request], Awaitable[Any]]
@@ -172,8 +172,13 @@ async def list_documents(request: Request) -> Any:
         if not params["limit"].isdigit() or int(params["limit"]) < 1:
             raise BadRequest("limit: a whole number of at least 1")
         limit = int(params["limit"])
+    state = params.get("state")
+    if state is not None and state not in set(models.DocumentState):
+        raise BadRequest(
+            f"unknown state {state!r}: expected one of {', '.join(models.DocumentState)}"
+        )
     items = await documents.list_documents(
-        request.app.state.pool, connection_id=connection_id, state=params.get("state"), limit=limit
+        request.app.state.pool, connection_id=connection_id, state=state, limit=limit
     )
     return [d.to_json() for d in items]
 

@@ -133,3 +133,40 @@ async def amqp_connection(
                 pytrace=False,
             )
         raise
+
+
+# ------------------------------------------------------------------------------------ upstreams
+
+from relay.sandbox import cegid as cegid_sandbox  # noqa: E402
+from relay.sandbox import qonto as qonto_sandbox  # noqa: E402
+
+
+@pytest.fixture
+def qonto() -> Iterator[qonto_sandbox.QontoSandbox]:
+    """The Qonto sandbox on a real socket."""
+    with qonto_sandbox.QontoSandbox() as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def loop() -> Iterator[cegid_sandbox.CegidSandbox]:
+    """The Cegid Loop sandbox, with one firm owning dossiers ACME001 and OTHER002."""
+    with cegid_sandbox.CegidSandbox() as sandbox:
+        sandbox.add_firm("firm-key-0001", "firm-secret-0001", dossiers=["ACME001", "OTHER002"])
+        yield sandbox
+
+
+@pytest.fixture
+def upstream_settings(
+    settings: config.Settings, qonto: qonto_sandbox.QontoSandbox, loop: cegid_sandbox.CegidSandbox
+) -> config.Settings:
+    """The test's settings pointed at both sandboxes."""
+    import dataclasses
+
+    return dataclasses.replace(
+        settings,
+        qonto_api_url=qonto.url,
+        qonto_oauth_url=qonto.oauth_url,
+        cegid_api_url=loop.url,
+        cegid_subscription_key=config.Secret(loop.subscription_key),
+    )

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -17,36 +16,8 @@ from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import qonto as qonto_sandbox
 
 DOSSIER = "ACME001"
-CEGID_KEY, CEGID_SECRET = "firm-key-0001", "firm-secret-do-not-leak"
+CEGID_KEY, CEGID_SECRET = "firm-key-0001", "firm-secret-0001"
 WEBHOOK_SECRET = "webhook-secret-do-not-leak-0123456789"
-
-
-@pytest.fixture
-def qonto() -> Iterator[qonto_sandbox.QontoSandbox]:
-    with qonto_sandbox.QontoSandbox() as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def loop() -> Iterator[cegid_sandbox.CegidSandbox]:
-    with cegid_sandbox.CegidSandbox() as sandbox:
-        sandbox.add_firm(CEGID_KEY, CEGID_SECRET, dossiers=[DOSSIER], domain="CABINET")
-        yield sandbox
-
-
-@pytest.fixture
-def upstream_settings(
-    settings: config.Settings, qonto: qonto_sandbox.QontoSandbox, loop: cegid_sandbox.CegidSandbox
-) -> config.Settings:
-    import dataclasses
-
-    return dataclasses.replace(
-        settings,
-        qonto_api_url=qonto.url,
-        qonto_oauth_url=qonto.oauth_url,
-        cegid_api_url=loop.url,
-        cegid_subscription_key=config.Secret(loop.subscription_key),
-    )
 
 
 def _new(qonto: qonto_sandbox.QontoSandbox, **overrides: object) -> connections.NewConnection:

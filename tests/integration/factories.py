@@ -1,0 +1,88 @@
+"""Building blocks for integration tests: connections through the real setup path, documents."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+
+from relay import config, connections, credentials, events, ingest
+from relay.sandbox import files, signing
+from relay.sandbox import qonto as qonto_sandbox
+
+WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
+FIRM_KEY, FIRM_SECRET = "firm-key-0001", "firm-secret-0001"
+
+
+async def connect(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+    *,
+    dossier: str = "ACME001",
+    client_name: str = "Acme",
+    webhook_secret: str = WEBHOOK_SECRET,
+) -> uuid.UUID:
+    """A connection created the way `relay connections add` creates it (checked upstream)."""
+    login, _, secret = qonto.api_key_header.partition(":")
+    created = await connections.add(
+        settings,
+        pool,
+        connections.NewConnection(
+            client_name=client_name,
+            qonto_organization_id=qonto.organization_id,
+            qonto=credentials.QontoApiKey(login=login, secret=config.Secret(secret)),
+            cegid=credentials.CegidCredentials(
+                api_key=config.Secret(FIRM_KEY), api_secret=config.Secret(FIRM_SECRET)
+            ),
+            cegid_dossier=dossier,
+            cegid_domain="CABINET",
+            webhook_secrets=(webhook_secret,),
+        ),
+    )
+    return created.connection.id
+
+
+def receipt(
+    qonto: qonto_sandbox.QontoSandbox,
+    content: bytes | files.Synthetic | None = None,
+    *,
+    seed: int = 0,
+    side: str = "debit",
+    name: str = "ticket.pdf",
+    content_type: str = "application/pdf",
+) -> tuple[dict[str, Any], str]:
+    """A transaction with one attachment in the Qonto sandbox: (transaction, attachment id)."""
+    attachment = qonto.add_attachment(
+        content if content is not None else files.pdf(seed=seed),
+        file_name=name,
+        content_type=content_type,
+    )
+    tx = qonto.add_transaction(
+        side=side, amount=f"{10 + seed}.00", label=f"SHOP {seed}", attachment_ids=[attachment]
+    )
+    return tx, attachment
+
+
+async def ingest_transaction(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, tx: dict[str, Any]
+) -> None:
+    """Record a transaction as the consumer would (documents pending)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await ingest.apply(conn, [(connection_id, events.transaction_snapshot(tx))])
+
+
+def signed(event: dict[str, Any], secret: str = WEBHOOK_SECRET) -> tuple[bytes, dict[str, str]]:
+    body = orjson.dumps(event)
+    return body, {
+        "content-type": "application/json",
+        "x-qonto-signature": signing.sign(body, secret),
+    }
+
+
+async def states(pool: asyncpg.Pool) -> dict[str, str]:
+    """Attachment id → document state."""
+    rows = await pool.fetch("SELECT qonto_attachment_id, state FROM documents")
+    return {r["qonto_attachment_id"]: r["state"] for r in rows}

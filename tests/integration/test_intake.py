@@ -1,0 +1,315 @@
+"""The webhook intake over a real socket: 202 only once the event is durably queued, clear refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import aio_pika.abc
+import asyncpg
+import httpx
+import orjson
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from relay import amqp, app, config, crypto
+from relay.sandbox import qonto as qonto_sandbox
+from relay.sandbox import signing
+from tests.integration import factories
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def intake(upstream_settings: config.Settings) -> AsyncIterator[tuple[str, Starlette]]:
+    """`relay serve`'s application on a real socket: (base URL, app)."""
+    port = _free_port()
+    application = app.create_app(upstream_settings)
+    server = uvicorn.Server(
+        uvicorn.Config(application, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert not task.done(), "the intake did not start"
+        assert time.monotonic() < deadline, "the intake did not start in time"
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", application
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def connection_id(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> uuid.UUID:
+    return await factories.connect(upstream_settings, pool, qonto)
+
+
+async def _queued(
+    settings: config.Settings, queue: str, expect: int
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Messages in a queue (read and left unacknowledged until the channel closes)."""
+    found = []
+    conn = await aio_pika.connect(settings.amqp_url.reveal())
+    async with conn:
+        channel = await conn.channel()
+        q = await channel.get_queue(queue, ensure=False)
+        deadline = time.monotonic() + 5
+        while len(found) < expect and time.monotonic() < deadline:
+            message = await q.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            found.append(message)
+        extra = await q.get(no_ack=True, fail=False)
+        if extra is not None:
+            found.append(extra)
+    return found
+
+
+def _event(event_id: str | None = None) -> dict[str, object]:
+    return {
+        "id": event_id or str(uuid.uuid4()),
+        "type": "v1/transactions",
+        "organization_id": "org",
+        "data": {"id": str(uuid.uuid4()), "side": "debit", "attachment_ids": []},
+    }
+
+
+async def test_signed_event_is_queued_then_accepted(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID, upstream_settings: config.Settings
+) -> None:
+    """202 comes after the confirm; the queue holds the raw body with the connection and event id."""
+    url, _ = intake
+    body = b'{"id": "evt-1",  "type": "v1/transactions", "data": {"id": "t1"}}'  # odd spacing kept
+    headers = {"x-qonto-signature": signing.sign(body, factories.WEBHOOK_SECRET)}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+    assert response.status_code == 202
+    assert response.json() == {"status": "queued", "event_id": "evt-1"}
+    [message] = await _queued(upstream_settings, upstream_settings.events_queue, 1)
+    assert message.body == body
+    assert message.message_id == "evt-1"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert (message.headers or {})[amqp.HEADER_CONNECTION] == str(connection_id)
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "reason"),
+    [
+        ("missing", 401, "missing signature"),
+        ("wrong secret", 401, "bad signature"),
+        ("stale", 401, "stale timestamp"),
+        ("malformed", 401, "malformed signature"),
+    ],
+)
+async def test_bad_signatures_are_refused(
+    intake: tuple[str, Starlette],
+    connection_id: uuid.UUID,
+    upstream_settings: config.Settings,
+    case: str,
+    status: int,
+    reason: str,
+) -> None:
+    """Unsigned, wrongly signed, replayed or garbled: 401 with the reason, nothing queued."""
+    url, _ = intake
+    body = orjson.dumps(_event())
+    signature = {
+        "missing": None,
+        "wrong secret": signing.sign(body, "another-secret-0123456789abcdef"),
+        "stale": signing.sign(body, factories.WEBHOOK_SECRET, t=int(time.time()) - 301),
+        "malformed": "v1=abc",
+    }[case]
+    headers = {"x-qonto-signature": signature} if signature else {}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+    assert response.status_code == status
+    assert response.json()["error"] == reason
+    assert await _queued(upstream_settings, upstream_settings.events_queue, 0) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"not json", 400),
+        (b"[1, 2]", 400),
+        (b'{"id": 5, "type": "v1/transactions"}', 400),
+        (b"x" * (1024 * 1024 + 1), 413),
+    ],
+    ids=["not json", "not an object", "not an event", "too large"],
+)
+async def test_bad_bodies_get_clear_answers(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID, body: bytes, status: int
+) -> None:
+    """Validly signed garbage is 400, an oversized body 413: never a 500."""
+    url, _ = intake
+    headers = {"x-qonto-signature": signing.sign(body, factories.WEBHOOK_SECRET)}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+    assert response.status_code == status
+    assert "error" in response.json()
+
+
+async def test_unknown_and_disconnected_connections_are_404(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID, pool: asyncpg.Pool
+) -> None:
+    """A made-up id, a non-UUID and a disconnected connection are all 404 (Qonto keeps retrying)."""
+    url, application = intake
+    body, headers = factories.signed(_event())
+    async with httpx.AsyncClient() as client:
+        for target in (str(uuid.uuid4()), "not-a-uuid"):
+            response = await client.post(
+                f"{url}/webhooks/qonto/{target}", content=body, headers=headers
+            )
+            assert response.status_code == 404
+        reloads = application.state.secrets.reloads
+        await pool.execute(
+            "UPDATE connections SET state = 'disconnected' WHERE id = $1", connection_id
+        )
+        deadline = time.monotonic() + 5
+        while application.state.secrets.reloads == reloads and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+    assert response.status_code == 404
+
+
+async def test_unknown_ids_are_looked_up_once_then_cached(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID
+) -> None:
+    """A flood of requests for an unknown id queries PostgreSQL once."""
+    url, application = intake
+    body, headers = factories.signed(_event())
+    unknown = uuid.uuid4()
+    before = application.state.secrets.lookups
+    async with httpx.AsyncClient() as client:
+        for _ in range(20):
+            response = await client.post(
+                f"{url}/webhooks/qonto/{unknown}", content=body, headers=headers
+            )
+            assert response.status_code == 404
+    assert application.state.secrets.lookups - before == 1
+
+
+async def test_a_known_connection_never_queries_the_database(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID
+) -> None:
+    """With the pool closed, a known connection's webhook is still verified and queued."""
+    url, application = intake
+    await application.state.pool.close()
+    body, headers = factories.signed(_event())
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+    assert response.status_code == 202
+
+
+async def test_a_secret_added_later_is_picked_up_without_restart(
+    intake: tuple[str, Starlette],
+    connection_id: uuid.UUID,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+) -> None:
+    """Rotation: a new secret stored in PostgreSQL is accepted at once (LISTEN/NOTIFY)."""
+    url, application = intake
+    new_secret = "rotated-secret-0123456789abcdefgh"
+    reloads = application.state.secrets.reloads
+    box = crypto.Box(upstream_settings.secret_key.reveal())
+    await pool.execute(
+        "INSERT INTO webhook_secrets (connection_id, secret) VALUES ($1, $2)",
+        connection_id,
+        box.seal(new_secret),
+    )
+    deadline = time.monotonic() + 5
+    while application.state.secrets.reloads == reloads and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    body, headers = factories.signed(_event(), new_secret)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+    assert response.status_code == 202
+
+
+async def test_broker_down_is_503_never_2xx(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID
+) -> None:
+    """When RabbitMQ cannot confirm, Qonto gets 503 (and retries); readiness says which one failed."""
+    url, application = intake
+    await application.state.publisher.channel.close()
+    await application.state.amqp.close()
+    body, headers = factories.signed(_event())
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        ready = await client.get(f"{url}/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["rabbitmq"].startswith("unavailable")
+    assert ready.json()["postgresql"] == "ok"
+
+
+async def test_health_readiness_and_metrics(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID
+) -> None:
+    """/healthz, /readyz and /metrics answer; metrics count webhooks by outcome."""
+    url, _ = intake
+    body, headers = factories.signed(_event())
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{url}/healthz")).status_code == 200
+        ready = await client.get(f"{url}/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"postgresql": "ok", "rabbitmq": "ok"}
+        await client.post(f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers)
+        text = (await client.get(f"{url}/metrics")).text
+    assert 'relay_webhooks_total{outcome="queued"} 1.0' in text
+    assert 'relay_documents{state="in_doubt"}' in text
+
+
+async def test_admin_api_requires_the_bearer_token(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID
+) -> None:
+    """The admin API mirrors the CLI behind the admin token."""
+    url, _ = intake
+    async with httpx.AsyncClient() as client:
+        refused = await client.get(f"{url}/admin/connections")
+        wrong = await client.get(
+            f"{url}/admin/connections", headers={"Authorization": "Bearer nope"}
+        )
+        listed = await client.get(
+            f"{url}/admin/connections",
+            headers={"Authorization": "Bearer test-admin-token-0123456789"},
+        )
+        documents = await client.get(
+            f"{url}/admin/documents",
+            params={"state": "lost"},
+            headers={"Authorization": "Bearer test-admin-token-0123456789"},
+        )
+    assert refused.status_code == 401
+    assert wrong.status_code == 401
+    assert listed.status_code == 200
+    assert [c["id"] for c in listed.json()] == [str(connection_id)]
+    assert documents.status_code == 400
+    assert "unknown state" in documents.json()["error"]
