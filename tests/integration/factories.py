@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -86,3 +89,16 @@ async def states(pool: asyncpg.Pool) -> dict[str, str]:
     """Attachment id → document state."""
     rows = await pool.fetch("SELECT qonto_attachment_id, state FROM documents")
     return {r["qonto_attachment_id"]: r["state"] for r in rows}
+
+
+async def until(
+    condition: Callable[[], bool], *, within_s: float = 10, what: str = "condition"
+) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while True:
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {within_s} s")
+        await asyncio.sleep(0.02)

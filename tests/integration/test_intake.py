@@ -184,9 +184,9 @@ async def test_unknown_and_disconnected_connections_are_404(
         await pool.execute(
             "UPDATE connections SET state = 'disconnected' WHERE id = $1", connection_id
         )
-        deadline = time.monotonic() + 5
-        while application.state.secrets.reloads == reloads and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await factories.until(
+            lambda: application.state.secrets.reloads > reloads, what="cache reload"
+        )
         response = await client.post(
             f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
         )
@@ -240,9 +240,7 @@ async def test_a_secret_added_later_is_picked_up_without_restart(
         connection_id,
         box.seal(new_secret),
     )
-    deadline = time.monotonic() + 5
-    while application.state.secrets.reloads == reloads and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await factories.until(lambda: application.state.secrets.reloads > reloads, what="cache reload")
     body, headers = factories.signed(_event(), new_secret)
     async with httpx.AsyncClient() as client:
         response = await client.post(
