@@ -184,6 +184,11 @@ class Buffer:
                     if item.snapshot is not None:
                         snapshots.append((item.connection_id, item.snapshot))
                 applied = await ingest.apply(conn, snapshots)
+                newest: dict[tuple[uuid.UUID, str, str], dt.datetime] = {}
+                for cid, snap in snapshots:
+                    key = (cid, str(snap.source), snap.resource_id)
+                    if snap.updated_at and (key not in newest or snap.updated_at > newest[key]):
+                        newest[key] = snap.updated_at
                 changed = []
                 for item in fresh:
                     if item.snapshot is not None and item.connection_id is not None:
@@ -192,7 +197,9 @@ class Buffer:
                             str(item.snapshot.source),
                             item.snapshot.resource_id,
                         )
-                        if key in applied.stale:
+                        when = item.snapshot.updated_at
+                        superseded = when is not None and key in newest and when < newest[key]
+                        if key in applied.stale or superseded:
                             item.outcome = "stale"
                     if item.outcome != "applied":
                         changed.append(item)
@@ -228,9 +235,8 @@ class Buffer:
         elif item.retry is not None:
             attempt = _attempts(item.message) + 1
             if attempt > len(amqp.RETRY_DELAYS_S):
-                await self._dead_letter(
-                    item, f"still failing after {attempt - 1} retries: {item.retry}"
-                )
+                item.dead = f"still failing after {attempt - 1} retries: {item.retry}"
+                await self._dead_letter(item, item.dead)
             else:
                 delay = amqp.retry_delay(attempt)
                 headers = {

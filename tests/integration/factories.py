@@ -102,3 +102,22 @@ async def until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {within_s} s")
         await asyncio.sleep(0.02)
+
+
+def environment(settings: config.Settings) -> dict[str, str]:
+    """The RELAY_* variables that make a `relay` subprocess use these settings."""
+    env = {
+        "RELAY_SECRET_KEY": settings.secret_key.reveal(),
+        "RELAY_DATABASE_URL": settings.database_url.reveal(),
+        "RELAY_AMQP_URL": settings.amqp_url.reveal(),
+        "RELAY_AMQP_PREFIX": settings.amqp_prefix,
+        "RELAY_QONTO_API_URL": settings.qonto_api_url,
+        "RELAY_QONTO_OAUTH_URL": settings.qonto_oauth_url,
+        "RELAY_CEGID_API_URL": settings.cegid_api_url,
+        "RELAY_UPLOAD_CONCURRENCY": str(settings.upload_concurrency),
+        "RELAY_UPLOAD_CONCURRENCY_PER_FIRM": str(settings.upload_concurrency_per_firm),
+        "RELAY_LOG_LEVEL": "warning",
+    }
+    if settings.cegid_subscription_key is not None:
+        env["RELAY_CEGID_SUBSCRIPTION_KEY"] = settings.cegid_subscription_key.reveal()
+    return env

@@ -1,0 +1,349 @@
+"""The consumer on the real RabbitMQ and PostgreSQL: commit before ack, dedupe, DLQ, retries, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import asyncpg
+import orjson
+import pytest
+
+from consumers import buffer
+from relay import amqp, config, dlq, models
+from relay import qonto as qonto_client
+from relay.sandbox import files
+from relay.sandbox import qonto as qonto_sandbox
+from tests.integration import factories
+
+
+@pytest.fixture
+async def connection_id(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> uuid.UUID:
+    return await factories.connect(upstream_settings, pool, qonto)
+
+
+@pytest.fixture
+async def publisher(
+    upstream_settings: config.Settings, amqp_connection: aio_pika.abc.AbstractRobustConnection
+) -> AsyncIterator[amqp.Publisher]:
+    value = await amqp.Publisher.open(amqp_connection, upstream_settings)
+    yield value
+    await value.close()
+
+
+@pytest.fixture
+async def consumer(upstream_settings: config.Settings) -> AsyncIterator[asyncio.Event]:
+    """`relay consume` running in this loop until the test ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop))
+    yield stop
+    stop.set()
+    await asyncio.wait_for(task, 15)
+
+
+async def _publish(
+    publisher: amqp.Publisher,
+    connection_id: uuid.UUID,
+    event: dict[str, Any] | bytes,
+    **headers: Any,
+) -> None:
+    body = event if isinstance(event, bytes) else orjson.dumps(event)
+    event_id = event["id"] if isinstance(event, dict) else str(uuid.uuid4())
+    await publisher.publish(
+        publisher._settings.events_queue,
+        body,
+        message_id=str(event_id),
+        headers={amqp.HEADER_CONNECTION: str(connection_id), **headers},
+    )
+
+
+async def _count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
+    return int(await pool.fetchval(sql, *args))
+
+
+async def _wait_count(pool: asyncpg.Pool, sql: str, expected: int, *args: Any) -> None:
+    counts = {"n": -1}
+    for _ in range(500):
+        counts["n"] = await _count(pool, sql, *args)
+        if counts["n"] >= expected:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{sql}: {counts['n']} rows, expected {expected}")
+
+
+async def _dead_letters(
+    settings: config.Settings, conn: aio_pika.abc.AbstractConnection, n: int
+) -> list[dlq.DeadLetter]:
+    for _ in range(250):
+        found = await dlq.list_messages(settings, conn)
+        if len(found) >= n:
+            return found
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"expected {n} dead letters")
+
+
+async def test_transaction_events_become_pending_documents(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """One pending document per attachment: PURCHASE for a debit, SALE for a credit."""
+    debit, _ = factories.receipt(qonto, seed=1)
+    two = qonto.add_transaction(
+        side="credit",
+        amount="10",
+        label="CLIENT",
+        attachment_ids=[
+            qonto.add_attachment(
+                files.pdf(seed=2), file_name="a.pdf", content_type="application/pdf"
+            ),
+            qonto.add_attachment(
+                files.pdf(seed=3), file_name="b.pdf", content_type="application/pdf"
+            ),
+        ],
+    )
+    await _publish(publisher, connection_id, qonto.transaction_event(debit))
+    await _publish(publisher, connection_id, qonto.transaction_event(two))
+    await _wait_count(pool, "SELECT count(*) FROM documents", 3)
+    rows = await pool.fetch(
+        "SELECT qonto_resource_id, direction, state, source FROM documents ORDER BY id"
+    )
+    assert [(r["qonto_resource_id"], r["direction"]) for r in rows] == [
+        (debit["id"], "PURCHASE"),
+        (two["id"], "SALE"),
+        (two["id"], "SALE"),
+    ]
+    assert {r["state"] for r in rows} == {"pending"}
+    assert {r["source"] for r in rows} == {"transaction"}
+
+
+async def test_duplicate_deliveries_and_events_are_no_ops(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """The same event delivered three times, and another event with the same snapshot: one document."""
+    tx, _ = factories.receipt(qonto)
+    event = qonto.transaction_event(tx)
+    for _ in range(3):
+        await _publish(publisher, connection_id, event)
+    await _publish(publisher, connection_id, qonto.transaction_event(tx))
+    await _wait_count(pool, "SELECT count(*) FROM events", 2)
+    await _wait_count(pool, "SELECT count(*) FROM documents", 1)
+    assert await _count(pool, "SELECT count(*) FROM documents") == 1
+    assert await _count(pool, "SELECT count(*) FROM events") == 2
+
+
+async def test_attachment_removed_before_the_flush_is_skipped(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """An attachment that disappears from a later event becomes skipped, deleted before sync."""
+    keep = qonto.add_attachment(
+        files.pdf(seed=1), file_name="k.pdf", content_type="application/pdf"
+    )
+    drop = qonto.add_attachment(
+        files.pdf(seed=2), file_name="d.pdf", content_type="application/pdf"
+    )
+    tx = qonto.add_transaction(side="debit", amount="5", label="X", attachment_ids=[keep, drop])
+    first = qonto.transaction_event(tx)
+    later = qonto.transaction_event(qonto.update_transaction(tx["id"], attachment_ids=[keep]))
+    await _publish(publisher, connection_id, first)
+    await _wait_count(pool, "SELECT count(*) FROM documents", 2)
+    await _publish(publisher, connection_id, later)
+    late = {**first, "id": str(uuid.uuid4())}  # the older snapshot, delivered late
+    await _publish(publisher, connection_id, late)
+    await _wait_count(pool, "SELECT count(*) FROM events", 3)
+    found = await factories.states(pool)
+    assert found == {keep: "pending", drop: "skipped"}
+    reason = await pool.fetchval(
+        "SELECT reason FROM documents WHERE qonto_attachment_id = $1", drop
+    )
+    assert reason == models.SKIP_DELETED
+    outcome = await pool.fetchval("SELECT outcome FROM events WHERE event_id = $1", late["id"])
+    assert outcome == "stale"
+
+
+async def test_client_invoices_paid_or_unpaid_are_sales_drafts_are_nothing(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """A paid invoice without attachment_id in the payload is re-fetched; a draft creates nothing."""
+    pdf = qonto.add_attachment(
+        files.pdf(seed=4), file_name="F-1.pdf", content_type="application/pdf"
+    )
+    paid = qonto.add_client_invoice(attachment_id=pdf, status="paid", total="120.00")
+    draft = qonto.add_client_invoice(
+        attachment_id=qonto.add_attachment(
+            files.pdf(seed=5), file_name="F-2.pdf", content_type="application/pdf"
+        ),
+        status="draft",
+        total="99.00",
+    )
+    await _publish(
+        publisher, connection_id, qonto.client_invoice_event(paid, with_attachment_id=False)
+    )
+    await _publish(
+        publisher, connection_id, qonto.client_invoice_event(draft, with_attachment_id=True)
+    )
+    await _wait_count(pool, "SELECT count(*) FROM events", 2)
+    rows = await pool.fetch("SELECT qonto_attachment_id, direction, source FROM documents")
+    assert [(r["qonto_attachment_id"], r["direction"], r["source"]) for r in rows] == [
+        (pdf, "SALE", "client_invoice")
+    ]
+
+
+async def test_unusable_messages_go_to_the_dead_letter_queue_with_a_reason(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """Not JSON, an unknown version of a used topic, an unknown connection: DLQ, body kept."""
+    future = {"id": "evt-v2", "type": "v2/transactions", "data": {"id": "t"}}
+    await _publish(publisher, connection_id, b"definitely not json")
+    await _publish(publisher, connection_id, future)
+    await _publish(
+        publisher, uuid.uuid4(), {"id": "evt-x", "type": "v1/transactions", "data": {"id": "t"}}
+    )
+    await _publish(publisher, connection_id, {"id": "evt-card", "type": "v1/cards", "data": {}})
+    letters = await _dead_letters(upstream_settings, amqp_connection, 3)
+    reasons = sorted(letter.reason for letter in letters)
+    assert reasons == [
+        "not JSON",
+        "unknown connection",
+        "unknown version of a used topic: v2/transactions (this relay knows v1)",
+    ]
+    assert any(letter.body == orjson.dumps(future) for letter in letters)
+    await _wait_count(pool, "SELECT count(*) FROM events WHERE outcome = 'ignored_topic'", 1)
+
+
+async def test_consent_revocation_marks_the_connection_revoked(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """The organization revoked the relay's access: the connection is revoked, with the date."""
+    await _publish(publisher, connection_id, qonto.consent_revocation_event())
+    await _wait_count(pool, "SELECT count(*) FROM connections WHERE state = 'revoked'", 1)
+    reason = await pool.fetchval("SELECT state_reason FROM connections")
+    assert reason.startswith("consent revoked in Qonto at ")
+
+
+async def test_database_down_retries_with_a_delay_and_loses_nothing(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+    qonto: qonto_sandbox.QontoSandbox,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """With PostgreSQL gone the event goes to the delay queue (no hot loop), then lands once back."""
+    tx, attachment = factories.receipt(qonto)
+    await _publish(publisher, connection_id, qonto.transaction_event(tx))
+    exhausted, _ = factories.receipt(qonto, seed=9)
+    await _publish(
+        publisher,
+        connection_id,
+        qonto.transaction_event(exhausted),
+        **{amqp.HEADER_ATTEMPTS: len(amqp.RETRY_DELAYS_S)},
+    )
+    dead = await asyncpg.create_pool(
+        upstream_settings.database_url.reveal(), min_size=1, max_size=1
+    )
+    await dead.close()
+    channel = await amqp_connection.channel()
+    queue = await channel.get_queue(upstream_settings.events_queue, ensure=False)
+    messages = [await queue.get(no_ack=False, timeout=5) for _ in range(2)]
+    async with qonto_client.http_clients(upstream_settings) as http:
+        worker = buffer.Buffer(upstream_settings, dead, publisher, http)
+        counts = await worker.process([m for m in messages if m is not None])
+    await channel.close()
+    assert counts == {"retried": 1, "dead_lettered": 1}
+    [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
+    assert letter.reason.startswith(f"still failing after {len(amqp.RETRY_DELAYS_S)} retries")
+    stop = asyncio.Event()
+    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop))
+    try:  # the 1-second delay queue hands it back to the events queue
+        await _wait_count(
+            pool, "SELECT count(*) FROM documents WHERE qonto_attachment_id = $1", 1, attachment
+        )
+    finally:
+        stop.set()
+        await task
+    assert await _count(pool, "SELECT count(*) FROM events") == 1
+
+
+async def test_a_consumer_killed_mid_stream_loses_nothing(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """SIGKILL while draining 1,500 events, then a new consumer: every event exactly once."""
+    attachments = []
+    for i in range(1500):
+        attachment = str(uuid.uuid4())
+        attachments.append(attachment)
+        event = {
+            "id": f"evt-{i}",
+            "type": "v1/transactions",
+            "created_at": "2026-11-23T10:00:00Z",
+            "data": {
+                "id": f"tx-{i}",
+                "side": "debit",
+                "amount": 1,
+                "attachment_ids": [attachment],
+                "updated_at": "2026-11-23T10:00:00Z",
+            },
+        }
+        await _publish(publisher, connection_id, event)
+    env = {**os.environ, **factories.environment(upstream_settings)}
+    process = subprocess.Popen(  # noqa: ASYNC220 - started once, then only signalled
+        [sys.executable, "-m", "relay", "consume"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await _wait_count(pool, "SELECT count(*) FROM events", 200)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    landed = await _count(pool, "SELECT count(*) FROM events")
+    assert landed < 1500, "the consumer finished before it was killed: the test proves nothing"
+    stop = asyncio.Event()
+    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop))
+    try:
+        await _wait_count(pool, "SELECT count(*) FROM events", 1500)
+    finally:
+        stop.set()
+        await task
+    assert await _count(pool, "SELECT count(*) FROM events") == 1500
+    assert await _count(pool, "SELECT count(DISTINCT qonto_attachment_id) FROM documents") == 1500
+    assert await _count(pool, "SELECT count(*) FROM documents") == 1500
