@@ -79,6 +79,7 @@ class Context:
     tmpdir: pathlib.Path
     uploads: asyncio.Semaphore
     firms: dict[str, asyncio.Semaphore]
+    cutoff: dt.datetime
 
     def firm(self, fingerprint: str) -> asyncio.Semaphore:
         if fingerprint not in self.firms:
@@ -378,6 +379,7 @@ async def _connection_loop(ctx: Context, run: ConnectionRun, window: int) -> Non
                         run.connection.id,
                         ctx.worker,
                         window - len(inflight),
+                        ctx.cutoff,
                     )
                 for record in records:
                     task = asyncio.create_task(
@@ -385,9 +387,9 @@ async def _connection_loop(ctx: Context, run: ConnectionRun, window: int) -> Non
                     )
                     inflight.add(task)
                 if not records and not inflight:
-                    return
+                    break
             if not inflight:
-                return
+                break
             done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
@@ -511,6 +513,7 @@ async def flush(
                     tmpdir=pathlib.Path(tmp),
                     uploads=asyncio.Semaphore(settings.upload_concurrency),
                     firms={},
+                    cutoff=await pool.fetchval(queries.get("database_now")),
                 )
                 runs = await _prepare(ctx, scan, connection_id)
                 window = max(4, settings.upload_concurrency * 2)

@@ -166,11 +166,12 @@ WHERE id = $1;
 -- ============================================================================ flush
 
 -- name: claim_documents
--- params: $1 connection_id, $2 worker, $3 how many
--- Several flush workers share a night: each takes documents no one else holds.
+-- params: $1 connection_id, $2 worker, $3 how many, $4 the run's cut-off
+-- Several flush workers share a night: each takes documents no one else holds. A document that went
+-- back to pending during this run (updated after the cut-off) waits for the next run.
 UPDATE documents SET state = 'uploading', claimed_by = $2, attempts = attempts + 1, updated_at = now()
 WHERE id IN (
-    SELECT id FROM documents WHERE connection_id = $1 AND state = 'pending'
+    SELECT id FROM documents WHERE connection_id = $1 AND state = 'pending' AND updated_at < $4
     ORDER BY id FOR UPDATE SKIP LOCKED LIMIT $3
 )
 RETURNING *;
@@ -260,6 +261,10 @@ SELECT id, started_at, finished_at FROM runs WHERE kind = 'scheduled' AND schedu
 -- name: insert_manual_run
 -- params: (none)
 INSERT INTO runs (kind) VALUES ('manual') RETURNING id;
+
+-- name: database_now
+-- params: (none)
+SELECT clock_timestamp();
 
 -- name: previous_run_start
 -- params: $1 this run's id

@@ -162,10 +162,10 @@ class CegidSandbox:
 
     async def _store(self, request: Request, firm: Firm) -> Response:
         fault = self.faults.take()
-        if fault in ("429", "500", "503"):
+        if fault is not None and fault.isdigit():  # an HTTP status: 429, 5xx or a 4xx refusal
             await request.body()
             headers = {"Retry-After": self.faults.retry_after} if fault == "429" else {}
-            return self._error(int(fault), "injected fault", headers)
+            return self._error(int(fault), f"injected fault {fault}", headers)
         dossier = request.arg("context", "") or ""
         filename = request.arg("filename", "") or ""
         transaction = request.arg("transaction", "") or ""

@@ -1,0 +1,319 @@
+"""The flush against the Qonto and Cegid Loop sandboxes: every file once, every other one with a reason."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+import asyncpg
+import pytest
+
+from consumers import flusher
+from relay import config, errors, models, resolve
+from relay.sandbox import cegid as cegid_sandbox
+from relay.sandbox import files
+from relay.sandbox import qonto as qonto_sandbox
+from tests.integration import factories
+
+
+async def no_wait(_: float) -> None:
+    """Backoff without waiting: the schedule is the product's, the test only skips the sleep."""
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def connection_id(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> uuid.UUID:
+    return await factories.connect(upstream_settings, pool, qonto)
+
+
+async def _document(pool: asyncpg.Pool, attachment_id: str) -> asyncpg.Record:
+    record = await pool.fetchrow(
+        "SELECT * FROM documents WHERE qonto_attachment_id = $1", attachment_id
+    )
+    assert record is not None
+    return record
+
+
+async def _seed(
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+    connection_id: uuid.UUID,
+    **kwargs: object,
+) -> str:
+    tx, attachment = factories.receipt(qonto, **kwargs)  # type: ignore[arg-type]
+    await factories.ingest_transaction(pool, connection_id, tx)
+    return attachment
+
+
+async def test_each_file_is_deposited_once_with_type_name_and_direction(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """A JPEG receipt of a debit and a PDF of a credit: the right Content-Type, transaction and name."""
+    jpeg = await _seed(
+        pool,
+        qonto,
+        connection_id,
+        content=files.jpeg(seed=1),
+        name="photo.pdf",
+        content_type="application/pdf",
+    )  # Qonto's name and type are wrong: bytes win
+    pdf = await _seed(pool, qonto, connection_id, seed=2, side="credit")
+    result = await flusher.flush(upstream_settings, pool)
+    stored = {s.sha256: s for s in loop.stored_by_dossier("ACME001")}
+    assert len(stored) == 2
+    first, second = await _document(pool, jpeg), await _document(pool, pdf)
+    assert first["state"] == second["state"] == "uploaded"
+    assert stored[first["sha256"]].content_type == "image/jpeg"
+    assert stored[first["sha256"]].transaction == "PURCHASE"
+    assert stored[first["sha256"]].filename.endswith(f"_receipt_{jpeg}.jpg")
+    assert stored[second["sha256"]].transaction == "SALE"
+    assert first["cegid_document_id"] == stored[first["sha256"]].document_id
+    assert result.totals()["uploaded"] == 2
+    assert result.exit_code == 0
+    again = await flusher.flush(upstream_settings, pool)
+    assert again.totals()["uploaded"] == 0
+    assert len(loop.stored) == 2
+
+
+async def test_unsupported_large_duplicate_and_deleted_files_are_skipped_with_reasons(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """HEIC by its bytes, over 50 MB, same bytes twice, deleted in Qonto: each skipped, saying why."""
+    heic = await _seed(
+        pool,
+        qonto,
+        connection_id,
+        content=files.heic(seed=1),
+        name="IMG.jpg",
+        content_type="image/jpeg",
+    )
+    big = await _seed(
+        pool, qonto, connection_id, content=files.Synthetic("pdf", 50 * 1024 * 1024 + 1, 2)
+    )
+    original = await _seed(pool, qonto, connection_id, content=files.pdf(seed=3))
+    copy = await _seed(pool, qonto, connection_id, content=files.pdf(seed=3))
+    deleted = await _seed(pool, qonto, connection_id, seed=4)
+    qonto.delete_attachment(deleted)
+    result = await flusher.flush(upstream_settings, pool)
+    reasons = {a: (await _document(pool, a))["reason"] for a in (heic, big, copy, deleted)}
+    assert reasons[heic] == "unsupported type: HEIC image"
+    assert reasons[big].startswith(models.SKIP_TOO_LARGE)
+    assert reasons[copy].startswith(models.SKIP_DUPLICATE)
+    assert reasons[deleted] == models.SKIP_DELETED
+    assert (await _document(pool, original))["state"] == "uploaded"
+    assert len(loop.stored) == 1
+    assert result.connections[0].skipped == {
+        "unsupported type: HEIC image": 1,
+        models.SKIP_TOO_LARGE: 1,
+        models.SKIP_DUPLICATE: 1,
+        models.SKIP_DELETED: 1,
+    }
+
+
+async def test_transient_faults_are_retried_within_the_run(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Qonto 429/503 and an expired URL, Cegid 429 and 503: retried, each file stored once."""
+    attachment = await _seed(pool, qonto, connection_id)
+    qonto.faults.fail_next("/v2/attachments/", 429, retry_after=0.01)
+    qonto.faults.fail_next("/v2/attachments/", 503)
+    qonto.faults.expire_next_urls(1)
+    loop.faults.push("429", "503")
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert (await _document(pool, attachment))["state"] == "uploaded"
+    assert len(loop.stored) == 1
+    assert qonto.faults.injected["expired_url"] == 1
+    outcomes = await pool.fetch("SELECT outcome FROM uploads ORDER BY id")
+    assert [r["outcome"] for r in outcomes] == ["retry", "retry", "uploaded"]
+
+
+async def test_cegid_down_for_the_whole_run_leaves_documents_pending_with_the_reason(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Still 5xx after every retry: pending, with the last reason, tried again next run."""
+    attachment = await _seed(pool, qonto, connection_id)
+    loop.faults.push(*["500"] * flusher.UPLOAD_ATTEMPTS)
+    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    document = await _document(pool, attachment)
+    assert document["state"] == "pending"
+    assert document["reason"].startswith("Cegid Loop unavailable, retried next run")
+    assert result.exit_code == 1
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert (await _document(pool, attachment))["state"] == "uploaded"
+    assert len(loop.stored) == 1
+
+
+async def test_refused_access_flags_the_connection_and_others_continue(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """401/403: the connection needs attention, its documents stay pending; another one goes on."""
+    other_id = await factories.connect(
+        upstream_settings, pool, qonto, dossier="OTHER002", client_name="Other"
+    )
+    refused = await _seed(pool, qonto, connection_id, seed=1)
+    fine = await _seed(pool, qonto, other_id, seed=2)
+    # the accountant dissociated ACME001 from the key in Loop Hub (it now belongs to another firm)
+    loop.add_firm(factories.FIRM_KEY, factories.FIRM_SECRET, dossiers=["OTHER002"])
+    loop.add_firm("someone-else", "their-secret", dossiers=["ACME001"])
+    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    # both connections are the same Qonto organization here: the scan gives each both files
+    by_connection = {
+        (r["connection_id"], r["qonto_attachment_id"]): r["state"]
+        for r in await pool.fetch("SELECT connection_id, qonto_attachment_id, state FROM documents")
+    }
+    assert by_connection[(connection_id, refused)] == "pending"
+    assert by_connection[(connection_id, fine)] == "pending"
+    assert by_connection[(other_id, fine)] == "uploaded"
+    assert by_connection[(other_id, refused)] == "uploaded"
+    state, reason = await pool.fetchrow(
+        "SELECT state, state_reason FROM connections WHERE id = $1", connection_id
+    )
+    assert state == "needs_attention"
+    assert "Loop Hub" in reason
+    flagged = next(c for c in result.connections if c.connection_id == connection_id)
+    assert flagged.attention is not None
+
+
+async def test_a_refused_file_fails_with_the_reason(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """400/413/415: the file itself is refused; failed, with Cegid's answer, not retried."""
+    attachment = await _seed(pool, qonto, connection_id)
+    loop.faults.push("415")
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    document = await _document(pool, attachment)
+    assert document["state"] == "failed"
+    assert document["reason"].startswith("Cegid refused the file (HTTP 415)")
+
+
+async def test_no_answer_after_sending_is_in_doubt_and_never_resent(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Stored then the connection dropped: in_doubt; the next flush leaves it; the operator decides."""
+    attachment = await _seed(pool, qonto, connection_id)
+    loop.faults.push("store_then_drop")
+    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    document = await _document(pool, attachment)
+    assert document["state"] == "in_doubt"
+    assert "relay documents resolve" in document["reason"]
+    assert result.totals()["in_doubt"] == 1
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert len(loop.stored) == 1
+    resolved = await resolve.resolve(pool, document["id"], uploaded=True)
+    assert resolved.state == "uploaded"
+    with pytest.raises(errors.Refused):
+        await resolve.resolve(pool, document["id"], uploaded=False)
+
+
+async def test_resend_sends_an_in_doubt_document_again(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Dropped before storing (the relay cannot tell): in doubt; --resend makes the next flush send it."""
+    attachment = await _seed(pool, qonto, connection_id)
+    loop.faults.push("drop_before_store")
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    document = await _document(pool, attachment)
+    assert document["state"] == "in_doubt"
+    assert loop.stored == []
+    await resolve.resolve(pool, document["id"], uploaded=False)
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert (await _document(pool, attachment))["state"] == "uploaded"
+    assert len(loop.stored) == 1
+
+
+async def test_recovery_after_a_dead_worker(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Left uploading: in_doubt if its attempt was recorded (it may have left), pending if not."""
+    sent = await _seed(pool, qonto, connection_id, seed=1)
+    never = await _seed(pool, qonto, connection_id, seed=2)
+    dead_worker = 424242
+    await pool.execute("UPDATE documents SET state = 'uploading', claimed_by = $1", dead_worker)
+    await pool.execute(
+        "INSERT INTO uploads (document_id, worker) SELECT id, $1 FROM documents "
+        "WHERE qonto_attachment_id = $2",
+        dead_worker,
+        sent,
+    )
+    recovered = await flusher.recover(pool)
+    assert recovered == {"in_doubt": 1, "pending": 1}
+    assert (await _document(pool, sent))["state"] == "in_doubt"
+    assert (await _document(pool, never))["state"] == "pending"
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert (await _document(pool, never))["state"] == "uploaded"
+    assert (await _document(pool, sent))["state"] == "in_doubt"
+
+
+async def test_a_live_workers_documents_are_left_alone(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """A document claimed by a worker that still holds its lock is not recovered by another."""
+    attachment = await _seed(pool, qonto, connection_id)
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", flusher.WORKER_LOCK_SPACE, 777)
+        await pool.execute("UPDATE documents SET state = 'uploading', claimed_by = 777")
+        assert await flusher.recover(pool) == {"in_doubt": 0, "pending": 0}
+        assert (await _document(pool, attachment))["state"] == "uploading"
+        await holder.execute("SELECT pg_advisory_unlock($1, $2)", flusher.WORKER_LOCK_SPACE, 777)
+
+
+async def test_concurrent_flushes_share_documents_and_send_each_once(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Three flush workers on the same night: every file stored exactly once."""
+    attachments = [await _seed(pool, qonto, connection_id, seed=i) for i in range(40)]
+    loop.latency_s = 0.01
+    settings = dataclasses.replace(
+        upstream_settings, upload_concurrency=4, upload_concurrency_per_firm=4
+    )
+    await asyncio.gather(*(flusher.flush(settings, pool, sleep=no_wait) for _ in range(3)))
+    assert loop.duplicates() == []
+    assert len(loop.stored) == 40
+    assert set((await factories.states(pool)).values()) == {"uploaded"}
+    assert len(attachments) == 40
