@@ -32,7 +32,9 @@ RATE_LIMIT, RATE_WINDOW_S = 1000, 10.0
 
 
 def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Qonto shows milliseconds; the sandbox keeps microseconds so that stamps it hands out in a
+    burst stay strictly increasing without running ahead of the clock."""
+    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _parse(value: str | None) -> dt.datetime | None:
@@ -171,9 +173,9 @@ class QontoSandbox:
         return time.time() + self.clock_offset_s
 
     def _stamp(self) -> str:
-        """A strictly increasing updated_at (millisecond resolution)."""
+        """A strictly increasing updated_at."""
         with self._lock:
-            moment = max(self.now(), self._last_stamp + 0.001)
+            moment = max(self.now(), self._last_stamp + 0.000001)
             self._last_stamp = moment
         return _iso(dt.datetime.fromtimestamp(moment, dt.UTC))
 
