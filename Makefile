@@ -53,7 +53,8 @@ compose-config: $(STAMP)
 check: lint typecheck compose-config
 
 chaos: $(STAMP) services
-	RELAY_CHAOS_SEEDS=$(SEEDS) $(BIN)/python -m pytest -q -m chaos tests/integration
+	RELAY_CHAOS_SEEDS=$(SEEDS) RELAY_CHAOS_REPORT=chaos-results.json \
+		$(BIN)/python -m pytest -q -s -m chaos -p no:cacheprovider tests/integration/test_chaos.py
 
 bench: $(STAMP) services
 	$(BIN)/python -m bench
