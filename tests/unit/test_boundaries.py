@@ -1,0 +1,254 @@
+"""The two HTTP boundaries, faked at the HTTP level with httpx.MockTransport."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import pathlib
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from relay import cegid, config, credentials, errors, qonto
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+async def no_wait(_: float) -> None:
+    await asyncio.sleep(0)
+
+
+def _qonto(
+    settings: config.Settings,
+    handler: Handler,
+    creds: credentials.QontoCredentials | None = None,
+    rotated: list[credentials.QontoCredentials] | None = None,
+) -> qonto.QontoClient:
+    transport = httpx.MockTransport(handler)
+    http = qonto.HttpClients(
+        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
+        storage=httpx.AsyncClient(transport=transport),
+        limiter=qonto.RateLimiter(),
+    )
+
+    async def keep(c: credentials.QontoCredentials) -> None:
+        if rotated is not None:
+            rotated.append(c)
+
+    return qonto.client(
+        settings,
+        creds or credentials.QontoApiKey(login="org", secret=config.Secret("key")),
+        http,
+        on_tokens_rotated=keep,
+        sleep=no_wait,
+    )
+
+
+async def test_api_key_is_sent_verbatim_and_html_is_refused(unit_settings: config.Settings) -> None:
+    """`login:secret` with no scheme; a login page answered 200 is a protocol error, not data."""
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return httpx.Response(200, text="<html>login</html>", headers={"content-type": "text/html"})
+
+    with pytest.raises(errors.QontoProtocolError, match="not JSON"):
+        await _qonto(unit_settings, handler).get_membership()
+    assert seen == ["org:key"]
+
+
+async def test_429_and_5xx_are_retried_then_reported(unit_settings: config.Settings) -> None:
+    """Retries honour Retry-After; after the last try the error says rate limited."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return httpx.Response(429, headers={"retry-after": "0"})
+
+    with pytest.raises(errors.QontoRateLimited):
+        await _qonto(unit_settings, handler).get_organization()
+    assert len(calls) == qonto.MAX_ATTEMPTS
+
+
+async def test_deleted_attachment_is_not_found(unit_settings: config.Settings) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"errors": [{"code": "not_found"}]})
+
+    with pytest.raises(errors.QontoNotFound):
+        await _qonto(unit_settings, handler).get_attachment("gone")
+
+
+async def test_download_refetches_an_expired_url_and_never_sends_the_key(
+    unit_settings: config.Settings, tmp_path: pathlib.Path
+) -> None:
+    """403 from storage: a fresh URL once; storage requests carry no Authorization header."""
+    urls = iter(["https://storage.test/old", "https://storage.test/new"])
+    storage_auth = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "storage.test":
+            storage_auth.append("authorization" in request.headers)
+            if request.url.path == "/old":
+                return httpx.Response(403, text="expired")
+            return httpx.Response(200, content=b"%PDF-1.7 body")
+        return httpx.Response(
+            200, json={"attachment": {"id": "a", "url": next(urls), "file_size": "13"}}
+        )
+
+    done = await _qonto(unit_settings, handler).download("a", tmp_path / "a")
+    assert (tmp_path / "a").read_bytes() == b"%PDF-1.7 body"
+    assert done.head.startswith(b"%PDF")
+    assert storage_auth == [False, False]
+
+
+async def test_oauth_refreshes_before_expiry_and_hands_over_the_rotated_token() -> None:
+    """An access token close to expiry is refreshed first; the new refresh token is stored."""
+    settings = config.Settings(
+        secret_key=config.Secret("x" * 43 + "="),
+        qonto_client_id="app",
+        qonto_client_secret=config.Secret("app-secret"),
+        qonto_oauth_url="https://oauth.test",
+    )
+    rotated: list[credentials.QontoCredentials] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "oauth.test":
+            assert b"grant_type=refresh_token" in request.content
+            return httpx.Response(
+                200,
+                json={
+                    "access_token": "new-access",
+                    "refresh_token": "new-refresh",
+                    "expires_in": 3600,
+                },
+            )
+        assert request.headers["authorization"] == "Bearer new-access"
+        return httpx.Response(200, json={"membership": {"role": "owner"}})
+
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+    creds = credentials.QontoOAuth(
+        refresh_token=config.Secret("old-refresh"),
+        access_token=config.Secret("old-access"),
+        expires_at=soon,
+    )
+    assert (await _qonto(settings, handler, creds, rotated).get_membership())["role"] == "owner"
+    assert isinstance(rotated[0], credentials.QontoOAuth)
+    assert rotated[0].refresh_token.reveal() == "new-refresh"
+
+
+def _cegid(handler: Handler) -> cegid.CegidClient:
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="https://cegid.test")
+    return cegid.CegidClient(config.Settings(secret_key=config.Secret("k")), http)
+
+
+CREDS = credentials.CegidCredentials(
+    api_key=config.Secret("key"), api_secret=config.Secret("secret")
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (429, errors.CegidRateLimited),
+        (503, errors.CegidUnavailable),
+        (401, errors.CegidAccessRefused),
+        (403, errors.CegidAccessRefused),
+        (400, errors.CegidFileRejected),
+        (413, errors.CegidFileRejected),
+        (415, errors.CegidFileRejected),
+    ],
+)
+async def test_store_document_classifies_every_answer(
+    status: int, error: type[Exception], tmp_path: pathlib.Path
+) -> None:
+    """Retry, flag the connection, or fail the file: decided from the status."""
+    path = tmp_path / "f"
+    path.write_bytes(b"%PDF-1.7")
+    client = _cegid(lambda request: httpx.Response(status, json={"message": "no"}))
+    with pytest.raises(error):
+        await client.store_document(
+            CREDS,
+            dossier="D",
+            file_name="f.pdf",
+            transaction="PURCHASE",
+            content_type="application/pdf",
+            path=path,
+            size=8,
+        )
+
+
+async def test_store_document_sends_raw_bytes_with_both_headers(tmp_path: pathlib.Path) -> None:
+    """The file's bytes, its type, the dossier as context, x-apikey as key:secret."""
+    path = tmp_path / "f"
+    path.write_bytes(b"\xff\xd8\xffjpeg")
+    seen: dict[str, object] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.update(
+            body=request.read(),
+            type=request.headers["content-type"],
+            key=request.headers["x-apikey"],
+            params=dict(request.url.params),
+        )
+        return httpx.Response(200, json={"id": "doc-1"})
+
+    stored = await _cegid(handler).store_document(
+        CREDS,
+        dossier="ACME001",
+        file_name="a.jpg",
+        transaction="SALE",
+        content_type="image/jpeg",
+        path=path,
+        size=7,
+    )
+    assert stored.document_id == "doc-1"
+    assert seen["body"] == b"\xff\xd8\xffjpeg"
+    assert (seen["type"], seen["key"]) == ("image/jpeg", "key:secret")
+    assert seen["params"] == {
+        "context": "ACME001",
+        "filename": "a.jpg",
+        "transaction": "SALE",
+        "uploadMode": "API",
+    }
+
+
+async def test_no_answer_after_the_body_is_outcome_unknown(tmp_path: pathlib.Path) -> None:
+    """The body went out, the answer did not come: the outcome is unknown, never 'retry'."""
+    path = tmp_path / "f"
+    path.write_bytes(b"%PDF-1.7")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    with pytest.raises(errors.OutcomeUnknown):
+        await _cegid(handler).store_document(
+            CREDS,
+            dossier="D",
+            file_name="f.pdf",
+            transaction="PURCHASE",
+            content_type="application/pdf",
+            path=path,
+            size=8,
+        )
+
+
+async def test_refused_connection_is_retryable(tmp_path: pathlib.Path) -> None:
+    """Nothing was sent: Loop did not keep the file."""
+    path = tmp_path / "f"
+    path.write_bytes(b"%PDF-1.7")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(errors.CegidUnavailable):
+        await _cegid(handler).store_document(
+            CREDS,
+            dossier="D",
+            file_name="f.pdf",
+            transaction="PURCHASE",
+            content_type="application/pdf",
+            path=path,
+            size=8,
+        )
