@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from relay import config, crypto
+from relay import config, crypto, log
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTRACTS = ROOT.parent / "shared" / "contracts"
@@ -21,6 +21,12 @@ def load_fixture(name: str) -> Any:
 
 def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_logs() -> None:
+    """The product's logs at warning level during tests (a failing test shows them)."""
+    log.configure("warning")
 
 
 @pytest.fixture
