@@ -174,15 +174,18 @@ async def count_and_drain(
         channel = await conn.channel()
         await channel.set_qos(prefetch_count=2000)
         queue = await channel.get_queue(queue_name, ensure=False)
+        last = None
         async with queue.iterator() as messages:
             while True:
                 try:
-                    message = await asyncio.wait_for(messages.__anext__(), timeout=idle_s)
+                    last = await asyncio.wait_for(messages.__anext__(), timeout=idle_s)
                 except (TimeoutError, StopAsyncIteration):
                     break
                 count += 1
                 if count % 500 == 0:
-                    await message.ack(multiple=True)
+                    await last.ack(multiple=True)
+            if last is not None:
+                await last.ack(multiple=True)
         await channel.close()
     return count
 

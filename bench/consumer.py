@@ -75,18 +75,17 @@ async def copy_ceiling(
     async with pool.acquire() as conn:
         started = time.perf_counter()
         async with conn.transaction():
-            await conn.copy_records_to_table(
-                "events",
-                records=events,
-                columns=[
-                    "connection_id",
-                    "event_id",
-                    "topic",
-                    "outcome",
-                    "qonto_created_at",
-                    "received_at",
-                    "payload",
-                ],
+            # jsonb has no binary COPY encoder here: COPY the text, cast in one INSERT ... SELECT
+            await conn.execute(
+                "CREATE TEMP TABLE events_in (connection_id uuid, event_id text, topic text,"
+                " outcome text, qonto_created_at timestamptz, received_at timestamptz, payload text)"
+                " ON COMMIT DROP"
+            )
+            await conn.copy_records_to_table("events_in", records=events)
+            await conn.execute(
+                "INSERT INTO events (connection_id, event_id, topic, outcome, qonto_created_at,"
+                " received_at, payload) SELECT connection_id, event_id, topic, outcome,"
+                " qonto_created_at, received_at, payload::jsonb FROM events_in"
             )
             await conn.copy_records_to_table(
                 "documents",

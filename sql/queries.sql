@@ -137,12 +137,19 @@ RETURNING id;
 -- name: skip_removed_attachments
 -- params: $1 connection ids, $2 sources, $3 resource ids (the applied complete snapshots),
 --         $4 connection ids, $5 attachment ids (what they still list), $6 the reason
+-- Written as joins (index on connection, source, resource) and an anti-join: a NOT IN over the
+-- kept list degrades to a per-row scan under a generic prepared plan.
 UPDATE documents d SET state = 'skipped', reason = $6, updated_at = now()
-WHERE d.state = 'pending'
-  AND (d.connection_id, d.source, d.qonto_resource_id) IN
-      (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]))
-  AND (d.connection_id, d.qonto_attachment_id) NOT IN
-      (SELECT * FROM unnest($4::uuid[], $5::text[]));
+FROM (
+    SELECT x.id
+    FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(connection_id, source, resource_id)
+    JOIN documents x ON x.connection_id = r.connection_id AND x.source = r.source
+                    AND x.qonto_resource_id = r.resource_id AND x.state = 'pending'
+    LEFT JOIN unnest($4::uuid[], $5::text[]) AS k(connection_id, attachment_id)
+           ON k.connection_id = x.connection_id AND k.attachment_id = x.qonto_attachment_id
+    WHERE k.attachment_id IS NULL
+) AS gone
+WHERE d.id = gone.id;
 
 -- name: revoke_connection
 -- params: $1 connection_id, $2 reason
