@@ -88,6 +88,7 @@ def environment(settings: config.Settings) -> dict[str, str]:
             "RELAY_WORKERS": str(settings.workers),
             "RELAY_UPLOAD_CONCURRENCY": str(settings.upload_concurrency),
             "RELAY_UPLOAD_CONCURRENCY_PER_FIRM": str(settings.upload_concurrency_per_firm),
+            "RELAY_QONTO_REQUESTS_PER_10S": str(settings.qonto_requests_per_10s),
             "RELAY_LOG_LEVEL": settings.log_level,
         }
     )

@@ -46,8 +46,8 @@ async def _seed(
         await ingest.apply(conn, snapshots)
 
 
-def _flush_process(settings: common.config.Settings) -> tuple[float, int]:
-    """Run `relay flush --now`; (wall seconds, peak RSS in KiB)."""
+def _flush_process(settings: common.config.Settings) -> tuple[float, int, float]:
+    """Run `relay flush --now`; (wall seconds, peak RSS in KiB, CPU seconds)."""
     started = time.perf_counter()
     process = subprocess.Popen(
         common.relay_command("flush", "--now", "--json"),
@@ -57,14 +57,22 @@ def _flush_process(settings: common.config.Settings) -> tuple[float, int]:
     )
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - started, usage.ru_maxrss
+    return time.perf_counter() - started, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
-async def _run(concurrency: int, count: int, size: int, latency: float) -> dict[str, float]:
+async def _run(
+    concurrency: int, count: int, size: int, latency: float, *, qonto_limit: int | None = None
+) -> dict[str, float]:
+    """``qonto_limit``: Qonto's request budget per 10 s (None: the documented 1,000, with the
+    relay's default budget of 900)."""
     tag = uuid.uuid4().hex[:8]
     with qonto_sandbox.QontoSandbox() as q, cegid_sandbox.CegidSandbox() as loop:
         loop.add_firm(FIRM_KEY, FIRM_SECRET, dossiers=[DOSSIER])
         loop.latency_s = latency
+        budget = {}
+        if qonto_limit is not None:
+            q.rate_limit = qonto_limit
+            budget["qonto_requests_per_10s"] = int(qonto_limit * 0.9)
         settings = common.settings_for(
             tag,
             qonto_api_url=q.url,
@@ -73,6 +81,7 @@ async def _run(concurrency: int, count: int, size: int, latency: float) -> dict[
             cegid_subscription_key=common.config.Secret(loop.subscription_key),
             upload_concurrency=concurrency,
             upload_concurrency_per_firm=concurrency,
+            **budget,
         )
         async with common.environment_ready(settings) as pool:
             login, _, secret = q.api_key_header.partition(":")
@@ -89,7 +98,7 @@ async def _run(concurrency: int, count: int, size: int, latency: float) -> dict[
                 dossier=DOSSIER,
             )
             await _seed(pool, connection_id, q, count, size)
-            wall, peak_kib = await asyncio.to_thread(_flush_process, settings)
+            wall, peak_kib, cpu = await asyncio.to_thread(_flush_process, settings)
             uploaded = int(
                 await pool.fetchval("SELECT count(*) FROM documents WHERE state = 'uploaded'")
             )
@@ -104,14 +113,17 @@ async def _run(concurrency: int, count: int, size: int, latency: float) -> dict[
         "uploaded": uploaded,
         "window_s": float(window),
         "wall_s": wall,
+        "relay_cpu_s": cpu,
         "peak_rss_mib": peak_kib / 1024,
     }
 
 
 async def run_throughput() -> list[common.Figure]:
+    """C/L with Qonto's request budget out of the way (a fresh URL costs one API call per
+    document), then once under the documented 1,000 requests / 10 s, the real-world ceiling."""
     figures = []
     for concurrency in (4, 16, 64):
-        result = await _run(concurrency, DOCUMENTS, 20 * 1024, LATENCY_S)
+        result = await _run(concurrency, DOCUMENTS, 20 * 1024, LATENCY_S, qonto_limit=100_000)
         rate = DOCUMENTS / result["window_s"]
         ideal = concurrency / LATENCY_S
         target = concurrency in (4, 16)

@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log.configure("warning", stream=sys.stderr)  # stdout is for results (and JSON) only
+    log.configure("warning")  # on standard error: stdout is for results (and JSON) only
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):

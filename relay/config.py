@@ -61,6 +61,7 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "RELAY_WORKERS": "2",
     "RELAY_UPLOAD_CONCURRENCY": "16",
     "RELAY_UPLOAD_CONCURRENCY_PER_FIRM": "4",
+    "RELAY_QONTO_REQUESTS_PER_10S": "900",
     "RELAY_AMQP_PREFIX": "relay",
     "RELAY_LOG_LEVEL": "info",
 }
@@ -88,6 +89,7 @@ class Settings:
     workers: int = 2
     upload_concurrency: int = 16
     upload_concurrency_per_firm: int = 4
+    qonto_requests_per_10s: int = 900  # Qonto allows 1,000 per 10 s per IP: keep headroom
     amqp_prefix: str = DEFAULTS["RELAY_AMQP_PREFIX"]
     log_level: str = DEFAULTS["RELAY_LOG_LEVEL"]
 
@@ -192,6 +194,9 @@ def from_env(
     per_firm = _int(
         "RELAY_UPLOAD_CONCURRENCY_PER_FIRM", get("RELAY_UPLOAD_CONCURRENCY_PER_FIRM"), 1, 1024, bad
     )
+    qonto_budget = _int(
+        "RELAY_QONTO_REQUESTS_PER_10S", get("RELAY_QONTO_REQUESTS_PER_10S"), 1, 1_000_000, bad
+    )
     prefix = get("RELAY_AMQP_PREFIX")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", prefix):
         bad.append(f"RELAY_AMQP_PREFIX: expected letters, digits, '.', '_' or '-', got {prefix!r}")
@@ -237,6 +242,7 @@ def from_env(
         workers=workers,
         upload_concurrency=upload_concurrency,
         upload_concurrency_per_firm=per_firm,
+        qonto_requests_per_10s=qonto_budget,
         amqp_prefix=prefix,
         log_level=log_level,
     )

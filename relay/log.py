@@ -25,8 +25,22 @@ def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
+class _Stderr:
+    """Standard error looked up at each write, not once: whoever replaced ``sys.stderr`` since
+    (a test runner capturing output) gets the lines, and a closed capture is never written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(level: str = "info", *, stream: Any = None, json: bool | None = None) -> None:
-    out = stream or sys.stderr
+    out = stream or _Stderr()
     as_json = (not out.isatty()) if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -45,7 +59,7 @@ def configure(level: str = "info", *, stream: Any = None, json: bool | None = No
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]  # a TextIO duck
         cache_logger_on_first_use=True,
     )
 

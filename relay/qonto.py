@@ -35,7 +35,7 @@ MAX_ATTEMPTS: Final = 6
 BACKOFF_BASE_S: Final = 0.5
 BACKOFF_CAP_S: Final = 30.0
 PER_PAGE: Final = 100
-LIMIT_REQUESTS, LIMIT_WINDOW_S = 900, 10.0
+LIMIT_WINDOW_S: Final = 10.0
 REFRESH_MARGIN: Final = dt.timedelta(minutes=5)
 CHUNK: Final = 64 * 1024
 
@@ -70,7 +70,7 @@ class Download:
 class RateLimiter:
     """At most ``limit`` requests per sliding ``window`` seconds for this process."""
 
-    def __init__(self, limit: int = LIMIT_REQUESTS, window: float = LIMIT_WINDOW_S) -> None:
+    def __init__(self, limit: int = 900, window: float = LIMIT_WINDOW_S) -> None:
         self._limit, self._window = limit, window
         self._sent: collections.deque[float] = collections.deque()
         self._lock = asyncio.Lock()
@@ -99,7 +99,9 @@ async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
     headers = {"Accept": "application/json", "User-Agent": "qonto-cegid-relay"}
     if settings.qonto_staging_token is not None:
         headers["X-Qonto-Staging-Token"] = settings.qonto_staging_token.reveal()
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+    # httpcore scans its whole pool on every request: size it to the work in flight
+    size = min(64, 2 * settings.upload_concurrency + 4)
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     async with (
         httpx.AsyncClient(
             base_url=settings.qonto_api_url,
@@ -113,7 +115,11 @@ async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
             headers={"User-Agent": "qonto-cegid-relay"},
         ) as storage,
     ):
-        yield HttpClients(api=api, storage=storage, limiter=RateLimiter())
+        yield HttpClients(
+            api=api,
+            storage=storage,
+            limiter=RateLimiter(settings.qonto_requests_per_10s, LIMIT_WINDOW_S),
+        )
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:

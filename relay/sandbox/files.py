@@ -76,8 +76,9 @@ def pdf(size: int = 2048, seed: int = 0) -> bytes:
         b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 595 842]>>endobj\n"
         + f"% receipt {seed}\n".encode()
     )
-    padding = max(0, size - len(body) - 6)
-    return body + b"%" + b"x" * padding + b"\n%%EOF"[: max(0, size - len(body) - 1 - padding)]
+    trailer = b"\n%%EOF\n"
+    padding = max(0, size - len(body) - 1 - len(trailer))
+    return body + b"%" + b"x" * padding + trailer
 
 
 def png(size: int = 2048, seed: int = 0) -> bytes:
@@ -92,7 +93,8 @@ def png(size: int = 2048, seed: int = 0) -> bytes:
         + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
         + chunk(b"IDAT", zlib.compress(raw))
     )
-    text = chunk(b"tEXt", b"Comment\x00" + b"r" * max(0, size - len(image) - 12 - 8 - 12))
+    comment = b"Comment\x00" + f"seed={seed};".encode()
+    text = chunk(b"tEXt", comment + b"r" * max(0, size - len(image) - 12 - len(comment) - 12))
     return image + text + chunk(b"IEND", b"")
 
 

@@ -136,6 +136,9 @@ class ServerThread:
                 except Drop:
                     writer.transport.abort()
                     return
+                except Exception as exc:  # a sandbox bug answers 500 rather than hanging the client
+                    response = Response(500, f"sandbox error: {exc!r}".encode(), "text/plain")
+                    response.headers["connection"] = "close"
                 async for _ in request.stream():  # drain an unread body before answering
                     pass
                 await self._send(conn, writer, response)
@@ -146,8 +149,9 @@ class ServerThread:
         except (h11.RemoteProtocolError, h11.LocalProtocolError, ConnectionError, OSError):
             writer.transport.abort()
         except asyncio.CancelledError:
+            # Only stop() cancels a connection; ending quietly keeps asyncio from logging the
+            # cancelled handler task as an exception at every shutdown.
             writer.transport.abort()
-            raise
         finally:
             writer.close()
 

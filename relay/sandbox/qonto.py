@@ -129,7 +129,9 @@ class QontoSandbox:
         self.bank_account_id = str(uuid.uuid4())
         self.login, self.secret_key, self.staging_token = login, secret_key, staging_token
         self.membership_role = "admin"
+        self.rate_limit = RATE_LIMIT  # requests per RATE_WINDOW_S, as documented
         self.clock_offset_s = 0.0
+        self.rate_limit, self.rate_window_s = RATE_LIMIT, RATE_WINDOW_S
         self.faults = QontoFaults()
         self.requests: list[tuple[str, str, bool]] = []
         self.subscription_id = str(uuid.uuid4())
@@ -168,6 +170,15 @@ class QontoSandbox:
     @property
     def api_key_header(self) -> str:
         return f"{self.login}:{self.secret_key}"
+
+    @property
+    def clock(self) -> float:
+        """The sandbox clock's offset from real time, in seconds (alias of ``clock_offset_s``)."""
+        return self.clock_offset_s
+
+    @clock.setter
+    def clock(self, offset_s: float) -> None:
+        self.clock_offset_s = offset_s
 
     def now(self) -> float:
         return time.time() + self.clock_offset_s
@@ -298,6 +309,8 @@ class QontoSandbox:
             "issue_date": stamp[:10],
             "due_date": stamp[:10],
             "created_at": stamp,
+            "finalized_at": None if status == "draft" else stamp,
+            "paid_at": stamp if status == "paid" else None,
             "updated_at": stamp,
         }
         with self._lock:
@@ -308,7 +321,11 @@ class QontoSandbox:
         with self._lock:
             invoice = self._client_invoices[invoice_id]
             invoice["status"] = status
-            invoice["updated_at"] = self._stamp()
+            invoice["updated_at"] = stamp = self._stamp()
+            if status != "draft" and invoice["finalized_at"] is None:
+                invoice["finalized_at"] = stamp
+            if status == "paid":
+                invoice["paid_at"] = stamp
             return copy.deepcopy(invoice)
 
     def add_oauth_client(self, client_id: str, client_secret: str) -> str:
@@ -384,9 +401,9 @@ class QontoSandbox:
     def _rate_limited(self) -> bool:
         now = time.monotonic()
         with self._lock:
-            while self._hits and now - self._hits[0] > RATE_WINDOW_S:
+            while self._hits and now - self._hits[0] > self.rate_window_s:
                 self._hits.popleft()
-            if len(self._hits) >= RATE_LIMIT:
+            if len(self._hits) >= self.rate_limit:
                 return True
             self._hits.append(now)
         return False
@@ -512,6 +529,14 @@ class QontoSandbox:
                     for s in self._subscriptions.values()
                 ]
             return self._json({"subscriptions": items})
+        if len(parts) == 4 and parts[2] == "webhook_subscriptions" and method == "GET":
+            with self._lock:
+                subscription = self._subscriptions.get(parts[3])
+            if subscription is None:
+                return json_error(404, "not_found", "subscription not found")
+            return self._json(
+                {"webhook_subscription": {k: v for k, v in subscription.items() if k != "secret"}}
+            )
         if len(parts) == 4 and parts[2] == "webhook_subscriptions" and method == "DELETE":
             with self._lock:
                 removed = self._subscriptions.pop(parts[3], None)
