@@ -185,7 +185,7 @@ async def count_and_drain(
                 count += 1
                 if count % 500 == 0:
                     await last.ack(multiple=True)
-            if last is not None:
+            if last is not None and count % 500:
                 await last.ack(multiple=True)
         await channel.close()
     return count

@@ -94,6 +94,7 @@ class ConnectionRun:
     cegid_creds: credentials.CegidCredentials
     report: report.ConnectionReport
     refused: str | None = None
+    first_upload_recorded: bool = False
 
 
 def _backoff(attempt: int, retry_after: float | None) -> float:
@@ -217,28 +218,22 @@ async def _download_and_upload(
     file_name = naming.file_name(document, kind.extension)
     connection = run.connection
     with db.translate("start upload"):
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            holder = await conn.fetchval(
-                queries.get("claim_dossier_content"),
+        holder = await ctx.pool.fetchval(
+            queries.get("claim_dossier_content"),
+            connection.cegid_domain,
+            connection.cegid_dossier,
+            download.sha256,
+            document.id,
+            download.size,
+            kind.content_type,
+            file_name,
+        )
+        if holder is None:  # taken by a concurrent transaction, committed by now
+            holder = await ctx.pool.fetchval(
+                queries.get("dossier_content_holder"),
                 connection.cegid_domain,
                 connection.cegid_dossier,
                 download.sha256,
-                document.id,
-            )
-            if holder is None:  # claimed concurrently: the other transaction has committed now
-                holder = await conn.fetchval(
-                    queries.get("dossier_content_holder"),
-                    connection.cegid_domain,
-                    connection.cegid_dossier,
-                    download.sha256,
-                )
-            await conn.execute(
-                queries.get("set_document_file"),
-                document.id,
-                download.sha256,
-                download.size,
-                kind.content_type,
-                file_name,
             )
     if holder != document.id:
         await _finish(
@@ -341,19 +336,18 @@ async def _download_and_upload(
                 )
                 return
             with db.translate("document uploaded"):
-                async with ctx.pool.acquire() as conn, conn.transaction():
-                    await conn.execute(
-                        queries.get("mark_uploaded"), document.id, stored.document_id, ctx.worker
-                    )
-                    await conn.execute(
-                        queries.get("finish_upload"),
-                        upload_id,
-                        "uploaded",
-                        stored.status,
-                        stored.body,
-                        None,
-                    )
-                    await conn.execute(queries.get("set_first_upload"), connection.id)
+                await ctx.pool.execute(
+                    queries.get("mark_uploaded"),
+                    document.id,
+                    stored.document_id,
+                    ctx.worker,
+                    upload_id,
+                    stored.status,
+                    stored.body,
+                )
+                if not run.first_upload_recorded:
+                    await ctx.pool.execute(queries.get("set_first_upload"), connection.id)
+                    run.first_upload_recorded = True
             run.report.uploaded += 1
             logger.info(
                 "document_uploaded",

@@ -64,6 +64,19 @@ class ScanReport:
         return [c.to_json() for c in self.connections]
 
 
+async def _client_invoices(
+    client: qonto.QontoClient, start: dt.datetime, end: dt.datetime
+) -> AsyncIterator[dict[str, Any]]:
+    """Unpaid and paid client invoices; one listed without its ``attachment_id`` is re-fetched."""
+    async for item in client.client_invoices(start, end):
+        if events.client_invoice_needs_fetch(item):
+            try:
+                item = await client.get_client_invoice(str(item["id"]))
+            except errors.QontoNotFound:
+                continue  # deleted between the list and the read
+        yield item
+
+
 Walker = Callable[[qonto.QontoClient, dt.datetime, dt.datetime], AsyncIterator[dict[str, Any]]]
 SOURCES: Final[
     tuple[tuple[models.Source, str, Walker, Callable[[dict[str, Any]], events.Snapshot]], ...]
@@ -77,7 +90,7 @@ SOURCES: Final[
     (
         models.Source.CLIENT_INVOICE,
         "client_invoices_scanned_to",
-        lambda c, a, b: c.client_invoices(a, b),
+        _client_invoices,
         events.client_invoice_snapshot,
     ),
     (
@@ -144,6 +157,10 @@ async def scan_connection(
                 )
             result.errors.append(reason)
             logger.warning("scan_refused", connection=str(connection.id), reason=str(exc))
+            break
+        except errors.ConfigurationError as exc:
+            result.errors.append(str(exc))
+            logger.error("scan_misconfigured", connection=str(connection.id), reason=str(exc))
             break
         except (errors.Retryable, errors.QontoProtocolError) as exc:
             result.errors.append(f"{source}: {exc} (watermark kept, retried next run)")

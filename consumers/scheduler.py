@@ -6,6 +6,9 @@ day missed because every replica was down runs as soon as one starts (the latest
 finished run is due); a run whose scheduler died (row unfinished, lock free) is run again, which is
 safe because documents are claimed one by one. Only the latest slot is caught up: one flush sends
 everything pending, whatever day it arrived.
+
+Every six hours the scheduler also checks that each connection's Cegid key can still read its dossier,
+so that a dossier unlinked from the key is flagged (``needs_attention``) before the nightly flush.
 """
 
 from __future__ import annotations
@@ -17,14 +20,32 @@ from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import asyncpg
+import httpx
 
 from consumers import flusher
-from relay import config, db, errors, log, queries, report
+from relay import (
+    cegid,
+    config,
+    connections,
+    credentials,
+    crypto,
+    db,
+    errors,
+    log,
+    models,
+    queries,
+    report,
+)
 
 logger = log.get(__name__)
 
 LOCK: Final = (0x52454C59 + 1, 1)  # advisory lock of the scheduler (namespace, key)
 POLL_S: Final = 60.0
+DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
+CEGID_REASON: Final = "Cegid: "  # prefix of the reasons the dossier check sets (and may clear)
+
+Clock = Callable[[], dt.datetime]
+Wait = Callable[[float], Awaitable[None]]
 
 
 class Flush(Protocol):
@@ -54,7 +75,7 @@ async def run_due(
     day = latest_slot(now, settings.flush_at).date()
     with db.translate("scheduler"):
         async with pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *LOCK):
+            if not await conn.fetchval(queries.get("try_scheduler_lock"), *LOCK):
                 return False  # another scheduler is running a day right now
             try:
                 run_id = await conn.fetchval(queries.get("claim_scheduled_run"), day)
@@ -72,7 +93,70 @@ async def run_due(
                 )
                 return True
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1, $2)", *LOCK)
+                await conn.execute(queries.get("scheduler_unlock"), *LOCK)
+
+
+def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:
+    """How long to wait: until the next slot, but at most POLL_S (a crashed run is seen soon)."""
+    return max(0.0, min(POLL_S, (next_slot(now, flush_at) - now).total_seconds()))
+
+
+async def check_dossiers(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    *,
+    now: dt.datetime | None = None,
+    every: dt.timedelta = DOSSIER_CHECK_EVERY,
+) -> dict[str, int]:
+    """Check the dossier access of every active connection not checked within ``every``.
+
+    Refused: the connection needs attention (its documents wait). Passed: ``dossier_checked_at`` is
+    set, and a flag this check had raised is cleared. Cegid unavailable: tried again next time.
+    """
+    moment = now or dt.datetime.now(dt.UTC)
+    box = crypto.Box(settings.secret_key.reveal())
+    client = cegid.CegidClient(settings, http)
+    counts = {"checked": 0, "refused": 0, "unavailable": 0}
+    for connection in await connections.list_all(pool):
+        if connection.state not in (
+            models.ConnectionState.ACTIVE,
+            models.ConnectionState.NEEDS_ATTENTION,
+        ):
+            continue
+        if connection.dossier_checked_at is not None and (
+            moment - connection.dossier_checked_at < every
+        ):
+            continue
+        _, cegid_creds = await credentials.load(pool, box, connection.id)
+        try:
+            await client.check_dossier(cegid_creds, connection.cegid_dossier)
+        except errors.CegidAccessRefused as exc:
+            counts["refused"] += 1
+            await connections.set_state(
+                pool, connection.id, models.ConnectionState.NEEDS_ATTENTION, CEGID_REASON + str(exc)
+            )
+            logger.warning("dossier_check_refused", connection=str(connection.id), reason=str(exc))
+            continue
+        except errors.Retryable as exc:
+            counts["unavailable"] += 1
+            logger.warning(
+                "dossier_check_unavailable", connection=str(connection.id), reason=str(exc)
+            )
+            continue
+        counts["checked"] += 1
+        await _dossier_checked(pool, connection)
+    logger.info("dossier_check_finished", **counts)
+    return counts
+
+
+async def _dossier_checked(pool: asyncpg.Pool, connection: models.Connection) -> None:
+    with db.translate("dossier checked"):
+        await pool.execute(queries.get("set_dossier_checked"), connection.id)
+    if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
+        connection.state_reason or ""
+    ).startswith(CEGID_REASON):
+        await connections.set_state(pool, connection.id, models.ConnectionState.ACTIVE, None)
 
 
 async def run_forever(
@@ -80,18 +164,39 @@ async def run_forever(
     pool: asyncpg.Pool,
     *,
     stop: asyncio.Event | None = None,
-    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    now: Clock = lambda: dt.datetime.now(dt.UTC),
     flush: Flush = flusher.flush,
+    wait: Wait | None = None,
+    dossier_check_every: dt.timedelta | None = DOSSIER_CHECK_EVERY,
 ) -> None:
-    """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set."""
+    """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
+
+    ``now`` and ``wait`` (default: wait on ``stop`` with a timeout) are injectable for tests;
+    ``dossier_check_every=None`` turns the periodic dossier check off.
+    """
     stop = stop or asyncio.Event()
+    stopping = stop
+
+    async def wait_or_stop(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=seconds or 0.01)
+
+    pause = wait or wait_or_stop
+    last_dossier_check: dt.datetime | None = None
     logger.info("scheduler_started", flush_at=settings.flush_at.isoformat(timespec="minutes"))
     while not stop.is_set():
         try:
             await run_due(settings, pool, now(), flush=flush)
+            if dossier_check_every is not None and (
+                last_dossier_check is None or now() - last_dossier_check >= dossier_check_every
+            ):
+                last_dossier_check = now()
+                async with cegid.http_client(settings) as http:
+                    await check_dossiers(settings, pool, http, now=last_dossier_check)
         except errors.Retryable as exc:
             logger.warning("scheduler_unavailable", reason=str(exc))
-        wait = min(POLL_S, max(0.0, (next_slot(now(), settings.flush_at) - now()).total_seconds()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=wait or 0.01)
+        except errors.RelayError as exc:  # the run row stays unfinished: retried at the next poll
+            logger.error("scheduled_run_failed", reason=str(exc), error=type(exc).__name__)
+        if not stop.is_set():
+            await pause(seconds_until_next_check(now(), settings.flush_at))
     logger.info("scheduler_stopped")

@@ -188,19 +188,27 @@ RETURNING *;
 UPDATE documents SET state = $2, reason = $3, claimed_by = NULL, updated_at = now()
 WHERE id = $1 AND state = 'uploading' AND claimed_by = $4;
 
--- name: set_document_file
--- params: $1 document id, $2 sha256, $3 size, $4 content type (detected), $5 file name for Loop
-UPDATE documents SET sha256 = $2, size_bytes = $3, content_type = $4, file_name = $5,
-       sending_at = now(), updated_at = now()
-WHERE id = $1;
-
 -- name: claim_dossier_content
--- params: $1 domain, $2 dossier, $3 sha256, $4 document id
--- Returns the document id when this document now holds the content for the dossier.
-INSERT INTO dossier_contents (cegid_domain, cegid_dossier, sha256, document_id)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (cegid_domain, cegid_dossier, sha256) DO NOTHING
-RETURNING document_id;
+-- params: $1 domain, $2 dossier, $3 sha256, $4 document id, $5 size, $6 content type (detected),
+--         $7 file name for Loop
+-- One statement: the document takes the content for the dossier and records its file, or, when
+-- another document holds that content, records its file only. Returns the holder (NULL when a
+-- concurrent transaction took it: read it again with dossier_content_holder).
+WITH claim AS (
+    INSERT INTO dossier_contents (cegid_domain, cegid_dossier, sha256, document_id)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (cegid_domain, cegid_dossier, sha256) DO NOTHING
+    RETURNING document_id
+), file AS (
+    UPDATE documents SET sha256 = $3, size_bytes = $5, content_type = $6, file_name = $7,
+           sending_at = now(), updated_at = now()
+    WHERE id = $4
+)
+SELECT coalesce(
+    (SELECT document_id FROM claim),
+    (SELECT document_id FROM dossier_contents
+     WHERE cegid_domain = $1 AND cegid_dossier = $2 AND sha256 = $3)
+);
 
 -- name: dossier_content_holder
 -- params: $1 domain, $2 dossier, $3 sha256
@@ -221,7 +229,13 @@ UPDATE uploads SET outcome = $2, http_status = $3, cegid_answer = $4, error = $5
 WHERE id = $1;
 
 -- name: mark_uploaded
--- params: $1 document id, $2 Cegid document id (when the answer has one), $3 worker
+-- params: $1 document id, $2 Cegid document id (when the answer has one), $3 worker,
+--         $4 upload id, $5 HTTP status, $6 Cegid's answer (jsonb)
+-- One statement (atomic): the attempt's outcome and the document's state.
+WITH attempt AS (
+    UPDATE uploads SET outcome = 'uploaded', http_status = $5, cegid_answer = $6, finished_at = now()
+    WHERE id = $4
+)
 UPDATE documents SET state = 'uploaded', reason = NULL, cegid_document_id = $2, uploaded_at = now(),
        claimed_by = NULL, updated_at = now()
 WHERE id = $1 AND state = 'uploading' AND claimed_by = $3;
@@ -264,6 +278,15 @@ RETURNING id;
 -- name: get_scheduled_run
 -- params: $1 day
 SELECT id, started_at, finished_at FROM runs WHERE kind = 'scheduled' AND scheduled_for = $1;
+
+-- name: try_scheduler_lock
+-- params: $1 lock namespace, $2 lock key
+-- Session-level: held for the whole scheduled run, released when the scheduler's connection dies.
+SELECT pg_try_advisory_lock($1, $2);
+
+-- name: scheduler_unlock
+-- params: $1 lock namespace, $2 lock key
+SELECT pg_advisory_unlock($1, $2);
 
 -- name: insert_manual_run
 -- params: (none)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import uuid
 import asyncpg
 import pytest
 
-from relay import config, connections, credentials, errors, models
+from relay import config, connections, credentials, crypto, errors, models
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import qonto as qonto_sandbox
 
@@ -181,3 +182,35 @@ async def test_command_line_add_list_show_and_documents(
     unknown = _relay(upstream_settings, "connections", "show", str(uuid.uuid4()))
     assert unknown.returncode == 2
     assert "no connection" in unknown.stderr
+
+
+async def test_subscribe_registers_webhooks_and_keeps_their_secrets(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """--subscribe: one Qonto subscription per topic, to the relay's HTTPS URL, secrets sealed."""
+    settings = dataclasses.replace(upstream_settings, public_url="https://relay.example.com")
+    created = await connections.add(settings, pool, _new(qonto, webhook_secrets=(), subscribe=True))
+    assert created.subscriptions == len(connections.WEBHOOK_TOPICS)
+    rows = await pool.fetch("SELECT qonto_subscription_id, topics FROM webhook_secrets")
+    assert sorted(r["topics"][0] for r in rows) == sorted(connections.WEBHOOK_TOPICS)
+    assert all(r["qonto_subscription_id"] for r in rows)
+    assert created.webhook_url.startswith("https://relay.example.com/webhooks/qonto/")
+
+
+async def test_oauth_connection_stores_the_rotated_refresh_token(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """Qonto rotates the refresh token at each refresh: the stored one is the new one."""
+    refresh = qonto.add_oauth_client("relay-app", "relay-app-secret")
+    settings = dataclasses.replace(
+        upstream_settings, qonto_client_id="relay-app",
+        qonto_client_secret=config.Secret("relay-app-secret"),
+    )
+    created = await connections.add(
+        settings, pool, _new(qonto, qonto=credentials.QontoOAuth(refresh_token=config.Secret(refresh)))
+    )
+    box = crypto.Box(settings.secret_key.reveal())
+    stored, _ = await credentials.load(pool, box, created.connection.id)
+    assert isinstance(stored, credentials.QontoOAuth)
+    assert stored.refresh_token.reveal() != refresh
+    assert stored.access_token is not None
