@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -120,6 +121,7 @@ async def scan_connection(
     since: dt.datetime | None,
     now: dt.datetime,
 ) -> ConnectionScan:
+    started = time.monotonic()
     result = ConnectionScan(connection.id)
     box = crypto.Box(settings.secret_key.reveal())
     qonto_creds, _ = await credentials.load(pool, box, connection.id)
@@ -177,6 +179,7 @@ async def scan_connection(
         seen=result.seen,
         new_documents=result.new_documents,
         errors=len(result.errors),
+        duration_ms=round((time.monotonic() - started) * 1000),
     )
     return result
 

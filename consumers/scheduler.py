@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
@@ -86,10 +87,15 @@ async def run_due(
                     run_id = existing["id"]
                     logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
                 logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
+                started = time.monotonic()
                 result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
                 await conn.execute(queries.get("finish_run"), run_id, result.to_json())
                 logger.info(
-                    "scheduled_run_finished", day=day.isoformat(), run=run_id, **result.totals()
+                    "scheduled_run_finished",
+                    day=day.isoformat(),
+                    run=run_id,
+                    duration_ms=round((time.monotonic() - started) * 1000),
+                    **result.totals(),
                 )
                 return True
             finally:

@@ -44,7 +44,13 @@ TokensRotated = Callable[[credentials.QontoCredentials], Awaitable[None]]
 
 
 class TooLarge(errors.Permanent):
-    """The attachment is bigger than Cegid Loop accepts (50 MB)."""
+    """The attachment is bigger than Cegid Loop accepts (50 MB); ``size`` is what had arrived."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            f"larger than {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB ({size} bytes received)"
+        )
+        self.size = size
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,7 +59,8 @@ class Attachment:
     file_name: str | None
     file_size: int | None
     content_type: str | None
-    url: str = dataclasses.field(repr=False)
+    url: str = dataclasses.field(repr=False)  # presigned: never logged, never stored
+    created_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,27 +75,44 @@ class Download:
 
 
 class RateLimiter:
-    """At most ``limit`` requests per sliding ``window`` seconds for this process."""
+    """At most ``limit`` requests per sliding ``window`` seconds, shared by one HttpClients bundle.
 
-    def __init__(self, limit: int = 900, window: float = LIMIT_WINDOW_S) -> None:
+    Qonto allows 1,000 requests per 10 s per IP; the default keeps headroom. ``clock`` and ``sleep``
+    are injectable so tests need not wait.
+    """
+
+    def __init__(
+        self,
+        limit: int = 900,
+        window: float = LIMIT_WINDOW_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("a rate limit needs limit >= 1 and window > 0")
         self._limit, self._window = limit, window
+        self._clock, self._sleep = clock, sleep
         self._sent: collections.deque[float] = collections.deque()
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
+        """Wait until one more request fits in the window, then count it."""
         async with self._lock:
             while True:
-                now = time.monotonic()
+                now = self._clock()
                 while self._sent and now - self._sent[0] >= self._window:
                     self._sent.popleft()
                 if len(self._sent) < self._limit:
                     self._sent.append(now)
                     return
-                await asyncio.sleep(self._window - (now - self._sent[0]))
+                await self._sleep(self._window - (now - self._sent[0]))
 
 
 @dataclasses.dataclass
 class HttpClients:
+    """The process's Qonto HTTP bundle: ``api`` (base URL, staging token), ``storage`` (bare)."""
+
     api: httpx.AsyncClient
     storage: httpx.AsyncClient
     limiter: RateLimiter
@@ -96,6 +120,7 @@ class HttpClients:
 
 @contextlib.asynccontextmanager
 async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
+    """Open the API and storage clients with explicit timeouts; close them on exit."""
     headers = {"Accept": "application/json", "User-Agent": "qonto-cegid-relay"}
     if settings.qonto_staging_token is not None:
         headers["X-Qonto-Staging-Token"] = settings.qonto_staging_token.reveal()
@@ -106,11 +131,11 @@ async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
         httpx.AsyncClient(
             base_url=settings.qonto_api_url,
             headers=headers,
-            timeout=httpx.Timeout(connect=5, read=30, write=30, pool=30),
+            timeout=httpx.Timeout(connect=5, read=30, write=30, pool=10),
             limits=limits,
         ) as api,
         httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5, read=60, write=30, pool=30),
+            timeout=httpx.Timeout(connect=5, read=60, write=30, pool=10),
             limits=limits,
             headers={"User-Agent": "qonto-cegid-relay"},
         ) as storage,
@@ -204,11 +229,17 @@ class QontoClient:
                     "Qonto refused the OAuth refresh token: the organization must reconnect"
                 )
             payload = self._json(response, "oauth token")
-            fresh = credentials.QontoOAuth(
-                refresh_token=config.Secret(str(payload["refresh_token"])),
-                access_token=config.Secret(str(payload["access_token"])),
-                expires_at=self._now() + dt.timedelta(seconds=int(payload.get("expires_in", 3600))),
-            )
+            try:
+                fresh = credentials.QontoOAuth(
+                    refresh_token=config.Secret(str(payload["refresh_token"])),
+                    access_token=config.Secret(str(payload["access_token"])),
+                    expires_at=self._now()
+                    + dt.timedelta(seconds=int(payload.get("expires_in", 3600))),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise errors.QontoProtocolError(
+                    "Qonto oauth token: answer without access_token/refresh_token/expires_in"
+                ) from exc
             self._creds = fresh
             logger.info("qonto_token_refreshed")
             if self._on_rotated is not None:
@@ -228,6 +259,8 @@ class QontoClient:
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}"
                 delay = backoff(attempt, None)
+            except httpx.HTTPError as exc:
+                raise errors.QontoProtocolError(f"Qonto {what}: {type(exc).__name__}") from exc
             else:
                 if response.status_code == 429:
                     last = "rate limited (429)"
@@ -272,13 +305,16 @@ class QontoClient:
             raise errors.QontoProtocolError(f"Qonto {what}: not a JSON object")
         return value
 
-    async def _get(self, path: str, what: str, params: Any = None) -> dict[str, Any]:
+    async def _get_response(self, path: str, what: str, params: Any = None) -> httpx.Response:
         async def call() -> httpx.Response:
             return await self._http.api.get(
                 path, params=params, headers={"Authorization": await self._authorization()}
             )
 
-        return self._json(await self._send(call, what), what)
+        return await self._send(call, what)
+
+    async def _get(self, path: str, what: str, params: Any = None) -> dict[str, Any]:
+        return self._json(await self._get_response(path, what, params), what)
 
     # ------------------------------------------------------------------------------ API
 
@@ -301,6 +337,11 @@ class QontoClient:
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise errors.QontoProtocolError("Qonto attachment: no download URL")
         size = item.get("file_size")
+        created = item.get("created_at")
+        try:
+            created_at = dt.datetime.fromisoformat(created) if isinstance(created, str) else None
+        except ValueError:
+            created_at = None
         return Attachment(
             id=attachment_id,
             file_name=item.get("file_name") if isinstance(item.get("file_name"), str) else None,
@@ -309,6 +350,7 @@ class QontoClient:
             if isinstance(item.get("file_content_type"), str)
             else None,
             url=url,
+            created_at=created_at,
         )
 
     @staticmethod
@@ -323,12 +365,12 @@ class QontoClient:
     ) -> AsyncIterator[dict[str, Any]]:
         page = 1
         while True:
-            try:
-                body = await self._get(path, what, {**params, "page": page, "per_page": PER_PAGE})
-            except errors.QontoProtocolError:
-                if page > 1:  # asking past the last page has been seen to answer 422
-                    return
-                raise
+            response = await self._get_response(
+                path, what, {**params, "page": page, "per_page": PER_PAGE}
+            )
+            if response.status_code == 422 and page > 1:
+                return  # asking past the last page has been seen to answer 422
+            body = self._json(response, what)
             items = body.get(key)
             if not isinstance(items, list):
                 raise errors.QontoProtocolError(f"Qonto {what}: answer without {key!r}")
@@ -397,7 +439,7 @@ class QontoClient:
                     yield item
 
     async def create_webhook_subscription(
-        self, callback_url: str, types: list[str], *, secret: str | None = None
+        self, callback_url: str, types: list[str], secret: str | None = None
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "callback_url": callback_url,
@@ -456,15 +498,15 @@ class QontoClient:
                     async for chunk in response.aiter_bytes(CHUNK):
                         size += len(chunk)
                         if size > models.MAX_UPLOAD_BYTES:
-                            raise TooLarge(
-                                f"larger than {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB"
-                            )
+                            raise TooLarge(size)
                         if len(head) < 16:
                             head = (head + chunk)[:16]
                         digest.update(chunk)
                         out.write(chunk)
         except httpx.TransportError as exc:
             return type(exc).__name__
+        except httpx.HTTPError as exc:
+            raise errors.QontoProtocolError(f"Qonto storage: {type(exc).__name__}") from exc
         return Download(
             attachment_id=attachment.id,
             path=dest,
@@ -483,5 +525,9 @@ def client(
     *,
     on_tokens_rotated: TokensRotated | None = None,
     sleep: Sleep = asyncio.sleep,
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> QontoClient:
-    return QontoClient(settings, creds, http, on_tokens_rotated=on_tokens_rotated, sleep=sleep)
+    """A client for one connection's credentials over the process's shared HTTP bundle."""
+    return QontoClient(
+        settings, creds, http, on_tokens_rotated=on_tokens_rotated, sleep=sleep, now=now
+    )

@@ -21,11 +21,11 @@ CEGID_KEY, CEGID_SECRET = "firm-key-0001", "firm-secret-0001"
 WEBHOOK_SECRET = "webhook-secret-do-not-leak-0123456789"
 
 
-def _new(qonto: qonto_sandbox.QontoSandbox, **overrides: object) -> connections.NewConnection:
-    login, _, secret = qonto.api_key_header.partition(":")
+def _new(sandbox: qonto_sandbox.QontoSandbox, **overrides: object) -> connections.NewConnection:
+    login, _, secret = sandbox.api_key_header.partition(":")
     values: dict[str, object] = {
         "client_name": "Acme",
-        "qonto_organization_id": qonto.organization_id,
+        "qonto_organization_id": sandbox.organization_id,
         "qonto": credentials.QontoApiKey(login=login, secret=config.Secret(secret)),
         "cegid": credentials.CegidCredentials(
             api_key=config.Secret(CEGID_KEY), api_secret=config.Secret(CEGID_SECRET)
@@ -203,11 +203,14 @@ async def test_oauth_connection_stores_the_rotated_refresh_token(
     """Qonto rotates the refresh token at each refresh: the stored one is the new one."""
     refresh = qonto.add_oauth_client("relay-app", "relay-app-secret")
     settings = dataclasses.replace(
-        upstream_settings, qonto_client_id="relay-app",
+        upstream_settings,
+        qonto_client_id="relay-app",
         qonto_client_secret=config.Secret("relay-app-secret"),
     )
     created = await connections.add(
-        settings, pool, _new(qonto, qonto=credentials.QontoOAuth(refresh_token=config.Secret(refresh)))
+        settings,
+        pool,
+        _new(qonto, qonto=credentials.QontoOAuth(refresh_token=config.Secret(refresh))),
     )
     box = crypto.Box(settings.secret_key.reveal())
     stored, _ = await credentials.load(pool, box, created.connection.id)

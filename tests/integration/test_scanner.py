@@ -67,6 +67,7 @@ async def test_more_than_a_page_of_transactions_is_walked_through_a_503(
     counts = await pool.fetchrow(
         "SELECT count(*) AS n, count(*) FILTER (WHERE state = 'pending') AS pending FROM documents"
     )
+    assert counts is not None
     assert (counts["n"], counts["pending"]) == (130, 130)
 
 
@@ -83,6 +84,7 @@ async def test_a_source_still_unavailable_keeps_its_watermark_while_the_others_a
     )
     result = await _scan(upstream_settings, pool)
     marks = await pool.fetchrow("SELECT * FROM connections WHERE id = $1", connection_id)
+    assert marks is not None
     assert marks["client_invoices_scanned_to"] is None
     assert marks["supplier_invoices_scanned_to"] is not None
     assert marks["transactions_scanned_to"] is not None

@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import pathlib
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -21,7 +21,10 @@ import pytest
 
 from relay import config, credentials, errors, models, qonto
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = (
+    Callable[[httpx.Request], httpx.Response]
+    | Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+)
 API_KEY = credentials.QontoApiKey(login="org-login", secret=config.Secret("org-secret-key"))
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 T1 = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
@@ -477,8 +480,11 @@ async def test_a_file_over_the_size_limit_stops_the_download(
 # ------------------------------------------------------------------------------------ OAuth
 
 
-def _oauth_handler(tokens: list[dict[str, list[str]]]) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
+def _oauth_handler(
+    tokens: list[dict[str, list[str]]],
+) -> Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)  # let the other calls run while this one waits for Qonto
         if request.url.host == "oauth.test":
             form = urllib.parse.parse_qs(request.content.decode())
             tokens.append(form)
