@@ -245,118 +245,126 @@ async def _download_and_upload(
         )
         return
     upload_id: int | None = None
-    direction = document.direction
-    async with ctx.firm(connection.cegid_key_fingerprint), ctx.uploads:
-        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
-            if run.refused:
-                await _finish(
-                    ctx,
-                    run,
-                    document,
-                    models.DocumentState.PENDING,
-                    f"waiting: {run.refused}",
-                    upload_id=upload_id,
-                    outcome="access_refused",
-                    release_content=True,
-                )
-                return
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        if run.refused:
+            await _finish(
+                ctx,
+                run,
+                document,
+                models.DocumentState.PENDING,
+                f"waiting: {run.refused}",
+                upload_id=upload_id,
+                outcome="access_refused",
+                release_content=True,
+            )
+            return
+        # The upload slots are held only while a request is out: bookkeeping and backoff
+        # happen outside them, so they stay busy (issue: >= 0.9 x C/L).
+        async with ctx.firm(connection.cegid_key_fingerprint), ctx.uploads:
             with db.translate("record attempt"):
                 upload_id = await ctx.pool.fetchval(
                     queries.get("start_upload"), document.id, ctx.worker
                 )
             try:
-                stored = await ctx.cegid.store_document(
+                stored: cegid.Stored | errors.RelayError = await ctx.cegid.store_document(
                     run.cegid_creds,
                     dossier=connection.cegid_dossier,
                     file_name=file_name,
-                    transaction=direction,
+                    transaction=document.direction,
                     content_type=kind.content_type,
                     path=path,
                     size=download.size,
                 )
-            except (errors.CegidUnavailable, errors.CegidRateLimited) as exc:
-                if attempt == UPLOAD_ATTEMPTS:
-                    await _finish(
-                        ctx,
-                        run,
-                        document,
-                        models.DocumentState.PENDING,
-                        f"Cegid Loop unavailable, retried next run ({exc})",
-                        upload_id=upload_id,
-                        outcome="retry",
-                        release_content=True,
-                    )
-                    return
-                await _transition(ctx, "finish_upload", upload_id, "retry", None, None, str(exc))
-                delay = _backoff(attempt, exc.retry_after)
-                logger.info(
-                    "upload_retry",
-                    document=document.id,
-                    attempt=attempt,
-                    delay_s=round(delay, 2),
-                    reason=str(exc),
-                )
-                await ctx.sleep(delay)
-                continue
-            except errors.CegidAccessRefused as exc:
-                run.refused = str(exc)
+            except (
+                errors.CegidUnavailable,
+                errors.CegidAccessRefused,
+                errors.CegidFileRejected,
+                errors.OutcomeUnknown,
+            ) as exc:
+                stored = exc
+        if isinstance(stored, errors.CegidUnavailable):  # includes CegidRateLimited
+            if attempt == UPLOAD_ATTEMPTS:
                 await _finish(
                     ctx,
                     run,
                     document,
                     models.DocumentState.PENDING,
-                    f"waiting: {exc}",
+                    f"Cegid Loop unavailable, retried next run ({stored})",
                     upload_id=upload_id,
-                    outcome="access_refused",
+                    outcome="retry",
                     release_content=True,
                 )
                 return
-            except errors.CegidFileRejected as exc:
-                await _finish(
-                    ctx,
-                    run,
-                    document,
-                    models.DocumentState.FAILED,
-                    str(exc),
-                    upload_id=upload_id,
-                    outcome="failed",
-                    http_status=exc.status,
-                    release_content=True,
-                )
-                return
-            except errors.OutcomeUnknown as exc:
-                await _finish(
-                    ctx,
-                    run,
-                    document,
-                    models.DocumentState.IN_DOUBT,
-                    IN_DOUBT_REASON.format(detail=exc, id=document.id),
-                    upload_id=upload_id,
-                    outcome="in_doubt",
-                )
-                return
-            with db.translate("document uploaded"):
-                await ctx.pool.execute(
-                    queries.get("mark_uploaded"),
-                    document.id,
-                    stored.document_id,
-                    ctx.worker,
-                    upload_id,
-                    stored.status,
-                    stored.body,
-                )
-                if not run.first_upload_recorded:
-                    await ctx.pool.execute(queries.get("set_first_upload"), connection.id)
-                    run.first_upload_recorded = True
-            run.report.uploaded += 1
+            await _transition(ctx, "finish_upload", upload_id, "retry", None, None, str(stored))
+            delay = _backoff(attempt, stored.retry_after)
             logger.info(
-                "document_uploaded",
+                "upload_retry",
                 document=document.id,
-                connection=str(connection.id),
-                cegid_document=stored.document_id,
-                size=download.size,
+                attempt=attempt,
+                delay_s=round(delay, 2),
+                reason=str(stored),
+            )
+            await ctx.sleep(delay)
+            continue
+        if isinstance(stored, errors.CegidAccessRefused):
+            run.refused = str(stored)
+            await _finish(
+                ctx,
+                run,
+                document,
+                models.DocumentState.PENDING,
+                f"waiting: {stored}",
+                upload_id=upload_id,
+                outcome="access_refused",
+                release_content=True,
             )
             return
+        if isinstance(stored, errors.CegidFileRejected):
+            await _finish(
+                ctx,
+                run,
+                document,
+                models.DocumentState.FAILED,
+                str(stored),
+                upload_id=upload_id,
+                outcome="failed",
+                http_status=stored.status,
+                release_content=True,
+            )
+            return
+        if isinstance(stored, errors.RelayError):  # OutcomeUnknown: sent, no answer
+            await _finish(
+                ctx,
+                run,
+                document,
+                models.DocumentState.IN_DOUBT,
+                IN_DOUBT_REASON.format(detail=stored, id=document.id),
+                upload_id=upload_id,
+                outcome="in_doubt",
+            )
+            return
+        with db.translate("document uploaded"):
+            await ctx.pool.execute(
+                queries.get("mark_uploaded"),
+                document.id,
+                stored.document_id,
+                ctx.worker,
+                upload_id,
+                stored.status,
+                stored.body,
+            )
+            if not run.first_upload_recorded:
+                await ctx.pool.execute(queries.get("set_first_upload"), connection.id)
+                run.first_upload_recorded = True
+        run.report.uploaded += 1
+        logger.info(
+            "document_uploaded",
+            document=document.id,
+            connection=str(connection.id),
+            cegid_document=stored.document_id,
+            size=download.size,
+        )
+        return
 
 
 # ------------------------------------------------------------------------------------ a connection
