@@ -20,13 +20,27 @@ import dataclasses
 import datetime as dt
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
 import aio_pika.abc
 import asyncpg
 
-from relay import amqp, config, credentials, crypto, db, errors, events, ingest, log, qonto, queries
+from relay import (
+    amqp,
+    config,
+    credentials,
+    crypto,
+    db,
+    errors,
+    events,
+    ingest,
+    log,
+    models,
+    qonto,
+    queries,
+)
 
 logger = log.get(__name__)
 
@@ -60,7 +74,15 @@ class Buffer:
         pool: asyncpg.Pool,
         publisher: amqp.Publisher,
         http: qonto.HttpClients,
+        *,
+        retry_delays: Sequence[int] = amqp.RETRY_DELAYS_S,
     ) -> None:
+        unknown = sorted(set(retry_delays) - set(amqp.RETRY_DELAYS_S))
+        if not retry_delays or unknown:
+            raise errors.ConfigurationError(
+                f"retry delays must be among the declared delay queues {amqp.RETRY_DELAYS_S}"
+            )
+        self._retry_delays = tuple(retry_delays)
         self._settings = settings
         self._pool = pool
         self._publisher = publisher
@@ -200,7 +222,11 @@ class Buffer:
                         when = item.snapshot.updated_at
                         superseded = when is not None and key in newest and when < newest[key]
                         if key in applied.stale or superseded:
-                            item.outcome = "stale"
+                            item.outcome = ingest.STALE
+                        elif item.snapshot.source is models.Source.CLIENT_INVOICE and not (
+                            item.snapshot.documents
+                        ):
+                            item.outcome = ingest.NOT_A_DOCUMENT  # a draft or canceled one
                     if item.outcome != "applied":
                         changed.append(item)
                 if changed:
@@ -243,11 +269,11 @@ class Buffer:
             await self._dead_letter(item, item.dead)
         elif item.retry is not None:
             attempt = _attempts(item.message) + 1
-            if attempt > len(amqp.RETRY_DELAYS_S):
+            if attempt > len(self._retry_delays):
                 item.dead = f"still failing after {attempt - 1} retries: {item.retry}"
                 await self._dead_letter(item, item.dead)
             else:
-                delay = amqp.retry_delay(attempt)
+                delay = self._retry_delays[attempt - 1]
                 headers = {
                     **_headers(item.message),
                     amqp.HEADER_ATTEMPTS: attempt,
@@ -311,8 +337,13 @@ async def consume(
     prefetch: int = 1024,
     batch_size: int = 256,
     batch_window_s: float = 0.02,
+    retry_delays: Sequence[int] = amqp.RETRY_DELAYS_S,
 ) -> None:
-    """Run until ``stop`` is set; the current batch is committed and acknowledged before leaving."""
+    """Run until ``stop`` is set; the current batch is committed and acknowledged before leaving.
+
+    ``retry_delays`` (seconds, each one of the declared delay queues) is the wait before each retry
+    of a message failing transiently; after the last one it is dead-lettered. Tests shorten it.
+    """
     stop = stop or asyncio.Event()
     async with (
         db.pool_for(settings, min_size=1, max_size=2) as pool,
@@ -325,7 +356,7 @@ async def consume(
             await channel.set_qos(prefetch_count=prefetch)
             queue = await channel.get_queue(settings.events_queue, ensure=False)
         publisher = await amqp.Publisher.open(conn, settings)
-        buffer = Buffer(settings, pool, publisher, http)
+        buffer = Buffer(settings, pool, publisher, http, retry_delays=retry_delays)
         inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
         tag = await queue.consume(inbox.put)
         logger.info("consume_started", queue=settings.events_queue)

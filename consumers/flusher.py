@@ -63,6 +63,8 @@ IN_DOUBT_REASON: Final = (
     "`relay documents resolve {id} --uploaded` or `--resend`"
 )
 DIED_REASON: Final = "the flush worker stopped during the upload"
+# Loop accepts deposits for a dossier it does not know and drops them silently: check it again daily.
+DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=24)
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -370,7 +372,26 @@ async def _download_and_upload(
 # ------------------------------------------------------------------------------------ a connection
 
 
+async def _check_dossier(ctx: Context, run: ConnectionRun) -> None:
+    """The periodic dossier check (a wrong or dissociated dossier code loses deposits silently)."""
+    connection = run.connection
+    checked = connection.dossier_checked_at
+    if checked is not None and ctx.cutoff - checked < DOSSIER_CHECK_EVERY:
+        return
+    try:
+        await ctx.cegid.check_dossier(run.cegid_creds, connection.cegid_dossier)
+    except errors.CegidAccessRefused as exc:
+        run.refused = f"Cegid: {exc}"
+        logger.warning("dossier_check_refused", connection=str(connection.id))
+        return
+    except errors.Retryable as exc:  # not conclusive: deposit anyway, check again next run
+        logger.info("dossier_check_unavailable", connection=str(connection.id), reason=str(exc))
+        return
+    await _transition(ctx, "set_dossier_checked", connection.id)
+
+
 async def _connection_loop(ctx: Context, run: ConnectionRun, window: int) -> None:
+    await _check_dossier(ctx, run)
     inflight: set[asyncio.Task[None]] = set()
     try:
         while True:
@@ -418,7 +439,7 @@ async def recover(pool: asyncpg.Pool) -> dict[str, int]:
         for worker in workers:
             async with pool.acquire() as conn:
                 alive = not await conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1, $2)", WORKER_LOCK_SPACE, worker
+                    queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker
                 )
                 if alive:
                     continue
@@ -453,9 +474,7 @@ async def recover(pool: asyncpg.Pool) -> dict[str, int]:
                                 )
                                 result["pending"] += 1
                 finally:
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock($1, $2)", WORKER_LOCK_SPACE, worker
-                    )
+                    await conn.execute(queries.get("worker_unlock"), WORKER_LOCK_SPACE, worker)
     if any(result.values()):
         logger.warning("flush_recovered", **result)
     return result
@@ -467,10 +486,14 @@ async def recover(pool: asyncpg.Pool) -> dict[str, int]:
 async def _worker_lease(pool: asyncpg.Pool) -> tuple[int, asyncpg.pool.PoolConnectionProxy]:
     """A worker id whose session-level advisory lock is held by a dedicated connection."""
     conn = await pool.acquire()
-    while True:
-        worker = secrets.randbelow(2**31 - 1) + 1
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", WORKER_LOCK_SPACE, worker):
-            return worker, conn
+    try:
+        while True:
+            worker = secrets.randbelow(2**31 - 1) + 1
+            if await conn.fetchval(queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker):
+                return worker, conn
+    except BaseException:
+        await pool.release(conn)
+        raise
 
 
 async def flush(
@@ -525,7 +548,7 @@ async def flush(
                 await _summarise(ctx, runs, run_report, since_previous)
     finally:
         with contextlib.suppress(Exception):
-            await lease.execute("SELECT pg_advisory_unlock($1, $2)", WORKER_LOCK_SPACE, worker)
+            await lease.execute(queries.get("worker_unlock"), WORKER_LOCK_SPACE, worker)
         await pool.release(lease)
     run_report.finished_at = dt.datetime.now(dt.UTC)
     if own_run:  # a scheduled run's row is finished by the scheduler

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
+import email.utils
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -36,13 +38,18 @@ class Stored:
 
 
 @contextlib.asynccontextmanager
-async def http_client(settings: config.Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def http_client(
+    settings: config.Settings, *, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The Cegid client's httpx client: base URL, subscription key, explicit timeouts.
+    ``transport`` is for tests (httpx.MockTransport)."""
     headers = {"User-Agent": "qonto-cegid-relay"}
     if settings.cegid_subscription_key is not None:
         headers["Ocp-Apim-Subscription-Key"] = settings.cegid_subscription_key.reveal()
     async with httpx.AsyncClient(
         base_url=settings.cegid_api_url,
         headers=headers,
+        transport=transport,
         timeout=httpx.Timeout(connect=5, read=60, write=60, pool=None),
         # httpcore scans its whole pool on every request: size it to the upload cap
         limits=httpx.Limits(
@@ -54,10 +61,21 @@ async def http_client(settings: config.Settings) -> AsyncIterator[httpx.AsyncCli
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return float(response.headers["retry-after"])
-    except (KeyError, ValueError):
+    """Retry-After in seconds, from either of its forms (delay-seconds or an HTTP date)."""
+    value = response.headers.get("retry-after")
+    if value is None:
         return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
 
 
 def _excerpt(response: httpx.Response) -> str:
@@ -84,7 +102,7 @@ class CegidClient:
                 params={"codeDossier": dossier, "take": 1},
                 headers={"x-apikey": creds.header()},
             )
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise errors.CegidUnavailable(f"Cegid Loop unreachable ({type(exc).__name__})") from exc
         if response.status_code in (401, 403):
             raise errors.CegidAccessRefused(
@@ -101,8 +119,8 @@ class CegidClient:
         data = body.get("data") if isinstance(body, dict) else body
         if response.status_code >= 300 or not data:
             raise errors.CegidAccessRefused(
-                f"dossier {dossier} was not found with this key (HTTP {response.status_code}): check the "
-                "code dossier in Loop"
+                f"Cegid: dossier {dossier} not found with this key (HTTP {response.status_code}): check the "
+                "code dossier in Loop and its association with the key in Loop Hub"
             )
 
     async def store_document(
@@ -143,7 +161,7 @@ class CegidClient:
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise errors.CegidUnavailable(f"Cegid Loop unreachable ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # transport errors, and an answer httpx could not decode
             if sent["all"]:
                 raise errors.OutcomeUnknown(
                     f"the file was sent but Cegid Loop did not answer ({type(exc).__name__})"

@@ -245,6 +245,15 @@ WHERE id = $1 AND state = 'uploading' AND claimed_by = $3;
 UPDATE connections SET first_upload_at = now(), updated_at = now()
 WHERE id = $1 AND first_upload_at IS NULL;
 
+-- name: try_worker_lock
+-- params: $1 lock namespace, $2 worker id
+-- Session-level: a flush worker holds it for its whole run; free means the worker is gone.
+SELECT pg_try_advisory_lock($1, $2);
+
+-- name: worker_unlock
+-- params: $1 lock namespace, $2 worker id
+SELECT pg_advisory_unlock($1, $2);
+
 -- name: uploading_workers
 -- params: (none)
 SELECT DISTINCT claimed_by FROM documents WHERE state = 'uploading' AND claimed_by IS NOT NULL;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config, connections, credentials, events, ingest
+from relay import config, connections, credentials, crypto, events, ingest, models, queries
 from relay.sandbox import files, signing
 from relay.sandbox import qonto as qonto_sandbox
 
@@ -46,6 +47,53 @@ async def connect(
         ),
     )
     return created.connection.id
+
+
+async def make_connection(
+    pool: asyncpg.Pool,
+    settings: config.Settings,
+    *,
+    webhook_secret: str | tuple[str, ...] = WEBHOOK_SECRET,
+    state: str = models.ConnectionState.ACTIVE,
+    organization_id: str = "org-test",
+    dossier: str = "ACME001",
+    client_name: str = "Acme",
+) -> uuid.UUID:
+    """A connection row written straight with SQL (no upstream check), with its webhook secret(s)."""
+    box = crypto.Box(settings.secret_key.reveal())
+    connection_id = uuid.uuid4()
+    secrets = (webhook_secret,) if isinstance(webhook_secret, str) else webhook_secret
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.fetchrow(
+            queries.get("insert_connection"),
+            connection_id,
+            client_name,
+            organization_id,
+            "api_key",
+            credentials.seal_qonto(
+                box, credentials.QontoApiKey(login="login", secret=config.Secret("secret"))
+            ),
+            credentials.seal_cegid(
+                box,
+                credentials.CegidCredentials(
+                    api_key=config.Secret(FIRM_KEY), api_secret=config.Secret(FIRM_SECRET)
+                ),
+            ),
+            crypto.fingerprint(FIRM_KEY),
+            dossier,
+            "CABINET",
+            dt.datetime.now(dt.UTC),
+            None,
+        )
+        for secret in secrets:
+            await conn.fetchval(
+                queries.get("insert_webhook_secret"), connection_id, box.seal(secret), None, []
+            )
+        if state != models.ConnectionState.ACTIVE:
+            await conn.fetchrow(
+                queries.get("set_connection_state"), connection_id, str(state), "set by a test"
+            )
+    return connection_id
 
 
 def receipt(

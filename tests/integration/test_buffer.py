@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from consumers import buffer
-from relay import amqp, config, dlq, models
+from relay import amqp, config, connections, dlq, errors, models
 from relay import qonto as qonto_client
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
@@ -203,14 +203,17 @@ async def test_client_invoices_paid_or_unpaid_are_sales_drafts_are_nothing(
     await _publish(
         publisher, connection_id, qonto.client_invoice_event(paid, with_attachment_id=False)
     )
-    await _publish(
-        publisher, connection_id, qonto.client_invoice_event(draft, with_attachment_id=True)
-    )
+    draft_event = qonto.client_invoice_event(draft, with_attachment_id=True)
+    await _publish(publisher, connection_id, draft_event)
     await _wait_count(pool, "SELECT count(*) FROM events", 2)
     rows = await pool.fetch("SELECT qonto_attachment_id, direction, source FROM documents")
     assert [(r["qonto_attachment_id"], r["direction"], r["source"]) for r in rows] == [
         (pdf, "SALE", "client_invoice")
     ]
+    outcome = await pool.fetchval(
+        "SELECT outcome FROM events WHERE event_id = $1", draft_event["id"]
+    )
+    assert outcome == "not_a_document"
 
 
 async def test_unusable_messages_go_to_the_dead_letter_queue_with_a_reason(
@@ -347,3 +350,96 @@ async def test_a_consumer_killed_mid_stream_loses_nothing(
     assert await _count(pool, "SELECT count(*) FROM events") == 1500
     assert await _count(pool, "SELECT count(DISTINCT qonto_attachment_id) FROM documents") == 1500
     assert await _count(pool, "SELECT count(*) FROM documents") == 1500
+
+
+async def test_events_for_a_disconnected_connection_are_recorded_not_applied(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """A disconnected connection's events are recorded as connection_inactive: no documents."""
+    await connections.disconnect(pool, connection_id)
+    tx, _ = factories.receipt(qonto)
+    event = qonto.transaction_event(tx)
+    await _publish(publisher, connection_id, event)
+    await _wait_count(pool, "SELECT count(*) FROM events", 1)
+    outcome = await pool.fetchval("SELECT outcome FROM events WHERE event_id = $1", event["id"])
+    assert outcome == "connection_inactive"
+    assert await _count(pool, "SELECT count(*) FROM documents") == 0
+
+
+async def test_a_client_invoice_deleted_in_qonto_is_recorded_as_not_found(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+) -> None:
+    """The re-fetch of a client invoice answers 404: event recorded invoice_not_found, no document."""
+    event = {
+        "id": "evt-gone",
+        "type": "v1/client-invoices",
+        "created_at": "2026-11-23T10:00:00Z",
+        "data": {"id": str(uuid.uuid4()), "status": "paid", "number": "F-1"},
+    }
+    await _publish(publisher, connection_id, event)
+    await _wait_count(pool, "SELECT count(*) FROM events", 1)
+    assert await pool.fetchval("SELECT outcome FROM events") == "invoice_not_found"
+    assert await _count(pool, "SELECT count(*) FROM documents") == 0
+
+
+async def test_qonto_unavailable_during_a_re_fetch_retries_the_event_later(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """Qonto rate-limits every try of the re-fetch: the event waits in the delay queue, then lands."""
+    pdf = qonto.add_attachment(files.pdf(seed=6), file_name="F.pdf", content_type="application/pdf")
+    invoice = qonto.add_client_invoice(attachment_id=pdf, status="unpaid", total="50.00")
+    path = f"/v2/client_invoices/{invoice['id']}"
+    qonto.faults.fail_next(path, 429, count=qonto_client.MAX_ATTEMPTS, retry_after=0)
+    await _publish(publisher, connection_id, qonto.client_invoice_event(invoice))
+    await _wait_count(pool, "SELECT count(*) FROM documents", 1)
+    fetches = [r for r in list(qonto.requests) if r[1] == path]
+    assert len(fetches) == qonto_client.MAX_ATTEMPTS + 1  # one failed event, one retry
+    assert await pool.fetchval("SELECT qonto_attachment_id FROM documents") == pdf
+    assert await pool.fetchval("SELECT outcome FROM events") == "applied"
+
+
+async def test_an_event_failing_on_every_retry_is_dead_lettered_with_the_last_reason(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """Qonto down for good: one try per delay, then the DLQ with the reason; nothing recorded."""
+    pdf = qonto.add_attachment(files.pdf(seed=7), file_name="G.pdf", content_type="application/pdf")
+    invoice = qonto.add_client_invoice(attachment_id=pdf, status="paid", total="70.00")
+    path = f"/v2/client_invoices/{invoice['id']}"
+    qonto.faults.fail_next(path, 429, count=1000, retry_after=0)
+    event = qonto.client_invoice_event(invoice)
+    await _publish(publisher, connection_id, event)
+    stop = asyncio.Event()
+    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop, retry_delays=(1, 1)))
+    try:
+        [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    assert letter.event_id == event["id"]
+    assert letter.reason.startswith("still failing after 2 retries: Qonto")
+    assert letter.body == orjson.dumps(event)
+    fetches = [r for r in list(qonto.requests) if r[1] == path]
+    assert len(fetches) == 3 * qonto_client.MAX_ATTEMPTS  # the first try and two retries, no more
+    assert await _count(pool, "SELECT count(*) FROM events") == 0
+
+
+def test_retry_delays_must_be_declared_delay_queues(unit_settings: config.Settings) -> None:
+    """A retry delay without its delay queue is refused at start (the message would be lost)."""
+    with pytest.raises(errors.ConfigurationError):
+        buffer.Buffer(unit_settings, None, None, None, retry_delays=(2,))  # type: ignore[arg-type]

@@ -149,6 +149,29 @@ async def test_transient_faults_are_retried_within_the_run(
     assert [r["outcome"] for r in outcomes] == ["retry", "retry", "uploaded"]
 
 
+async def test_cegid_retry_after_is_waited_before_the_next_try(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """429 with Retry-After: the flush waits what Loop asked for, then stores the file once."""
+    attachment = await _seed(pool, qonto, connection_id)
+    loop.faults.retry_after = "2.5"
+    loop.faults.push("429")
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        await asyncio.sleep(0)
+
+    await flusher.flush(upstream_settings, pool, sleep=record)
+    assert waits == [2.5]
+    assert (await _document(pool, attachment))["state"] == "uploaded"
+    assert len(loop.stored) == 1
+
+
 async def test_cegid_down_for_the_whole_run_leaves_documents_pending_with_the_reason(
     upstream_settings: config.Settings,
     pool: asyncpg.Pool,
@@ -195,11 +218,12 @@ async def test_refused_access_flags_the_connection_and_others_continue(
     assert by_connection[(connection_id, fine)] == "pending"
     assert by_connection[(other_id, fine)] == "uploaded"
     assert by_connection[(other_id, refused)] == "uploaded"
-    state, reason = await pool.fetchrow(
+    flagged_row = await pool.fetchrow(
         "SELECT state, state_reason FROM connections WHERE id = $1", connection_id
     )
-    assert state == "needs_attention"
-    assert "Loop Hub" in reason
+    assert flagged_row is not None
+    assert flagged_row["state"] == "needs_attention"
+    assert "Loop Hub" in flagged_row["state_reason"]
     flagged = next(c for c in result.connections if c.connection_id == connection_id)
     assert flagged.attention is not None
 
@@ -324,3 +348,64 @@ async def test_concurrent_flushes_share_documents_and_send_each_once(
     assert len(loop.stored) == 40
     assert set((await factories.states(pool)).values()) == {"uploaded"}
     assert len(attachments) == 40
+
+
+async def test_a_dossier_loop_does_not_know_is_caught_by_the_daily_check_with_the_advice(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Loop takes deposits for an unknown dossier and drops them; a day later the check flags it."""
+    await _seed(pool, qonto, connection_id, seed=1)
+    loop.add_firm(factories.FIRM_KEY, factories.FIRM_SECRET, dossiers=[])  # dissociated in Loop Hub
+    first = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert first.connections[0].uploaded == 1  # accepted, and silently lost: nothing can tell yet
+    assert (len(loop.lost), first.connections[0].warnings) == (1, [])
+    await pool.execute(
+        "UPDATE connections SET created_at = now() - interval '25 hours', "
+        "dossier_checked_at = now() - interval '25 hours', "
+        "first_upload_at = now() - interval '25 hours' WHERE id = $1",
+        connection_id,
+    )
+    waiting = await _seed(pool, qonto, connection_id, seed=2)
+    later = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert (await _document(pool, waiting))["state"] == "pending"
+    assert len(loop.lost) == 1
+    report = later.connections[0]
+    assert report.state == "needs_attention"
+    assert report.attention is not None
+    assert "Loop Hub" in report.attention
+    [warning] = report.warnings
+    assert "has not appeared in Loop 24 hours after setup: disconnect and reconnect" in warning
+    assert "WARNING: the client's folder has not appeared" in later.render()
+    assert later.exit_code == 1
+
+
+async def test_a_dossier_checked_within_a_day_is_not_checked_again(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """One dossier check a day at most: a fresh check (at setup) means no GET /journal at flush."""
+    await _seed(pool, qonto, connection_id)
+    checked_before = await pool.fetchval(
+        "SELECT dossier_checked_at FROM connections WHERE id = $1", connection_id
+    )
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    assert checked_before == await pool.fetchval(
+        "SELECT dossier_checked_at FROM connections WHERE id = $1", connection_id
+    )
+    await pool.execute(
+        "UPDATE connections SET dossier_checked_at = now() - interval '25 hours' WHERE id = $1",
+        connection_id,
+    )
+    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    rechecked = await pool.fetchval(
+        "SELECT dossier_checked_at FROM connections WHERE id = $1", connection_id
+    )
+    assert rechecked > checked_before
+    assert len(loop.stored) == 1

@@ -1,4 +1,4 @@
-"""The two HTTP boundaries, faked at the HTTP level with httpx.MockTransport."""
+"""The Qonto boundary, faked at the HTTP level with httpx.MockTransport (Cegid: test_cegid.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from relay import cegid, config, credentials, errors, qonto
+from relay import config, credentials, errors, qonto
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -135,120 +135,3 @@ async def test_oauth_refreshes_before_expiry_and_hands_over_the_rotated_token() 
     assert (await _qonto(settings, handler, creds, rotated).get_membership())["role"] == "owner"
     assert isinstance(rotated[0], credentials.QontoOAuth)
     assert rotated[0].refresh_token.reveal() == "new-refresh"
-
-
-def _cegid(handler: Handler) -> cegid.CegidClient:
-    http = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="https://cegid.test")
-    return cegid.CegidClient(config.Settings(secret_key=config.Secret("k")), http)
-
-
-CREDS = credentials.CegidCredentials(
-    api_key=config.Secret("key"), api_secret=config.Secret("secret")
-)
-
-
-@pytest.mark.parametrize(
-    ("status", "error"),
-    [
-        (429, errors.CegidRateLimited),
-        (503, errors.CegidUnavailable),
-        (401, errors.CegidAccessRefused),
-        (403, errors.CegidAccessRefused),
-        (400, errors.CegidFileRejected),
-        (413, errors.CegidFileRejected),
-        (415, errors.CegidFileRejected),
-    ],
-)
-async def test_store_document_classifies_every_answer(
-    status: int, error: type[Exception], tmp_path: pathlib.Path
-) -> None:
-    """Retry, flag the connection, or fail the file: decided from the status."""
-    path = tmp_path / "f"
-    path.write_bytes(b"%PDF-1.7")
-    client = _cegid(lambda request: httpx.Response(status, json={"message": "no"}))
-    with pytest.raises(error):
-        await client.store_document(
-            CREDS,
-            dossier="D",
-            file_name="f.pdf",
-            transaction="PURCHASE",
-            content_type="application/pdf",
-            path=path,
-            size=8,
-        )
-
-
-async def test_store_document_sends_raw_bytes_with_both_headers(tmp_path: pathlib.Path) -> None:
-    """The file's bytes, its type, the dossier as context, x-apikey as key:secret."""
-    path = tmp_path / "f"
-    path.write_bytes(b"\xff\xd8\xffjpeg")
-    seen: dict[str, object] = {}
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.update(
-            body=request.read(),
-            type=request.headers["content-type"],
-            key=request.headers["x-apikey"],
-            params=dict(request.url.params),
-        )
-        return httpx.Response(200, json={"id": "doc-1"})
-
-    stored = await _cegid(handler).store_document(
-        CREDS,
-        dossier="ACME001",
-        file_name="a.jpg",
-        transaction="SALE",
-        content_type="image/jpeg",
-        path=path,
-        size=7,
-    )
-    assert stored.document_id == "doc-1"
-    assert seen["body"] == b"\xff\xd8\xffjpeg"
-    assert (seen["type"], seen["key"]) == ("image/jpeg", "key:secret")
-    assert seen["params"] == {
-        "context": "ACME001",
-        "filename": "a.jpg",
-        "transaction": "SALE",
-        "uploadMode": "API",
-    }
-
-
-async def test_no_answer_after_the_body_is_outcome_unknown(tmp_path: pathlib.Path) -> None:
-    """The body went out, the answer did not come: the outcome is unknown, never 'retry'."""
-    path = tmp_path / "f"
-    path.write_bytes(b"%PDF-1.7")
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        request.read()
-        raise httpx.ReadTimeout("no answer", request=request)
-
-    with pytest.raises(errors.OutcomeUnknown):
-        await _cegid(handler).store_document(
-            CREDS,
-            dossier="D",
-            file_name="f.pdf",
-            transaction="PURCHASE",
-            content_type="application/pdf",
-            path=path,
-            size=8,
-        )
-
-
-async def test_refused_connection_is_retryable(tmp_path: pathlib.Path) -> None:
-    """Nothing was sent: Loop did not keep the file."""
-    path = tmp_path / "f"
-    path.write_bytes(b"%PDF-1.7")
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    with pytest.raises(errors.CegidUnavailable):
-        await _cegid(handler).store_document(
-            CREDS,
-            dossier="D",
-            file_name="f.pdf",
-            transaction="PURCHASE",
-            content_type="application/pdf",
-            path=path,
-            size=8,
-        )

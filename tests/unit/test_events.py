@@ -99,6 +99,64 @@ def test_unusable_messages_are_invalid_events(body: bytes) -> None:
 
 
 def test_consent_revocation_needs_no_resource_id() -> None:
+    """The documented consent revocation parses: its data is kept as sent, no resource id needed."""
     event = events.parse(fixture_bytes("webhook-consent-revocation.json"))
     assert event.kind is events.Kind.CONSENT_REVOCATION
     assert orjson.loads(fixture_bytes("webhook-consent-revocation.json"))["data"] == event.data
+
+
+@pytest.mark.parametrize(
+    "topic", ["v2/transactions", "v3/client-invoices", "v0/consent-revocations"]
+)
+def test_a_used_topic_in_an_unknown_version_is_invalid(topic: str) -> None:
+    """A version of a used topic this relay does not know is dead-lettered, for replay later."""
+    with pytest.raises(errors.InvalidEvent, match="unknown version"):
+        events.classify(topic)
+
+
+def test_an_unused_topic_needs_no_data() -> None:
+    """A topic the relay does not use is an event to record even without a data object."""
+    event = events.parse(b'{"id": "e", "type": "v1/cards", "organization_id": "o"}')
+    assert (event.kind, event.data, event.organization_id) == (events.Kind.IGNORED, {}, "o")
+
+
+@pytest.mark.parametrize(
+    ("amount", "expected"),
+    [
+        (84, ("84.00", None)),
+        (84.5, ("84.50", None)),
+        (" 84.5 ", ("84.5", None)),
+        ({"value": "84.00", "currency": "USD"}, ("84.00", "USD")),
+        (None, (None, None)),
+        (True, (None, None)),
+    ],
+)
+def test_amounts_as_numbers_strings_or_objects(amount: object, expected: tuple[str, ...]) -> None:
+    """Amounts parse from numbers, strings or {value, currency} objects; nonsense is no amount."""
+    tx = {"id": "t", "side": "debit", "amount": amount, "attachment_ids": ["a"]}
+    [document] = events.transaction_snapshot(tx).documents
+    assert (document.amount, document.currency) == expected
+
+
+@pytest.mark.parametrize(
+    "account", [{"bank_account_id": "b"}, {"bank_account": {"id": "b", "iban": "FR76..."}}, {}]
+)
+def test_the_bank_account_shape_does_not_matter(account: dict[str, object]) -> None:
+    """bank_account_id, a bank_account object or neither: the event parses the same."""
+    body = {
+        "id": "e",
+        "type": "v1/transactions",
+        "data": {"id": "t", "side": "debit", "attachment_ids": ["a"], **account},
+    }
+    event = events.parse(orjson.dumps(body))
+    assert [d.attachment_id for d in events.transaction_snapshot(event.data).documents] == ["a"]
+
+
+def test_a_snapshot_without_updated_at_takes_the_envelope_time() -> None:
+    """Transactions without updated_at are ordered by the event's created_at."""
+    event = events.parse(
+        b'{"id": "e", "type": "v1/transactions", "created_at": "2026-11-23T09:41:07Z",'
+        b' "data": {"id": "t", "attachment_ids": []}}'
+    )
+    snapshot = events.transaction_snapshot(event.data, fallback=event.created_at)
+    assert snapshot.updated_at == dt.datetime(2026, 11, 23, 9, 41, 7, tzinfo=dt.UTC)

@@ -20,6 +20,11 @@ from relay.sandbox import files
         (files.heic(), "HEIC image", False),
         (files.gif(), "GIF image", False),
         (b"PK\x03\x04rest", "ZIP archive or Office document", False),
+        (b"\x00\x00\x00\x18ftypmif1\x00\x00", "HEIC image", False),
+        (b"\x00\x00\x00\x1cftypavif\x00\x00", "AVIF image", False),
+        (b"II*\x00\x08\x00\x00\x00", "TIFF image", False),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "WEBP image", False),
+        (b" %PDF-1.7 leading space", "unknown type", False),
         (b"", "empty file", False),
         (b"hello world, plain text", "unknown type", False),
     ],
@@ -79,3 +84,29 @@ def test_long_names_keep_the_unique_tail() -> None:
     name = naming.file_name(_document(counterparty="X" * 300, amount="1" * 40), "pdf")
     assert len(name) <= naming.MAX_LENGTH
     assert name.endswith("3e9a7c51-0d2b-4f8e-a6c4-1b5d7e9f0a23.pdf")
+
+
+@pytest.mark.parametrize(
+    ("source", "label"),
+    [
+        ("transaction", "_receipt_"),
+        ("supplier_invoice", "_supplier-invoice_"),
+        ("client_invoice", "_client-invoice_"),
+    ],
+)
+def test_name_says_where_the_file_comes_from(source: str, label: str) -> None:
+    """Receipt, supplier invoice or client invoice: readable in Loop's inbox."""
+    assert label in naming.file_name(_document(source=source), "pdf")
+
+
+def test_amount_keeps_its_decimals_and_loses_its_sign() -> None:
+    """A decimal comma becomes a dot, a debit's minus sign is dropped, the currency upper case."""
+    name = naming.file_name(_document(amount="-84,50", currency="eur"), "pdf")
+    assert "_84.50EUR_" in name
+
+
+def test_extension_comes_from_the_detected_type() -> None:
+    """The extension given (from the bytes), never the one in Qonto's file name."""
+    name = naming.file_name(_document(qonto_file_name="scan.heic"), "jpg")
+    assert name.endswith(".jpg")
+    assert "heic" not in name
