@@ -1,7 +1,7 @@
 """The HTTP edge as a Starlette application: webhook intake, health, metrics and the admin API.
 
 The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache) and puts them
-on ``app.state``: ``settings``, ``pool``, ``amqp``, ``publisher``, ``secrets``, ``metrics``.
+on ``app.state``: ``settings``, ``box``, ``pool``, ``amqp``, ``publisher``, ``secrets``, ``metrics``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from relay import admin, amqp, config, db, errors, log, metrics, queries, webhook
+from relay import admin, amqp, config, crypto, db, errors, log, metrics, queries, webhook
 
 logger = log.get(__name__)
 
@@ -52,15 +52,15 @@ async def metrics_endpoint(request: Request) -> Response:
         totals: dict[str, int] = {}
         for record in records:
             totals[record["state"]] = totals.get(record["state"], 0) + record["n"]
-        for state_name in ("pending", "uploading", "uploaded", "skipped", "failed", "in_doubt"):
-            stats.documents.labels(state_name).set(totals.get(state_name, 0))
-    return Response(stats.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        stats.set_documents(totals)
+    return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 def create_app(settings: config.Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
+        app.state.box = crypto.Box(settings.secret_key.reveal())
         app.state.metrics = metrics.create()
         async with db.pool_for(settings, min_size=1, max_size=4) as pool:
             app.state.pool = pool

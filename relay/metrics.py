@@ -11,6 +11,11 @@ import dataclasses
 
 import prometheus_client as prom
 
+from relay import models
+
+CONTENT_TYPE = prom.CONTENT_TYPE_LATEST
+DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
+
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
@@ -18,12 +23,28 @@ class Metrics:
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
     documents: prom.Gauge
+    uploads: prom.Counter
+
+    def webhook(self, outcome: str, seconds: float) -> None:
+        """One webhook answered: its outcome (queued, bad_signature, ...) and its duration."""
+        self.webhooks.labels(outcome).inc()
+        self.webhook_seconds.observe(seconds)
+
+    def upload(self, outcome: str) -> None:
+        """One upload attempt to Cegid Loop finished (uploaded, failed, in_doubt, retried...)."""
+        self.uploads.labels(outcome).inc()
+
+    def set_documents(self, counts: dict[str, int]) -> None:
+        """Documents by state (every state present, zero when none); ``in_doubt`` needs an operator."""
+        for state in DOCUMENT_STATES:
+            self.documents.labels(state).set(counts.get(state, 0))
 
     def render(self) -> bytes:
         return prom.generate_latest(self.registry)
 
 
 def create() -> Metrics:
+    """A fresh registry with every metric the relay records (one per application)."""
     registry = prom.CollectorRegistry()
     return Metrics(
         registry=registry,
@@ -40,6 +61,12 @@ def create() -> Metrics:
             "relay_documents",
             "Documents by state (in_doubt needs an operator)",
             ["state"],
+            registry=registry,
+        ),
+        uploads=prom.Counter(
+            "relay_uploads",
+            "Upload attempts to Cegid Loop, by outcome",
+            ["outcome"],
             registry=registry,
         ),
     )

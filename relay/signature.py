@@ -32,7 +32,7 @@ def parse(header: str) -> tuple[int, list[str]]:
         if not sep:
             raise Rejected("malformed signature")
         if key == "t":
-            if not value.isdigit() or len(value) > 12:
+            if not (value.isascii() and value.isdigit()) or len(value) > 12:
                 raise Rejected("malformed signature")
             timestamp = int(value)
         elif key == "v1":

@@ -43,15 +43,18 @@ class SecretCache:
         self._box = crypto.Box(settings.secret_key.reveal())
         self._known: dict[uuid.UUID, tuple[str, ...]] = {}
         self._unknown: OrderedDict[uuid.UUID, float] = OrderedDict()
+        self._pending: dict[uuid.UUID, asyncio.Future[tuple[str, ...]]] = {}
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
-        self.lookups = 0
-        self.reloads = 0
+        self.lookups = 0  # single-id lookups in PostgreSQL (unknown ids)
+        self.reloads = 0  # full reloads
+        self.listens = 0  # LISTEN connections opened
 
     async def start(self) -> None:
-        await self.reload()
+        """Listen first, then load: a change committed in between is not missed."""
         await self._listen()
+        await self.reload()
         self._tasks.append(asyncio.create_task(self._refresher(), name="secret-cache-refresh"))
 
     async def close(self) -> None:
@@ -85,6 +88,8 @@ class SecretCache:
         except errors.DatabaseUnavailable:
             self._listener = None
             logger.warning("secret_cache_listen_failed")
+            return
+        self.listens += 1
 
     def _notified(self, *_: object) -> None:
         self._changed.set()
@@ -94,22 +99,30 @@ class SecretCache:
         self._changed.set()
 
     async def _refresher(self) -> None:
-        """Reload on NOTIFY, or every minute; re-listen with backoff if the listener was lost."""
+        """Reload on NOTIFY, or every minute; re-listen with backoff while the listener is lost.
+
+        Whatever fails, the last known cache keeps serving.
+        """
         backoff = 1.0
         while True:
+            timeout = REFRESH_S if self._listener is not None else backoff
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=REFRESH_S)
+                await asyncio.wait_for(self._changed.wait(), timeout=timeout)
             self._changed.clear()
             try:
                 if self._listener is None:
                     await self._listen()
                 await self.reload()
-                backoff = 1.0
-            except errors.DatabaseUnavailable:
-                logger.warning("secret_cache_reload_failed", retry_in_s=backoff)
-                await asyncio.sleep(backoff)
+            except Exception as exc:  # the cache must outlive any failure
                 backoff = min(backoff * 2, 30.0)
+                logger.warning(
+                    "secret_cache_reload_failed", error=type(exc).__name__, retry_in_s=backoff
+                )
+                await asyncio.sleep(backoff)
                 self._changed.set()
+            else:
+                # still no listener: the next attempt waits longer (reloads keep the cache fresh)
+                backoff = 1.0 if self._listener is not None else min(backoff * 2, 30.0)
 
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         """The connection's secrets; empty when it is unknown, disconnected or revoked."""
@@ -120,6 +133,15 @@ class SecretCache:
         until = self._unknown.get(connection_id)
         if until is not None and until > now:
             return ()
+        # Concurrent requests for the same unknown id share one lookup.
+        pending = self._pending.get(connection_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(connection_id))
+            self._pending[connection_id] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(connection_id, None))
+        return await asyncio.shield(pending)
+
+    async def _look_up(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         self.lookups += 1
         with db.translate("look up connection"):
             records = await self._pool.fetch(queries.get("intake_secrets_one"), connection_id)
@@ -127,7 +149,7 @@ class SecretCache:
             value = tuple(self._box.open(bytes(r["secret"])) for r in records)
             self._known[connection_id] = value
             return value
-        self._unknown[connection_id] = now + UNKNOWN_TTL_S
+        self._unknown[connection_id] = time.monotonic() + UNKNOWN_TTL_S
         self._unknown.move_to_end(connection_id)
         while len(self._unknown) > UNKNOWN_MAX:
             self._unknown.popitem(last=False)
@@ -163,6 +185,15 @@ async def _read_body(request: Request) -> bytes:
 
 
 async def receive(request: Request) -> Response:
+    """The endpoint; a last-resort catch-all turns an unexpected error into a logged 503."""
+    try:
+        return await _receive(request)
+    except Exception:
+        logger.exception("webhook_failed", connection=request.path_params["connection_id"][:64])
+        return _answer(503, {"error": "temporarily unavailable, retry later"}, {"Retry-After": "5"})
+
+
+async def _receive(request: Request) -> Response:
     started = time.perf_counter()
     state = request.app.state
     cache: SecretCache = state.secrets
@@ -172,8 +203,7 @@ async def receive(request: Request) -> Response:
 
     def done(outcome: str, status: int, payload: dict[str, object], **context: object) -> Response:
         elapsed = time.perf_counter() - started
-        stats.webhooks.labels(outcome).inc()
-        stats.webhook_seconds.observe(elapsed)
+        stats.webhook(outcome, elapsed)
         event = "webhook_accepted" if status == 202 else "webhook_rejected"
         logger.info(
             event,

@@ -18,7 +18,6 @@ import uvicorn
 from starlette.applications import Starlette
 
 from relay import amqp, app, config, crypto
-from relay.sandbox import qonto as qonto_sandbox
 from relay.sandbox import signing
 from tests.integration import factories
 
@@ -30,10 +29,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-async def intake(upstream_settings: config.Settings) -> AsyncIterator[tuple[str, Starlette]]:
-    """`relay serve`'s application on a real socket: (base URL, app)."""
+async def connection_id(settings: config.Settings, pool: asyncpg.Pool) -> uuid.UUID:
+    return await factories.make_connection(pool, settings)
+
+
+@pytest.fixture
+async def intake(
+    settings: config.Settings, connection_id: uuid.UUID
+) -> AsyncIterator[tuple[str, Starlette]]:
+    """`relay serve`'s application on a real socket, started after the test's connection exists.
+
+    (Created later, its NOTIFY would trigger a reload that a test could mistake for its own.)
+    """
     port = _free_port()
-    application = app.create_app(upstream_settings)
+    application = app.create_app(settings)
     server = uvicorn.Server(
         uvicorn.Config(application, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
@@ -48,13 +57,6 @@ async def intake(upstream_settings: config.Settings) -> AsyncIterator[tuple[str,
     finally:
         server.should_exit = True
         await task
-
-
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
 
 
 async def _queued(
@@ -89,7 +91,7 @@ def _event(event_id: str | None = None) -> dict[str, object]:
 
 
 async def test_signed_event_is_queued_then_accepted(
-    intake: tuple[str, Starlette], connection_id: uuid.UUID, upstream_settings: config.Settings
+    intake: tuple[str, Starlette], connection_id: uuid.UUID, settings: config.Settings
 ) -> None:
     """202 comes after the confirm; the queue holds the raw body with the connection and event id."""
     url, _ = intake
@@ -101,11 +103,13 @@ async def test_signed_event_is_queued_then_accepted(
         )
     assert response.status_code == 202
     assert response.json() == {"status": "queued", "event_id": "evt-1"}
-    [message] = await _queued(upstream_settings, upstream_settings.events_queue, 1)
+    [message] = await _queued(settings, settings.events_queue, 1)
     assert message.body == body
     assert message.message_id == "evt-1"
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert (message.headers or {})[amqp.HEADER_CONNECTION] == str(connection_id)
+    headers_seen = message.headers or {}
+    assert headers_seen[amqp.HEADER_CONNECTION] == str(connection_id)
+    assert isinstance(headers_seen[amqp.HEADER_RECEIVED_AT], int)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +124,7 @@ async def test_signed_event_is_queued_then_accepted(
 async def test_bad_signatures_are_refused(
     intake: tuple[str, Starlette],
     connection_id: uuid.UUID,
-    upstream_settings: config.Settings,
+    settings: config.Settings,
     case: str,
     status: int,
     reason: str,
@@ -141,7 +145,7 @@ async def test_bad_signatures_are_refused(
         )
     assert response.status_code == status
     assert response.json()["error"] == reason
-    assert await _queued(upstream_settings, upstream_settings.events_queue, 0) == []
+    assert await _queued(settings, settings.events_queue, 0) == []
 
 
 @pytest.mark.parametrize(
@@ -196,17 +200,22 @@ async def test_unknown_and_disconnected_connections_are_404(
 async def test_unknown_ids_are_looked_up_once_then_cached(
     intake: tuple[str, Starlette], connection_id: uuid.UUID
 ) -> None:
-    """A flood of requests for an unknown id queries PostgreSQL once."""
+    """A flood of requests for an unknown id, concurrent then sequential, queries PostgreSQL once."""
     url, application = intake
     body, headers = factories.signed(_event())
     unknown = uuid.uuid4()
     before = application.state.secrets.lookups
     async with httpx.AsyncClient() as client:
-        for _ in range(20):
+
+        async def post() -> int:
             response = await client.post(
                 f"{url}/webhooks/qonto/{unknown}", content=body, headers=headers
             )
-            assert response.status_code == 404
+            return response.status_code
+
+        concurrent = await asyncio.gather(*(post() for _ in range(20)))
+        sequential = [await post() for _ in range(20)]
+    assert set(concurrent) == set(sequential) == {404}
     assert application.state.secrets.lookups - before == 1
 
 
@@ -228,13 +237,13 @@ async def test_a_secret_added_later_is_picked_up_without_restart(
     intake: tuple[str, Starlette],
     connection_id: uuid.UUID,
     pool: asyncpg.Pool,
-    upstream_settings: config.Settings,
+    settings: config.Settings,
 ) -> None:
     """Rotation: a new secret stored in PostgreSQL is accepted at once (LISTEN/NOTIFY)."""
     url, application = intake
     new_secret = "rotated-secret-0123456789abcdefgh"
     reloads = application.state.secrets.reloads
-    box = crypto.Box(upstream_settings.secret_key.reveal())
+    box = crypto.Box(settings.secret_key.reveal())
     await pool.execute(
         "INSERT INTO webhook_secrets (connection_id, secret) VALUES ($1, $2)",
         connection_id,
@@ -311,3 +320,78 @@ async def test_admin_api_requires_the_bearer_token(
     assert [c["id"] for c in listed.json()] == [str(connection_id)]
     assert documents.status_code == 400
     assert "unknown state" in documents.json()["error"]
+
+
+@pytest.mark.parametrize("state", ["disconnected", "revoked"])
+async def test_stopped_connections_are_404_from_the_start(
+    settings: config.Settings, pool: asyncpg.Pool, state: str
+) -> None:
+    """A connection disconnected or revoked before the intake started is not in the cache: 404."""
+    stopped = await factories.make_connection(pool, settings, state=state)
+    live = await factories.make_connection(pool, settings)
+    application = app.create_app(settings)
+    body, headers = factories.signed(_event())
+    transport = httpx.ASGITransport(app=application)
+    async with (
+        application.router.lifespan_context(application),
+        httpx.AsyncClient(transport=transport, base_url="http://intake") as client,
+    ):
+        refused = await client.post(f"/webhooks/qonto/{stopped}", content=body, headers=headers)
+        accepted = await client.post(f"/webhooks/qonto/{live}", content=body, headers=headers)
+    assert refused.status_code == 404
+    assert accepted.status_code == 202
+
+
+async def test_a_streamed_body_over_one_mebibyte_is_413(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID, settings: config.Settings
+) -> None:
+    """Without Content-Length (chunked upload), the size is counted while reading: 413, not queued."""
+    url, _ = intake
+    chunk = b"x" * 65536
+
+    async def stream() -> AsyncIterator[bytes]:
+        for _ in range(17):  # 17 x 64 KiB = 1 MiB + 64 KiB
+            yield chunk
+
+    headers = {"x-qonto-signature": signing.sign(chunk * 17, factories.WEBHOOK_SECRET)}
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=stream(), headers=headers
+        )
+    assert response.status_code == 413
+    assert await _queued(settings, settings.events_queue, 0) == []
+
+
+async def test_the_cache_listens_again_after_losing_its_database_connection(
+    intake: tuple[str, Starlette],
+    connection_id: uuid.UUID,
+    pool: asyncpg.Pool,
+    settings: config.Settings,
+) -> None:
+    """When PostgreSQL drops the LISTEN connection, the cache reconnects and still sees new secrets."""
+    url, application = intake
+    cache = application.state.secrets
+    listens, reloads = cache.listens, cache.reloads
+    killed = await pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+    )
+    assert killed == 1
+    # Re-listening is followed by a full reload; only after it can a reload come from a NOTIFY alone.
+    await factories.until(
+        lambda: cache.listens > listens and cache.reloads > reloads, what="LISTEN again"
+    )
+    reloads = cache.reloads
+    new_secret = "secret-after-reconnect-0123456789"
+    await pool.execute(
+        "INSERT INTO webhook_secrets (connection_id, secret) VALUES ($1, $2)",
+        connection_id,
+        crypto.Box(settings.secret_key.reveal()).seal(new_secret),
+    )
+    await factories.until(lambda: cache.reloads > reloads, what="cache reload after NOTIFY")
+    body, headers = factories.signed(_event(), new_secret)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"{url}/webhooks/qonto/{connection_id}", content=body, headers=headers
+        )
+    assert response.status_code == 202
