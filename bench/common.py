@@ -210,7 +210,9 @@ class Figure:
         text = f"{self.name:44} {self.value:12.1f} {self.unit}"
         if self.ceiling is not None:
             text += f"   ceiling ({self.ceiling_name}) {self.ceiling:.1f}   ratio {self.ratio:.2f}"
-        if self.target is not None:
+        if self.target is not None and self.met is None:
+            text += f"   ({self.target})"
+        elif self.target is not None:
             text += f"   target {self.target}: {'met' if self.met else 'MISSED'}"
         return text
 

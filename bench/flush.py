@@ -10,6 +10,7 @@ finished), so process start-up and the scan are not counted against it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import threading
@@ -160,20 +161,43 @@ async def run_throughput() -> list[common.Figure]:
                 "doc/s",
                 ceiling=ideal,
                 ceiling_name="C/L",
-                target=">= 0.9 x C/L" if target else "report",
+                target=">= 0.9 x C/L" if target else "report where the CPU limits",
                 met=(rate >= 0.9 * ideal) if target else None,
                 detail=result,
             )
         )
-    documented = await _run(16, 600, 20 * 1024, LATENCY_S)
+        # The flush is one event loop: one core is its ceiling. Near 1.0 the relay's own CPU is
+        # the limit, well below it the wait is elsewhere (Cegid's latency, the sandboxes, the disk).
+        figures.append(
+            common.Figure(
+                f"flush: relay CPU, C={concurrency}",
+                result["relay_cpu_s"] / result["wall_s"],
+                "cores",
+                ceiling=1.0,
+                ceiling_name="one event loop",
+                detail={"cpu_ms_per_document": 1000 * result["relay_cpu_s"] / DOCUMENTS},
+            )
+        )
+    # Under Qonto's documented limit the relay keeps to its budget B = 900 requests per sliding
+    # 10 s: B at once, then B more every 10 s. One attachment-URL request per document, so N
+    # documents need at least 10 s x floor((N - 1) / B) (the scan's few requests aside).
+    budget = next(
+        int(field.default)
+        for field in dataclasses.fields(common.config.Settings)
+        if field.name == "qonto_requests_per_10s"
+    )
+    documented = await _run(16, DOCUMENTS, 20 * 1024, LATENCY_S)
     figures.append(
         common.Figure(
             "flush: documents/s, C=16, Qonto's documented limit",
-            600 / documented["window_s"],
+            DOCUMENTS / documented["window_s"],
             "doc/s",
-            ceiling=90.0,
-            ceiling_name="900 Qonto requests / 10 s",
-            detail={**documented, "note": "one attachment-URL request per document"},
+            ceiling=DOCUMENTS / (10.0 * ((DOCUMENTS - 1) // budget)),
+            ceiling_name=f"{budget} Qonto requests / sliding 10 s",
+            detail={
+                **documented,
+                "note": "one attachment-URL request per document; 90 doc/s in the long run",
+            },
         )
     )
     return figures
