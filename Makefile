@@ -57,6 +57,7 @@ chaos: $(STAMP) services
 		$(BIN)/python -m pytest -q -s -m chaos -p no:cacheprovider tests/integration/test_chaos.py
 
 bench: $(STAMP) services
+	bench/ensure-wrk
 	$(BIN)/python -m bench
 
 clean:
