@@ -23,7 +23,7 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from relay import config, credentials, errors, log
+from relay import config, credentials, errors, log, network
 
 logger = log.get(__name__)
 
@@ -46,16 +46,16 @@ async def http_client(
     headers = {"User-Agent": "qonto-cegid-relay"}
     if settings.cegid_subscription_key is not None:
         headers["Ocp-Apim-Subscription-Key"] = settings.cegid_subscription_key.reveal()
+    # httpcore scans its whole pool on every request: size it to the upload cap
+    limits = httpx.Limits(
+        max_connections=settings.upload_concurrency + 4,
+        max_keepalive_connections=settings.upload_concurrency + 4,
+    )
     async with httpx.AsyncClient(
         base_url=settings.cegid_api_url,
         headers=headers,
-        transport=transport,
+        transport=transport or network.transport(limits),
         timeout=httpx.Timeout(connect=5, read=60, write=60, pool=None),
-        # httpcore scans its whole pool on every request: size it to the upload cap
-        limits=httpx.Limits(
-            max_connections=settings.upload_concurrency + 4,
-            max_keepalive_connections=settings.upload_concurrency + 4,
-        ),
     ) as client:
         yield client
 

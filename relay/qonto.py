@@ -27,7 +27,7 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from relay import config, credentials, errors, log, models
+from relay import config, credentials, errors, log, models, network
 
 logger = log.get(__name__)
 
@@ -132,11 +132,11 @@ async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
             base_url=settings.qonto_api_url,
             headers=headers,
             timeout=httpx.Timeout(connect=5, read=30, write=30, pool=10),
-            limits=limits,
+            transport=network.transport(limits),
         ) as api,
         httpx.AsyncClient(
             timeout=httpx.Timeout(connect=5, read=60, write=30, pool=10),
-            limits=limits,
+            transport=network.transport(limits),
             headers={"User-Agent": "qonto-cegid-relay"},
         ) as storage,
     ):
