@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import hashlib
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -115,14 +116,25 @@ def _plan_day(
     return planned, events
 
 
-def _start(settings: config.Settings, *args: str) -> subprocess.Popen[bytes]:
+def _start(
+    settings: config.Settings, *args: str, output: pathlib.Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A relay process; with ``output``, its stdout and stderr go to ``output``.out / .err."""
     env = {**os.environ, **factories.environment(settings)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    if output is None:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    with (
+        output.with_suffix(".out").open("wb") as out,
+        output.with_suffix(".err").open("wb") as err,
+    ):
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay", *args], env=env, stdout=out, stderr=err
+        )
 
 
 async def _wait_exit(process: subprocess.Popen[bytes], within_s: float) -> int | None:
@@ -184,6 +196,7 @@ async def test_exactly_once_under_faults(
     qonto: qonto_sandbox.QontoSandbox,
     loop: cegid_sandbox.CegidSandbox,
     amqp_connection: Any,
+    tmp_path: pathlib.Path,
 ) -> None:
     """Random faults and SIGKILLs: 0 duplicates in Loop, 0 lost, in doubt bounded by ambiguity."""
     rng = random.Random(seed)
@@ -210,8 +223,13 @@ async def test_exactly_once_under_faults(
     await _flush_with_crashes(rng, settings, tally)
     qonto.faults.random_plan(seed, 0.0)
     loop.faults.random_plan(seed, 0.0)
-    final = _start(settings, "flush", "--now")
-    assert await _wait_exit(final, 120) is not None
+    output = tmp_path / "final-flush"
+    final = _start(settings, "flush", "--now", "--json", output=output)
+    code = await _wait_exit(final, 120)
+    stderr = output.with_suffix(".err").read_text(errors="replace")[-4000:]
+    assert code in (0, 1), f"the last flush did not finish (exit {code}):\n{stderr}"
+    report = orjson.loads(output.with_suffix(".out").read_bytes())  # it ran to its report
+    assert report["connections"], stderr
 
     rows = await pool.fetch("SELECT qonto_attachment_id, state, reason, sha256 FROM documents")
     docs = {r["qonto_attachment_id"]: r for r in rows}
@@ -226,7 +244,11 @@ async def test_exactly_once_under_faults(
             assert (doc["state"], doc["reason"]) == ("skipped", "unsupported type: HEIC image")
         elif item.kind == "deleted_404":
             doc = docs[item.attachment_id]
-            assert (doc["state"], doc["reason"]) == ("skipped", models.SKIP_DELETED)
+            assert (doc["state"], doc["reason"]) == ("skipped", models.SKIP_DELETED), (
+                dict(doc),
+                report,
+                stderr,
+            )
         else:  # deleted_event: never a document, or one skipped as deleted
             doc = docs.get(item.attachment_id)
             assert doc is None or (doc["state"], doc["reason"]) == ("skipped", models.SKIP_DELETED)
