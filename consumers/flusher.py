@@ -9,7 +9,15 @@ against a duplicate in the accountant's inbox:
 - a document left ``uploading`` by a dead worker becomes ``in_doubt`` if its attempt row exists (the
   request may have gone out) and ``pending`` if not (it provably never left); a worker is dead when
   the PostgreSQL advisory lock it holds for the whole flush is free;
-- a request fully sent without an answer is ``in_doubt`` and is never re-sent without an operator.
+- a request fully sent without an answer is ``in_doubt`` and is never re-sent without an operator;
+- the attempt row is written only while the worker still holds the document, under the same row
+  lock a recovery takes, so a worker taken for dead cannot send a document someone else recovered;
+- content is deduplicated per dossier against a copy that is in Loop, in doubt or being sent; a
+  copy that never reached Loop (pending, skipped, failed) gives the content up to the next one.
+
+One document's error (the database gone for a moment, a bug) stops that document only: it stays
+``uploading`` under this worker and is settled at the end of the run like a dead worker's. One
+connection's error stops that connection only; the others go on.
 
 Documents are claimed with ``FOR UPDATE SKIP LOCKED``, so several flush processes share a night.
 Uploads are capped globally (``RELAY_UPLOAD_CONCURRENCY``) and per firm
@@ -29,7 +37,7 @@ import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import asyncpg
@@ -63,6 +71,11 @@ IN_DOUBT_REASON: Final = (
     "`relay documents resolve {id} --uploaded` or `--resend`"
 )
 DIED_REASON: Final = "the flush worker stopped during the upload"
+DIED_UNSENT_REASON: Final = "the previous flush stopped before sending it"
+ERROR_SENT_REASON: Final = "an error stopped the flush before the outcome was recorded"
+ERROR_UNSENT_REASON: Final = "an error stopped the flush before sending it, retried next run"
+CLAIM_BATCH: Final = 16
+CEGID_REASON: Final = "Cegid: "  # prefix of a Cegid refusal's reason (the daily check may clear it)
 # Loop accepts deposits for a dossier it does not know and drops them silently: check it again daily.
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=24)
 
@@ -82,11 +95,21 @@ class Context:
     uploads: asyncio.Semaphore
     firms: dict[str, asyncio.Semaphore]
     cutoff: dt.datetime
+    # documents in hand (downloading, waiting for an upload slot, uploading), all connections
+    # together: bounds temporary files and Qonto downloads whatever the number of connections
+    slots: asyncio.Semaphore
+    contents: dict[tuple[str, str, str], _Turn] = dataclasses.field(default_factory=dict)
 
     def firm(self, fingerprint: str) -> asyncio.Semaphore:
         if fingerprint not in self.firms:
             self.firms[fingerprint] = asyncio.Semaphore(self.settings.upload_concurrency_per_firm)
         return self.firms[fingerprint]
+
+
+@dataclasses.dataclass
+class _Turn:
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclasses.dataclass
@@ -129,9 +152,11 @@ async def _finish(
     """One transaction: the document's new state, its attempt's outcome, the dossier's content."""
     with db.translate("finish document"):
         async with ctx.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            status = await conn.execute(
                 queries.get("finish_document"), document.id, state, reason, ctx.worker
             )
+            if status == "UPDATE 0":
+                _lost_hold(document, str(state))
             if upload_id is not None:
                 await conn.execute(
                     queries.get("finish_upload"), upload_id, outcome, http_status, answer, reason
@@ -156,6 +181,16 @@ async def _finish(
     )
 
 
+def _lost_hold(document: models.Document, state: str) -> None:
+    """This worker no longer held the document (a recovery settled it): its state is left alone."""
+    logger.warning(
+        "document_transition_lost",
+        document=document.id,
+        connection=str(document.connection_id),
+        state=state,
+    )
+
+
 def _reason_key(reason: str | None) -> str:
     """Group reasons in the report without the per-document details."""
     text = reason or "unknown"
@@ -169,7 +204,17 @@ async def _process(ctx: Context, run: ConnectionRun, document: models.Document) 
     path = ctx.tmpdir / f"{document.id}-{secrets.token_hex(4)}"
     try:
         await _download_and_upload(ctx, run, document, path)
+    except Exception as exc:  # one document's error must not stop the others
+        # it stays uploading under this worker: settled at the end of the run (_settle)
+        logger.error(
+            "document_error",
+            document=document.id,
+            connection=str(document.connection_id),
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=not isinstance(exc, errors.RelayError),
+        )
     finally:
+        ctx.slots.release()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -217,10 +262,39 @@ async def _download_and_upload(
             f"{models.SKIP_UNSUPPORTED}: {kind.name}",
         )
         return
+    key = (run.connection.cegid_domain, run.connection.cegid_dossier, download.sha256)
+    async with _content_turn(ctx, key):
+        await _deposit(ctx, run, document, path, download, kind)
+
+
+@contextlib.asynccontextmanager
+async def _content_turn(ctx: Context, key: tuple[str, str, str]) -> AsyncIterator[None]:
+    """One document at a time per dossier and content in this process: a second copy waits for
+    the first one's outcome (in Loop: a duplicate; refused: it may go) instead of a next run."""
+    turn = ctx.contents.setdefault(key, _Turn())
+    turn.users += 1
+    try:
+        async with turn.lock:
+            yield
+    finally:
+        turn.users -= 1
+        if not turn.users:
+            del ctx.contents[key]
+
+
+async def _deposit(
+    ctx: Context,
+    run: ConnectionRun,
+    document: models.Document,
+    path: pathlib.Path,
+    download: qonto.Download,
+    kind: filetype.Kind,
+) -> None:
+    """Claim the content for the dossier, then POST it to Loop and record the outcome."""
     file_name = naming.file_name(document, kind.extension)
     connection = run.connection
     with db.translate("start upload"):
-        holder = await ctx.pool.fetchval(
+        holder = await ctx.pool.fetchrow(
             queries.get("claim_dossier_content"),
             connection.cegid_domain,
             connection.cegid_dossier,
@@ -231,20 +305,33 @@ async def _download_and_upload(
             file_name,
         )
         if holder is None:  # taken by a concurrent transaction, committed by now
-            holder = await ctx.pool.fetchval(
+            holder = await ctx.pool.fetchrow(
                 queries.get("dossier_content_holder"),
                 connection.cegid_domain,
                 connection.cegid_dossier,
                 download.sha256,
             )
-    if holder != document.id:
-        await _finish(
-            ctx,
-            run,
-            document,
-            models.DocumentState.SKIPPED,
-            f"{models.SKIP_DUPLICATE}: document {holder} has the same content",
-        )
+    if holder is None or holder["id"] != document.id:
+        if holder is not None and holder["state"] in (
+            models.DocumentState.UPLOADED,
+            models.DocumentState.IN_DOUBT,
+        ):
+            await _finish(
+                ctx,
+                run,
+                document,
+                models.DocumentState.SKIPPED,
+                f"{models.SKIP_DUPLICATE}: document {holder['id']} has the same content",
+            )
+        else:  # the other copy is being sent now: whether it lands decides, next run
+            other = f"document {holder['id']}" if holder is not None else "another document"
+            await _finish(
+                ctx,
+                run,
+                document,
+                models.DocumentState.PENDING,
+                f"waiting: {other} with the same content is being sent, retried next run",
+            )
         return
     upload_id: int | None = None
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
@@ -267,6 +354,9 @@ async def _download_and_upload(
                 upload_id = await ctx.pool.fetchval(
                     queries.get("start_upload"), document.id, ctx.worker
                 )
+            if upload_id is None:  # a recovery took it from this worker: not ours to send
+                _lost_hold(document, "uploading")
+                return
             try:
                 stored: cegid.Stored | errors.RelayError = await ctx.cegid.store_document(
                     run.cegid_creds,
@@ -309,13 +399,14 @@ async def _download_and_upload(
             await ctx.sleep(delay)
             continue
         if isinstance(stored, errors.CegidAccessRefused):
-            run.refused = str(stored)
+            # the prefix lets the daily dossier check clear the flag once access is back
+            run.refused = f"{CEGID_REASON}{stored}"
             await _finish(
                 ctx,
                 run,
                 document,
                 models.DocumentState.PENDING,
-                f"waiting: {stored}",
+                f"waiting: {run.refused}",
                 upload_id=upload_id,
                 outcome="access_refused",
                 release_content=True,
@@ -346,7 +437,7 @@ async def _download_and_upload(
             )
             return
         with db.translate("document uploaded"):
-            await ctx.pool.execute(
+            status = await ctx.pool.execute(
                 queries.get("mark_uploaded"),
                 document.id,
                 stored.document_id,
@@ -355,6 +446,8 @@ async def _download_and_upload(
                 stored.status,
                 stored.body,
             )
+            if status == "UPDATE 0":
+                _lost_hold(document, "uploaded")
             if not run.first_upload_recorded:
                 await ctx.pool.execute(queries.get("set_first_upload"), connection.id)
                 run.first_upload_recorded = True
@@ -381,7 +474,7 @@ async def _check_dossier(ctx: Context, run: ConnectionRun) -> None:
     try:
         await ctx.cegid.check_dossier(run.cegid_creds, connection.cegid_dossier)
     except errors.CegidAccessRefused as exc:
-        run.refused = f"Cegid: {exc}"
+        run.refused = f"{CEGID_REASON}{exc}"
         logger.warning("dossier_check_refused", connection=str(connection.id))
         return
     except errors.Retryable as exc:  # not conclusive: deposit anyway, check again next run
@@ -390,45 +483,92 @@ async def _check_dossier(ctx: Context, run: ConnectionRun) -> None:
     await _transition(ctx, "set_dossier_checked", connection.id)
 
 
-async def _connection_loop(ctx: Context, run: ConnectionRun, window: int) -> None:
-    await _check_dossier(ctx, run)
+async def _connection_loop(ctx: Context, run: ConnectionRun) -> None:
+    """Claim this connection's pending documents as slots free up, until none is left (or access
+    is refused). An error here stops this connection only; documents in hand finish first."""
     inflight: set[asyncio.Task[None]] = set()
     try:
-        while True:
-            if not run.refused and len(inflight) < window:
+        await _check_dossier(ctx, run)
+        while not run.refused:
+            await ctx.slots.acquire()
+            wanted = 1
+            while wanted < CLAIM_BATCH and not ctx.slots.locked():
+                await ctx.slots.acquire()  # free: returns at once
+                wanted += 1
+            records: list[asyncpg.Record] = []
+            try:
                 with db.translate("claim documents"):
                     records = await ctx.pool.fetch(
                         queries.get("claim_documents"),
                         run.connection.id,
                         ctx.worker,
-                        window - len(inflight),
+                        wanted,
                         ctx.cutoff,
                     )
-                for record in records:
-                    task = asyncio.create_task(
-                        _process(ctx, run, models.Document.from_record(record))
-                    )
-                    inflight.add(task)
-                if not records and not inflight:
-                    break
-            if not inflight:
+            finally:
+                for _ in range(wanted - len(records)):
+                    ctx.slots.release()
+            for record in records:  # each task releases its slot
+                task = asyncio.create_task(_process(ctx, run, models.Document.from_record(record)))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            if not records:
                 break
-            done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
-    finally:
+    except asyncio.CancelledError:
         for task in inflight:
             task.cancel()
+        raise
+    except Exception as exc:  # the other connections go on; this one is retried next run
+        logger.error(
+            "connection_flush_failed",
+            connection=str(run.connection.id),
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=not isinstance(exc, errors.RelayError),
+        )
+        run.report.attention = (
+            f"the flush stopped for this connection ({exc}); its documents wait for the next run"
+        )
+    finally:
         if inflight:
             await asyncio.gather(*inflight, return_exceptions=True)
     if run.refused:
         run.report.attention = run.refused
-        await connections.set_state(
+        await connections.flag(
             ctx.pool, run.connection.id, models.ConnectionState.NEEDS_ATTENTION, run.refused
         )
 
 
 # ------------------------------------------------------------------------------------ recovery
+
+
+async def _settle(
+    conn: asyncpg.pool.PoolConnectionProxy, worker: int, *, sent: str, unsent: str
+) -> list[tuple[uuid.UUID, models.DocumentState, str]]:
+    """In the caller's transaction: the documents ``worker`` left uploading become in doubt when
+    an attempt may have gone out (``sent`` says why), pending with reason ``unsent`` when provably
+    not. Returns (connection, state, reason) for each."""
+    records = await conn.fetch(queries.get("orphaned_documents"), worker)
+    held = {r["id"]: r["connection_id"] for r in records}
+    if not held:
+        return []
+    attempts = {
+        r["document_id"]: r["upload_id"]
+        for r in await conn.fetch(queries.get("orphaned_attempts"), list(held))
+    }
+    settled = []
+    for document_id, connection_id in held.items():
+        upload_id = attempts.get(document_id)
+        if upload_id is not None:
+            state = models.DocumentState.IN_DOUBT
+            reason = IN_DOUBT_REASON.format(detail=sent, id=document_id)
+            await conn.execute(
+                queries.get("finish_upload"), upload_id, "in_doubt", None, None, sent
+            )
+        else:
+            state, reason = models.DocumentState.PENDING, unsent
+        await conn.execute(queries.get("finish_document"), document_id, state, reason, worker)
+        settled.append((connection_id, state, reason))
+    return settled
 
 
 async def recover(pool: asyncpg.Pool) -> dict[str, int]:
@@ -445,39 +585,38 @@ async def recover(pool: asyncpg.Pool) -> dict[str, int]:
                     continue
                 try:
                     async with conn.transaction():
-                        for record in await conn.fetch(queries.get("orphaned_documents"), worker):
-                            if record["upload_id"] is not None:
-                                reason = IN_DOUBT_REASON.format(detail=DIED_REASON, id=record["id"])
-                                await conn.execute(
-                                    queries.get("finish_document"),
-                                    record["id"],
-                                    models.DocumentState.IN_DOUBT,
-                                    reason,
-                                    worker,
-                                )
-                                await conn.execute(
-                                    queries.get("finish_upload"),
-                                    record["upload_id"],
-                                    "in_doubt",
-                                    None,
-                                    None,
-                                    DIED_REASON,
-                                )
-                                result["in_doubt"] += 1
-                            else:
-                                await conn.execute(
-                                    queries.get("finish_document"),
-                                    record["id"],
-                                    models.DocumentState.PENDING,
-                                    "the previous flush stopped before sending it",
-                                    worker,
-                                )
-                                result["pending"] += 1
+                        for _, state, _ in await _settle(
+                            conn, worker, sent=DIED_REASON, unsent=DIED_UNSENT_REASON
+                        ):
+                            result[str(state)] += 1
                 finally:
                     await conn.execute(queries.get("worker_unlock"), WORKER_LOCK_SPACE, worker)
     if any(result.values()):
         logger.warning("flush_recovered", **result)
     return result
+
+
+async def _settle_own(ctx: Context, runs: list[ConnectionRun]) -> None:
+    """End of run: what this worker still holds (documents whose processing hit an error) is
+    settled now, into the report; if the database is gone, the next run's recovery does it."""
+    try:
+        with db.translate("settle"):
+            async with ctx.pool.acquire() as conn, conn.transaction():
+                settled = await _settle(
+                    conn, ctx.worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT_REASON
+                )
+    except errors.DatabaseUnavailable as exc:
+        logger.warning("flush_settle_deferred", reason=str(exc))
+        return
+    by_connection = {r.connection.id: r for r in runs}
+    for connection_id, state, reason in settled:
+        run = by_connection.get(connection_id)
+        if run is None:
+            continue
+        if state == models.DocumentState.IN_DOUBT:
+            run.report.in_doubt += 1
+        else:
+            run.report.pending[_reason_key(reason)] += 1
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -507,7 +646,16 @@ async def flush(
     sleep: Sleep = asyncio.sleep,
     now: dt.datetime | None = None,
 ) -> report.RunReport:
-    """Recover, scan Qonto, then upload every pending document; returns the run's report."""
+    """Recover, scan Qonto, then upload every pending document; returns the run's report.
+
+    ``connection_id``: that connection only (NotFound when there is none, Refused when it is
+    disconnected or revoked)."""
+    if connection_id is not None:
+        only = await connections.get(pool, connection_id)
+        if only.state in (models.ConnectionState.DISCONNECTED, models.ConnectionState.REVOKED):
+            raise errors.Refused(
+                f"connection {connection_id} is {only.state}: reconnect it before flushing it"
+            )
     started = dt.datetime.now(dt.UTC)
     clock = time.perf_counter()
     run_report = report.RunReport(kind=run_kind, started_at=started)
@@ -539,12 +687,13 @@ async def flush(
                     uploads=asyncio.Semaphore(settings.upload_concurrency),
                     firms={},
                     cutoff=await pool.fetchval(queries.get("database_now")),
+                    slots=asyncio.Semaphore(max(4, settings.upload_concurrency * 2)),
                 )
                 runs = await _prepare(ctx, scan, connection_id)
-                window = max(4, settings.upload_concurrency * 2)
                 await asyncio.gather(
-                    *(_connection_loop(ctx, r, window) for r in runs if r.report.state == "active")
+                    *(_connection_loop(ctx, r) for r in runs if r.report.state == "active")
                 )
+                await _settle_own(ctx, runs)
                 await _summarise(ctx, runs, run_report, since_previous)
     finally:
         with contextlib.suppress(Exception):

@@ -43,7 +43,7 @@ logger = log.get(__name__)
 LOCK: Final = (0x52454C59 + 1, 1)  # advisory lock of the scheduler (namespace, key)
 POLL_S: Final = 60.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
-CEGID_REASON: Final = "Cegid: "  # prefix of the reasons the dossier check sets (and may clear)
+CEGID_REASON: Final = flusher.CEGID_REASON  # prefix of the reasons the dossier check may clear
 
 Clock = Callable[[], dt.datetime]
 Wait = Callable[[float], Awaitable[None]]
@@ -139,7 +139,7 @@ async def check_dossiers(
             await client.check_dossier(cegid_creds, connection.cegid_dossier)
         except errors.CegidAccessRefused as exc:
             counts["refused"] += 1
-            await connections.set_state(
+            await connections.flag(
                 pool, connection.id, models.ConnectionState.NEEDS_ATTENTION, CEGID_REASON + str(exc)
             )
             logger.warning("dossier_check_refused", connection=str(connection.id), reason=str(exc))
@@ -162,7 +162,7 @@ async def _dossier_checked(pool: asyncpg.Pool, connection: models.Connection) ->
     if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
         connection.state_reason or ""
     ).startswith(CEGID_REASON):
-        await connections.set_state(pool, connection.id, models.ConnectionState.ACTIVE, None)
+        await connections.flag(pool, connection.id, models.ConnectionState.ACTIVE, None)
 
 
 async def run_forever(

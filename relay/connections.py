@@ -292,6 +292,21 @@ async def set_state(
     return models.Connection.from_record(record)
 
 
+async def flag(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, state: models.ConnectionState, reason: str | None
+) -> bool:
+    """What the relay decides by itself (``needs_attention`` on a refusal, ``active`` when a check
+    passes): applied only to an active or flagged connection, never over a disconnect or a
+    revocation an operator or Qonto made meanwhile. True when applied."""
+    with db.translate("flag connection"):
+        record = await pool.fetchrow(queries.get("flag_connection"), connection_id, state, reason)
+    if record is None:
+        logger.info("connection_flag_ignored", connection=str(connection_id), state=str(state))
+        return False
+    logger.info("connection_state_changed", connection=str(connection_id), state=str(state))
+    return True
+
+
 async def disconnect(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection:
     """Stop everything for this connection; its webhooks answer 404 (so Qonto keeps retrying them)."""
     return await set_state(

@@ -42,6 +42,14 @@ UPDATE connections SET state = $2, state_reason = $3, updated_at = now()
 WHERE id = $1
 RETURNING *;
 
+-- name: flag_connection
+-- params: $1 connection_id, $2 state (active or needs_attention), $3 state_reason
+-- What the relay decides by itself (a refusal seen, a check passed) never overrides an operator's
+-- disconnect or a revocation: only an active or flagged connection changes.
+UPDATE connections SET state = $2, state_reason = $3, updated_at = now()
+WHERE id = $1 AND state IN ('active', 'needs_attention')
+RETURNING *;
+
 -- name: set_dossier_checked
 -- params: $1 connection_id
 UPDATE connections SET dossier_checked_at = now(), updated_at = now() WHERE id = $1;
@@ -149,7 +157,8 @@ FROM (
            ON k.connection_id = x.connection_id AND k.attachment_id = x.qonto_attachment_id
     WHERE k.attachment_id IS NULL
 ) AS gone
-WHERE d.id = gone.id;
+WHERE d.id = gone.id
+  AND d.state = 'pending';  -- rechecked on the row itself: a flush may have claimed it meanwhile
 
 -- name: revoke_connection
 -- params: $1 connection_id, $2 reason
@@ -191,20 +200,25 @@ WHERE id = $1 AND state = 'uploading' AND claimed_by = $4;
 -- name: claim_dossier_content
 -- params: $1 domain, $2 dossier, $3 sha256, $4 document id, $5 size, $6 content type (detected),
 --         $7 file name for Loop
--- One statement: the document takes the content for the dossier and records its file, or, when
--- another document holds that content, records its file only. Returns the holder (NULL when a
--- concurrent transaction took it: read it again with dossier_content_holder).
+-- One statement: the document takes the content for the dossier and records its file. A holder
+-- whose copy never reached Loop (pending, skipped, failed) gives the content up; one uploaded, in
+-- doubt or being sent keeps it. Returns the holder and its state (no row when a concurrent
+-- transaction took it: read it again with dossier_content_holder).
 WITH claim AS (
     INSERT INTO dossier_contents (cegid_domain, cegid_dossier, sha256, document_id)
     VALUES ($1, $2, $3, $4)
-    ON CONFLICT (cegid_domain, cegid_dossier, sha256) DO NOTHING
+    ON CONFLICT (cegid_domain, cegid_dossier, sha256) DO UPDATE SET document_id = EXCLUDED.document_id
+    WHERE NOT EXISTS (
+        SELECT 1 FROM documents h WHERE h.id = dossier_contents.document_id
+                                    AND h.state IN ('uploaded', 'in_doubt', 'uploading'))
     RETURNING document_id
 ), file AS (
     UPDATE documents SET sha256 = $3, size_bytes = $5, content_type = $6, file_name = $7,
            sending_at = now(), updated_at = now()
     WHERE id = $4
 )
-SELECT coalesce(
+SELECT h.id, h.state FROM documents h
+WHERE h.id = coalesce(
     (SELECT document_id FROM claim),
     (SELECT document_id FROM dossier_contents
      WHERE cegid_domain = $1 AND cegid_dossier = $2 AND sha256 = $3)
@@ -212,7 +226,8 @@ SELECT coalesce(
 
 -- name: dossier_content_holder
 -- params: $1 domain, $2 dossier, $3 sha256
-SELECT document_id FROM dossier_contents WHERE cegid_domain = $1 AND cegid_dossier = $2 AND sha256 = $3;
+SELECT h.id, h.state FROM dossier_contents c JOIN documents h ON h.id = c.document_id
+WHERE c.cegid_domain = $1 AND c.cegid_dossier = $2 AND c.sha256 = $3;
 
 -- name: release_dossier_content
 -- params: $1 document id (its content is not in Loop: another copy may be sent)
@@ -221,7 +236,12 @@ DELETE FROM dossier_contents WHERE document_id = $1;
 -- name: start_upload
 -- params: $1 document id, $2 worker
 -- Committed before the first byte is sent: its existence means the request may have gone out.
-INSERT INTO uploads (document_id, worker) VALUES ($1, $2) RETURNING id;
+-- Only while this worker still holds the document, locked against a concurrent recovery (which
+-- settles it under the same lock): no row returned means someone else owns it now, do not send.
+WITH mine AS (
+    SELECT id FROM documents WHERE id = $1 AND state = 'uploading' AND claimed_by = $2 FOR UPDATE
+)
+INSERT INTO uploads (document_id, worker) SELECT id, $2 FROM mine RETURNING id;
 
 -- name: finish_upload
 -- params: $1 upload id, $2 outcome, $3 HTTP status, $4 Cegid's answer (jsonb), $5 error
@@ -236,9 +256,11 @@ WITH attempt AS (
     UPDATE uploads SET outcome = 'uploaded', http_status = $5, cegid_answer = $6, finished_at = now()
     WHERE id = $4
 )
+-- A document a recovery settled as in doubt meanwhile (this worker was taken for dead) is
+-- uploaded all the same: Loop's 2xx to this very attempt says so.
 UPDATE documents SET state = 'uploaded', reason = NULL, cegid_document_id = $2, uploaded_at = now(),
        claimed_by = NULL, updated_at = now()
-WHERE id = $1 AND state = 'uploading' AND claimed_by = $3;
+WHERE id = $1 AND ((state = 'uploading' AND claimed_by = $3) OR state = 'in_doubt');
 
 -- name: set_first_upload
 -- params: $1 connection_id
@@ -260,13 +282,16 @@ SELECT DISTINCT claimed_by FROM documents WHERE state = 'uploading' AND claimed_
 
 -- name: orphaned_documents
 -- params: $1 worker (whose advisory lock is free: it died)
--- upload_id is the attempt that may have gone out; NULL when the document provably never left.
-SELECT d.id,
-       (SELECT u.id FROM uploads u WHERE u.document_id = d.id AND u.outcome = 'sending'
-        ORDER BY u.id DESC LIMIT 1) AS upload_id
-FROM documents d
-WHERE d.state = 'uploading' AND d.claimed_by = $1
-FOR UPDATE OF d;
+-- Locks them first; their attempts are read by the next statement (orphaned_attempts), whose fresh
+-- snapshot sees an attempt committed while this one waited for a lock.
+SELECT id, connection_id FROM documents WHERE state = 'uploading' AND claimed_by = $1 FOR UPDATE;
+
+-- name: orphaned_attempts
+-- params: $1 document ids (locked by orphaned_documents)
+-- The attempt that may have gone out, per document; a document without one provably never left.
+SELECT DISTINCT ON (document_id) document_id, id AS upload_id
+FROM uploads WHERE document_id = ANY($1::bigint[]) AND outcome = 'sending'
+ORDER BY document_id, id DESC;
 
 -- name: resolve_document
 -- params: $1 document id, $2 new state, $3 reason

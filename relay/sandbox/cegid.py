@@ -91,6 +91,8 @@ class CegidSandbox:
         self.latency_s = 0.0
         self.stored: list[StoredDocument] = []
         self.lost: list[StoredDocument] = []  # deposited into a dossier that does not exist
+        self.in_flight = 0  # deposits being received or answered now
+        self.peak_in_flight = 0  # the most at once since start: the client's concurrency cap
         self._firms: dict[str, Firm] = {}
         self._lock = threading.Lock()
         self._server = ServerThread(self._handle, name="cegid-sandbox")
@@ -161,6 +163,16 @@ class CegidSandbox:
         return self._error(404, f"Resource not found: {request.method} {request.path}")
 
     async def _store(self, request: Request, firm: Firm) -> Response:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._store_counted(request, firm)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _store_counted(self, request: Request, firm: Firm) -> Response:
         fault = self.faults.take()
         if fault is not None and fault.isdigit():  # an HTTP status: 429, 5xx or a 4xx refusal
             await request.body()
