@@ -5,6 +5,8 @@
 - 429 and 5xx, or a failure before the whole body was sent (refused connection, DNS, TLS, a write
   error): Loop did not keep the file → ``CegidUnavailable`` / ``CegidRateLimited`` (retry);
 - 401/403: the firm's key or the dossier's association is refused → ``CegidAccessRefused``;
+- 408: Loop gave up receiving the request, nothing was stored → ``CegidUnavailable`` (retry);
+- 404/405: no such route (a wrong ``RELAY_CEGID_API_URL``) → ``CegidAccessRefused``: documents wait;
 - 400/413/415 and other 4xx: the file itself is refused → ``CegidFileRejected``;
 - the whole body was sent but no answer came (read timeout, connection reset or closed, garbled
   answer) → ``OutcomeUnknown``: the file may or may not be in Loop.
@@ -182,10 +184,17 @@ class CegidClient:
             raise errors.CegidUnavailable(
                 f"Cegid Loop answered HTTP {status}", retry_after=_retry_after(response)
             )
+        if status == 408:  # Loop gave up waiting for the request: nothing was stored
+            raise errors.CegidUnavailable("Cegid Loop timed out receiving the file (HTTP 408)")
         if status in (401, 403):
             raise errors.CegidAccessRefused(
                 f"Cegid refused the deposit into dossier {dossier} (HTTP {status}): check the firm's API key "
                 "and the dossier's association with it in Loop Hub"
+            )
+        if status in (404, 405):  # no such route: the deployment's URL, not this file
+            raise errors.CegidAccessRefused(
+                f"Cegid Loop has no storeDocument route here (HTTP {status}): check "
+                "RELAY_CEGID_API_URL (https://api.cegid.com/loop-api-publiques)"
             )
         raise errors.CegidFileRejected(
             f"Cegid refused the file (HTTP {status}): {_excerpt(response)}",

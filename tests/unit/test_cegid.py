@@ -129,8 +129,11 @@ async def test_a_2xx_answer_is_kept_whole_even_without_an_id(pdf: pathlib.Path) 
         (503, errors.CegidUnavailable),
         (401, errors.CegidAccessRefused),
         (403, errors.CegidAccessRefused),
+        (408, errors.CegidUnavailable),
         (400, errors.CegidFileRejected),
-        (404, errors.CegidFileRejected),
+        (404, errors.CegidAccessRefused),
+        (405, errors.CegidAccessRefused),
+        (409, errors.CegidFileRejected),
         (413, errors.CegidFileRejected),
         (415, errors.CegidFileRejected),
         (422, errors.CegidFileRejected),
@@ -139,7 +142,8 @@ async def test_a_2xx_answer_is_kept_whole_even_without_an_id(pdf: pathlib.Path) 
 async def test_a_deposit_is_classified_by_its_status(
     status: int, error: type[Exception], pdf: pathlib.Path
 ) -> None:
-    """Retry (429/5xx), flag the connection (401/403), or fail the file (other 4xx)."""
+    """Retry (408/429/5xx), flag the connection (401/403, and 404/405: no such route at the
+    configured URL), or fail the file (other 4xx)."""
     with pytest.raises(error) as raised:
         await _store(lambda request: httpx.Response(status, json={"message": "no"}), pdf)
     assert type(raised.value) is error
