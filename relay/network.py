@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
 import typing
 
@@ -268,6 +269,13 @@ def _opened(
     return Stream(typing.cast(asyncio.Transport, transport), protocol)
 
 
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """httpx's default verification (certifi, or SSL_CERT_FILE / SSL_CERT_DIR), built once per
+    process: loading the trust store costs tens of milliseconds each time."""
+    return httpx.create_ssl_context()
+
+
 def transport(
     limits: httpx.Limits, *, ssl_context: ssl.SSLContext | None = None
 ) -> httpx.AsyncHTTPTransport:
@@ -276,9 +284,10 @@ def transport(
 
     httpx takes no network backend, so the pool it built is replaced by one with the same
     settings; ``tests/unit/test_network.py`` checks that responses really come through it."""
-    built = httpx.AsyncHTTPTransport(limits=limits)
+    context = ssl_context or _default_ssl_context()
+    built = httpx.AsyncHTTPTransport(limits=limits, verify=context)
     built._pool = httpcore.AsyncConnectionPool(
-        ssl_context=ssl_context or httpx.create_ssl_context(),
+        ssl_context=context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
