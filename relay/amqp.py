@@ -9,6 +9,18 @@ Topology (declared idempotently by every role, names prefixed by ``RELAY_AMQP_PR
 ``{p}.dlx`` → ``{p}.events.dlq``
                           the dead-letter exchange and queue. The consumer also publishes a message there
                           itself, with ``x-relay-reason``, when the message can never be processed.
+                          The dead-letter queue is a durable CLASSIC queue: classic queues have no
+                          delivery limit on any RabbitMQ version, whereas a quorum queue gets a default
+                          limit of 20 from 4.0 on, and `relay dlq` browses by get and requeue, so every
+                          listing would count. (``x-delivery-limit: -1`` is no way out: 4.x reads it as
+                          "no limit", but 3.10 accepts it and drops a message at its first return.)
+
+Delivery counts on ``{p}.events`` (measured on 3.10.8; see tests/integration/test_topology.py): every
+hand-back of an unacknowledged message counts toward ``x-delivery-limit``: nack or reject with
+requeue, a closed channel or connection, and a cancelled subscription's deliveries still in flight.
+(RabbitMQ documents 4.3 as no longer counting ``basic.nack``; 4.0 to 4.2 count every return.) So a
+consumer stopping gracefully does not hand its prefetched messages back: it lets the deliveries in
+flight arrive, cancels its subscription and processes them first (``consumers/buffer.py``).
 
 Message format (what the intake publishes): body = the webhook body exactly as received; persistent;
 ``message_id`` = Qonto event id; headers ``x-connection-id``, ``x-received-at-ms`` (unix milliseconds, int).
@@ -39,6 +51,8 @@ HEADER_ATTEMPTS: Final = "x-relay-attempts"
 HEADER_REASON: Final = "x-relay-reason"
 HEADER_DLQ_ID: Final = "x-relay-dlq-id"
 HEADER_FAILED_AT: Final = "x-relay-failed-at"
+# Classic: no delivery limit on any RabbitMQ version (see the module docstring).
+DEAD_LETTER_QUEUE_TYPE: Final = "classic"
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -72,13 +86,19 @@ def retry_delay(attempt: int) -> int:
 
 
 async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
-    """Declare the whole topology; idempotent, safe for every role to call at start."""
-    with translate("declare"):
+    """Declare the whole topology; idempotent, safe for every role to call at start.
+
+    Raise ConfigurationError when a queue already exists with other arguments (RabbitMQ answers
+    PRECONDITION_FAILED and never changes a queue's arguments): the message names the queue.
+    """
+    with translate("declare"), _inequivalent():
         dlx = await channel.declare_exchange(
             settings.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
         dlq = await channel.declare_queue(
-            settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            settings.dead_letter_queue,
+            durable=True,
+            arguments={"x-queue-type": DEAD_LETTER_QUEUE_TYPE},
         )
         await dlq.bind(dlx, routing_key=settings.dead_letter_queue)
         await channel.declare_queue(
@@ -106,6 +126,17 @@ async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settin
                     "x-overflow": "reject-publish",
                 },
             )
+
+
+@contextlib.contextmanager
+def _inequivalent() -> Iterator[None]:
+    try:
+        yield
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise errors.ConfigurationError(
+            f"RabbitMQ refused the topology: {exc} (a queue keeps the arguments it was first "
+            "declared with: move its messages elsewhere and delete it, then start again)"
+        ) from exc
 
 
 async def delete_topology(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:

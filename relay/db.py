@@ -37,19 +37,58 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# What no retry fixes: the database, the schema or the credentials are not what the relay expects.
+_MISCONFIGURED: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,  # wrong password, unknown role, pg_hba refusal
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedColumnError,
+)
+
+
+def _misconfigured(what: str, exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"{exc} (RELAY_DATABASE_URL): run `relay migrate`, which creates it"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"PostgreSQL refused RELAY_DATABASE_URL's credentials ({exc}): check its user and password"
+    return f"{what}: the database schema is missing or out of date ({exc}): run `relay migrate`"
+
+
+# PostgreSQL refusing the data itself (SQLSTATE class 22: a NUL character, text that is not valid
+# for its type, a number out of range; class 54: a value too large for an index or a row), and
+# asyncpg refusing to encode a query argument. The same data fails the same way every time.
+_INVALID_DATA: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.ProgramLimitExceededError,
+    asyncpg.exceptions._base.DataError,  # client side; a subclass of InterfaceError (below)
+)
+
+
 @contextlib.contextmanager
 def translate(what: str = "database") -> Any:
-    """Translate asyncpg/socket errors meaning 'PostgreSQL is not there' into DatabaseUnavailable."""
+    """Translate asyncpg/socket errors: 'PostgreSQL is not there' into DatabaseUnavailable,
+    'PostgreSQL refuses this data' into errors.InvalidData (permanent: retrying the same data fails again)."""
     try:
         yield
+    except _INVALID_DATA as exc:
+        raise errors.InvalidData(
+            f"{what}: PostgreSQL refused the data ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
     except _UNAVAILABLE as exc:
         raise errors.DatabaseUnavailable(
             f"{what}: PostgreSQL unavailable ({type(exc).__name__})"
         ) from exc
+    except _MISCONFIGURED as exc:
+        raise errors.ConfigurationError(_misconfigured(what, exc)) from exc
     except asyncpg.SerializationError as exc:
         raise errors.DatabaseUnavailable(f"{what}: serialization conflict, retry") from exc
     except asyncpg.DeadlockDetectedError as exc:
         raise errors.DatabaseUnavailable(f"{what}: deadlock detected, retry") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no message"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

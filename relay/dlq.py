@@ -2,7 +2,8 @@
 
 RabbitMQ cannot fetch a message by id, so each operation reads the whole queue with ``basic.get``
 (unacknowledged), acts on the matching messages and returns the others with a requeue; the
-queue's order may change, which does not matter to a dead-letter queue. A replayed message is
+queue's order may change, which does not matter to a dead-letter queue. Each return is a delivery,
+which is why the dead-letter queue is a classic queue (no delivery limit: see ``relay.amqp``). A replayed message is
 published back to the events queue (confirmed) before it is removed from the dead-letter queue, so a
 crash in between duplicates it (a no-op for the consumer) and never loses it.
 
@@ -28,6 +29,15 @@ RELAY_HEADERS = (
     amqp.HEADER_DLQ_ID,
     amqp.HEADER_ATTEMPTS,
 )
+# What RabbitMQ writes about a message's past (dead-lettering, deliveries): a replay starts afresh.
+BROKER_HEADERS = frozenset({"x-death", "x-delivery-count", "x-acquired-count"})
+BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+def _replayed_header(name: str) -> bool:
+    return not (
+        name in RELAY_HEADERS or name in BROKER_HEADERS or name.startswith(BROKER_HEADER_PREFIXES)
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,11 +156,7 @@ async def replay(
         nonlocal replayed
         if wanted is not None and letter.id not in wanted:
             return False
-        headers = {
-            k: v
-            for k, v in (message.headers or {}).items()
-            if k not in RELAY_HEADERS and k != "x-death"
-        }
+        headers = {k: v for k, v in (message.headers or {}).items() if _replayed_header(k)}
         await publisher.publish(
             settings.events_queue, message.body, message_id=message.message_id, headers=headers
         )

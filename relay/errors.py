@@ -62,6 +62,11 @@ class ConfigurationError(Permanent):
     """One or more settings are missing or malformed (the message names every one)."""
 
 
+class InvalidData(Permanent):
+    """PostgreSQL refused the data itself (a character it cannot store, a number out of range...):
+    the same record fails the same way every time, so the consumer dead-letters its message."""
+
+
 class InvalidEvent(Permanent):
     """A message is not a Qonto event the relay can use (not JSON, missing fields, unknown version)."""
 

@@ -2,10 +2,15 @@
 
 Payload shapes drift between Qonto's documentation versions (amounts as numbers or strings,
 ``bank_account_id`` or a ``bank_account`` object): only the fields used here are required.
+
+JSON may carry NUL characters (``\\u0000``) that PostgreSQL cannot store, in ``text`` columns or in
+``jsonb``: :func:`loads` (and :func:`parse`, :func:`payload_text`) strip them from every string, keys
+included, at the boundary; when the bytes hold no such escape it costs no more than ``orjson.loads``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -62,8 +67,63 @@ class Snapshot:
     resource_id: str
     updated_at: dt.datetime | None
     documents: tuple[DocumentSpec, ...]
-    # transactions list every attachment: one missing from a newer snapshot was deleted
+    # a transaction payload carrying its attachment list names every file: one missing from a newer
+    # complete snapshot was deleted. Incomplete snapshots only add documents, never skip one.
     complete: bool
+
+
+_NUL_ESCAPE: Final = b"\\u0000"
+
+
+def scrub(value: Any) -> Any:
+    """``value`` (decoded JSON) with every NUL character removed from its strings, keys included.
+
+    PostgreSQL refuses NUL in ``text`` and ``jsonb``, and Qonto has no use for one. The input is left
+    untouched (containers are copied), and the walk is iterative: the deepest JSON orjson decodes
+    cannot exhaust the interpreter's recursion limit.
+    """
+    pending: list[dict[Any, Any] | list[Any]] = []
+
+    def clean(item: Any) -> Any:
+        if isinstance(item, str):
+            return item.replace("\x00", "")
+        if isinstance(item, dict | list):
+            copy = dict(item) if isinstance(item, dict) else list(item)
+            pending.append(copy)
+            return copy
+        return item
+
+    result = clean(value)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            entries = list(node.items())
+            node.clear()
+            for key, item in entries:
+                node[clean(key)] = clean(item)
+        else:
+            for index, item in enumerate(node):
+                node[index] = clean(item)
+    return result
+
+
+def loads(raw: bytes) -> Any:
+    """``orjson.loads`` without NUL characters in any string (see :func:`scrub`).
+
+    The scrub runs only when the raw JSON holds a ``\\u0000`` escape (a raw NUL byte is not valid
+    JSON), so the common case costs one scan of the bytes. Raises ``orjson.JSONDecodeError``.
+    """
+    value = orjson.loads(raw)
+    return scrub(value) if _NUL_ESCAPE in raw else value
+
+
+def payload_text(body: bytes) -> str:
+    """A message body as the text to store in a ``jsonb`` column: the body as received, unless it
+    carries NUL characters, which are removed (the JSON is then re-serialized)."""
+    if _NUL_ESCAPE in body:
+        with contextlib.suppress(orjson.JSONDecodeError):  # not JSON: PostgreSQL will say so
+            return orjson.dumps(loads(body)).decode("utf-8")
+    return body.decode("utf-8", "replace")
 
 
 def timestamp(value: Any) -> dt.datetime | None:
@@ -126,7 +186,7 @@ def classify(topic: str) -> Kind:
 def parse(body: bytes) -> Event:
     """A webhook body → Event; InvalidEvent when it is not a usable Qonto event."""
     try:
-        value = orjson.loads(body)
+        value = loads(body)
     except orjson.JSONDecodeError as exc:
         raise errors.InvalidEvent("not JSON") from exc
     if not isinstance(value, dict):
@@ -151,19 +211,39 @@ def parse(body: bytes) -> Event:
     )
 
 
+def _attachment_list(tx: dict[str, Any]) -> tuple[list[str], bool]:
+    """The attachment ids a transaction names, and whether it names them all.
+
+    Only a payload carrying the list (``attachment_ids``, or ``attachments`` objects with ids) is
+    complete: one without it, or with entries this relay cannot read, says nothing about the
+    attachments it does not name, so none of them may be taken as deleted.
+    """
+    listed = tx.get("attachment_ids")
+    if isinstance(listed, list):
+        ids = [a for a in listed if isinstance(a, str) and a]
+        return ids, len(ids) == len(listed)
+    attachments = tx.get("attachments")
+    if listed is None and isinstance(attachments, list):
+        ids = [
+            a["id"]
+            for a in attachments
+            if isinstance(a, dict) and isinstance(a.get("id"), str) and a["id"]
+        ]
+        return ids, len(ids) == len(attachments)
+    return [], False
+
+
 def transaction_snapshot(tx: dict[str, Any], *, fallback: dt.datetime | None = None) -> Snapshot:
-    attachment_ids = tx.get("attachment_ids")
-    if attachment_ids is None and isinstance(tx.get("attachments"), list):
-        attachment_ids = [a.get("id") for a in tx["attachments"] if isinstance(a, dict)]
-    if not isinstance(attachment_ids, list):
-        attachment_ids = []
+    """A transaction's files; complete (a file it no longer lists was deleted) only when the
+    payload carries its attachment list."""
+    attachment_ids, complete = _attachment_list(tx)
     side = tx.get("side")
     direction = models.Direction.SALE if side == "credit" else models.Direction.PURCHASE
     amount, currency = _amount(tx.get("amount"))
     document_date = _date(tx.get("settled_at")) or _date(tx.get("emitted_at"))
     counterparty = _text(tx.get("clean_counterparty_name")) or _text(tx.get("label"))
     currency = _text(tx.get("currency")) or currency
-    ids = list(dict.fromkeys(a for a in attachment_ids if isinstance(a, str) and a))
+    ids = list(dict.fromkeys(attachment_ids))
     return Snapshot(
         source=models.Source.TRANSACTION,
         resource_id=str(tx["id"]),
@@ -171,7 +251,7 @@ def transaction_snapshot(tx: dict[str, Any], *, fallback: dt.datetime | None = N
         documents=tuple(
             DocumentSpec(a, direction, document_date, counterparty, amount, currency) for a in ids
         ),
-        complete=True,
+        complete=complete,
     )
 
 

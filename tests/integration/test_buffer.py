@@ -439,6 +439,124 @@ async def test_an_event_failing_on_every_retry_is_dead_lettered_with_the_last_re
     assert await _count(pool, "SELECT count(*) FROM events") == 0
 
 
+def _transaction_event(n: int, attachment: str, **data: Any) -> dict[str, Any]:
+    return {
+        "id": f"evt-{n}",
+        "type": "v1/transactions",
+        "created_at": "2026-11-23T10:00:00Z",
+        "data": {
+            "id": f"tx-{n}",
+            "side": "debit",
+            "amount": 1,
+            "attachment_ids": [attachment],
+            "updated_at": "2026-11-23T10:00:00Z",
+            **data,
+        },
+    }
+
+
+async def test_nul_characters_in_an_event_are_removed_and_the_consumer_goes_on(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+) -> None:
+    """JSON \\u0000 in values and keys (PostgreSQL stores neither): stripped, event applied."""
+    body = (
+        orjson.dumps(_transaction_event(1, "att-1", label="LE PETIT ZINC", note={"tag": "x"}))
+        .replace(b"LE PETIT", b"LE\\u0000 PETIT")
+        .replace(b'"tag"', b'"t\\u0000ag"')
+    )
+    body = body.replace(b'"evt-1"', b'"evt\\u0000-1"').replace(b'"att-1"', b'"att-\\u00001"')
+    assert b"\\u0000" in body
+    await _publish(publisher, connection_id, body)
+    await _publish(publisher, connection_id, _transaction_event(2, "att-2"))
+    await _wait_count(pool, "SELECT count(*) FROM documents", 2)
+    rows = await pool.fetch("SELECT qonto_attachment_id, counterparty FROM documents ORDER BY id")
+    assert [(r["qonto_attachment_id"], r["counterparty"]) for r in rows] == [
+        ("att-1", "LE PETIT ZINC"),
+        ("att-2", None),
+    ]
+    payload = await pool.fetchval("SELECT payload FROM events WHERE event_id = 'evt-1'")
+    assert payload["data"]["note"] == {"tag": "x"}
+
+
+async def test_a_record_postgresql_refuses_is_dead_lettered_alone_and_the_rest_applied(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """One message of a batch PostgreSQL cannot store: the others are applied, it alone goes to the
+    dead-letter queue with PostgreSQL's reason, and every message is settled."""
+    poison = orjson.dumps(_transaction_event(2, "att-2", extra="NUMBER")).replace(
+        b'"NUMBER"',
+        b"1e-20000",  # valid JSON, a number jsonb cannot hold
+    )
+    await _publish(publisher, connection_id, _transaction_event(1, "att-1"))
+    await _publish(publisher, connection_id, poison)
+    await _publish(publisher, connection_id, _transaction_event(3, "att-3"))
+    channel = await amqp_connection.channel()
+    queue = await channel.get_queue(upstream_settings.events_queue, ensure=False)
+    messages = [await queue.get(no_ack=False, timeout=5) for _ in range(3)]
+    async with qonto_client.http_clients(upstream_settings) as http:
+        worker = buffer.Buffer(upstream_settings, pool, publisher, http)
+        counts = await worker.process([m for m in messages if m is not None])
+    await channel.close()
+    assert counts == {"applied": 2, "dead_lettered": 1}
+    assert await factories.states(pool) == {"att-1": "pending", "att-3": "pending"}
+    events_ids = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")}
+    assert events_ids == {"evt-1", "evt-3"}
+    [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
+    assert letter.body == poison
+    assert letter.reason.startswith(
+        "apply event: PostgreSQL refused the data (NumericValueOutOfRangeError"
+    )
+    channel = await amqp_connection.channel()
+    try:  # nothing left unacknowledged: the closed channel handed nothing back
+        declared = await channel.declare_queue(upstream_settings.events_queue, passive=True)
+        assert declared.declaration_result.message_count == 0
+    finally:
+        await channel.close()
+
+
+async def test_a_graceful_stop_hands_no_delivered_message_back(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """Stopped during a backlog, the consumer processes what it had prefetched instead of handing it
+    back (each hand-back counts toward the delivery limit); the rest was never delivered."""
+    total = 1000
+    for i in range(total):
+        await _publish(publisher, connection_id, _transaction_event(i, f"att-{i}"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        buffer.consume(upstream_settings, stop=stop, prefetch=64, batch_size=16)
+    )
+    try:
+        await _wait_count(pool, "SELECT count(*) FROM events", 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    landed = await _count(pool, "SELECT count(*) FROM events")
+    channel = await amqp_connection.channel()
+    try:
+        queue = await channel.get_queue(upstream_settings.events_queue, ensure=False)
+        left = []
+        while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
+            left.append(message)
+    finally:
+        await channel.close()
+    assert left, "the consumer drained the whole backlog before the stop: the test proves nothing"
+    assert landed + len(left) == total
+    handed_back = [m.message_id for m in left if m.redelivered]
+    assert handed_back == []
+
+
 def test_retry_delays_must_be_declared_delay_queues(unit_settings: config.Settings) -> None:
     """A retry delay without its delay queue is refused at start (the message would be lost)."""
     with pytest.raises(errors.ConfigurationError):

@@ -97,6 +97,27 @@ async def test_listing_leaves_every_message_in_the_queue(
     assert sorted(m.id for m in again) == sorted(m.id for m in letters)
 
 
+async def test_the_queue_keeps_its_messages_however_often_it_is_listed(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+    publisher: amqp.Publisher,
+) -> None:
+    """Listing returns each message to the queue, a delivery each time: the dead-letter queue is a
+    classic queue, which has no delivery limit (a quorum queue gets one of 20 from RabbitMQ 4.0)."""
+    letters = await _consumer_dead_letters(settings, pool, amqp_connection, publisher)
+    for _ in range(25):
+        listed = await dlq.list_messages(settings, amqp_connection)
+        assert sorted(m.id for m in listed) == sorted(m.id for m in letters)
+    channel = await amqp_connection.channel()
+    try:  # RabbitMQ refuses (PRECONDITION_FAILED) a declaration that does not match the queue
+        await channel.declare_queue(
+            settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "classic"}
+        )
+    finally:
+        await channel.close()
+
+
 async def test_replay_sends_the_original_back_without_the_failure_headers(
     settings: config.Settings,
     pool: asyncpg.Pool,
@@ -118,7 +139,8 @@ async def test_replay_sends_the_original_back_without_the_failure_headers(
         headers = dict(message.headers or {})
         assert headers[amqp.HEADER_CONNECTION] == future.connection_id
         assert amqp.HEADER_RECEIVED_AT in headers
-        assert not set(headers) & {*dlq.RELAY_HEADERS, "x-death"}
+        assert not set(headers) & {*dlq.RELAY_HEADERS, "x-death", "x-acquired-count"}
+        assert headers.get("x-delivery-count", 0) == 0  # a first delivery (get says 0 on quorum)
     finally:
         await channel.close()
 

@@ -126,6 +126,29 @@ async def test_an_attachment_gone_from_a_newer_snapshot_is_skipped_as_deleted(
     }
 
 
+async def test_a_newer_payload_without_attachment_list_skips_nothing(
+    pool: asyncpg.Pool, connection_id: uuid.UUID
+) -> None:
+    """A snapshot lacking attachment_ids (payloads drift) says nothing of the files: none skipped."""
+    await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    newer = _tx([], updated_at="2026-11-23T10:00:00Z")
+    del newer["attachment_ids"]
+    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, newer)
+    assert (applied.outcome, applied.created, applied.skipped) == ("applied", 0, 0)
+    named = {**_tx([], updated_at="2026-11-23T11:00:00Z"), "attachment_ids": None}
+    named["attachments"] = [{"id": "c"}, {"file_name": "no-id.pdf"}]
+    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, named)
+    assert (applied.outcome, applied.created, applied.skipped) == ("applied", 1, 0)
+    assert await _by_attachment(pool) == {
+        "a": ("pending", None),
+        "b": ("pending", None),
+        "c": ("pending", None),
+    }
+    listed = _tx(["a"], updated_at="2026-11-23T12:00:00Z")  # a complete list still deletes
+    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, listed)
+    assert applied.skipped == 2
+
+
 async def test_an_attachment_listed_again_comes_back_to_pending(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:

@@ -160,3 +160,77 @@ def test_a_snapshot_without_updated_at_takes_the_envelope_time() -> None:
     )
     snapshot = events.transaction_snapshot(event.data, fallback=event.created_at)
     assert snapshot.updated_at == dt.datetime(2026, 11, 23, 9, 41, 7, tzinfo=dt.UTC)
+
+
+def test_nul_characters_are_stripped_from_every_string_and_key() -> None:
+    """JSON \\u0000 passes orjson but not PostgreSQL: parse removes it everywhere, keys included."""
+    body = (
+        b'{"id": "evt\\u0000-1", "type": "v1/transactions", "organization_id": "org\\u0000",'
+        b' "data": {"id": "tx\\u0000", "label": "Le\\u0000 Zinc", "attachment_ids": ["a\\u0000"],'
+        b' "note\\u0000": {"deep": [["x\\u0000y", 1, null, true]]}}}'
+    )
+    event = events.parse(body)
+    assert (event.id, event.organization_id) == ("evt-1", "org")
+    assert event.data == {
+        "id": "tx",
+        "label": "Le Zinc",
+        "attachment_ids": ["a"],
+        "note": {"deep": [["xy", 1, None, True]]},
+    }
+    snapshot = events.transaction_snapshot(event.data)
+    assert [(d.attachment_id, d.counterparty) for d in snapshot.documents] == [("a", "Le Zinc")]
+
+
+def test_json_without_nul_is_decoded_as_orjson_decodes_it() -> None:
+    """The fast path: no \\u0000 escape in the bytes, the value is orjson's, untouched."""
+    raw = load_fixture("webhook-transaction-updated.json")
+    body = orjson.dumps(raw)
+    assert events.loads(body) == orjson.loads(body) == raw
+    assert events.payload_text(body) == body.decode()
+    literal = b'{"a": "\\\\u0000 is how JSON writes NUL"}'  # an escaped backslash, no NUL
+    assert events.loads(literal) == {"a": "\\u0000 is how JSON writes NUL"}
+
+
+def test_scrub_copies_and_survives_the_deepest_json_orjson_accepts() -> None:
+    """scrub leaves its input alone and walks nesting deeper than Python's recursion limit."""
+    original = {"k\x00": ["v\x00", {"x": "\x00"}]}
+    assert events.scrub(original) == {"k": ["v", {"x": ""}]}
+    assert original == {"k\x00": ["v\x00", {"x": "\x00"}]}
+    depth = 1000
+    body = b"[" * depth + b'"\\u0000"' + b"]" * depth
+    value = events.loads(body)
+    for _ in range(depth):
+        value = value[0]
+    assert value == ""
+
+
+def test_the_stored_payload_has_no_nul() -> None:
+    """payload_text: the body re-serialized without NUL when it had one, otherwise as received."""
+    body = b'{"id": "e", "type": "v1/cards", "data": {"n\\u0000": "a\\u0000b"}}'
+    text = events.payload_text(body)
+    assert "\\u0000" not in text
+    assert orjson.loads(text) == {"id": "e", "type": "v1/cards", "data": {"n": "ab"}}
+    assert events.payload_text(b"not json \\u0000") == "not json \\u0000"
+
+
+@pytest.mark.parametrize(
+    ("payload", "ids", "complete"),
+    [
+        ({}, [], False),
+        ({"attachment_ids": None}, [], False),
+        ({"attachment_ids": "a"}, [], False),
+        ({"attachment_ids": []}, [], True),
+        ({"attachment_ids": ["a", "b"]}, ["a", "b"], True),
+        ({"attachment_ids": ["a", 7, ""]}, ["a"], False),
+        ({"attachments": [{"id": "a"}, {"id": "b", "file_name": "b.pdf"}]}, ["a", "b"], True),
+        ({"attachments": [{"id": "a"}, {"file_name": "nameless.pdf"}]}, ["a"], False),
+        ({"attachments": []}, [], True),
+    ],
+)
+def test_only_a_payload_carrying_its_attachment_list_is_complete(
+    payload: dict[str, object], ids: list[str], complete: bool
+) -> None:
+    """A transaction without (readable) attachment list adds what it names and skips nothing."""
+    snapshot = events.transaction_snapshot({"id": "t", "side": "debit", **payload})
+    assert [d.attachment_id for d in snapshot.documents] == ids
+    assert snapshot.complete is complete
