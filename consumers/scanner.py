@@ -5,6 +5,11 @@ walk the list endpoint for everything updated since the source's watermark, minu
 overlap that dedupe makes harmless, and apply each page in its own transaction through
 :mod:`relay.ingest`, the same path webhooks take. A source's watermark advances only when its whole
 walk succeeded; a failure leaves it for the next run and says so in the report.
+
+Advancing the watermark to the scan's start is safe only because a walk lists every item updated in
+its window even when items change while it runs (:mod:`relay.qonto` walks by ``updated_at`` cursor,
+or re-walks until a pass is settled): whatever changes mid-walk gets a later ``updated_at`` and falls
+in the next window. A rotated OAuth token the walk could not store is stored at the end, or reported.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncpg
 
 from relay import (
     config,
+    connections,
     credentials,
     crypto,
     db,
@@ -150,13 +156,9 @@ async def scan_connection(
                 )
         except errors.QontoAuthRejected as exc:
             reason = f"Qonto refused the credentials: reconnect the organization ({exc})"
-            with db.translate("flag connection"):
-                await pool.execute(
-                    queries.get("set_connection_state"),
-                    connection.id,
-                    models.ConnectionState.NEEDS_ATTENTION,
-                    reason,
-                )
+            await connections.flag(
+                pool, connection.id, models.ConnectionState.NEEDS_ATTENTION, reason
+            )
             result.errors.append(reason)
             logger.warning("scan_refused", connection=str(connection.id), reason=str(exc))
             break
@@ -173,6 +175,11 @@ async def scan_connection(
                 reason=str(exc),
             )
         result.seen[str(source)] = seen
+    if client.tokens_unsaved and not await client.save_tokens():
+        result.errors.append(
+            "the rotated Qonto refresh token could not be stored: "
+            "reconnect the organization if the next run is refused"
+        )
     logger.info(
         "scan_finished",
         connection=str(connection.id),

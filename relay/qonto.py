@@ -1,10 +1,13 @@
 """Qonto's Business API: the one boundary where httpx and Qonto errors become the relay's.
 
 - API key (``login:secret`` verbatim) or OAuth (``Bearer``, refreshed before expiry; the rotated
-  refresh token is handed to ``on_tokens_rotated`` to be stored sealed).
+  refresh token is handed to ``on_tokens_rotated`` to be stored sealed, retried with backoff, and
+  kept flagged unsaved, then stored by the next call, when the store keeps failing).
 - 429 and 5xx and network errors are retried with exponential backoff and full jitter, honouring
   ``Retry-After``; a client-side limiter keeps under the documented 1,000 requests / 10 s per IP.
 - A non-JSON 200 (the staging login page) is a protocol error, never data.
+- List walks never lose an item that changes while they run (offset pages shift under updates):
+  keyset walks by ``updated_at`` where the sort is documented, settled offset passes where it is not.
 - Attachments are downloaded from their presigned URL with a client that has no base URL and no
   credentials (object storage refuses two, and Qonto's key must not go to another host), streamed to
   a file while hashed; an expired URL (403) is fetched afresh once. URLs are never logged.
@@ -18,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import pathlib
 import random
 import time
@@ -27,7 +31,7 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from relay import config, credentials, errors, log, models, network
+from relay import config, credentials, errors, events, log, models, network
 
 logger = log.get(__name__)
 
@@ -35,6 +39,11 @@ MAX_ATTEMPTS: Final = 6
 BACKOFF_BASE_S: Final = 0.5
 BACKOFF_CAP_S: Final = 30.0
 PER_PAGE: Final = 100
+# a cursor starts this much before the newest updated_at read, in case `from` is exclusive or rounded
+CURSOR_OVERLAP: Final = dt.timedelta(seconds=1)
+MAX_LIST_PASSES: Final = 10  # walks of one run of pages before it counts as unavailable
+STORE_ATTEMPTS: Final = 4
+STORE_RETRY_GAP: Final = dt.timedelta(seconds=5)  # between later tries of an unsaved rotation
 LIMIT_WINDOW_S: Final = 10.0
 REFRESH_MARGIN: Final = dt.timedelta(minutes=5)
 CHUNK: Final = 64 * 1024
@@ -164,6 +173,47 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Page:
+    items: list[dict[str, Any]]
+    next_page: int | None  # None on the last page
+    full: bool  # as many items as asked for
+    total: int | None  # meta.total_count, when Qonto sends it
+
+
+_MISSING: Final = object()
+_MOVED: Final = object()
+
+
+def _updated_at(item: dict[str, Any]) -> dt.datetime | None:
+    value = item.get("updated_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+def _ascending(items: list[dict[str, Any]]) -> bool:
+    stamps = [u for u in map(_updated_at, items) if u is not None]
+    return all(a <= b for a, b in itertools.pairwise(stamps))
+
+
+def _next_cursor(
+    items: list[dict[str, Any]], cursor: dt.datetime, seen: dict[str, dt.datetime | None]
+) -> dt.datetime | None:
+    """Where the next page 1 starts: the page's newest ``updated_at`` minus the overlap, when that
+    moves the cursor and re-reads at most half a page of items already seen; else None."""
+    newest = max((u for u in map(_updated_at, items) if u is not None), default=None)
+    if newest is None or newest - CURSOR_OVERLAP <= cursor:
+        return None
+    target = newest - CURSOR_OVERLAP
+    again = sum(1 for u in seen.values() if u is not None and u >= target)
+    return target if again <= PER_PAGE // 2 else None
+
+
 def _error_detail(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -191,6 +241,9 @@ class QontoClient:
         self._sleep = sleep
         self._now = now
         self._refresh_lock = asyncio.Lock()
+        self._store_lock = asyncio.Lock()
+        self._unsaved: credentials.QontoOAuth | None = None  # rotated, not yet stored
+        self._store_retry_at = dt.datetime.min.replace(tzinfo=dt.UTC)
 
     # ------------------------------------------------------------------------------ auth
 
@@ -243,7 +296,57 @@ class QontoClient:
             self._creds = fresh
             logger.info("qonto_token_refreshed")
             if self._on_rotated is not None:
-                await self._on_rotated(fresh)
+                # the old refresh token dies 60 s from now: this one must reach the store
+                self._unsaved = fresh
+                await self._store_rotated(STORE_ATTEMPTS)
+
+    @property
+    def tokens_unsaved(self) -> bool:
+        """A rotated refresh token is held only in memory: storing it has failed so far."""
+        return self._unsaved is not None
+
+    async def save_tokens(self) -> bool:
+        """Store a rotated token left unsaved (one try); True when nothing is left unsaved."""
+        await self._store_rotated(1)
+        return self._unsaved is None
+
+    async def _after_call(self, pending: credentials.QontoOAuth | None) -> None:
+        """A call went through: store the rotation that was unsaved when it began (one try, at
+        most once per ``STORE_RETRY_GAP``, so that a database outage is not hammered)."""
+        if pending is not None and self._unsaved is pending and self._now() >= self._store_retry_at:
+            await self._store_rotated(1)
+
+    async def _store_rotated(self, attempts: int) -> None:
+        """Hand the unsaved rotated credentials to ``on_tokens_rotated``, retrying with backoff.
+
+        Whatever the store raises (the database is down, most likely), the fresh credentials stay in
+        use and flagged: the next call stores them. Never raises, never logs a token.
+        """
+        async with self._store_lock:
+            pending = self._unsaved
+            if pending is None or self._on_rotated is None:
+                return
+            reason = ""
+            for attempt in range(1, attempts + 1):
+                try:
+                    await self._on_rotated(pending)
+                except Exception as exc:  # any store failure: the token must not be dropped
+                    reason = type(exc).__name__  # its text might quote what was being stored
+                    if attempt < attempts:
+                        await self._sleep(backoff(attempt, None))
+                    continue
+                if self._unsaved is pending:
+                    self._unsaved = None
+                if reason or attempts == 1:
+                    logger.info("qonto_tokens_saved", attempts=attempt)
+                return
+            self._store_retry_at = self._now() + STORE_RETRY_GAP
+            logger.warning(
+                "qonto_tokens_unsaved",
+                attempts=attempts,
+                reason=reason,
+                detail="the rotated refresh token is only in memory; the next Qonto call stores it",
+            )
 
     # ------------------------------------------------------------------------------ transport
 
@@ -298,7 +401,9 @@ class QontoClient:
                 "not JSON (a sandbox without X-Qonto-Staging-Token answers its login page)"
             )
         try:
-            value = orjson.loads(response.content)
+            value = events.loads(
+                response.content
+            )  # without NUL characters: PostgreSQL refuses them
         except orjson.JSONDecodeError as exc:
             raise errors.QontoProtocolError(f"Qonto {what}: invalid JSON") from exc
         if not isinstance(value, dict):
@@ -311,7 +416,10 @@ class QontoClient:
                 path, params=params, headers={"Authorization": await self._authorization()}
             )
 
-        return await self._send(call, what)
+        pending = self._unsaved
+        response = await self._send(call, what)
+        await self._after_call(pending)
+        return response
 
     async def _get(self, path: str, what: str, params: Any = None) -> dict[str, Any]:
         return self._json(await self._get_response(path, what, params), what)
@@ -360,79 +468,252 @@ class QontoClient:
             raise errors.QontoProtocolError(f"Qonto answer without {key!r}")
         return value
 
-    async def _pages(
+    # ------------------------------------------------------------------------------ lists
+
+    async def _page(
+        self, path: str, key: str, params: dict[str, Any], page: int, what: str
+    ) -> _Page | None:
+        """One page of a list; None for a 422 on a page after the first (asked past the end)."""
+        response = await self._get_response(
+            path, what, {**params, "page": page, "per_page": PER_PAGE}
+        )
+        if response.status_code == 422 and page > 1:
+            return None  # asking past the last page has been seen to answer 422
+        body = self._json(response, what)
+        raw = body.get(key)
+        if not isinstance(raw, list):
+            raise errors.QontoProtocolError(f"Qonto {what}: answer without {key!r}")
+        meta = body.get("meta")
+        if not isinstance(meta, dict):
+            meta = {}
+        following: int | None = None
+        if meta.get("next_page") and raw:
+            try:
+                following = int(meta["next_page"])
+            except (TypeError, ValueError):
+                following = 0
+            if following <= page:
+                raise errors.QontoProtocolError(
+                    f"Qonto {what}: next_page {meta['next_page']!r} after page {page}"
+                )
+        total = meta.get("total_count")
+        return _Page(
+            items=[i for i in raw if isinstance(i, dict) and i.get("id")],
+            next_page=following,
+            full=len(raw) >= PER_PAGE,
+            total=total if isinstance(total, int) and not isinstance(total, bool) else None,
+        )
+
+    async def _keyset(
+        self,
+        path: str,
+        key: str,
+        params: dict[str, Any],
+        from_key: str,
+        start: dt.datetime,
+        what: str,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every item of a list sorted by ``updated_at`` ascending, each once, however items change
+        while it is walked.
+
+        Offset pages alone lose items: one updated after its page was read leaves the window (or
+        moves to its end) and every later item shifts up a place, so one is never listed. Here each
+        request restarts at page 1 from a cursor ``from_key = cursor``; after a full page the cursor
+        moves to the page's greatest ``updated_at`` minus ``CURSOR_OVERLAP`` (``from`` may be
+        exclusive or rounded). Items only move to later ``updated_at``, so none can slip behind it.
+
+        When the cursor cannot move, or moving it would re-read more than half a page of items
+        already seen (that many share timestamps within the overlap, as after a bulk import), the
+        walk follows ``next_page`` for the same cursor instead. Those pages are offsets again, so
+        such a run is checked: ``meta.total_count`` changing between its pages, or an item of it
+        seen again with a new ``updated_at``, means something moved, and the run is walked again
+        from its page 1 at once. Without ``total_count`` (only ``next_page`` is documented), and
+        after a 422 that followed a full page (past the end, or the list shrank under us: a 422 is
+        not taken for the end at once any more), nothing vouches for the run: it is walked again
+        until a pass brings nothing new. At most ``MAX_LIST_PASSES`` re-walks of one run, then
+        QontoUnavailable, so the caller keeps its watermark. A page 1 right after a move that
+        brings nothing new means the filter is not narrowing the list, and a page out of
+        ``updated_at`` order that the sort is ignored: either way the cursor stops moving.
+
+        Requests: one per page, plus at most half a page re-read per cursor move; a run of pages
+        costs one more walk per change seen in it or, without ``total_count``, at least one more.
+        """
+        seen: dict[str, dt.datetime | None] = {}
+        cursor, page, passes, moves, after_move = start, 1, 0, True, False
+        run_new, run_total, previous_full = 0, None, False
+        drifted = unsure = False  # in this run: an item surely moved / pages nothing vouches for
+        while True:
+            got = await self._page(path, key, {**params, from_key: self._stamp(cursor)}, page, what)
+            target: dt.datetime | None = None
+            if got is None:
+                unsure = unsure or previous_full  # the list shrank under us, or next_page lied
+            else:
+                fresh = 0
+                for item in got.items:
+                    item_id, updated = str(item["id"]), _updated_at(item)
+                    if item_id not in seen:
+                        seen[item_id], fresh = updated, fresh + 1
+                        yield item
+                    elif seen[item_id] != updated:
+                        # it moved while the walk ran: from this run's pages, it shifted them
+                        before, seen[item_id] = seen[item_id], updated
+                        drifted = drifted or (page > 1 and (before is None or before >= cursor))
+                run_new += fresh
+                if page == 1:
+                    run_total = got.total
+                elif previous_full and (got.total is None or run_total is None):
+                    unsure = True
+                elif previous_full and got.total != run_total:
+                    drifted = True  # something left the window between two pages
+                if after_move and fresh == 0 and got.next_page is not None:
+                    moves = False  # the cursor does not narrow the list: follow pages from now on
+                after_move = False
+                if moves and not _ascending(got.items):
+                    moves = False  # sort_by ignored: a cursor would skip what comes later
+                    logger.warning("qonto_list_unsorted", call=what)
+                if got.next_page is not None and not drifted:
+                    target = _next_cursor(got.items, cursor, seen) if moves else None
+                    if target is None:
+                        page, previous_full = got.next_page, got.full
+                        continue
+            # this run of pages is over: the list ended, it drifted, or the cursor moves on
+            if drifted or (unsure and run_new > 0):
+                passes += 1
+                if passes > MAX_LIST_PASSES:
+                    raise errors.QontoUnavailable(
+                        f"Qonto {what}: the list kept changing over {MAX_LIST_PASSES} re-walks"
+                    )
+                logger.info("qonto_list_rewalked", call=what, passes=passes, drifted=drifted)
+                target = cursor
+            elif target is None:
+                return
+            else:
+                after_move, passes = True, 0
+            cursor, page, previous_full = target, 1, False
+            run_new, run_total, drifted, unsure = 0, None, False, False
+
+    async def _settled(
         self, path: str, key: str, params: dict[str, Any], what: str
     ) -> AsyncIterator[dict[str, Any]]:
-        page = 1
-        while True:
-            response = await self._get_response(
-                path, what, {**params, "page": page, "per_page": PER_PAGE}
-            )
-            if response.status_code == 422 and page > 1:
-                return  # asking past the last page has been seen to answer 422
-            body = self._json(response, what)
-            items = body.get(key)
-            if not isinstance(items, list):
-                raise errors.QontoProtocolError(f"Qonto {what}: answer without {key!r}")
-            for item in items:
-                if isinstance(item, dict) and item.get("id"):
-                    yield item
-            meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
-            next_page = meta.get("next_page") if meta else None
-            if not next_page or not items:
+        """Every item of a list whose order is not documented, each once, by whole offset passes
+        repeated until one pass finds every item of the previous one, unchanged.
+
+        Without a documented sort no cursor can be trusted, so this walks pages and checks
+        instead: an item that changed or left during a pass may have shifted another out of it,
+        and shows in the next pass as missing or with a new ``updated_at``. A pass that finds every
+        item of the one before, unchanged, proves nothing shifted during that one, which was
+        therefore complete. A list read whole on page 1 needs no second pass. At most
+        ``MAX_LIST_PASSES`` passes, then QontoUnavailable (the caller keeps its watermark).
+        """
+        yielded: set[str] = set()
+        previous: dict[str, object] | None = None
+        for _ in range(MAX_LIST_PASSES):
+            current: dict[str, object] = {}
+            page, whole = 1, False
+            while True:
+                got = await self._page(path, key, params, page, what)
+                if got is None:
+                    break
+                for item in got.items:
+                    item_id, stamp = str(item["id"]), item.get("updated_at")
+                    if current.setdefault(item_id, stamp) != stamp:
+                        current[item_id] = _MOVED  # changed during this very pass
+                    if item_id not in yielded:
+                        yielded.add(item_id)
+                        yield item
+                if got.next_page is None:
+                    whole = page == 1
+                    break
+                page = got.next_page
+            if whole or (
+                previous is not None
+                and all(
+                    stamp is not _MOVED and current.get(i, _MISSING) == stamp
+                    for i, stamp in previous.items()
+                )
+            ):
                 return
-            page = int(next_page)
+            if previous is not None:
+                logger.info("qonto_list_rewalked", call=what, items=len(current))
+            previous = current
+        raise errors.QontoUnavailable(
+            f"Qonto {what}: the list kept changing over {MAX_LIST_PASSES} passes"
+        )
 
     @staticmethod
-    def _stamp(moment: dt.datetime) -> str:
-        return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    def _stamp(moment: dt.datetime, *, up: bool = False) -> str:
+        """UTC with milliseconds, as Qonto shows them: cut down for a lower bound, rounded ``up``
+        for an upper one, so that neither bound leaves out an item stamped within its millisecond."""
+        moment = moment.astimezone(dt.UTC)
+        if up and moment.microsecond % 1000:
+            moment += dt.timedelta(microseconds=1000 - moment.microsecond % 1000)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     async def transactions(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Transactions with attachments updated in the window, for every bank account."""
+        """Transactions with attachments updated in the window, for every bank account (keyset
+        walks: ``sort_by=updated_at:asc`` is documented)."""
         organization = await self.get_organization()
         for account in organization.get("bank_accounts") or []:
             if not isinstance(account, dict) or not account.get("id"):
                 continue
             params = {
                 "bank_account_id": account["id"],
-                "updated_at_from": self._stamp(updated_from),
-                "updated_at_to": self._stamp(updated_to),
+                "updated_at_to": self._stamp(updated_to, up=True),
                 "with_attachments": "true",
                 "includes[]": "attachments",
                 "sort_by": "updated_at:asc",
             }
-            async for item in self._pages(
-                "/v2/transactions", "transactions", params, "transactions"
+            async for item in self._keyset(
+                "/v2/transactions",
+                "transactions",
+                params,
+                "updated_at_from",
+                updated_from,
+                "transactions",
             ):
                 yield item
 
     async def supplier_invoices(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
+        """Supplier invoices updated in the window, whatever their status (a keyset walk:
+        ``sort_by=updated_at:asc`` is documented)."""
         params = {
-            "filter[updated_at_from]": self._stamp(updated_from),
-            "filter[updated_at_to]": self._stamp(updated_to),
+            "filter[updated_at_to]": self._stamp(updated_to, up=True),
             "sort_by": "updated_at:asc",
         }
-        async for item in self._pages(
-            "/v2/supplier_invoices", "supplier_invoices", params, "supplier invoices"
+        async for item in self._keyset(
+            "/v2/supplier_invoices",
+            "supplier_invoices",
+            params,
+            "filter[updated_at_from]",
+            updated_from,
+            "supplier invoices",
         ):
             yield item
 
     async def client_invoices(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Unpaid and paid client invoices; one pass per status (the docs do not say whether
-        ``filter[status]`` takes a list), filtered again here in case the filter is ignored."""
+        """Unpaid and paid client invoices updated since ``updated_from``.
+
+        One walk per status (the docs do not say whether ``filter[status]`` takes a list), filtered
+        again here in case the filter is ignored. The documented filters are ``filter[status]``,
+        ``filter[created_at_from]`` and ``filter[updated_at_from]``; no sort and no
+        ``filter[updated_at_to]`` are documented, so no keyset cursor can be trusted and
+        ``updated_to`` is not sent (what changed after it is found again by the next scan, and
+        dedupe makes that harmless). Each walk is a series of settled offset passes (see
+        :meth:`_settled`): an invoice updated mid-walk cannot make another one go unlisted.
+        """
+        del updated_to  # not a documented filter; see above
         for status in ("unpaid", "paid"):
             params = {
                 "filter[status]": status,
                 "filter[updated_at_from]": self._stamp(updated_from),
-                "filter[updated_at_to]": self._stamp(updated_to),
             }
-            async for item in self._pages(
+            async for item in self._settled(
                 "/v2/client_invoices", "client_invoices", params, "client invoices"
             ):
                 if item.get("status") == status:
@@ -456,8 +737,27 @@ class QontoClient:
                 headers={"Authorization": await self._authorization()},
             )
 
-        body = self._json(await self._send(call, "webhook subscription"), "webhook subscription")
+        pending = self._unsaved
+        response = await self._send(call, "webhook subscription")
+        await self._after_call(pending)
+        body = self._json(response, "webhook subscription")
         return dict(body.get("webhook_subscription") or body)
+
+    async def delete_webhook_subscription(self, subscription_id: str) -> None:
+        """``DELETE /v2/webhook_subscriptions/{id}``; a 404 means it is gone already."""
+        what = "delete webhook subscription"
+
+        async def call() -> httpx.Response:
+            return await self._http.api.delete(
+                f"/v2/webhook_subscriptions/{subscription_id}",
+                headers={"Authorization": await self._authorization()},
+            )
+
+        response = await self._send(call, what)
+        if response.status_code == 404 or response.is_success:
+            return
+        self._json(response, what)  # raises what the status means (refused credentials...)
+        raise errors.QontoProtocolError(f"Qonto {what}: HTTP {response.status_code}")
 
     # ------------------------------------------------------------------------------ download
 

@@ -4,12 +4,19 @@ Authentication (``login:secret`` verbatim, or an OAuth bearer from its token end
 token trap (an HTML page with status 200), pagination with ``meta.next_page`` and 422 past the end,
 presigned attachment URLs valid 30 minutes that refuse an ``Authorization`` header, 404 for deleted
 attachments, the 1,000 requests / 10 s limit, and injectable faults (429, 5xx, slow, expired URLs).
+
+Lists are computed afresh for every page, as offset pagination over a live table is: an item updated
+between two page requests moves, and the items after it shift. :meth:`QontoSandbox.after_page` runs
+a hook between two page requests to make that happen on purpose; :meth:`QontoSandbox.one_instant`
+gives many items the same ``updated_at``; ``list_totals = False`` leaves ``total_count`` and
+``total_pages`` out of ``meta`` (only ``next_page`` is documented).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
@@ -20,6 +27,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -134,6 +142,9 @@ class QontoSandbox:
         self.rate_limit, self.rate_window_s = RATE_LIMIT, RATE_WINDOW_S
         self.faults = QontoFaults()
         self.requests: list[tuple[str, str, bool]] = []
+        self.list_totals = True  # meta.total_count and meta.total_pages (undocumented) included
+        self._page_hooks: list[tuple[str, Callable[[int], object], list[int]]] = []
+        self._instant: str | None = None
         self.subscription_id = str(uuid.uuid4())
         self._lock = threading.RLock()
         self._signing_key = secrets.token_bytes(32)
@@ -184,11 +195,31 @@ class QontoSandbox:
         return time.time() + self.clock_offset_s
 
     def _stamp(self) -> str:
-        """A strictly increasing updated_at."""
+        """A strictly increasing updated_at (one and the same inside :meth:`one_instant`)."""
         with self._lock:
+            if self._instant is not None:
+                return self._instant
             moment = max(self.now(), self._last_stamp + 0.000001)
             self._last_stamp = moment
         return _iso(dt.datetime.fromtimestamp(moment, dt.UTC))
+
+    @contextlib.contextmanager
+    def one_instant(self) -> Iterator[str]:
+        """Every stamp handed out inside the block is the same instant (a bulk import or update)."""
+        stamp = self._stamp()
+        with self._lock:
+            self._instant = stamp
+        try:
+            yield stamp
+        finally:
+            with self._lock:
+                self._instant = None
+
+    def after_page(self, path: str, hook: Callable[[int], object]) -> None:
+        """Call ``hook(n)`` right after the n-th page of the list at ``path`` (counted from this
+        call) is answered, before the next request is read: to update items mid-walk."""
+        with self._lock:
+            self._page_hooks.append((path, hook, [0]))
 
     # -------------------------------------------------------------------------------- seeding
 
@@ -291,6 +322,13 @@ class QontoSandbox:
         with self._lock:
             self._supplier_invoices[invoice_id] = invoice
         return copy.deepcopy(invoice)
+
+    def set_supplier_invoice_status(self, invoice_id: str, status: str) -> dict[str, Any]:
+        with self._lock:
+            invoice = self._supplier_invoices[invoice_id]
+            invoice["status"] = status
+            invoice["updated_at"] = self._stamp()
+            return copy.deepcopy(invoice)
 
     def add_client_invoice(
         self, *, attachment_id: str, status: str, total: str, number: str | None = None
@@ -644,19 +682,26 @@ class QontoSandbox:
         total_pages = max(1, -(-len(items) // per_page))
         if page > total_pages:
             return json_error(422, "invalid_parameter", "page is past the last page")
-        return self._json(
-            {
-                key: items[(page - 1) * per_page : page * per_page],
-                "meta": {
-                    "current_page": page,
-                    "next_page": page + 1 if page < total_pages else None,
-                    "prev_page": page - 1 if page > 1 else None,
-                    "total_pages": total_pages,
-                    "total_count": len(items),
-                    "per_page": per_page,
-                },
-            }
-        )
+        meta: dict[str, Any] = {
+            "current_page": page,
+            "next_page": page + 1 if page < total_pages else None,
+            "prev_page": page - 1 if page > 1 else None,
+            "total_pages": total_pages,
+            "total_count": len(items),
+            "per_page": per_page,
+        }
+        if not self.list_totals:
+            del meta["total_pages"], meta["total_count"]
+        response = self._json({key: items[(page - 1) * per_page : page * per_page], "meta": meta})
+        with self._lock:
+            hooks = [
+                (hook, served) for path, hook, served in self._page_hooks if path == request.path
+            ]
+            for _, served in hooks:
+                served[0] += 1
+        for hook, served in hooks:
+            hook(served[0])
+        return response
 
     def _list(
         self,

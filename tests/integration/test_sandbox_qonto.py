@@ -235,6 +235,61 @@ def test_qonto_every_mutation_bumps_updated_at_strictly(
     assert all(a < b for a, b in itertools.pairwise(parsed))
 
 
+def test_qonto_after_page_hook_updates_an_item_between_two_page_requests(
+    qonto: qonto_sandbox.QontoSandbox, api: httpx.Client
+) -> None:
+    """A hook run after page 1 updates an item of page 1 out of the window: page 2 is recomputed,
+    the later items shift up, and a plain offset walk never sees the one that moved onto page 1."""
+    created = [
+        qonto.add_supplier_invoice(
+            attachment_id=_receipt(qonto, i), supplier_name=f"S{i}", total="1.00"
+        )
+        for i in range(5)
+    ]
+    pages: list[int] = []
+
+    def hook(n: int) -> None:
+        pages.append(n)
+        if n == 1:
+            qonto.set_supplier_invoice_status(created[0]["id"], "paid")
+
+    qonto.after_page("/v2/supplier_invoices", hook)
+    window = {"filter[updated_at_to]": dt.datetime.now(dt.UTC).isoformat(), "per_page": 2}
+    seen = []
+    for page in (1, 2):
+        body = api.get("/v2/supplier_invoices", params={**window, "page": page}).json()
+        seen += [i["id"] for i in body["supplier_invoices"]]
+    assert pages == [1, 2]
+    assert seen == [created[i]["id"] for i in (0, 1, 3, 4)]  # created[2] shifted onto page 1
+    assert body["meta"]["next_page"] is None  # and the list now ends on page 2
+    assert api.get("/v2/supplier_invoices", params={**window, "page": 3}).status_code == 422
+
+
+def test_qonto_one_instant_stamps_every_item_alike_then_stamps_move_on(
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """Inside one_instant every updated_at is the same; after it, stamps increase again."""
+    with qonto.one_instant() as stamp:
+        bulk = [
+            qonto.add_transaction(side="debit", amount=i, label="BULK", attachment_ids=[])
+            for i in range(3)
+        ]
+    after = qonto.add_transaction(side="debit", amount=9, label="AFTER", attachment_ids=[])
+    assert {t["updated_at"] for t in bulk} == {stamp}
+    assert after["updated_at"] > stamp
+
+
+def test_qonto_list_totals_can_be_left_out_of_meta(
+    qonto: qonto_sandbox.QontoSandbox, api: httpx.Client
+) -> None:
+    """list_totals = False: meta keeps next_page (documented) but no total_count or total_pages."""
+    qonto.list_totals = False
+    meta = api.get("/v2/supplier_invoices").json()["meta"]
+    assert meta["next_page"] is None
+    assert "total_count" not in meta
+    assert "total_pages" not in meta
+
+
 def test_qonto_transaction_attachments_lists_the_live_files(
     qonto: qonto_sandbox.QontoSandbox, api: httpx.Client
 ) -> None:

@@ -219,3 +219,152 @@ async def test_an_oauth_connection_stores_the_token_rotated_during_the_scan(
     assert isinstance(rotated, credentials.QontoOAuth)
     assert rotated.refresh_token.reveal() != stored.refresh_token.reveal()
     assert rotated.access_token is not None
+
+
+# ------------------------------------------------------------------------------ items updated mid-walk
+
+
+def _asked(sandbox: qonto_sandbox.QontoSandbox, path: str) -> int:
+    return sum(1 for _, asked, _ in sandbox.requests if asked == path)
+
+
+def _pages(count: int) -> int:
+    return -(-count // qonto_api.PER_PAGE)
+
+
+async def _supplier_documents(pool: asyncpg.Pool) -> set[str]:
+    rows = await pool.fetch(
+        "SELECT qonto_attachment_id FROM documents WHERE source = 'supplier_invoice'"
+    )
+    return {r["qonto_attachment_id"] for r in rows}
+
+
+async def test_a_supplier_invoice_updated_mid_scan_does_not_hide_another(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """The reviewer's case: 150 invoices, the first one approved after page 1 was read. All 150
+    become documents (the old walk listed 149 and moved the watermark past the lost one), in no
+    more than pages + 2 requests."""
+    invoices = [_supplier_invoice(qonto, seed=seed) for seed in range(150)]
+    qonto.after_page(
+        "/v2/supplier_invoices",
+        lambda n: n == 1 and qonto.set_supplier_invoice_status(str(invoices[0]["id"]), "paid"),
+    )
+    result = await _scan(upstream_settings, pool)
+    assert result.connections[0].errors == []
+    assert result.connections[0].seen["supplier_invoice"] == 150
+    assert await _supplier_documents(pool) == {str(i["attachment_id"]) for i in invoices}
+    assert _asked(qonto, "/v2/supplier_invoices") <= _pages(150) + 2
+
+
+async def test_supplier_invoices_spread_over_time_are_walked_by_cursor_through_updates(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """250 invoices two seconds apart, one updated after each of the first two pages: every
+    request is a page 1 from a moving cursor; all 250 found in pages + 1 requests."""
+    invoices = []
+    for seed in range(250):
+        qonto.clock = -600 + 2 * seed
+        invoices.append(_supplier_invoice(qonto, seed=seed))
+    qonto.clock = 0
+
+    def update(n: int) -> None:
+        if n in (1, 2):
+            qonto.set_supplier_invoice_status(str(invoices[(n - 1) * 100 + 5]["id"]), "paid")
+
+    qonto.after_page("/v2/supplier_invoices", update)
+    result = await _scan(
+        upstream_settings, pool, since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    )
+    assert result.connections[0].errors == []
+    assert await _supplier_documents(pool) == {str(i["attachment_id"]) for i in invoices}
+    assert _asked(qonto, "/v2/supplier_invoices") <= _pages(250) + 1
+
+
+@pytest.mark.parametrize("totals", [True, False], ids=["total_count", "no_total_count"])
+async def test_supplier_invoices_sharing_one_updated_at_are_all_found_through_an_update(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    totals: bool,
+) -> None:
+    """250 invoices stamped in one instant (a bulk import: the cursor cannot move), one updated
+    after page 1: all found; pages + 2 requests with total_count, three walks without it."""
+    qonto.list_totals = totals
+    with qonto.one_instant():
+        invoices = [_supplier_invoice(qonto, seed=seed) for seed in range(250)]
+    assert len({i["updated_at"] for i in invoices}) == 1
+    qonto.after_page(
+        "/v2/supplier_invoices",
+        lambda n: n == 1 and qonto.set_supplier_invoice_status(str(invoices[7]["id"]), "paid"),
+    )
+    result = await _scan(upstream_settings, pool)
+    assert result.connections[0].errors == []
+    assert await _supplier_documents(pool) == {str(i["attachment_id"]) for i in invoices}
+    asked = _asked(qonto, "/v2/supplier_invoices")
+    assert asked <= (_pages(250) + 2 if totals else 3 * _pages(250))
+
+
+async def test_a_transaction_updated_mid_scan_does_not_hide_another(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """150 transactions with receipts, one given another receipt after page 1 was read: the 150
+    receipts listed become documents (the new one is the next scan's), pages + 2 requests."""
+    made = [factories.receipt(qonto, seed=seed) for seed in range(150)]
+    replacement = qonto.add_attachment(
+        files.jpeg(seed=999), file_name="better.jpg", content_type="image/jpeg"
+    )
+    qonto.after_page(
+        "/v2/transactions",
+        lambda n: (
+            n == 1 and qonto.update_transaction(str(made[0][0]["id"]), attachment_ids=[replacement])
+        ),
+    )
+    result = await _scan(upstream_settings, pool)
+    assert result.connections[0].errors == []
+    assert result.connections[0].seen["transaction"] == 150
+    rows = await pool.fetch(
+        "SELECT qonto_attachment_id FROM documents WHERE source = 'transaction'"
+    )
+    assert {r["qonto_attachment_id"] for r in rows} == {attachment for _, attachment in made}
+    assert _asked(qonto, "/v2/transactions") <= _pages(150) + 2
+
+
+async def test_a_client_invoice_updated_mid_scan_does_not_hide_another(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """150 unpaid client invoices, one updated after page 1 (it moves to the end): every one is a
+    document, found by the settled passes (no documented sort to keep a cursor on)."""
+    invoices = [
+        qonto.add_client_invoice(
+            attachment_id=qonto.add_attachment(
+                files.pdf(seed=seed), file_name=f"F-{seed}.pdf", content_type="application/pdf"
+            ),
+            status="unpaid",
+            total="10.00",
+        )
+        for seed in range(150)
+    ]
+    qonto.after_page(
+        "/v2/client_invoices",
+        lambda n: n == 1 and qonto.set_client_invoice_status(str(invoices[0]["id"]), "unpaid"),
+    )
+    result = await _scan(upstream_settings, pool)
+    assert result.connections[0].errors == []
+    rows = await pool.fetch(
+        "SELECT qonto_attachment_id FROM documents WHERE source = 'client_invoice'"
+    )
+    assert {r["qonto_attachment_id"] for r in rows} == {str(i["attachment_id"]) for i in invoices}

@@ -553,6 +553,136 @@ async def test_oauth_without_app_credentials_is_a_configuration_error(
         await make(unit_settings, lambda _: httpx.Response(500), creds=creds).get_membership()
 
 
+class FlakyStore:
+    """An ``on_tokens_rotated`` callback whose database is down for the first ``failures`` calls."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+        self.stored: list[credentials.QontoCredentials] = []
+
+    async def __call__(self, creds: credentials.QontoCredentials) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise errors.DatabaseUnavailable(
+                "store credentials: PostgreSQL unavailable (ConnectionRefusedError)"
+            )
+        self.stored.append(creds)
+
+
+def _rotating_client(
+    store: FlakyStore, sleeps: Sleeps, clock: list[dt.datetime]
+) -> tuple[qonto.QontoClient, list[str]]:
+    """An OAuth client whose access token has expired; the token endpoint rotates the refresh
+    token to ``rotated-refresh-N`` with access ``rotated-access-N``. Returns the client and the
+    refresh tokens the endpoint was sent."""
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "oauth.test":
+            sent.append(urllib.parse.parse_qs(request.content.decode())["refresh_token"][0])
+            n = len(sent)
+            body = {
+                "access_token": f"rotated-access-{n}",
+                "refresh_token": f"rotated-refresh-{n}",
+                "expires_in": 3600,
+            }
+            return httpx.Response(200, json=body)
+        assert request.headers["authorization"] == "Bearer rotated-access-1"
+        return httpx.Response(200, json={"membership": {"role": "owner"}})
+
+    transport = httpx.MockTransport(handler)
+    http = qonto.HttpClients(
+        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
+        storage=httpx.AsyncClient(transport=transport),
+        limiter=qonto.RateLimiter(),
+    )
+    expired = credentials.QontoOAuth(
+        refresh_token=config.Secret("stored-refresh-0"),
+        access_token=config.Secret("stored-access-0"),
+        expires_at=clock[0] - dt.timedelta(minutes=1),
+    )
+    client = qonto.client(
+        oauth_settings(),
+        expired,
+        http,
+        on_tokens_rotated=store,
+        sleep=sleeps,
+        now=lambda: clock[0],
+    )
+    return client, sent
+
+
+def _refresh_token(creds: credentials.QontoCredentials) -> str:
+    assert isinstance(creds, credentials.QontoOAuth)
+    return creds.refresh_token.reveal()
+
+
+async def test_a_rotated_token_store_that_fails_is_retried_with_backoff() -> None:
+    """The database refuses the rotated token twice: the store is retried after backoff and the
+    third try keeps it; the call itself succeeds and nothing is left unsaved."""
+    store, sleeps, clock = FlakyStore(failures=2), Sleeps(), [dt.datetime.now(dt.UTC)]
+    client, sent = _rotating_client(store, sleeps, clock)
+    assert (await client.get_membership())["role"] == "owner"
+    assert sent == ["stored-refresh-0"]
+    assert store.calls == 3
+    assert [_refresh_token(c) for c in store.stored] == ["rotated-refresh-1"]
+    assert len(sleeps.delays) == 2
+    assert all(0 <= d <= qonto.BACKOFF_BASE_S * 2 for d in sleeps.delays)
+    assert not client.tokens_unsaved
+
+
+async def test_a_rotated_token_that_cannot_be_stored_is_kept_and_stored_by_the_next_call(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every store try fails: the call still succeeds on the fresh token, a warning
+    qonto_tokens_unsaved names no secret, the token stays flagged; the next call (after the retry
+    gap) stores it, without refreshing again (the old refresh token is dead 60 s later)."""
+    store, sleeps, clock = (
+        FlakyStore(failures=qonto.STORE_ATTEMPTS),
+        Sleeps(),
+        [dt.datetime.now(dt.UTC)],
+    )
+    client, sent = _rotating_client(store, sleeps, clock)
+    assert (await client.get_membership())["role"] == "owner"
+    assert store.calls == qonto.STORE_ATTEMPTS
+    assert store.stored == []
+    assert client.tokens_unsaved
+    logged = capsys.readouterr().err
+    [warning] = [
+        orjson.loads(line) for line in logged.splitlines() if "qonto_tokens_unsaved" in line
+    ]
+    assert warning["level"] == "warning"
+    assert warning["attempts"] == qonto.STORE_ATTEMPTS
+    assert warning["reason"] == "DatabaseUnavailable"
+    for secret in ("rotated-refresh-1", "rotated-access-1", "stored-refresh-0", "app-secret"):
+        assert secret not in logged
+
+    await client.get_membership()  # within the retry gap: the database is left alone
+    assert store.calls == qonto.STORE_ATTEMPTS
+
+    clock[0] += qonto.STORE_RETRY_GAP
+    await client.get_membership()
+    assert [_refresh_token(c) for c in store.stored] == ["rotated-refresh-1"]
+    assert not client.tokens_unsaved
+    assert sent == ["stored-refresh-0"]
+    assert await client.save_tokens() is True
+    assert store.calls == qonto.STORE_ATTEMPTS + 1
+
+
+async def test_save_tokens_reports_a_rotation_still_unsaved() -> None:
+    """save_tokens (the scan's last word) tries once more and says whether the token is stored."""
+    store, sleeps, clock = (
+        FlakyStore(failures=qonto.STORE_ATTEMPTS + 1),
+        Sleeps(),
+        [dt.datetime.now(dt.UTC)],
+    )
+    client, _ = _rotating_client(store, sleeps, clock)
+    await client.get_membership()
+    assert await client.save_tokens() is False
+    assert await client.save_tokens() is True
+    assert [_refresh_token(c) for c in store.stored] == ["rotated-refresh-1"]
+
+
 # ------------------------------------------------------------------------------------ clients
 
 
