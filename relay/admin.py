@@ -1,7 +1,9 @@
 """The admin API under ``/admin``: JSON mirroring the CLI, behind ``Authorization: Bearer``.
 
 Routes read what the application's lifespan put on ``app.state``: ``settings``, ``pool`` and ``amqp``.
-Errors follow the CLI's: unknown ids 404, refused operations 409, bad input 400, dependencies down 503.
+Every request under ``/admin`` is authenticated first (:class:`Authenticate`), whatever its path or
+method. Errors follow the CLI's: unknown ids 404, refused operations 409, bad input 400 (checked by the
+same validation as the command line's flags), dependencies down or the relay misconfigured 503.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import config, connections, credentials, crypto, documents, errors, log, models
 
@@ -40,20 +43,45 @@ def _authorized(request: Request) -> bool:
     )
 
 
+def _unauthorized() -> Response:
+    return JSONResponse(
+        {"error": "admin API: missing or wrong bearer token"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def is_admin_path(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
+
+
+class Authenticate:
+    """ASGI middleware: every HTTP request under ``/admin`` needs the bearer token, before routing
+    (an unknown path or a wrong method answers 401 too, not 404 or 405)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        admin = scope["type"] == "http" and is_admin_path(scope["path"])
+        if admin and not _authorized(Request(scope)):
+            await _unauthorized()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     """Authenticate, run, and turn the error tree into statuses (never a 500 for client input)."""
 
     async def wrapped(request: Request) -> Response:
         if not _authorized(request):
-            return JSONResponse(
-                {"error": "admin API: missing or wrong bearer token"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            return _unauthorized()
         try:
             result = await handler(request)
-        except BadRequest as exc:
+        except (BadRequest, connections.InvalidInput) as exc:
             return _json({"error": str(exc)}, 400)
+        except errors.ConfigurationError as exc:
+            return _json({"error": str(exc)}, 503)
         except errors.NotFound as exc:
             return _json({"error": str(exc)}, 404)
         except (errors.Refused, errors.Permanent) as exc:
@@ -108,17 +136,16 @@ async def list_connections(request: Request) -> Any:
     return [c.to_json() for c in await connections.list_all(request.app.state.pool)]
 
 
+def _field(name: str) -> str:
+    """The JSON key naming a field in the admin API's messages."""
+    return {"webhook_secret": "webhook_secrets"}.get(name, name)
+
+
 async def add_connection(request: Request) -> Any:
     body = await _body(request)
-    api_key, refresh = body.get("qonto_api_key"), body.get("qonto_refresh_token")
-    qonto_creds: credentials.QontoCredentials
-    if isinstance(api_key, str) and ":" in api_key and not refresh:
-        login, _, secret = api_key.partition(":")
-        qonto_creds = credentials.QontoApiKey(login=login, secret=config.Secret(secret))
-    elif isinstance(refresh, str) and refresh and not api_key:
-        qonto_creds = credentials.QontoOAuth(refresh_token=config.Secret(refresh))
-    else:
-        raise BadRequest("give exactly one of qonto_api_key (LOGIN:SECRET) or qonto_refresh_token")
+    qonto_creds = connections.qonto_credentials(
+        body.get("qonto_api_key"), body.get("qonto_refresh_token"), label=_field
+    )
     secrets = body.get("webhook_secrets") or []
     if not isinstance(secrets, list) or not all(isinstance(s, str) for s in secrets):
         raise BadRequest("webhook_secrets: a list of strings")
@@ -136,6 +163,7 @@ async def add_connection(request: Request) -> Any:
         subscribe=bool(body.get("subscribe", False)),
         since=_since(body.get("since")),
     )
+    connections.validate(new, label=_field)
     created = await connections.add(request.app.state.settings, request.app.state.pool, new)
     return _json(created.to_json(), 201)
 

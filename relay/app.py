@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -90,5 +91,6 @@ def create_app(settings: config.Settings) -> Starlette:
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Mount("/admin", routes=admin.routes()),
         ],
+        middleware=[Middleware(admin.Authenticate)],  # all of /admin, before routing
         lifespan=lifespan,
     )

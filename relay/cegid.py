@@ -25,7 +25,7 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from relay import config, credentials, errors, log, network
+from relay import config, credentials, errors, events, log, network
 
 logger = log.get(__name__)
 
@@ -45,9 +45,16 @@ async def http_client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The Cegid client's httpx client: base URL, subscription key, explicit timeouts.
     ``transport`` is for tests (httpx.MockTransport)."""
-    headers = {"User-Agent": "qonto-cegid-relay"}
-    if settings.cegid_subscription_key is not None:
-        headers["Ocp-Apim-Subscription-Key"] = settings.cegid_subscription_key.reveal()
+    if not settings.cegid_subscription_key:
+        # without it Loop answers 401 to every call, which would be blamed on the firm's key
+        raise errors.ConfigurationError(
+            "RELAY_CEGID_SUBSCRIPTION_KEY: required to call Cegid Loop (the partner's "
+            "Ocp-Apim-Subscription-Key, issued by Cegid)"
+        )
+    headers = {
+        "User-Agent": "qonto-cegid-relay",
+        "Ocp-Apim-Subscription-Key": settings.cegid_subscription_key.reveal(),
+    }
     # httpcore scans its whole pool on every request: size it to the upload cap
     limits = httpx.Limits(
         max_connections=settings.upload_concurrency + 4,
@@ -86,7 +93,7 @@ def _excerpt(response: httpx.Response) -> str:
 
 def _body(response: httpx.Response) -> Any:
     try:
-        return orjson.loads(response.content)
+        return events.loads(response.content)  # kept in jsonb: without NUL characters
     except orjson.JSONDecodeError:
         return response.text[:2000]
 

@@ -13,8 +13,9 @@ import contextlib
 import datetime as dt
 import signal
 import sys
+import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import asyncpg
@@ -24,15 +25,26 @@ from relay import config, connections, credentials, crypto, db, documents, error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+logger = log.get(__name__)
+
 
 class UsageError(Exception):
     """Bad flags or arguments: exit 2 with the message."""
 
 
+class _UsageExit(SystemExit):
+    """argparse's usage error (exit 2), with its message kept for ``--json``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise _UsageExit(message)
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -78,10 +90,16 @@ def _positive(value: str) -> int:
 
 
 def _settings(
-    *, require_secret_key: bool = True, require_admin_token: bool = False
+    *,
+    require_secret_key: bool = True,
+    require_admin_token: bool = False,
+    require_cegid_key: bool = False,
 ) -> config.Settings:
+    """The settings; ``require_cegid_key`` for the commands that call Cegid Loop."""
     return config.from_env(
-        require_secret_key=require_secret_key, require_admin_token=require_admin_token
+        require_secret_key=require_secret_key,
+        require_admin_token=require_admin_token,
+        require_cegid_subscription_key=require_cegid_key,
     )
 
 
@@ -102,7 +120,8 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    print(crypto.generate_key())
+    key = crypto.generate_key()
+    _emit_json({"secret_key": key}) if args.json else print(key)
     return EXIT_OK
 
 
@@ -127,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     log.configure(settings.log_level)
-    serve.run(settings)
+    serve.run(settings)  # raises when the start failed (exit 1, or 2 for configuration)
     return EXIT_OK
 
 
@@ -145,7 +164,7 @@ async def cmd_consume(args: argparse.Namespace) -> int:
 async def cmd_scheduler(args: argparse.Namespace) -> int:
     from consumers import scheduler
 
-    settings = _settings()
+    settings = _settings(require_cegid_key=True)
     log.configure(settings.log_level)
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -154,37 +173,102 @@ async def cmd_scheduler(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+RUN_SHUTDOWN_S = 30.0  # how long `relay run` waits for its roles to stop before cancelling them
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
-    """The HTTP edge, the consumer and the scheduler in one process (small deployments, demos)."""
+    """The HTTP edge, the consumer and the scheduler in one process (small deployments, demos).
+
+    Supervised: SIGTERM/SIGINT stops the three roles; a role ending on its own (an error, a lost
+    dependency it cannot survive) is logged as ``run_role_failed`` with the role and the error, the
+    other roles are stopped cleanly, and the process exits 1, so that whatever restarts it does,
+    instead of the intake accepting events that nothing processes.
+    """
     import uvicorn
 
     from consumers import buffer, scheduler
     from relay import app
 
-    settings = _settings()
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handlers: `relay run` handles SIGTERM/SIGINT for all roles
+        (uvicorn's would stop the intake alone, then re-raise the signal and kill the process)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    settings = _settings(require_cegid_key=True)
     log.configure(settings.log_level)
     stop = asyncio.Event()
-    server = uvicorn.Server(
+    _stop_on_signals(stop)
+    server = Server(
         uvicorn.Config(
             app.create_app(settings),
             host=settings.host,
             port=settings.port,
             access_log=False,
             log_level="warning",
+            log_config=None,  # uvicorn's records go through relay.log's handler (JSON when no TTY)
             lifespan="on",
+            timeout_graceful_shutdown=10,
         )
     )
     async with _pool(settings) as pool:
-        workers = [
-            asyncio.create_task(buffer.consume(settings, stop=stop), name="consume"),
-            asyncio.create_task(scheduler.run_forever(settings, pool, stop=stop), name="scheduler"),
-        ]
+        roles = {
+            asyncio.create_task(_serve(server), name="intake"): "intake",
+            asyncio.create_task(buffer.consume(settings, stop=stop), name="consume"): "consume",
+            asyncio.create_task(
+                scheduler.run_forever(settings, pool, stop=stop), name="scheduler"
+            ): "scheduler",
+        }
+        stopping = asyncio.create_task(stop.wait())
         try:
-            await server.serve()  # returns on SIGTERM/SIGINT (uvicorn handles them)
+            done, _ = await asyncio.wait({stopping, *roles}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.set()
-            await asyncio.gather(*workers, return_exceptions=True)
-    return EXIT_OK
+            stopping.cancel()
+        failed = [task for task in roles if task in done]  # ended before anyone asked them to
+        for task in failed:
+            _role_failed(roles[task], task)
+        stop.set()
+        server.should_exit = True
+        _, late = await asyncio.wait(roles, timeout=RUN_SHUTDOWN_S)
+        for task in late:
+            logger.error("run_role_stop_timeout", role=roles[task], timeout_s=RUN_SHUTDOWN_S)
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        for task in roles:
+            if task not in failed and not task.cancelled() and task.exception() is not None:
+                failed.append(task)
+                _role_failed(roles[task], task)
+    logger.info("run_stopped", failed=[roles[t] for t in failed])
+    return EXIT_FAILED if failed or late else EXIT_OK
+
+
+class RunRoleError(errors.RelayError):
+    """A role of `relay run` could not run."""
+
+
+async def _serve(server: Any) -> None:
+    """uvicorn's serve(), with its ``sys.exit`` at a failed start turned into an error of the role."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        raise RunRoleError(
+            f"the HTTP server did not start (uvicorn exit code {exc.code}; see its error above)"
+        ) from None
+
+
+def _role_failed(role: str, task: asyncio.Task[Any]) -> None:
+    exc = None if task.cancelled() else task.exception()
+    if exc is None:
+        logger.error("run_role_failed", role=role, error="stopped on its own")
+    else:
+        logger.error(
+            "run_role_failed",
+            role=role,
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=None if isinstance(exc, errors.RelayError) else exc,
+        )
 
 
 async def cmd_flush(args: argparse.Namespace) -> int:
@@ -194,7 +278,7 @@ async def cmd_flush(args: argparse.Namespace) -> int:
         raise UsageError(
             "relay flush needs --now (the daily flush is run by `relay scheduler` at RELAY_FLUSH_AT)"
         )
-    settings = _settings()
+    settings = _settings(require_cegid_key=True)
     log.configure(settings.log_level)
     report = await flusher.run_once(settings, connection_id=args.connection, since=args.since)
     if args.json:
@@ -204,25 +288,11 @@ async def cmd_flush(args: argparse.Namespace) -> int:
     return EXIT_OK if report.exit_code == 0 else EXIT_FAILED
 
 
-def _qonto_credentials(args: argparse.Namespace) -> credentials.QontoCredentials:
-    if bool(args.qonto_api_key) == bool(args.qonto_refresh_token):
-        raise UsageError(
-            "give exactly one of --qonto-api-key LOGIN:SECRET or --qonto-refresh-token"
-        )
-    if args.qonto_api_key:
-        login, sep, secret = args.qonto_api_key.partition(":")
-        if not sep or not login or not secret:
-            raise UsageError("--qonto-api-key must be LOGIN:SECRET")
-        return credentials.QontoApiKey(login=login, secret=config.Secret(secret))
-    return credentials.QontoOAuth(refresh_token=config.Secret(args.qonto_refresh_token))
-
-
 async def cmd_connections_add(args: argparse.Namespace) -> int:
-    settings = _settings()
     new = connections.NewConnection(
         client_name=args.client_name,
         qonto_organization_id=args.qonto_organization_id,
-        qonto=_qonto_credentials(args),
+        qonto=connections.qonto_credentials(args.qonto_api_key, args.qonto_refresh_token),
         cegid=credentials.CegidCredentials(
             api_key=config.Secret(args.cegid_api_key),
             api_secret=config.Secret(args.cegid_api_secret),
@@ -233,6 +303,8 @@ async def cmd_connections_add(args: argparse.Namespace) -> int:
         subscribe=args.subscribe,
         since=args.since,
     )
+    connections.validate(new)  # usage errors first, before the configuration and any call
+    settings = _settings(require_cegid_key=True)
     async with _pool(settings) as pool:
         created = await connections.add(settings, pool, new)
     if args.json:
@@ -241,6 +313,10 @@ async def cmd_connections_add(args: argparse.Namespace) -> int:
         print(f"connection {created.connection.id} created for {args.client_name}")
         print(f"  Loop shows it as: {args.client_name} x Qonto (dossier {args.cegid_dossier})")
         print(f"  webhook URL: {created.webhook_url}")
+        if created.subscriptions:
+            print(f"  webhook subscriptions created in Qonto: {created.subscriptions}")
+        for warning in created.warnings:
+            print(f"warning: {warning}")
     return EXIT_OK
 
 
@@ -268,6 +344,7 @@ def _print_connection(value: dict[str, Any]) -> None:
         "state",
         "state_reason",
         "scan_since",
+        "connected_at",
         "first_upload_at",
         "dossier_checked_at",
     ):
@@ -288,7 +365,7 @@ async def cmd_connections_show(args: argparse.Namespace) -> int:
 
 
 async def cmd_connections_check(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _settings(require_cegid_key=True)
     async with _pool(settings) as pool:
         value = await connections.check(settings, pool, args.id)
     _emit_json(value) if args.json else _print_connection(value)
@@ -304,7 +381,7 @@ async def cmd_connections_disconnect(args: argparse.Namespace) -> int:
 
 
 async def cmd_connections_reconnect(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = _settings(require_cegid_key=True)
     async with _pool(settings) as pool:
         value = await connections.reconnect(settings, pool, args.id)
     _emit_json(value) if args.json else _print_connection(value)
@@ -406,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         return p
 
-    command("keygen", "print a new RELAY_SECRET_KEY", cmd_keygen)
+    command("keygen", "print a new RELAY_SECRET_KEY", cmd_keygen, json=True)
     command(
         "migrate",
         "create or upgrade the schema (idempotent, safe concurrently)",
@@ -524,25 +601,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str, code: int, *, as_json: bool) -> int:
+    """A failed command: its message on stderr and, with ``--json``, one JSON document on stdout."""
+    print(f"relay: {message}", file=sys.stderr)
+    if as_json:
+        _emit_json({"error": message, "exit_code": code})
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(arguments)
+    except _UsageExit as exc:
+        if "--json" in arguments:
+            _emit_json({"error": exc.message, "exit_code": EXIT_USAGE})
+        raise
     log.configure("warning")  # on standard error: stdout is for results (and JSON) only
+    as_json = bool(getattr(args, "json", False))
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
         return int(result or 0)
-    except UsageError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except errors.ConfigurationError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except errors.NotFound as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except (
+        UsageError,
+        connections.InvalidInput,
+        errors.ConfigurationError,
+        errors.NotFound,
+    ) as exc:
+        return _fail(str(exc), EXIT_USAGE, as_json=as_json)
     except errors.RelayError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(str(exc), EXIT_FAILED, as_json=as_json)
     except KeyboardInterrupt:
+        if as_json:
+            _emit_json({"error": "interrupted", "exit_code": EXIT_FAILED})
         return EXIT_FAILED
+    except Exception as exc:
+        # The last resort: one line, never a traceback unless asked for (it may show values).
+        if config.debug_requested():
+            traceback.print_exc(file=sys.stderr)
+        detail = " ".join(log.redact_text(str(exc)).split()) or "no detail"
+        return _fail(
+            f"unexpected error ({type(exc).__name__}: {detail}); RELAY_LOG_LEVEL=debug shows the "
+            "traceback",
+            EXIT_FAILED,
+            as_json=as_json,
+        )

@@ -36,16 +36,37 @@ class Secret:
         return bool(self._value)
 
 
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,15}")  # a scheme that is safe to name in an error
+_SENSITIVE_PARAM = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs and error messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with any password and sensitive query value replaced by ``***`` (for logs).
+
+    A value that does not parse as a URL with a host is never returned as is: only its scheme (when
+    it has one) survives, since a typo'd URL may still carry a password.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "***"
+    if not parts.scheme or not parts.netloc or not host:
+        return f"{parts.scheme}://***" if _SCHEME.fullmatch(parts.scheme) else "***"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    if port:
+        host = f"{host}:{port}"
+    if parts.password is not None:
+        netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+    else:
+        netloc = f"{parts.username}@{host}" if parts.username else host
+    query = "&".join(
+        f"{key}=***" if _SENSITIVE_PARAM.search(key) else f"{key}={value}"
+        for key, _, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 DEFAULTS: Final[Mapping[str, str]] = {
@@ -121,9 +142,29 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...], bad: list[str]) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in schemes or not parts.hostname:
-        bad.append(f"{name}: expected a {' or '.join(schemes)} URL, got {redact_url(value)!r}")
+    """Check a URL; a problem is described without the value (a typo'd URL may hold a password)."""
+    expected = " or ".join(f"{scheme}://" for scheme in schemes)
+    try:
+        parts = urlsplit(value)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        problem = (
+            "the port must be a number from 1 to 65535"
+            if "port" in str(exc).lower()
+            else "not a valid URL (it cannot be parsed: check the brackets around an IPv6 host)"
+        )
+        bad.append(f"{name}: {problem}")
+        return value
+    if parts.scheme not in schemes:
+        got = f"scheme {parts.scheme!r}" if _SCHEME.fullmatch(parts.scheme) else "no scheme"
+        bad.append(f"{name}: expected a URL starting with {expected}, got {got}")
+    elif not parts.netloc or not host:
+        bad.append(
+            f"{name}: the {parts.scheme} URL has no host (expected "
+            f"{parts.scheme}://[user[:password]@]host[:port]/...; is '//' missing?)"
+        )
+    elif port == 0:
+        bad.append(f"{name}: the port must be a number from 1 to 65535")
     return value
 
 
@@ -143,6 +184,7 @@ def from_env(
     *,
     require_secret_key: bool = True,
     require_admin_token: bool = False,
+    require_cegid_subscription_key: bool = False,
 ) -> Settings:
     """Build Settings from the environment; raise ConfigurationError naming every bad variable."""
     env = dict(os.environ if environ is None else environ)
@@ -218,6 +260,13 @@ def from_env(
     elif admin_token is not None and len(admin_token.reveal()) < 16:
         bad.append("RELAY_ADMIN_TOKEN: must be at least 16 characters")
 
+    cegid_subscription_key = optional_secret("RELAY_CEGID_SUBSCRIPTION_KEY")
+    if require_cegid_subscription_key and cegid_subscription_key is None:
+        bad.append(
+            "RELAY_CEGID_SUBSCRIPTION_KEY: required to call Cegid Loop (the partner's "
+            "Ocp-Apim-Subscription-Key, issued by Cegid; without it Loop answers 401 to every call)"
+        )
+
     if bad:
         raise errors.ConfigurationError(
             "invalid configuration:\n" + "\n".join(f"  - {line}" for line in bad)
@@ -233,7 +282,7 @@ def from_env(
         qonto_client_secret=client_secret,
         qonto_staging_token=optional_secret("RELAY_QONTO_STAGING_TOKEN"),
         cegid_api_url=cegid_api_url.rstrip("/"),
-        cegid_subscription_key=optional_secret("RELAY_CEGID_SUBSCRIPTION_KEY"),
+        cegid_subscription_key=cegid_subscription_key,
         admin_token=admin_token,
         public_url=public_url.rstrip("/"),
         flush_at=flush_at,
@@ -246,3 +295,9 @@ def from_env(
         amqp_prefix=prefix,
         log_level=log_level,
     )
+
+
+def debug_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether RELAY_LOG_LEVEL asks for debug output (tracebacks), read without validating the rest."""
+    env = os.environ if environ is None else environ
+    return env.get("RELAY_LOG_LEVEL", "").strip().lower() == "debug"

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import secrets as pysecrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -26,11 +27,36 @@ SETUP_ROLES: Final = frozenset({"owner", "admin", "reporting"})
 ELIGIBLE_PLANS: Final = frozenset({"smart", "premium", "essential", "business", "enterprise"})
 WEBHOOK_TOPICS: Final = ("v1/transactions", "v1/client-invoices", "v1/consent-revocations")
 FOLDER_DEADLINE: Final = dt.timedelta(hours=24)
+FOLDER_CHECK_UNTIL: Final = dt.timedelta(days=7)  # the check after the first deposit, not forever
 FOLDER_ADVICE: Final = (
     "the client's folder has not appeared in Loop 24 hours after setup: disconnect and reconnect "
     "(relay connections disconnect {id} then relay connections reconnect {id}), and check in Loop Hub "
     "that dossier {dossier} is associated with the partner's API key"
 )
+FOLDER_CHECK: Final = (
+    "the first document reached Loop more than 24 hours ago: if the client's folder is not visible "
+    "in Loop yet, disconnect and reconnect (relay connections disconnect {id} then relay connections "
+    "reconnect {id}), and check in Loop Hub that dossier {dossier} is associated with the partner's "
+    "API key"
+)
+PLAN_UNVERIFIED: Final = (
+    "the Qonto plan could not be verified (Qonto did not name it): the accounting export needs "
+    "Smart, Premium, Essential, Business or Enterprise"
+)
+_PLAN_WORDS: Final = re.compile(r"[^a-z0-9-]+")  # a hyphen binds: "non-premium" is one word
+
+# How a field is named to the user: a flag for the command line, a JSON key for the admin API.
+Label = Callable[[str], str]
+
+
+def flag_name(field: str) -> str:
+    """The command line's name for a field: ``webhook_secret`` -> ``--webhook-secret``."""
+    return "--" + field.replace("_", "-")
+
+
+class InvalidInput(errors.Refused):
+    """The values given are wrong by themselves (bad flags or fields): a usage error, caught before
+    anything is contacted (exit 2 on the command line, 400 from the admin API)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,7 +77,9 @@ class Created:
     connection: models.Connection
     webhook_url: str
     webhook_path: str
-    subscriptions: int
+    subscriptions: int  # webhook subscriptions the relay created in Qonto
+    webhook_secrets: int = 0  # webhook secrets stored (given, or returned by those subscriptions)
+    warnings: Sequence[str] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,8 +87,53 @@ class Created:
             "webhook_url": self.webhook_url,
             "webhook_path": self.webhook_path,
             "webhook_subscriptions_created": self.subscriptions,
+            "webhook_secrets_stored": self.webhook_secrets,
+            "warnings": list(self.warnings),
             "connection": self.connection.to_json(),
         }
+
+
+def qonto_credentials(
+    api_key: object, refresh_token: object, *, label: Label = flag_name
+) -> credentials.QontoCredentials:
+    """The Qonto authentication: exactly one of an API key ``LOGIN:SECRET`` or a refresh token."""
+    if bool(api_key) == bool(refresh_token):
+        raise InvalidInput(
+            f"give exactly one of {label('qonto_api_key')} LOGIN:SECRET or "
+            f"{label('qonto_refresh_token')}"
+        )
+    if api_key:
+        login, sep, secret = api_key.partition(":") if isinstance(api_key, str) else ("", "", "")
+        if not sep or not login.strip() or not secret.strip():
+            raise InvalidInput(f"{label('qonto_api_key')} must be LOGIN:SECRET")
+        return credentials.QontoApiKey(login=login, secret=config.Secret(secret))
+    if not isinstance(refresh_token, str) or not refresh_token.strip():
+        raise InvalidInput(f"{label('qonto_refresh_token')} must be a non-empty string")
+    return credentials.QontoOAuth(refresh_token=config.Secret(refresh_token))
+
+
+def validate(new: NewConnection, *, label: Label = flag_name) -> None:
+    """The checks of a new connection's own values, before anything is contacted; raise InvalidInput."""
+    for field, value in (
+        ("client_name", new.client_name),
+        ("qonto_organization_id", new.qonto_organization_id),
+        ("cegid_dossier", new.cegid_dossier),
+        ("cegid_domain", new.cegid_domain),
+        ("cegid_api_key", new.cegid.api_key.reveal()),
+        ("cegid_api_secret", new.cegid.api_secret.reveal()),
+    ):
+        if not value.strip():
+            raise InvalidInput(f"{label(field)} must not be empty")
+    if not new.webhook_secrets and not new.subscribe:
+        raise InvalidInput(
+            f"give at least one {label('webhook_secret')}, or {label('subscribe')} so the relay "
+            "registers the webhooks itself"
+        )
+    for secret in new.webhook_secrets:
+        if not 16 <= len(secret) <= 256:
+            raise InvalidInput(
+                f"a webhook secret ({label('webhook_secret')}) must be 16 to 256 characters long"
+            )
 
 
 def _plan_of(organization: dict[str, Any]) -> str | None:
@@ -75,7 +148,13 @@ def _plan_of(organization: dict[str, Any]) -> str | None:
 
 
 def _plan_is_eligible(plan: str) -> bool:
-    return any(name in plan.lower() for name in ELIGIBLE_PLANS)
+    """An eligible plan's name as a whole word ("Premium", "essential_2023"), not as a substring."""
+    return any(word in ELIGIBLE_PLANS for word in _PLAN_WORDS.split(plan.lower()))
+
+
+def plan_notice(organization: dict[str, Any]) -> str | None:
+    """What to tell the user when Qonto names no plan (accepted, but not verified)."""
+    return PLAN_UNVERIFIED if _plan_of(organization) is None else None
 
 
 async def verify_qonto(
@@ -89,12 +168,26 @@ async def verify_qonto(
             f"this Qonto member's role is {role or 'unknown'!r}: only owners, admins and reporting "
             "members can set up the accounting export"
         )
-    member_org = membership.get("organization_id")
-    if member_org and str(member_org) != organization_id:
+    organization = await client.get_organization()
+    # the organization the credentials reach, by its id or its slug (either may be given)
+    known = {
+        str(value)
+        for value in (
+            membership.get("organization_id"),
+            organization.get("id"),
+            organization.get("slug"),
+        )
+        if value
+    }
+    if not known:
+        raise errors.Refused(
+            "Qonto did not say which organization the credentials belong to: the organization id "
+            "cannot be checked"
+        )
+    if organization_id not in known:
         raise errors.Refused(
             "the Qonto credentials belong to another organization than --qonto-organization-id"
         )
-    organization = await client.get_organization()
     plan = _plan_of(organization)
     if plan is not None and not _plan_is_eligible(plan):
         raise errors.Refused(
@@ -105,15 +198,13 @@ async def verify_qonto(
 
 
 async def add(settings: config.Settings, pool: asyncpg.Pool, new: NewConnection) -> Created:
-    """Validate against Qonto and Cegid, then store the connection with its sealed secrets."""
-    if not new.webhook_secrets and not new.subscribe:
-        raise errors.Refused(
-            "give at least one --webhook-secret, or --subscribe so the relay registers the "
-            "webhooks itself"
-        )
-    for secret in new.webhook_secrets:
-        if not 16 <= len(secret) <= 256:
-            raise errors.Refused("a webhook secret must be 16 to 256 characters long")
+    """Validate against Qonto and Cegid, then store the connection with its sealed secrets.
+
+    With ``subscribe``, the webhook subscriptions are created in Qonto before the connection is
+    stored; if a later step fails they are deleted again (Qonto would otherwise call, for days, a
+    connection that does not exist), and the error says so.
+    """
+    validate(new)
     box = crypto.Box(settings.secret_key.reveal())
     connection_id = uuid.uuid4()
     now = dt.datetime.now(dt.UTC)
@@ -125,19 +216,59 @@ async def add(settings: config.Settings, pool: asyncpg.Pool, new: NewConnection)
     subscriptions: list[tuple[str, str | None, list[str]]] = [
         (secret, None, list(WEBHOOK_TOPICS)) for secret in new.webhook_secrets
     ]
+    created_ids: list[str] = []
     async with qonto.http_clients(settings) as http, cegid.http_client(settings) as cegid_http:
         client = qonto.client(settings, new.qonto, http, on_tokens_rotated=keep_rotated)
-        await verify_qonto(client, new.qonto_organization_id)
+        _, organization = await verify_qonto(client, new.qonto_organization_id)
+        warnings = [w for w in (plan_notice(organization),) if w]
         await cegid.CegidClient(settings, cegid_http).check_dossier(new.cegid, new.cegid_dossier)
-        if new.subscribe and not new.webhook_secrets:
-            callback = settings.webhook_url(str(connection_id))
-            for topic in WEBHOOK_TOPICS:
-                secret = pysecrets.token_hex(32)
-                created = await client.create_webhook_subscription(callback, [topic], secret=secret)
-                subscriptions.append(
-                    (str(created.get("secret") or secret), created.get("id"), [topic])
-                )
-    qonto_creds = rotated[-1] if rotated else new.qonto
+        try:
+            if new.subscribe and not new.webhook_secrets:
+                callback = settings.webhook_url(str(connection_id))
+                for topic in WEBHOOK_TOPICS:
+                    secret = pysecrets.token_hex(32)
+                    created = await client.create_webhook_subscription(
+                        callback, [topic], secret=secret
+                    )
+                    subscription_id = str(created["id"]) if created.get("id") else None
+                    if subscription_id:
+                        created_ids.append(subscription_id)
+                    subscriptions.append(
+                        (str(created.get("secret") or secret), subscription_id, [topic])
+                    )
+            qonto_creds = rotated[-1] if rotated else new.qonto
+            connection = await _insert(
+                pool, box, connection_id, new, qonto_creds, subscriptions, now
+            )
+        except BaseException as exc:
+            if created_ids:
+                await _undo_subscriptions(client, created_ids, exc)
+            raise
+    logger.info(
+        "connection_added",
+        connection=str(connection_id),
+        dossier=new.cegid_dossier,
+        subscriptions=len(subscriptions),
+    )
+    return Created(
+        connection=connection,
+        webhook_url=settings.webhook_url(str(connection_id)),
+        webhook_path=settings.webhook_path(str(connection_id)),
+        subscriptions=len(subscriptions) - len(new.webhook_secrets),
+        webhook_secrets=len(subscriptions),
+        warnings=warnings,
+    )
+
+
+async def _insert(
+    pool: asyncpg.Pool,
+    box: crypto.Box,
+    connection_id: uuid.UUID,
+    new: NewConnection,
+    qonto_creds: credentials.QontoCredentials,
+    subscriptions: Sequence[tuple[str, str | None, list[str]]],
+    now: dt.datetime,
+) -> models.Connection:
     kind = "oauth" if isinstance(qonto_creds, credentials.QontoOAuth) else "api_key"
     with db.translate("add connection"):
         async with pool.acquire() as conn, conn.transaction():
@@ -165,19 +296,36 @@ async def add(settings: config.Settings, pool: asyncpg.Pool, new: NewConnection)
                 )
     if record is None:
         raise errors.DatabaseUnavailable("the new connection was not stored")
-    connection = models.Connection.from_record(record)
-    logger.info(
-        "connection_added",
-        connection=str(connection_id),
-        dossier=new.cegid_dossier,
-        subscriptions=len(subscriptions),
-    )
-    return Created(
-        connection=connection,
-        webhook_url=settings.webhook_url(str(connection_id)),
-        webhook_path=settings.webhook_path(str(connection_id)),
-        subscriptions=len(subscriptions) if new.subscribe else 0,
-    )
+    return models.Connection.from_record(record)
+
+
+async def _undo_subscriptions(
+    client: qonto.QontoClient, subscription_ids: Sequence[str], exc: BaseException
+) -> None:
+    """Delete the subscriptions of a connection that will not be stored, and say so in ``exc``."""
+    left: list[str] = []
+    for subscription_id in subscription_ids:
+        try:
+            await client.delete_webhook_subscription(subscription_id)
+        except errors.RelayError as failure:
+            logger.warning(
+                "webhook_subscription_not_deleted",
+                subscription=subscription_id,
+                reason=str(failure),
+            )
+            left.append(subscription_id)
+    deleted = len(subscription_ids) - len(left)
+    logger.warning("webhook_subscriptions_undone", deleted=deleted, left=left)
+    note = f"the {deleted} webhook subscription(s) already created in Qonto were deleted"
+    if left:
+        note = (
+            f"{note if deleted else 'no webhook subscription could be deleted'}; delete "
+            f"{', '.join(left)} in Qonto (they call a connection that was not stored)"
+        )
+    if isinstance(exc, errors.RelayError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} ({note})",)
+    else:
+        exc.add_note(note)
 
 
 async def list_all(pool: asyncpg.Pool) -> list[models.Connection]:
@@ -194,24 +342,45 @@ async def get(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection
     return models.Connection.from_record(record)
 
 
-def folder_warning(
-    connection: models.Connection, now: dt.datetime, *, waiting_documents: int
-) -> str | None:
-    """The advice to give when the client's folder has not appeared in Loop 24 h after setup.
+def _refused_by(reason: str | None, side: str) -> bool:
+    """Whether a connection's reason holds a refusal by ``side`` ("Qonto" or "Cegid")."""
+    return any(part.strip().startswith(side) for part in (reason or "").split(";"))
 
-    Loop shows the partner's folder after the first deposit; nothing in its API lists folders. So the
-    relay says it when, 24 hours after setup, documents are waiting but no deposit has succeeded yet,
-    or when Cegid refuses the dossier (the check's outcome is the connection's state and reason).
+
+def folder_warning(
+    connection: models.Connection,
+    now: dt.datetime,
+    *,
+    waiting_documents: int,
+    connected_at: dt.datetime,
+    first_deposit_at: dt.datetime | None,
+) -> str | None:
+    """The advice to give about the client's folder in Loop, counted from the (re)connection.
+
+    Loop shows the partner's folder after the first deposit, sometimes hours later; nothing in its
+    API lists folders, so the relay cannot see it. 24 hours after (re)connection it advises
+    disconnect and reconnect when Cegid refuses the dossier, or when documents are waiting (pending,
+    being sent or in doubt; not failed, and not for a refusal on Qonto's side) and no deposit was
+    accepted since. Once a deposit was accepted, it asks the accountant to check the folder is
+    visible, from 24 hours to 7 days after that first deposit (a check, not a standing warning).
     """
     if connection.state in (models.ConnectionState.REVOKED, models.ConnectionState.DISCONNECTED):
         return None
-    if now - connection.created_at < FOLDER_DEADLINE:
+    if now - connected_at < FOLDER_DEADLINE:
         return None
-    if (connection.first_upload_at is None and waiting_documents > 0) or (
-        connection.state == models.ConnectionState.NEEDS_ATTENTION
-        and (connection.state_reason or "").startswith("Cegid")
-    ):
-        return FOLDER_ADVICE.format(id=connection.id, dossier=connection.cegid_dossier)
+    flagged = connection.state == models.ConnectionState.NEEDS_ATTENTION
+    advice = {"id": connection.id, "dossier": connection.cegid_dossier}
+    if flagged and _refused_by(connection.state_reason, "Cegid"):
+        return FOLDER_ADVICE.format(**advice)
+    if first_deposit_at is not None:
+        since_deposit = now - first_deposit_at
+        if FOLDER_DEADLINE <= since_deposit < FOLDER_CHECK_UNTIL:
+            return FOLDER_CHECK.format(**advice)
+        return None
+    if flagged and _refused_by(connection.state_reason, "Qonto"):
+        return None  # the documents wait for Qonto's credentials, not for Loop
+    if waiting_documents > 0:
+        return FOLDER_ADVICE.format(**advice)
     return None
 
 
@@ -221,11 +390,21 @@ async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, An
     with db.translate("describe connection"):
         secrets_rows = await pool.fetch(queries.get("list_webhook_secrets"), connection_id)
         counts = await pool.fetch(queries.get("count_documents_by_state"), connection_id)
+        facts = await pool.fetchrow(queries.get("folder_facts"), connection_id)
     now = dt.datetime.now(dt.UTC)
     by_state = {r["state"]: r["n"] for r in counts}
-    waiting = sum(by_state.get(s, 0) for s in ("pending", "uploading", "failed", "in_doubt"))
+    waiting = sum(by_state.get(s, 0) for s in ("pending", "uploading", "in_doubt"))
+    connected_at = facts["connected_at"] if facts is not None else connection.created_at
+    warning = folder_warning(
+        connection,
+        now,
+        waiting_documents=waiting,
+        connected_at=connected_at,
+        first_deposit_at=facts["first_deposit_at"] if facts is not None else None,
+    )
     return {
         **connection.to_json(),
+        "connected_at": connected_at.isoformat(),
         "webhook_subscriptions": [
             {
                 "qonto_subscription_id": r["qonto_subscription_id"],
@@ -236,28 +415,30 @@ async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, An
             for r in secrets_rows
         ],
         "documents": by_state,
-        "warnings": [w for w in (folder_warning(connection, now, waiting_documents=waiting),) if w],
+        "warnings": [warning] if warning else [],
     }
 
 
-async def check(
-    settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
-) -> dict[str, Any]:
-    """Re-check both sides now; flag the connection when one refuses, clear the flag when both pass."""
-    connection = await get(pool, connection_id)
+async def _verify(
+    settings: config.Settings, pool: asyncpg.Pool, connection: models.Connection
+) -> tuple[list[str], list[str]]:
+    """Check both sides now: (problems, notices). Raise when a side cannot be checked at all
+    (unavailable, misconfigured): then nothing is known, and nothing may change."""
     box = crypto.Box(settings.secret_key.reveal())
-    qonto_creds, cegid_creds = await credentials.load(pool, box, connection_id)
+    qonto_creds, cegid_creds = await credentials.load(pool, box, connection.id)
     problems: list[str] = []
+    notices: list[str] = []
 
     async def store_rotated(creds: credentials.QontoCredentials) -> None:
-        await credentials.store_qonto(pool, box, connection_id, creds)
+        await credentials.store_qonto(pool, box, connection.id, creds)
 
     async with qonto.http_clients(settings) as http, cegid.http_client(settings) as cegid_http:
         try:
-            await verify_qonto(
+            _, organization = await verify_qonto(
                 qonto.client(settings, qonto_creds, http, on_tokens_rotated=store_rotated),
                 connection.qonto_organization_id,
             )
+            notices += [n for n in (plan_notice(organization),) if n]
         except (errors.QontoAuthRejected, errors.Refused) as exc:
             problems.append(f"Qonto: {exc}")
         try:
@@ -266,17 +447,31 @@ async def check(
             )
         except errors.CegidAccessRefused as exc:
             problems.append(f"Cegid: {exc}")
-    if connection.state in (models.ConnectionState.ACTIVE, models.ConnectionState.NEEDS_ATTENTION):
-        state = (
-            models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
-        )
-        await set_state(pool, connection_id, state, "; ".join(problems) or None)
-        if not problems:
-            with db.translate("dossier checked"):
-                await pool.execute(queries.get("set_dossier_checked"), connection_id)
+    return problems, notices
+
+
+async def _checked(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, problems: list[str], notices: list[str]
+) -> dict[str, Any]:
+    if not problems:
+        with db.translate("dossier checked"):
+            await pool.execute(queries.get("set_dossier_checked"), connection_id)
     result = await describe(pool, connection_id)
     result["problems"] = problems
+    result["warnings"] = [*notices, *result["warnings"]]
     return result
+
+
+async def check(
+    settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
+) -> dict[str, Any]:
+    """Re-check both sides now; flag the connection when one refuses, clear the flag when both pass
+    (a disconnected or revoked connection keeps its state)."""
+    connection = await get(pool, connection_id)
+    problems, notices = await _verify(settings, pool, connection)
+    state = models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
+    await flag(pool, connection_id, state, "; ".join(problems) or None)
+    return await _checked(pool, connection_id, problems, notices)
 
 
 async def set_state(
@@ -317,12 +512,26 @@ async def disconnect(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Con
 async def reconnect(
     settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Make a disconnected (or flagged) connection active again after checking both sides."""
+    """Resume a disconnected (or flagged) connection: check both sides first, then set its state
+    from the outcome (active, or needs_attention with the problems) and its reconnection time. When
+    the check cannot run, nothing changes."""
     connection = await get(pool, connection_id)
     if connection.state == models.ConnectionState.REVOKED:
-        raise errors.Refused(
-            "the organization revoked the relay's access in Qonto: add a new connection with fresh "
-            "credentials"
+        raise _revoked()
+    problems, notices = await _verify(settings, pool, connection)
+    state = models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
+    with db.translate("reconnect connection"):
+        record = await pool.fetchrow(
+            queries.get("reconnect_connection"), connection_id, state, "; ".join(problems) or None
         )
-    await set_state(pool, connection_id, models.ConnectionState.ACTIVE, None)
-    return await check(settings, pool, connection_id)
+    if record is None:
+        raise _revoked()
+    logger.info("connection_reconnected", connection=str(connection_id), state=str(state))
+    return await _checked(pool, connection_id, problems, notices)
+
+
+def _revoked() -> errors.Refused:
+    return errors.Refused(
+        "the organization revoked the relay's access in Qonto: add a new connection with fresh "
+        "credentials"
+    )

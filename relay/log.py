@@ -3,11 +3,16 @@
 Events have stable snake_case names (``webhook_accepted``, ``document_uploaded``...). Nothing here
 ever receives a secret or a presigned URL: call sites pass ids, counts, states and reasons only, and
 :func:`_scrub` masks any key that looks like a credential as a last line of defence.
+
+Third-party libraries (uvicorn, aio-pika, aiormq, asyncpg) log through the standard library: their
+records go through the same renderer (one JSON object per line when not a TTY), with any URL's
+credentials and query string masked (:func:`_scrub_text`), since their messages are free text.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -15,6 +20,12 @@ from typing import Any
 import structlog
 
 _SENSITIVE = ("secret", "password", "token", "apikey", "api_key", "authorization", "url_signed")
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@'\"]*@")
+_URL_QUERY = re.compile(r"(?P<url>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
+# Libraries that log every request's URL at info level (a presigned URL is a credential).
+_CHATTY = ("httpx", "httpcore")
+# Loggers uvicorn gives handlers of its own (plain text) unless told `log_config=None`.
+_OWN_HANDLERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -22,6 +33,18 @@ def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
         lowered = key.lower()
         if any(word in lowered for word in _SENSITIVE):
             event_dict[key] = "***"
+    return event_dict
+
+
+def redact_text(text: str) -> str:
+    """Free text with every URL's user:password and query string masked."""
+    return _URL_QUERY.sub(r"\g<url>?***", _URL_USERINFO.sub(r"\g<scheme>***@", text))
+
+
+def _scrub_text(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = redact_text(value)
     return event_dict
 
 
@@ -39,6 +62,10 @@ class _Stderr:
         return sys.stderr.isatty()
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # a TextIO duck, see _Stderr
+    """The handler this module puts on the root logger (replaced, not added, on reconfiguration)."""
+
+
 def configure(level: str = "info", *, stream: Any = None, json: bool | None = None) -> None:
     out = stream or _Stderr()
     as_json = (not out.isatty()) if json is None else json
@@ -47,21 +74,51 @@ def configure(level: str = "info", *, stream: Any = None, json: bool | None = No
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    threshold = logging.getLevelNamesMapping()[level.upper()]
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             _scrub,
             structlog.processors.format_exc_info,
+            _scrub_text,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]  # a TextIO duck
         cache_logger_on_first_use=True,
     )
+    # The standard library's records (third-party loggers) through the same renderer.
+    handler = _Handler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                timestamper,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _scrub,
+                structlog.processors.format_exc_info,
+                _scrub_text,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(max(threshold, logging.WARNING))
+    for name in _OWN_HANDLERS:  # a uvicorn.Config built with its default log_config set these
+        own = logging.getLogger(name)
+        own.handlers.clear()
+        own.propagate = True
 
 
 def get(name: str) -> Any:

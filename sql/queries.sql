@@ -344,3 +344,26 @@ GROUP BY reason;
 -- name: finish_run
 -- params: $1 run id, $2 report (jsonb)
 UPDATE runs SET finished_at = now(), report = $2 WHERE id = $1;
+
+-- ============================================================================ reconnection, start-up checks
+
+-- name: reconnect_connection
+-- params: $1 connection_id, $2 state (the check's outcome: active or needs_attention), $3 state_reason
+-- `connections reconnect` after its check: the state from the outcome, and the clock of the advice
+-- about the client's folder in Loop restarts. A revocation made meanwhile is never undone.
+UPDATE connections SET state = $2, state_reason = $3, connected_at = now(), updated_at = now()
+WHERE id = $1 AND state <> 'revoked'
+RETURNING *;
+
+-- name: folder_facts
+-- params: $1 connection_id
+-- When the connection was (re)connected, and the first deposit Loop accepted since then.
+SELECT c.connected_at,
+       (SELECT min(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded' AND d.uploaded_at >= c.connected_at)
+       AS first_deposit_at
+FROM connections c WHERE c.id = $1;
+
+-- name: applied_migrations
+-- params: (none)
+SELECT version FROM schema_migrations;

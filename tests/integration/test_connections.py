@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
 
 import asyncpg
+import httpx
 import pytest
 
 from relay import config, connections, credentials, crypto, errors, models
 from relay.sandbox import cegid as cegid_sandbox
+from relay.sandbox import http as http_sandbox
 from relay.sandbox import qonto as qonto_sandbox
+from tests.integration import factories
 
 DOSSIER = "ACME001"
 CEGID_KEY, CEGID_SECRET = "firm-key-0001", "firm-secret-0001"
@@ -168,6 +173,8 @@ async def test_command_line_add_list_show_and_documents(
     assert added.returncode == 0, added.stderr
     value = json.loads(added.stdout)
     assert value["webhook_path"] == f"/webhooks/qonto/{value['id']}"
+    assert value["webhook_subscriptions_created"] == 0  # the secret was given: none created
+    assert value["warnings"] == [connections.PLAN_UNVERIFIED]
     assert value["webhook_url"].endswith(value["webhook_path"])
     listed = _relay(upstream_settings, "connections", "list", "--json")
     assert [c["id"] for c in json.loads(listed.stdout)] == [value["id"]]
@@ -217,3 +224,195 @@ async def test_oauth_connection_stores_the_rotated_refresh_token(
     assert isinstance(stored, credentials.QontoOAuth)
     assert stored.refresh_token.reveal() != refresh
     assert stored.access_token is not None
+
+
+# ------------------------------------------------------------------------------------ review fixes
+
+
+async def _subscriptions_in_qonto(sandbox: qonto_sandbox.QontoSandbox) -> list[dict[str, object]]:
+    async with httpx.AsyncClient(base_url=sandbox.url) as http:
+        response = await http.get(
+            "/v2/webhook_subscriptions", headers={"Authorization": sandbox.api_key_header}
+        )
+    assert response.status_code == 200
+    return list(response.json()["subscriptions"])
+
+
+def _fail_every_post_after_the_first(sandbox: qonto_sandbox.QontoSandbox) -> None:
+    """Qonto accepts the first subscription, then refuses the next one (422, not retried)."""
+    subscribe = sandbox._subscribe
+
+    def then_fail(body: bytes) -> http_sandbox.Response:
+        response = subscribe(body)
+        sandbox.faults.fail_next("/v2/webhook_subscriptions", 422)
+        return response
+
+    sandbox._subscribe = then_fail  # type: ignore[method-assign]
+
+
+async def test_a_refused_second_subscription_deletes_the_first_one(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """--subscribe: when a later subscription fails, the ones created are deleted from Qonto (it
+    would call a connection that was never stored for days), and the error says so."""
+    settings = dataclasses.replace(upstream_settings, public_url="https://relay.example.com")
+    _fail_every_post_after_the_first(qonto)
+    with pytest.raises(errors.QontoProtocolError) as caught:
+        await connections.add(settings, pool, _new(qonto, webhook_secrets=(), subscribe=True))
+    assert "1 webhook subscription(s) already created in Qonto were deleted" in str(caught.value)
+    assert await _subscriptions_in_qonto(qonto) == []
+    deletes = [path for method, path, _ in qonto.requests if method == "DELETE"]
+    assert len(deletes) == 1
+    assert await pool.fetchval("SELECT count(*) FROM connections") == 0
+
+
+async def test_a_connection_that_cannot_be_stored_leaves_no_subscription_in_qonto(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """The subscriptions are created before the insert: if the insert fails, they are deleted."""
+    settings = dataclasses.replace(upstream_settings, public_url="https://relay.example.com")
+    await pool.execute("ALTER TABLE webhook_secrets ADD CONSTRAINT refuse_all CHECK (false)")
+    with pytest.raises(asyncpg.CheckViolationError) as caught:
+        await connections.add(settings, pool, _new(qonto, webhook_secrets=(), subscribe=True))
+    assert any("were deleted" in note for note in caught.value.__notes__)
+    assert await _subscriptions_in_qonto(qonto) == []
+    assert await pool.fetchval("SELECT count(*) FROM connections") == 0
+
+
+async def test_subscriptions_created_counts_qonto_subscriptions_not_secrets(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """Secrets given with --subscribe create nothing in Qonto: 0 created, 1 secret stored."""
+    created = await connections.add(upstream_settings, pool, _new(qonto, subscribe=True))
+    assert (created.subscriptions, created.webhook_secrets) == (0, 1)
+    assert created.to_json()["webhook_subscriptions_created"] == 0
+    assert await _subscriptions_in_qonto(qonto) == []
+
+
+async def test_an_unnamed_plan_is_accepted_but_said_unverified(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """The sandbox, like the documented payload, names no plan: the setup says it was not verified."""
+    created = await connections.add(upstream_settings, pool, _new(qonto))
+    assert created.to_json()["warnings"] == [connections.PLAN_UNVERIFIED]
+    checked = await connections.check(upstream_settings, pool, created.connection.id)
+    assert connections.PLAN_UNVERIFIED in checked["warnings"]
+
+
+async def test_reconnect_checks_first_and_changes_nothing_when_the_check_cannot_run(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """Loop unreachable: reconnect fails and the connection stays disconnected, not active unchecked."""
+    created = await connections.add(upstream_settings, pool, _new(qonto))
+    await connections.disconnect(pool, created.connection.id)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        unreachable = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    down = dataclasses.replace(upstream_settings, cegid_api_url=unreachable)
+    with pytest.raises(errors.CegidUnavailable):
+        await connections.reconnect(down, pool, created.connection.id)
+    after = await connections.get(pool, created.connection.id)
+    assert (after.state, after.state_reason) == ("disconnected", "disconnected by an operator")
+    missing_key = dataclasses.replace(upstream_settings, cegid_subscription_key=None)
+    with pytest.raises(errors.ConfigurationError, match="RELAY_CEGID_SUBSCRIPTION_KEY"):
+        await connections.reconnect(missing_key, pool, created.connection.id)
+    assert (await connections.get(pool, created.connection.id)).state == "disconnected"
+
+
+async def test_reconnect_sets_the_state_from_the_check_and_restarts_the_folder_clock(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Documents waiting a day after setup get the advice; after the advised disconnect and
+    reconnect it is gone (counted from the reconnection); a refused check leaves it flagged."""
+    created = await connections.add(upstream_settings, pool, _new(qonto))
+    connection_id = created.connection.id
+    tx, _ = factories.receipt(qonto)
+    await factories.ingest_transaction(pool, connection_id, tx)
+    await pool.execute(
+        "UPDATE connections SET created_at = now() - interval '25 hours', "
+        "connected_at = now() - interval '25 hours' WHERE id = $1",
+        connection_id,
+    )
+    [warning] = (await connections.describe(pool, connection_id))["warnings"]
+    assert "has not appeared in Loop 24 hours after setup" in warning
+    await connections.disconnect(pool, connection_id)
+    again = await connections.reconnect(upstream_settings, pool, connection_id)
+    assert (again["state"], again["problems"]) == ("active", [])
+    assert again["warnings"] == [connections.PLAN_UNVERIFIED]  # no folder advice any more
+    assert dt.datetime.fromisoformat(again["connected_at"]) > dt.datetime.now(
+        dt.UTC
+    ) - dt.timedelta(minutes=1)
+    loop.add_firm(CEGID_KEY, CEGID_SECRET, dossiers=[], domain="CABINET")  # dossier dissociated
+    await connections.disconnect(pool, connection_id)
+    refused = await connections.reconnect(upstream_settings, pool, connection_id)
+    assert refused["state"] == "needs_attention"
+    assert refused["state_reason"].startswith("Cegid")
+
+
+async def test_failed_documents_do_not_count_as_waiting_for_the_folder(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """A file Loop refused is no sign of a missing folder; nor are documents held by Qonto's refusal."""
+    created = await connections.add(upstream_settings, pool, _new(qonto))
+    connection_id = created.connection.id
+    tx, _ = factories.receipt(qonto)
+    await factories.ingest_transaction(pool, connection_id, tx)
+    await pool.execute(
+        "UPDATE documents SET state = 'failed', reason = 'Cegid refused the file (415)'"
+    )
+    await pool.execute(
+        "UPDATE connections SET connected_at = now() - interval '25 hours' WHERE id = $1",
+        connection_id,
+    )
+    assert (await connections.describe(pool, connection_id))["warnings"] == []
+    await pool.execute("UPDATE documents SET state = 'pending', reason = NULL")
+    await pool.execute(
+        "UPDATE connections SET state = 'needs_attention', "
+        "state_reason = 'Qonto refused the credentials: reconnect the organization' WHERE id = $1",
+        connection_id,
+    )
+    assert (await connections.describe(pool, connection_id))["warnings"] == []
+
+
+async def test_admin_input_is_validated_like_the_command_line(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """The admin API refuses what the CLI refuses, with 400 (bad input), never 409."""
+    from relay import app
+
+    application = app.create_app(upstream_settings)
+    headers = {"Authorization": "Bearer test-admin-token-0123456789"}
+    body = {
+        "client_name": "Acme",
+        "qonto_organization_id": qonto.organization_id,
+        "cegid_api_key": CEGID_KEY,
+        "cegid_api_secret": CEGID_SECRET,
+        "cegid_dossier": DOSSIER,
+        "cegid_domain": "CABINET",
+        "webhook_secrets": [WEBHOOK_SECRET],
+    }
+    async with (
+        application.router.lifespan_context(application),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=application), base_url="http://relay"
+        ) as http,
+    ):
+        for bad in (
+            {"qonto_api_key": ":secret"},
+            {"qonto_api_key": "login:"},
+            {"qonto_api_key": qonto.api_key_header, "webhook_secrets": ["short"]},
+            {"qonto_api_key": qonto.api_key_header, "webhook_secrets": []},
+            {"qonto_api_key": qonto.api_key_header, "qonto_refresh_token": "t"},
+        ):
+            response = await http.post("/admin/connections", json={**body, **bad}, headers=headers)
+            assert response.status_code == 400, (bad, response.text)
+        good = await http.post(
+            "/admin/connections",
+            json={**body, "qonto_api_key": qonto.api_key_header},
+            headers=headers,
+        )
+        assert good.status_code == 201, good.text
+    assert await pool.fetchval("SELECT count(*) FROM connections") == 1

@@ -365,6 +365,7 @@ async def test_a_dossier_loop_does_not_know_is_caught_by_the_daily_check_with_th
     assert (len(loop.lost), first.connections[0].warnings) == (1, [])
     await pool.execute(
         "UPDATE connections SET created_at = now() - interval '25 hours', "
+        "connected_at = now() - interval '25 hours', "
         "dossier_checked_at = now() - interval '25 hours', "
         "first_upload_at = now() - interval '25 hours' WHERE id = $1",
         connection_id,

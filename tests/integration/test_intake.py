@@ -322,6 +322,29 @@ async def test_admin_api_requires_the_bearer_token(
     assert "unknown state" in documents.json()["error"]
 
 
+async def test_everything_under_admin_is_authenticated_before_routing(
+    intake: tuple[str, Starlette],
+) -> None:
+    """Unknown admin paths and wrong methods answer 401 without the token: nothing about the routes
+    leaks; with the token they answer 404 and 405 as usual."""
+    url, _ = intake
+    token = {"Authorization": "Bearer test-admin-token-0123456789"}
+    async with httpx.AsyncClient() as client:
+        anonymous = [
+            await client.get(f"{url}/admin/no-such-thing"),
+            await client.delete(f"{url}/admin/connections"),
+            await client.get(f"{url}/admin"),
+            await client.post(f"{url}/admin/flush", headers={"Authorization": "Bearer nope"}),
+        ]
+        unknown = await client.get(f"{url}/admin/no-such-thing", headers=token)
+        wrong_method = await client.delete(f"{url}/admin/connections", headers=token)
+        health = await client.get(f"{url}/healthz")
+    assert [r.status_code for r in anonymous] == [401, 401, 401, 401]
+    assert all(r.headers["www-authenticate"] == "Bearer" for r in anonymous)
+    assert (unknown.status_code, wrong_method.status_code) == (404, 405)
+    assert health.status_code == 200
+
+
 @pytest.mark.parametrize("state", ["disconnected", "revoked"])
 async def test_stopped_connections_are_404_from_the_start(
     settings: config.Settings, pool: asyncpg.Pool, state: str

@@ -73,3 +73,73 @@ def test_flush_time_is_parsed_as_utc_clock() -> None:
         {"RELAY_SECRET_KEY": crypto.generate_key(), "RELAY_FLUSH_AT": "06:30"}
     )
     assert settings.flush_at == dt.time(6, 30)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RELAY_DATABASE_URL", "postgresql//u:hunter2@h/db"),
+        ("RELAY_DATABASE_URL", "postgres:/u:hunter2@h"),
+        ("RELAY_AMQP_URL", "amqp:guest:hunter2@h"),
+        ("RELAY_AMQP_URL", "hunter2://guest:hunter2"),
+        ("RELAY_DATABASE_URL", "postgresql:///db?password=hunter2"),
+    ],
+)
+def test_a_malformed_secret_url_is_named_never_echoed(name: str, value: str) -> None:
+    """A typo'd URL may still hold a password: the error names the variable and the problem only."""
+    with pytest.raises(errors.ConfigurationError) as caught:
+        config.from_env({"RELAY_SECRET_KEY": crypto.generate_key(), name: value})
+    message = str(caught.value)
+    assert name in message
+    assert "hunter2" not in message
+
+
+def test_unparseable_urls_and_bad_ports_are_listed_with_the_other_problems() -> None:
+    """An IPv6 bracket left open or a port that is no port is a configuration error, not a crash."""
+    with pytest.raises(errors.ConfigurationError) as caught:
+        config.from_env(
+            {
+                "RELAY_SECRET_KEY": crypto.generate_key(),
+                "RELAY_AMQP_URL": "amqp://guest:hunter2@[::1/",
+                "RELAY_DATABASE_URL": "postgresql://u:hunter2@db:port/relay",
+                "RELAY_QONTO_API_URL": "https://qonto.example:99999",
+                "RELAY_PUBLIC_URL": "https://relay.example:0",
+                "RELAY_FLUSH_AT": "8pm",
+            }
+        )
+    message = str(caught.value)
+    for name in (
+        "RELAY_AMQP_URL",
+        "RELAY_DATABASE_URL",
+        "RELAY_QONTO_API_URL",
+        "RELAY_PUBLIC_URL",
+        "RELAY_FLUSH_AT",
+    ):
+        assert name in message
+    assert "the port must be a number from 1 to 65535" in message
+    assert "hunter2" not in message
+
+
+def test_redact_url_masks_passwords_and_query_secrets_and_never_returns_a_malformed_url() -> None:
+    """For logs: the password and sensitive query values are masked; a URL that does not parse as
+    one with a host keeps at most its scheme."""
+    assert (
+        config.redact_url("postgresql://u:hunter2@db:5433/relay?password=hunter2&sslmode=require")
+        == "postgresql://u:***@db:5433/relay?password=***&sslmode=require"
+    )
+    assert config.redact_url("amqp://g:hunter2@[::1]:5672/") == "amqp://g:***@[::1]:5672/"
+    assert config.redact_url("postgresql//u:hunter2@h/db") == "***"
+    assert config.redact_url("amqp:guest:hunter2@h") == "amqp://***"
+    assert config.redact_url("amqp://guest:hunter2@[::1/") == "***"
+
+
+def test_the_cegid_subscription_key_is_required_when_cegid_is_called() -> None:
+    """Without it Loop answers 401 to everything: the commands that call Cegid refuse to start."""
+    env = {"RELAY_SECRET_KEY": crypto.generate_key()}
+    assert config.from_env(env).cegid_subscription_key is None
+    with pytest.raises(errors.ConfigurationError, match="RELAY_CEGID_SUBSCRIPTION_KEY: required"):
+        config.from_env(env, require_cegid_subscription_key=True)
+    settings = config.from_env(
+        {**env, "RELAY_CEGID_SUBSCRIPTION_KEY": "partner-key"}, require_cegid_subscription_key=True
+    )
+    assert settings.cegid_subscription_key is not None

@@ -1,0 +1,164 @@
+"""Setup rules of a connection: who and which organization and plan may connect, and when the relay
+advises about the client's folder in Loop. Qonto is faked at the HTTP level (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from relay import config, connections, credentials, errors, models, qonto
+
+ORG_ID = "0b8e4f1c-5d3a-4c2e-9f71-2a6b9c0d1e23"  # the fixtures' organization
+SETTINGS = config.Settings(secret_key=config.Secret("x" * 43 + "="))
+
+
+def _client(membership: dict[str, Any], organization: dict[str, Any]) -> qonto.QontoClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/membership":
+            return httpx.Response(200, json={"membership": membership})
+        return httpx.Response(200, json={"organization": organization})
+
+    transport = httpx.MockTransport(handler)
+    http = qonto.HttpClients(
+        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
+        storage=httpx.AsyncClient(transport=transport),
+        limiter=qonto.RateLimiter(),
+    )
+    creds = credentials.QontoApiKey(login="login", secret=config.Secret("secret"))
+    return qonto.client(SETTINGS, creds, http)
+
+
+MEMBER = {"id": "m1", "role": "admin", "organization_id": ORG_ID}
+ORGANIZATION = {"id": ORG_ID, "slug": "atelier-demo", "bank_accounts": []}
+
+
+async def test_the_organization_is_checked_even_when_the_membership_does_not_name_it() -> None:
+    """The id (or slug) of /v2/organization must match, not only membership.organization_id."""
+    member = {"id": "m1", "role": "admin"}
+    client = _client(member, ORGANIZATION)
+    with pytest.raises(errors.Refused, match="another organization"):
+        await connections.verify_qonto(client, str(uuid.uuid4()))
+    await connections.verify_qonto(client, ORG_ID)
+    await connections.verify_qonto(client, "atelier-demo")
+
+
+async def test_an_organization_qonto_does_not_identify_cannot_be_checked() -> None:
+    """No id anywhere: refused, rather than the check silently skipped."""
+    client = _client({"id": "m1", "role": "admin"}, {"bank_accounts": []})
+    with pytest.raises(errors.Refused, match="cannot be checked"):
+        await connections.verify_qonto(client, ORG_ID)
+
+
+@pytest.mark.parametrize(
+    ("plan", "eligible"),
+    [
+        ("Premium", True),
+        ("SMART", True),
+        ("essential_2023", True),
+        ({"name": "Business Plus"}, True),
+        ("Enterprise", True),
+        ("Non-premium legacy", False),
+        ("Solo Basic", False),
+        ("smartphone bundle", False),
+    ],
+)
+async def test_plans_are_matched_as_whole_words(plan: object, eligible: bool) -> None:
+    """An eligible plan's name must be a word of the plan, not a substring of another word."""
+    client = _client(MEMBER, {**ORGANIZATION, "plan": plan})
+    if eligible:
+        await connections.verify_qonto(client, ORG_ID)
+    else:
+        with pytest.raises(errors.Refused, match="does not include the accounting export"):
+            await connections.verify_qonto(client, ORG_ID)
+
+
+def test_a_plan_qonto_does_not_name_is_accepted_with_a_notice() -> None:
+    """No plan field (the documented payload has none): accepted, but said to be unverified."""
+    assert connections.plan_notice(ORGANIZATION) == connections.PLAN_UNVERIFIED
+    assert "plan could not be verified" in connections.PLAN_UNVERIFIED
+    assert connections.plan_notice({**ORGANIZATION, "plan": "Smart"}) is None
+
+
+# ------------------------------------------------------------------------------------ folder advice
+
+NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+HOURS = dt.timedelta(hours=1)
+
+
+def _connection(
+    state: str = models.ConnectionState.ACTIVE, reason: str | None = None
+) -> models.Connection:
+    created = NOW - 30 * 24 * HOURS
+    return models.Connection(
+        id=uuid.uuid4(),
+        client_name="Acme",
+        qonto_organization_id=ORG_ID,
+        qonto_auth_kind="api_key",
+        cegid_dossier="ACME001",
+        cegid_domain="CABINET",
+        cegid_key_fingerprint="f",
+        state=state,
+        state_reason=reason,
+        scan_since=created,
+        transactions_scanned_to=None,
+        supplier_invoices_scanned_to=None,
+        client_invoices_scanned_to=None,
+        dossier_checked_at=None,
+        first_upload_at=created,
+        created_at=created,
+        updated_at=created,
+    )
+
+
+def _warning(
+    connection: models.Connection,
+    *,
+    connected_hours_ago: float,
+    waiting: int = 0,
+    deposit_hours_ago: float | None = None,
+) -> str | None:
+    return connections.folder_warning(
+        connection,
+        NOW,
+        waiting_documents=waiting,
+        connected_at=NOW - connected_hours_ago * HOURS,
+        first_deposit_at=None if deposit_hours_ago is None else NOW - deposit_hours_ago * HOURS,
+    )
+
+
+def test_documents_waiting_24_hours_after_reconnection_without_a_deposit_get_the_advice() -> None:
+    """Counted from the (re)connection, not the creation: a reconnection restarts the clock."""
+    connection = _connection()
+    assert _warning(connection, connected_hours_ago=25, waiting=2) is not None
+    assert "has not appeared in Loop 24 hours after setup" in str(
+        _warning(connection, connected_hours_ago=25, waiting=2)
+    )
+    assert _warning(connection, connected_hours_ago=2, waiting=2) is None
+    assert _warning(connection, connected_hours_ago=25, waiting=0) is None
+
+
+def test_after_the_first_deposit_the_folder_check_is_asked_once_not_forever() -> None:
+    """Between 24 hours and 7 days after the first accepted deposit: a check for the accountant."""
+    connection = _connection()
+    for hours in (12, 24 * 7 + 1, 24 * 30):
+        assert _warning(connection, connected_hours_ago=24 * 40, deposit_hours_ago=hours) is None
+    notice = _warning(connection, connected_hours_ago=24 * 40, deposit_hours_ago=30, waiting=3)
+    assert notice is not None
+    assert "if the client's folder is not visible in Loop yet, disconnect and reconnect" in notice
+
+
+def test_documents_waiting_on_a_qonto_refusal_get_no_folder_advice() -> None:
+    """Qonto refusing the credentials is not a Loop folder problem."""
+    refused = _connection(
+        models.ConnectionState.NEEDS_ATTENTION,
+        "Qonto refused the credentials: reconnect the organization (401)",
+    )
+    assert _warning(refused, connected_hours_ago=48, waiting=5) is None
+    cegid = _connection(models.ConnectionState.NEEDS_ATTENTION, "Cegid: refused access to ACME001")
+    assert _warning(cegid, connected_hours_ago=48) is not None
+    disconnected = _connection(models.ConnectionState.DISCONNECTED, "disconnected by an operator")
+    assert _warning(disconnected, connected_hours_ago=48, waiting=5) is None
