@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from consumers import scanner
-from relay import config, connections, credentials, crypto
+from relay import config, connections, credentials, crypto, listing
 from relay import qonto as qonto_api  # `qonto` is the sandbox fixture here
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
@@ -229,7 +229,7 @@ def _asked(sandbox: qonto_sandbox.QontoSandbox, path: str) -> int:
 
 
 def _pages(count: int) -> int:
-    return -(-count // qonto_api.PER_PAGE)
+    return -(-count // listing.PER_PAGE)
 
 
 async def _supplier_documents(pool: asyncpg.Pool) -> set[str]:

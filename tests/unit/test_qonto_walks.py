@@ -1,4 +1,4 @@
-"""List walks that items change under (relay/qonto.py), against a fake list at the HTTP level.
+"""List walks that items change under (relay/listing.py), against a fake list at the HTTP level.
 
 The fake recomputes its list for every page, as offset pagination over a live table does: an item
 updated after its page was read leaves the window (or moves to its end) and every later item shifts
@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from relay import config, credentials, errors, qonto
+from relay import config, credentials, errors, listing, qonto
 
 API_KEY = credentials.QontoApiKey(login="org-login", secret=config.Secret("org-secret-key"))
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -113,7 +113,7 @@ def _supplier_invoices(**kwargs: Any) -> FakeList:
 
 
 def _pages(count: int) -> int:
-    return -(-count // qonto.PER_PAGE)
+    return -(-count // listing.PER_PAGE)
 
 
 async def _walk(client: qonto.QontoClient, source: str) -> list[str]:
@@ -137,8 +137,8 @@ async def test_an_invoice_updated_mid_walk_does_not_hide_another(
     assert len(fake.asked) <= _pages(150) + 1
     assert all(asked["page"] == "1" for asked in fake.asked)
     newest_on_page_1 = T0 + dt.timedelta(hours=1, seconds=3 * 99)
-    assert fake.asked[1]["filter[updated_at_from]"] == qonto.QontoClient._stamp(
-        newest_on_page_1 - qonto.CURSOR_OVERLAP
+    assert fake.asked[1]["filter[updated_at_from]"] == listing.stamp(
+        newest_on_page_1 - listing.CURSOR_OVERLAP
     )
     assert fake.asked[1]["filter[updated_at_to]"] == "2026-11-02T00:00:00.000Z"
 
