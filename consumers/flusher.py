@@ -44,6 +44,7 @@ import asyncpg
 
 from consumers import scanner
 from relay import (
+    attachments,
     cegid,
     config,
     connections,
@@ -230,7 +231,7 @@ async def _download_and_upload(
     except errors.QontoNotFound:
         await _finish(ctx, run, document, models.DocumentState.SKIPPED, models.SKIP_DELETED)
         return
-    except qonto.TooLarge:
+    except attachments.TooLarge:
         await _finish(
             ctx,
             run,
@@ -287,7 +288,7 @@ async def _deposit(
     run: ConnectionRun,
     document: models.Document,
     path: pathlib.Path,
-    download: qonto.Download,
+    download: attachments.Download,
     kind: filetype.Kind,
 ) -> None:
     """Claim the content for the dossier, then POST it to Loop and record the outcome."""

@@ -9,9 +9,9 @@
 - List walks never lose an item that changes while they run (offset pages shift under updates):
   keyset walks by ``updated_at`` where the sort is documented, settled offset passes where it is not
   (:mod:`relay.listing` walks; this module fetches their pages).
-- Attachments are downloaded from their presigned URL with a client that has no base URL and no
-  credentials (object storage refuses two, and Qonto's key must not go to another host), streamed to
-  a file while hashed; an expired URL (403) is fetched afresh once. URLs are never logged.
+- Attachments are downloaded from their presigned URL (:mod:`relay.attachments` fetches one, with
+  the storage client); an expired URL (403) is fetched afresh once, storage failures are retried
+  with backoff. URLs are never logged.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import pathlib
 import random
 import time
@@ -31,7 +30,7 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from relay import config, credentials, errors, events, listing, log, models, network
+from relay import attachments, config, credentials, errors, events, listing, log, network
 
 logger = log.get(__name__)
 
@@ -42,41 +41,9 @@ STORE_ATTEMPTS: Final = 4
 STORE_RETRY_GAP: Final = dt.timedelta(seconds=5)  # between later tries of an unsaved rotation
 LIMIT_WINDOW_S: Final = 10.0
 REFRESH_MARGIN: Final = dt.timedelta(minutes=5)
-CHUNK: Final = 64 * 1024
 
 Sleep = Callable[[float], Awaitable[None]]
 TokensRotated = Callable[[credentials.QontoCredentials], Awaitable[None]]
-
-
-class TooLarge(errors.Permanent):
-    """The attachment is bigger than Cegid Loop accepts (50 MB); ``size`` is what had arrived."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(
-            f"larger than {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB ({size} bytes received)"
-        )
-        self.size = size
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Attachment:
-    id: str
-    file_name: str | None
-    file_size: int | None
-    content_type: str | None
-    url: str = dataclasses.field(repr=False)  # presigned: never logged, never stored
-    created_at: dt.datetime | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Download:
-    attachment_id: str
-    path: pathlib.Path
-    size: int
-    sha256: str
-    head: bytes
-    file_name: str | None
-    content_type: str | None
 
 
 class RateLimiter:
@@ -393,28 +360,9 @@ class QontoClient:
         body = await self._get(f"/v2/client_invoices/{invoice_id}", "client invoice")
         return dict(self._unwrap(body, "client_invoice"))
 
-    async def get_attachment(self, attachment_id: str) -> Attachment:
+    async def get_attachment(self, attachment_id: str) -> attachments.Attachment:
         body = await self._get(f"/v2/attachments/{attachment_id}", "attachment")
-        item = self._unwrap(body, "attachment")
-        url = item.get("url")
-        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-            raise errors.QontoProtocolError("Qonto attachment: no download URL")
-        size = item.get("file_size")
-        created = item.get("created_at")
-        try:
-            created_at = dt.datetime.fromisoformat(created) if isinstance(created, str) else None
-        except ValueError:
-            created_at = None
-        return Attachment(
-            id=attachment_id,
-            file_name=item.get("file_name") if isinstance(item.get("file_name"), str) else None,
-            file_size=int(size) if isinstance(size, str | int) and str(size).isdigit() else None,
-            content_type=item.get("file_content_type")
-            if isinstance(item.get("file_content_type"), str)
-            else None,
-            url=url,
-            created_at=created_at,
-        )
+        return attachments.parse(attachment_id, self._unwrap(body, "attachment"))
 
     @staticmethod
     def _unwrap(body: dict[str, Any], key: str) -> dict[str, Any]:
@@ -553,13 +501,13 @@ class QontoClient:
 
     # ------------------------------------------------------------------------------ download
 
-    async def download(self, attachment_id: str, dest: pathlib.Path) -> Download:
+    async def download(self, attachment_id: str, dest: pathlib.Path) -> attachments.Download:
         """Stream the attachment to ``dest``; QontoNotFound when deleted, TooLarge over 50 MB."""
         for fresh_url_attempt in range(2):
             attachment = await self.get_attachment(attachment_id)
             for attempt in range(1, MAX_ATTEMPTS + 1):
-                outcome = await self._fetch(attachment, dest)
-                if isinstance(outcome, Download):
+                outcome = await attachments.fetch(self._http.storage, attachment, dest)
+                if isinstance(outcome, attachments.Download):
                     return outcome
                 if outcome == "expired":
                     break
@@ -573,41 +521,6 @@ class QontoClient:
                 "qonto_url_expired", attachment=attachment_id, refetch=fresh_url_attempt == 0
             )
         raise errors.QontoUnavailable("Qonto storage: the fresh download URL was refused too (403)")
-
-    async def _fetch(self, attachment: Attachment, dest: pathlib.Path) -> Download | str:
-        digest, size, head = hashlib.sha256(), 0, b""
-        try:
-            async with self._http.storage.stream("GET", attachment.url) as response:
-                if response.status_code == 403:
-                    return "expired"
-                if response.status_code == 404:
-                    raise errors.QontoNotFound("Qonto storage: the file no longer exists")
-                if response.status_code >= 500 or response.status_code == 429:
-                    return f"HTTP {response.status_code}"
-                if response.status_code != 200:
-                    raise errors.QontoProtocolError(f"Qonto storage: HTTP {response.status_code}")
-                with dest.open("wb") as out:
-                    async for chunk in response.aiter_bytes(CHUNK):
-                        size += len(chunk)
-                        if size > models.MAX_UPLOAD_BYTES:
-                            raise TooLarge(size)
-                        if len(head) < 16:
-                            head = (head + chunk)[:16]
-                        digest.update(chunk)
-                        out.write(chunk)
-        except httpx.TransportError as exc:
-            return type(exc).__name__
-        except httpx.HTTPError as exc:
-            raise errors.QontoProtocolError(f"Qonto storage: {type(exc).__name__}") from exc
-        return Download(
-            attachment_id=attachment.id,
-            path=dest,
-            size=size,
-            sha256=digest.hexdigest(),
-            head=head,
-            file_name=attachment.file_name,
-            content_type=attachment.content_type,
-        )
 
 
 def client(

@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from relay import config, credentials, errors, models, qonto
+from relay import attachments, config, credentials, errors, models, qonto
 
 Handler = (
     Callable[[httpx.Request], httpx.Response]
@@ -467,7 +467,7 @@ async def test_a_file_over_the_size_limit_stops_the_download(
     unit_settings: config.Settings, tmp_path: pathlib.Path
 ) -> None:
     """More than 50 MB arriving: TooLarge (permanent) with the size received so far."""
-    with pytest.raises(qonto.TooLarge) as caught:
+    with pytest.raises(attachments.TooLarge) as caught:
         await make(
             unit_settings,
             _attachment_then_storage(lambda _: httpx.Response(200, stream=_Endless())),
