@@ -42,7 +42,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from consumers import scanner
+from consumers import recovery, scanner
 from relay import (
     attachments,
     cegid,
@@ -63,18 +63,9 @@ from relay import (
 
 logger = log.get(__name__)
 
-WORKER_LOCK_SPACE: Final = 0x52454C59  # advisory lock namespace of flush workers ("RELY")
 UPLOAD_ATTEMPTS: Final = 5
 BACKOFF_BASE_S: Final = 0.5
 BACKOFF_CAP_S: Final = 30.0
-IN_DOUBT_REASON: Final = (
-    "sent to Cegid Loop but no answer came back ({detail}): check the client's Loop inbox, then "
-    "`relay documents resolve {id} --uploaded` or `--resend`"
-)
-DIED_REASON: Final = "the flush worker stopped during the upload"
-DIED_UNSENT_REASON: Final = "the previous flush stopped before sending it"
-ERROR_SENT_REASON: Final = "an error stopped the flush before the outcome was recorded"
-ERROR_UNSENT_REASON: Final = "an error stopped the flush before sending it, retried next run"
 CLAIM_BATCH: Final = 16
 CEGID_REASON: Final = "Cegid: "  # prefix of a Cegid refusal's reason (the daily check may clear it)
 # Loop accepts deposits for a dossier it does not know and drops them silently: check it again daily.
@@ -170,7 +161,7 @@ async def _finish(
         models.DocumentState.PENDING: run.report.pending,
     }
     if state in counts:
-        counts[state][_reason_key(reason)] += 1
+        counts[state][report.reason_key(reason)] += 1
     elif state == models.DocumentState.IN_DOUBT:
         run.report.in_doubt += 1
     logger.info(
@@ -192,12 +183,6 @@ def _lost_hold(document: models.Document, state: str) -> None:
     )
 
 
-def _reason_key(reason: str | None) -> str:
-    """Group reasons in the report without the per-document details."""
-    text = reason or "unknown"
-    return text.split(" (")[0].split(": document ")[0][:120]
-
-
 # ------------------------------------------------------------------------------------ one document
 
 
@@ -206,7 +191,7 @@ async def _process(ctx: Context, run: ConnectionRun, document: models.Document) 
     try:
         await _download_and_upload(ctx, run, document, path)
     except Exception as exc:  # one document's error must not stop the others
-        # it stays uploading under this worker: settled at the end of the run (_settle)
+        # it stays uploading under this worker: settled at the end of the run (recovery)
         logger.error(
             "document_error",
             document=document.id,
@@ -432,7 +417,7 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.IN_DOUBT,
-                IN_DOUBT_REASON.format(detail=stored, id=document.id),
+                recovery.IN_DOUBT_REASON.format(detail=stored, id=document.id),
                 upload_id=upload_id,
                 outcome="in_doubt",
             )
@@ -539,101 +524,7 @@ async def _connection_loop(ctx: Context, run: ConnectionRun) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------ recovery
-
-
-async def _settle(
-    conn: asyncpg.pool.PoolConnectionProxy, worker: int, *, sent: str, unsent: str
-) -> list[tuple[uuid.UUID, models.DocumentState, str]]:
-    """In the caller's transaction: the documents ``worker`` left uploading become in doubt when
-    an attempt may have gone out (``sent`` says why), pending with reason ``unsent`` when provably
-    not. Returns (connection, state, reason) for each."""
-    records = await conn.fetch(queries.get("orphaned_documents"), worker)
-    held = {r["id"]: r["connection_id"] for r in records}
-    if not held:
-        return []
-    attempts = {
-        r["document_id"]: r["upload_id"]
-        for r in await conn.fetch(queries.get("orphaned_attempts"), list(held))
-    }
-    settled = []
-    for document_id, connection_id in held.items():
-        upload_id = attempts.get(document_id)
-        if upload_id is not None:
-            state = models.DocumentState.IN_DOUBT
-            reason = IN_DOUBT_REASON.format(detail=sent, id=document_id)
-            await conn.execute(
-                queries.get("finish_upload"), upload_id, "in_doubt", None, None, sent
-            )
-        else:
-            state, reason = models.DocumentState.PENDING, unsent
-        await conn.execute(queries.get("finish_document"), document_id, state, reason, worker)
-        settled.append((connection_id, state, reason))
-    return settled
-
-
-async def recover(pool: asyncpg.Pool) -> dict[str, int]:
-    """Settle documents left ``uploading`` by workers that died (their advisory lock is free)."""
-    result = {"in_doubt": 0, "pending": 0}
-    with db.translate("recover"):
-        workers = [r["claimed_by"] for r in await pool.fetch(queries.get("uploading_workers"))]
-        for worker in workers:
-            async with pool.acquire() as conn:
-                alive = not await conn.fetchval(
-                    queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker
-                )
-                if alive:
-                    continue
-                try:
-                    async with conn.transaction():
-                        for _, state, _ in await _settle(
-                            conn, worker, sent=DIED_REASON, unsent=DIED_UNSENT_REASON
-                        ):
-                            result[str(state)] += 1
-                finally:
-                    await conn.execute(queries.get("worker_unlock"), WORKER_LOCK_SPACE, worker)
-    if any(result.values()):
-        logger.warning("flush_recovered", **result)
-    return result
-
-
-async def _settle_own(ctx: Context, runs: list[ConnectionRun]) -> None:
-    """End of run: what this worker still holds (documents whose processing hit an error) is
-    settled now, into the report; if the database is gone, the next run's recovery does it."""
-    try:
-        with db.translate("settle"):
-            async with ctx.pool.acquire() as conn, conn.transaction():
-                settled = await _settle(
-                    conn, ctx.worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT_REASON
-                )
-    except errors.DatabaseUnavailable as exc:
-        logger.warning("flush_settle_deferred", reason=str(exc))
-        return
-    by_connection = {r.connection.id: r for r in runs}
-    for connection_id, state, reason in settled:
-        run = by_connection.get(connection_id)
-        if run is None:
-            continue
-        if state == models.DocumentState.IN_DOUBT:
-            run.report.in_doubt += 1
-        else:
-            run.report.pending[_reason_key(reason)] += 1
-
-
 # ------------------------------------------------------------------------------------ the run
-
-
-async def _worker_lease(pool: asyncpg.Pool) -> tuple[int, asyncpg.pool.PoolConnectionProxy]:
-    """A worker id whose session-level advisory lock is held by a dedicated connection."""
-    conn = await pool.acquire()
-    try:
-        while True:
-            worker = secrets.randbelow(2**31 - 1) + 1
-            if await conn.fetchval(queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker):
-                return worker, conn
-    except BaseException:
-        await pool.release(conn)
-        raise
 
 
 async def flush(
@@ -665,9 +556,9 @@ async def flush(
         if run_id is None:
             run_id = int(await pool.fetchval(queries.get("insert_manual_run")))
         since_previous = await pool.fetchval(queries.get("previous_run_start"), run_id)
-        worker, lease = await _worker_lease(pool)
+        worker, lease = await recovery.worker_lease(pool)
     try:
-        run_report.recovered = await recover(pool)
+        run_report.recovered = await recovery.recover(pool)
         async with (
             qonto.http_clients(settings) as qonto_http,
             cegid.http_client(settings) as cegid_http,
@@ -694,11 +585,11 @@ async def flush(
                 await asyncio.gather(
                     *(_connection_loop(ctx, r) for r in runs if r.report.state == "active")
                 )
-                await _settle_own(ctx, runs)
+                await recovery.settle_own(ctx.pool, ctx.worker, [r.report for r in runs])
                 await _summarise(ctx, runs, run_report, since_previous)
     finally:
         with contextlib.suppress(Exception):
-            await lease.execute(queries.get("worker_unlock"), WORKER_LOCK_SPACE, worker)
+            await lease.execute(queries.get("worker_unlock"), recovery.WORKER_LOCK_SPACE, worker)
         await pool.release(lease)
     run_report.finished_at = dt.datetime.now(dt.UTC)
     if own_run:  # a scheduled run's row is finished by the scheduler
@@ -766,7 +657,7 @@ async def _summarise(
             skipped = await ctx.pool.fetch(queries.get("skipped_since"), run.connection.id, since)
         run.report.skipped.clear()
         for record in skipped:
-            run.report.skipped[_reason_key(record["reason"])] += record["n"]
+            run.report.skipped[report.reason_key(record["reason"])] += record["n"]
         by_state = description["documents"]
         run.report.in_doubt_total = int(by_state.get("in_doubt", 0))
         left = int(by_state.get("pending", 0)) - sum(run.report.pending.values())

@@ -9,6 +9,12 @@ import uuid
 from typing import Any
 
 
+def reason_key(reason: str | None) -> str:
+    """Group reasons in the report without the per-document details."""
+    text = reason or "unknown"
+    return text.split(" (")[0].split(": document ")[0][:120]
+
+
 @dataclasses.dataclass
 class ConnectionReport:
     connection_id: uuid.UUID

@@ -36,7 +36,7 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers import flusher
+from consumers import recovery
 from relay import amqp, config, models
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
@@ -285,7 +285,7 @@ async def test_exactly_once_under_faults(
     killed_mid_request = int(
         await pool.fetchval(
             "SELECT count(DISTINCT document_id) FROM uploads WHERE outcome = 'in_doubt' AND error = $1",
-            flusher.DIED_REASON,
+            recovery.DIED_REASON,
         )
     )
     TOTALS.update(in_doubt_from_kills=killed_mid_request)

@@ -16,7 +16,7 @@ import uuid
 import asyncpg
 import pytest
 
-from consumers import flusher, scheduler
+from consumers import flusher, recovery, scheduler
 from relay import cegid, config, connections, errors, models, queries
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
@@ -105,14 +105,14 @@ async def test_recovery_sees_an_attempt_committed_while_it_waited_for_the_docume
         attempt = worker_session.transaction()
         await attempt.start()
         assert await worker_session.fetchval(queries.get("start_upload"), document_id, worker)
-        recovery = asyncio.create_task(flusher.recover(pool))
+        recovering = asyncio.create_task(recovery.recover(pool))
         await _waiting_on_a_lock(pool, "FOR UPDATE")
         await attempt.commit()
-        assert await recovery == {"in_doubt": 1, "pending": 0}
+        assert await recovering == {"in_doubt": 1, "pending": 0}
     state, reason = await _state(pool, document_id)
     assert state == "in_doubt"
     assert reason is not None
-    assert flusher.DIED_REASON in reason
+    assert recovery.DIED_REASON in reason
 
 
 async def test_an_attempt_is_recorded_only_by_the_worker_holding_the_document(
@@ -171,7 +171,7 @@ async def test_a_copy_being_sent_by_another_worker_makes_the_second_wait(
     _, second = await _seed(pool, qonto, connection_id, content)
     async with pool.acquire() as other_worker:
         await other_worker.execute(
-            "SELECT pg_advisory_lock($1, $2)", flusher.WORKER_LOCK_SPACE, 777
+            "SELECT pg_advisory_lock($1, $2)", recovery.WORKER_LOCK_SPACE, 777
         )
         await pool.execute(
             "UPDATE documents SET state = 'uploading', claimed_by = 777 WHERE id = $1", first
@@ -185,7 +185,7 @@ async def test_a_copy_being_sent_by_another_worker_makes_the_second_wait(
         await flusher.flush(upstream_settings, pool, sleep=no_wait)
         state, reason = await _state(pool, second)
         await other_worker.execute(
-            "SELECT pg_advisory_unlock($1, $2)", flusher.WORKER_LOCK_SPACE, 777
+            "SELECT pg_advisory_unlock($1, $2)", recovery.WORKER_LOCK_SPACE, 777
         )
     assert state == "pending"
     assert reason is not None
@@ -224,7 +224,7 @@ async def test_an_error_on_one_document_stops_that_document_only(
     state, reason = await _state(pool, unlucky)
     assert state == "in_doubt"
     assert reason is not None
-    assert flusher.ERROR_SENT_REASON in reason
+    assert recovery.ERROR_SENT_REASON in reason
     assert [(await _state(pool, i))[0] for i in ids if i != unlucky] == ["uploaded"] * 3
     assert len(loop.stored) == 4
     assert result.totals()["in_doubt"] == 1

@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from consumers import flusher
+from consumers import flusher, recovery
 from relay import config, errors, models, resolve
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
@@ -305,7 +305,7 @@ async def test_recovery_after_a_dead_worker(
         dead_worker,
         sent,
     )
-    recovered = await flusher.recover(pool)
+    recovered = await recovery.recover(pool)
     assert recovered == {"in_doubt": 1, "pending": 1}
     assert (await _document(pool, sent))["state"] == "in_doubt"
     assert (await _document(pool, never))["state"] == "pending"
@@ -323,11 +323,11 @@ async def test_a_live_workers_documents_are_left_alone(
     """A document claimed by a worker that still holds its lock is not recovered by another."""
     attachment = await _seed(pool, qonto, connection_id)
     async with pool.acquire() as holder:
-        await holder.execute("SELECT pg_advisory_lock($1, $2)", flusher.WORKER_LOCK_SPACE, 777)
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", recovery.WORKER_LOCK_SPACE, 777)
         await pool.execute("UPDATE documents SET state = 'uploading', claimed_by = 777")
-        assert await flusher.recover(pool) == {"in_doubt": 0, "pending": 0}
+        assert await recovery.recover(pool) == {"in_doubt": 0, "pending": 0}
         assert (await _document(pool, attachment))["state"] == "uploading"
-        await holder.execute("SELECT pg_advisory_unlock($1, $2)", flusher.WORKER_LOCK_SPACE, 777)
+        await holder.execute("SELECT pg_advisory_unlock($1, $2)", recovery.WORKER_LOCK_SPACE, 777)
 
 
 async def test_concurrent_flushes_share_documents_and_send_each_once(

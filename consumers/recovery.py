@@ -1,0 +1,126 @@
+"""Recovery: documents a flush worker left ``uploading``, settled by the ledger's one rule.
+
+Such a document becomes ``in_doubt`` if its attempt row exists (the request may have gone out) and
+``pending`` if not (it provably never left). A flush worker holds a PostgreSQL advisory lock in
+``WORKER_LOCK_SPACE`` for its whole run (:func:`worker_lease`), so a worker is dead when its lock is
+free: before each run, :func:`recover` settles what dead workers left; at the end of a run,
+:func:`settle_own` settles what this worker still holds after an error, into the run's report.
+A recovery settles a document under the row lock the worker takes to record an attempt, so a worker
+taken for dead cannot send a document someone else recovered.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+
+from relay import db, errors, log, models, queries, report
+
+logger = log.get(__name__)
+
+WORKER_LOCK_SPACE: Final = 0x52454C59  # advisory lock namespace of flush workers ("RELY")
+IN_DOUBT_REASON: Final = (
+    "sent to Cegid Loop but no answer came back ({detail}): check the client's Loop inbox, then "
+    "`relay documents resolve {id} --uploaded` or `--resend`"
+)
+DIED_REASON: Final = "the flush worker stopped during the upload"
+DIED_UNSENT_REASON: Final = "the previous flush stopped before sending it"
+ERROR_SENT_REASON: Final = "an error stopped the flush before the outcome was recorded"
+ERROR_UNSENT_REASON: Final = "an error stopped the flush before sending it, retried next run"
+
+
+async def _settle(
+    conn: asyncpg.pool.PoolConnectionProxy, worker: int, *, sent: str, unsent: str
+) -> list[tuple[uuid.UUID, models.DocumentState, str]]:
+    """In the caller's transaction: the documents ``worker`` left uploading become in doubt when
+    an attempt may have gone out (``sent`` says why), pending with reason ``unsent`` when provably
+    not. Returns (connection, state, reason) for each."""
+    records = await conn.fetch(queries.get("orphaned_documents"), worker)
+    held = {r["id"]: r["connection_id"] for r in records}
+    if not held:
+        return []
+    attempts = {
+        r["document_id"]: r["upload_id"]
+        for r in await conn.fetch(queries.get("orphaned_attempts"), list(held))
+    }
+    settled = []
+    for document_id, connection_id in held.items():
+        upload_id = attempts.get(document_id)
+        if upload_id is not None:
+            state = models.DocumentState.IN_DOUBT
+            reason = IN_DOUBT_REASON.format(detail=sent, id=document_id)
+            await conn.execute(
+                queries.get("finish_upload"), upload_id, "in_doubt", None, None, sent
+            )
+        else:
+            state, reason = models.DocumentState.PENDING, unsent
+        await conn.execute(queries.get("finish_document"), document_id, state, reason, worker)
+        settled.append((connection_id, state, reason))
+    return settled
+
+
+async def recover(pool: asyncpg.Pool) -> dict[str, int]:
+    """Settle documents left ``uploading`` by workers that died (their advisory lock is free)."""
+    result = {"in_doubt": 0, "pending": 0}
+    with db.translate("recover"):
+        workers = [r["claimed_by"] for r in await pool.fetch(queries.get("uploading_workers"))]
+        for worker in workers:
+            async with pool.acquire() as conn:
+                alive = not await conn.fetchval(
+                    queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker
+                )
+                if alive:
+                    continue
+                try:
+                    async with conn.transaction():
+                        for _, state, _ in await _settle(
+                            conn, worker, sent=DIED_REASON, unsent=DIED_UNSENT_REASON
+                        ):
+                            result[str(state)] += 1
+                finally:
+                    await conn.execute(queries.get("worker_unlock"), WORKER_LOCK_SPACE, worker)
+    if any(result.values()):
+        logger.warning("flush_recovered", **result)
+    return result
+
+
+async def settle_own(
+    pool: asyncpg.Pool, worker: int, reports: Sequence[report.ConnectionReport]
+) -> None:
+    """End of run: what this worker still holds (documents whose processing hit an error) is
+    settled now, into the report; if the database is gone, the next run's recovery does it."""
+    try:
+        with db.translate("settle"):
+            async with pool.acquire() as conn, conn.transaction():
+                settled = await _settle(
+                    conn, worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT_REASON
+                )
+    except errors.DatabaseUnavailable as exc:
+        logger.warning("flush_settle_deferred", reason=str(exc))
+        return
+    by_connection = {r.connection_id: r for r in reports}
+    for connection_id, state, reason in settled:
+        found = by_connection.get(connection_id)
+        if found is None:
+            continue
+        if state == models.DocumentState.IN_DOUBT:
+            found.in_doubt += 1
+        else:
+            found.pending[report.reason_key(reason)] += 1
+
+
+async def worker_lease(pool: asyncpg.Pool) -> tuple[int, asyncpg.pool.PoolConnectionProxy]:
+    """A worker id whose session-level advisory lock is held by a dedicated connection."""
+    conn = await pool.acquire()
+    try:
+        while True:
+            worker = secrets.randbelow(2**31 - 1) + 1
+            if await conn.fetchval(queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker):
+                return worker, conn
+    except BaseException:
+        await pool.release(conn)
+        raise
