@@ -23,7 +23,7 @@ from typing import Final, Protocol
 import asyncpg
 import httpx
 
-from consumers import flusher
+from consumers import flusher, upload
 from relay import (
     cegid,
     config,
@@ -43,7 +43,7 @@ logger = log.get(__name__)
 LOCK: Final = (0x52454C59 + 1, 1)  # advisory lock of the scheduler (namespace, key)
 POLL_S: Final = 60.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
-CEGID_REASON: Final = flusher.CEGID_REASON  # prefix of the reasons the dossier check may clear
+CEGID_REASON: Final = upload.CEGID_REASON  # prefix of the reasons the dossier check may clear
 
 Clock = Callable[[], dt.datetime]
 Wait = Callable[[float], Awaitable[None]]

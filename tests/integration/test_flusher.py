@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from consumers import flusher, recovery
+from consumers import flusher, recovery, upload
 from relay import config, errors, models, resolve
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
@@ -181,7 +181,7 @@ async def test_cegid_down_for_the_whole_run_leaves_documents_pending_with_the_re
 ) -> None:
     """Still 5xx after every retry: pending, with the last reason, tried again next run."""
     attachment = await _seed(pool, qonto, connection_id)
-    loop.faults.push(*["500"] * flusher.UPLOAD_ATTEMPTS)
+    loop.faults.push(*["500"] * upload.UPLOAD_ATTEMPTS)
     result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
     document = await _document(pool, attachment)
     assert document["state"] == "pending"
