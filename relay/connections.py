@@ -2,16 +2,15 @@
 
 What `relay connections ...` and the admin API do. Setup is checked against both upstreams before
 anything is stored: the Qonto credentials must belong to the organization and to a member allowed to
-set up the export (owner, admin or reporting), and the firm's Loop key must be able to read the
-dossier (Loop accepts deposits into a dossier that does not exist and silently drops them, so this is
-the only place a wrong code dossier can be caught).
+set up the export (owner, admin or reporting: see :mod:`relay.eligibility`), and the firm's Loop key
+must be able to read the dossier (Loop accepts deposits into a dossier that does not exist and
+silently drops them, so this is the only place a wrong code dossier can be caught).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import re
 import secrets as pysecrets
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,12 +18,22 @@ from typing import Any, Final
 
 import asyncpg
 
-from relay import cegid, config, credentials, crypto, db, errors, log, models, qonto, queries
+from relay import (
+    cegid,
+    config,
+    credentials,
+    crypto,
+    db,
+    eligibility,
+    errors,
+    log,
+    models,
+    qonto,
+    queries,
+)
 
 logger = log.get(__name__)
 
-SETUP_ROLES: Final = frozenset({"owner", "admin", "reporting"})
-ELIGIBLE_PLANS: Final = frozenset({"smart", "premium", "essential", "business", "enterprise"})
 WEBHOOK_TOPICS: Final = ("v1/transactions", "v1/client-invoices", "v1/consent-revocations")
 FOLDER_DEADLINE: Final = dt.timedelta(hours=24)
 FOLDER_CHECK_UNTIL: Final = dt.timedelta(days=7)  # the check after the first deposit, not forever
@@ -39,11 +48,6 @@ FOLDER_CHECK: Final = (
     "reconnect {id}), and check in Loop Hub that dossier {dossier} is associated with the partner's "
     "API key"
 )
-PLAN_UNVERIFIED: Final = (
-    "the Qonto plan could not be verified (Qonto did not name it): the accounting export needs "
-    "Smart, Premium, Essential, Business or Enterprise"
-)
-_PLAN_WORDS: Final = re.compile(r"[^a-z0-9-]+")  # a hyphen binds: "non-premium" is one word
 
 # How a field is named to the user: a flag for the command line, a JSON key for the admin API.
 Label = Callable[[str], str]
@@ -136,67 +140,6 @@ def validate(new: NewConnection, *, label: Label = flag_name) -> None:
             )
 
 
-def _plan_of(organization: dict[str, Any]) -> str | None:
-    """The organization's plan if Qonto says it (the documented payload has no such field)."""
-    for key in ("plan", "subscription_plan", "pricing_plan"):
-        value = organization.get(key)
-        if isinstance(value, dict):
-            value = value.get("name") or value.get("code")
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
-def _plan_is_eligible(plan: str) -> bool:
-    """An eligible plan's name as a whole word ("Premium", "essential_2023"), not as a substring."""
-    return any(word in ELIGIBLE_PLANS for word in _PLAN_WORDS.split(plan.lower()))
-
-
-def plan_notice(organization: dict[str, Any]) -> str | None:
-    """What to tell the user when Qonto names no plan (accepted, but not verified)."""
-    return PLAN_UNVERIFIED if _plan_of(organization) is None else None
-
-
-async def verify_qonto(
-    client: qonto.QontoClient, organization_id: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check the credentials' member may set up the export for this organization; raise Refused."""
-    membership = await client.get_membership()
-    role = str(membership.get("role", "")).lower()
-    if role not in SETUP_ROLES:
-        raise errors.Refused(
-            f"this Qonto member's role is {role or 'unknown'!r}: only owners, admins and reporting "
-            "members can set up the accounting export"
-        )
-    organization = await client.get_organization()
-    # the organization the credentials reach, by its id or its slug (either may be given)
-    known = {
-        str(value)
-        for value in (
-            membership.get("organization_id"),
-            organization.get("id"),
-            organization.get("slug"),
-        )
-        if value
-    }
-    if not known:
-        raise errors.Refused(
-            "Qonto did not say which organization the credentials belong to: the organization id "
-            "cannot be checked"
-        )
-    if organization_id not in known:
-        raise errors.Refused(
-            "the Qonto credentials belong to another organization than --qonto-organization-id"
-        )
-    plan = _plan_of(organization)
-    if plan is not None and not _plan_is_eligible(plan):
-        raise errors.Refused(
-            f"the Qonto plan {plan!r} does not include the accounting export "
-            "(eligible plans: Smart, Premium, Essential, Business, Enterprise)"
-        )
-    return membership, organization
-
-
 async def add(settings: config.Settings, pool: asyncpg.Pool, new: NewConnection) -> Created:
     """Validate against Qonto and Cegid, then store the connection with its sealed secrets.
 
@@ -219,8 +162,8 @@ async def add(settings: config.Settings, pool: asyncpg.Pool, new: NewConnection)
     created_ids: list[str] = []
     async with qonto.http_clients(settings) as http, cegid.http_client(settings) as cegid_http:
         client = qonto.client(settings, new.qonto, http, on_tokens_rotated=keep_rotated)
-        _, organization = await verify_qonto(client, new.qonto_organization_id)
-        warnings = [w for w in (plan_notice(organization),) if w]
+        _, organization = await eligibility.verify_qonto(client, new.qonto_organization_id)
+        warnings = [w for w in (eligibility.plan_notice(organization),) if w]
         await cegid.CegidClient(settings, cegid_http).check_dossier(new.cegid, new.cegid_dossier)
         try:
             if new.subscribe and not new.webhook_secrets:
@@ -434,11 +377,11 @@ async def _verify(
 
     async with qonto.http_clients(settings) as http, cegid.http_client(settings) as cegid_http:
         try:
-            _, organization = await verify_qonto(
+            _, organization = await eligibility.verify_qonto(
                 qonto.client(settings, qonto_creds, http, on_tokens_rotated=store_rotated),
                 connection.qonto_organization_id,
             )
-            notices += [n for n in (plan_notice(organization),) if n]
+            notices += [n for n in (eligibility.plan_notice(organization),) if n]
         except (errors.QontoAuthRejected, errors.Refused) as exc:
             problems.append(f"Qonto: {exc}")
         try:

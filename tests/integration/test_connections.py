@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from relay import config, connections, credentials, crypto, errors, models
+from relay import config, connections, credentials, crypto, eligibility, errors, models
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import http as http_sandbox
 from relay.sandbox import qonto as qonto_sandbox
@@ -174,7 +174,7 @@ async def test_command_line_add_list_show_and_documents(
     value = json.loads(added.stdout)
     assert value["webhook_path"] == f"/webhooks/qonto/{value['id']}"
     assert value["webhook_subscriptions_created"] == 0  # the secret was given: none created
-    assert value["warnings"] == [connections.PLAN_UNVERIFIED]
+    assert value["warnings"] == [eligibility.PLAN_UNVERIFIED]
     assert value["webhook_url"].endswith(value["webhook_path"])
     listed = _relay(upstream_settings, "connections", "list", "--json")
     assert [c["id"] for c in json.loads(listed.stdout)] == [value["id"]]
@@ -294,9 +294,9 @@ async def test_an_unnamed_plan_is_accepted_but_said_unverified(
 ) -> None:
     """The sandbox, like the documented payload, names no plan: the setup says it was not verified."""
     created = await connections.add(upstream_settings, pool, _new(qonto))
-    assert created.to_json()["warnings"] == [connections.PLAN_UNVERIFIED]
+    assert created.to_json()["warnings"] == [eligibility.PLAN_UNVERIFIED]
     checked = await connections.check(upstream_settings, pool, created.connection.id)
-    assert connections.PLAN_UNVERIFIED in checked["warnings"]
+    assert eligibility.PLAN_UNVERIFIED in checked["warnings"]
 
 
 async def test_reconnect_checks_first_and_changes_nothing_when_the_check_cannot_run(
@@ -341,7 +341,7 @@ async def test_reconnect_sets_the_state_from_the_check_and_restarts_the_folder_c
     await connections.disconnect(pool, connection_id)
     again = await connections.reconnect(upstream_settings, pool, connection_id)
     assert (again["state"], again["problems"]) == ("active", [])
-    assert again["warnings"] == [connections.PLAN_UNVERIFIED]  # no folder advice any more
+    assert again["warnings"] == [eligibility.PLAN_UNVERIFIED]  # no folder advice any more
     assert dt.datetime.fromisoformat(again["connected_at"]) > dt.datetime.now(
         dt.UTC
     ) - dt.timedelta(minutes=1)

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from relay import config, connections, credentials, errors, models, qonto
+from relay import config, connections, credentials, eligibility, errors, models, qonto
 
 ORG_ID = "0b8e4f1c-5d3a-4c2e-9f71-2a6b9c0d1e23"  # the fixtures' organization
 SETTINGS = config.Settings(secret_key=config.Secret("x" * 43 + "="))
@@ -41,16 +41,16 @@ async def test_the_organization_is_checked_even_when_the_membership_does_not_nam
     member = {"id": "m1", "role": "admin"}
     client = _client(member, ORGANIZATION)
     with pytest.raises(errors.Refused, match="another organization"):
-        await connections.verify_qonto(client, str(uuid.uuid4()))
-    await connections.verify_qonto(client, ORG_ID)
-    await connections.verify_qonto(client, "atelier-demo")
+        await eligibility.verify_qonto(client, str(uuid.uuid4()))
+    await eligibility.verify_qonto(client, ORG_ID)
+    await eligibility.verify_qonto(client, "atelier-demo")
 
 
 async def test_an_organization_qonto_does_not_identify_cannot_be_checked() -> None:
     """No id anywhere: refused, rather than the check silently skipped."""
     client = _client({"id": "m1", "role": "admin"}, {"bank_accounts": []})
     with pytest.raises(errors.Refused, match="cannot be checked"):
-        await connections.verify_qonto(client, ORG_ID)
+        await eligibility.verify_qonto(client, ORG_ID)
 
 
 @pytest.mark.parametrize(
@@ -70,17 +70,17 @@ async def test_plans_are_matched_as_whole_words(plan: object, eligible: bool) ->
     """An eligible plan's name must be a word of the plan, not a substring of another word."""
     client = _client(MEMBER, {**ORGANIZATION, "plan": plan})
     if eligible:
-        await connections.verify_qonto(client, ORG_ID)
+        await eligibility.verify_qonto(client, ORG_ID)
     else:
         with pytest.raises(errors.Refused, match="does not include the accounting export"):
-            await connections.verify_qonto(client, ORG_ID)
+            await eligibility.verify_qonto(client, ORG_ID)
 
 
 def test_a_plan_qonto_does_not_name_is_accepted_with_a_notice() -> None:
     """No plan field (the documented payload has none): accepted, but said to be unverified."""
-    assert connections.plan_notice(ORGANIZATION) == connections.PLAN_UNVERIFIED
-    assert "plan could not be verified" in connections.PLAN_UNVERIFIED
-    assert connections.plan_notice({**ORGANIZATION, "plan": "Smart"}) is None
+    assert eligibility.plan_notice(ORGANIZATION) == eligibility.PLAN_UNVERIFIED
+    assert "plan could not be verified" in eligibility.PLAN_UNVERIFIED
+    assert eligibility.plan_notice({**ORGANIZATION, "plan": "Smart"}) is None
 
 
 # ------------------------------------------------------------------------------------ folder advice
