@@ -26,6 +26,7 @@ from relay import (
     db,
     eligibility,
     errors,
+    folders,
     log,
     models,
     qonto,
@@ -35,19 +36,6 @@ from relay import (
 logger = log.get(__name__)
 
 WEBHOOK_TOPICS: Final = ("v1/transactions", "v1/client-invoices", "v1/consent-revocations")
-FOLDER_DEADLINE: Final = dt.timedelta(hours=24)
-FOLDER_CHECK_UNTIL: Final = dt.timedelta(days=7)  # the check after the first deposit, not forever
-FOLDER_ADVICE: Final = (
-    "the client's folder has not appeared in Loop 24 hours after setup: disconnect and reconnect "
-    "(relay connections disconnect {id} then relay connections reconnect {id}), and check in Loop Hub "
-    "that dossier {dossier} is associated with the partner's API key"
-)
-FOLDER_CHECK: Final = (
-    "the first document reached Loop more than 24 hours ago: if the client's folder is not visible "
-    "in Loop yet, disconnect and reconnect (relay connections disconnect {id} then relay connections "
-    "reconnect {id}), and check in Loop Hub that dossier {dossier} is associated with the partner's "
-    "API key"
-)
 
 # How a field is named to the user: a flag for the command line, a JSON key for the admin API.
 Label = Callable[[str], str]
@@ -285,48 +273,6 @@ async def get(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection
     return models.Connection.from_record(record)
 
 
-def _refused_by(reason: str | None, side: str) -> bool:
-    """Whether a connection's reason holds a refusal by ``side`` ("Qonto" or "Cegid")."""
-    return any(part.strip().startswith(side) for part in (reason or "").split(";"))
-
-
-def folder_warning(
-    connection: models.Connection,
-    now: dt.datetime,
-    *,
-    waiting_documents: int,
-    connected_at: dt.datetime,
-    first_deposit_at: dt.datetime | None,
-) -> str | None:
-    """The advice to give about the client's folder in Loop, counted from the (re)connection.
-
-    Loop shows the partner's folder after the first deposit, sometimes hours later; nothing in its
-    API lists folders, so the relay cannot see it. 24 hours after (re)connection it advises
-    disconnect and reconnect when Cegid refuses the dossier, or when documents are waiting (pending,
-    being sent or in doubt; not failed, and not for a refusal on Qonto's side) and no deposit was
-    accepted since. Once a deposit was accepted, it asks the accountant to check the folder is
-    visible, from 24 hours to 7 days after that first deposit (a check, not a standing warning).
-    """
-    if connection.state in (models.ConnectionState.REVOKED, models.ConnectionState.DISCONNECTED):
-        return None
-    if now - connected_at < FOLDER_DEADLINE:
-        return None
-    flagged = connection.state == models.ConnectionState.NEEDS_ATTENTION
-    advice = {"id": connection.id, "dossier": connection.cegid_dossier}
-    if flagged and _refused_by(connection.state_reason, "Cegid"):
-        return FOLDER_ADVICE.format(**advice)
-    if first_deposit_at is not None:
-        since_deposit = now - first_deposit_at
-        if FOLDER_DEADLINE <= since_deposit < FOLDER_CHECK_UNTIL:
-            return FOLDER_CHECK.format(**advice)
-        return None
-    if flagged and _refused_by(connection.state_reason, "Qonto"):
-        return None  # the documents wait for Qonto's credentials, not for Loop
-    if waiting_documents > 0:
-        return FOLDER_ADVICE.format(**advice)
-    return None
-
-
 async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, Any]:
     """`connections show`: the connection, its webhook secrets (never their values), its documents."""
     connection = await get(pool, connection_id)
@@ -338,7 +284,7 @@ async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, An
     by_state = {r["state"]: r["n"] for r in counts}
     waiting = sum(by_state.get(s, 0) for s in ("pending", "uploading", "in_doubt"))
     connected_at = facts["connected_at"] if facts is not None else connection.created_at
-    warning = folder_warning(
+    warning = folders.folder_warning(
         connection,
         now,
         waiting_documents=waiting,

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from relay import config, connections, credentials, eligibility, errors, models, qonto
+from relay import config, credentials, eligibility, errors, folders, models, qonto
 
 ORG_ID = "0b8e4f1c-5d3a-4c2e-9f71-2a6b9c0d1e23"  # the fixtures' organization
 SETTINGS = config.Settings(secret_key=config.Secret("x" * 43 + "="))
@@ -121,7 +121,7 @@ def _warning(
     waiting: int = 0,
     deposit_hours_ago: float | None = None,
 ) -> str | None:
-    return connections.folder_warning(
+    return folders.folder_warning(
         connection,
         NOW,
         waiting_documents=waiting,
