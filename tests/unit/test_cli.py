@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from relay import cli, crypto
+from relay import cli, commands, crypto
 
 COMMANDS = [
     ["keygen"],
@@ -228,7 +228,7 @@ def test_an_unexpected_error_is_one_line_and_exit_1(
     def broken(args: object) -> int:
         raise RuntimeError("cannot reach amqp://guest:hunter2@mq:5672/ today")
 
-    monkeypatch.setattr(cli, "cmd_keygen", broken)
+    monkeypatch.setattr(commands, "cmd_keygen", broken)
     monkeypatch.delenv("RELAY_LOG_LEVEL", raising=False)
     assert cli.main(["keygen", "--json"]) == 1
     captured = capsys.readouterr()
