@@ -20,7 +20,7 @@ hand-back of an unacknowledged message counts toward ``x-delivery-limit``: nack 
 requeue, a closed channel or connection, and a cancelled subscription's deliveries still in flight.
 (RabbitMQ documents 4.3 as no longer counting ``basic.nack``; 4.0 to 4.2 count every return.) So a
 consumer stopping gracefully does not hand its prefetched messages back: it lets the deliveries in
-flight arrive, cancels its subscription and processes them first (``consumers/buffer.py``).
+flight arrive, cancels its subscription and processes them first (``consumers/consume.py``).
 
 Message format (what the intake publishes): body = the webhook body exactly as received; persistent;
 ``message_id`` = Qonto event id; headers ``x-connection-id``, ``x-received-at-ms`` (unix milliseconds, int).

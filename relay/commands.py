@@ -49,13 +49,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def cmd_consume(args: argparse.Namespace) -> int:
-    from consumers import buffer
+    from consumers import consume
 
     settings = console.settings()
     log.configure(settings.log_level)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
-    await buffer.consume(settings, stop=stop)
+    await consume.consume(settings, stop=stop)
     return console.EXIT_OK
 
 
@@ -84,7 +84,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     """
     import uvicorn
 
-    from consumers import buffer, scheduler
+    from consumers import consume, scheduler
     from relay import app
 
     class Server(uvicorn.Server):
@@ -114,7 +114,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     async with console.pool(settings) as pool:
         roles = {
             asyncio.create_task(_serve(server), name="intake"): "intake",
-            asyncio.create_task(buffer.consume(settings, stop=stop), name="consume"): "consume",
+            asyncio.create_task(consume.consume(settings, stop=stop), name="consume"): "consume",
             asyncio.create_task(
                 scheduler.run_forever(settings, pool, stop=stop), name="scheduler"
             ): "scheduler",

@@ -23,7 +23,7 @@ import httpx
 import orjson
 import uvicorn
 
-from consumers import buffer, flusher
+from consumers import consume, flusher
 from relay import amqp, app, config, connections, credentials, crypto, db, documents, log, models
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files, signing
@@ -227,7 +227,7 @@ async def _run(
 ) -> int:
     async with db.pool_for(settings) as pool, _intake(settings, port):
         stop = asyncio.Event()
-        consumer = asyncio.create_task(buffer.consume(settings, stop=stop))
+        consumer = asyncio.create_task(consume.consume(settings, stop=stop))
         try:
             progress.step(f"webhook intake listening on http://127.0.0.1:{port}; consumer running")
             login, _, secret = q.api_key_header.partition(":")

@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers import buffer
+from consumers import buffer, consume
 from relay import amqp, config, connections, dlq, errors, models
 from relay import qonto as qonto_client
 from relay.sandbox import files
@@ -45,7 +45,7 @@ async def publisher(
 async def consumer(upstream_settings: config.Settings) -> AsyncIterator[asyncio.Event]:
     """`relay consume` running in this loop until the test ends."""
     stop = asyncio.Event()
-    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop))
+    task = asyncio.create_task(consume.consume(upstream_settings, stop=stop))
     yield stop
     stop.set()
     await asyncio.wait_for(task, 15)
@@ -290,7 +290,7 @@ async def test_database_down_retries_with_a_delay_and_loses_nothing(
     [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
     assert letter.reason.startswith(f"still failing after {len(amqp.RETRY_DELAYS_S)} retries")
     stop = asyncio.Event()
-    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop))
+    task = asyncio.create_task(consume.consume(upstream_settings, stop=stop))
     try:  # the 1-second delay queue hands it back to the events queue
         await _wait_count(
             pool, "SELECT count(*) FROM documents WHERE qonto_attachment_id = $1", 1, attachment
@@ -341,7 +341,7 @@ async def test_a_consumer_killed_mid_stream_loses_nothing(
     landed = await _count(pool, "SELECT count(*) FROM events")
     assert landed < 1500, "the consumer finished before it was killed: the test proves nothing"
     stop = asyncio.Event()
-    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop))
+    task = asyncio.create_task(consume.consume(upstream_settings, stop=stop))
     try:
         await _wait_count(pool, "SELECT count(*) FROM events", 1500)
     finally:
@@ -425,7 +425,7 @@ async def test_an_event_failing_on_every_retry_is_dead_lettered_with_the_last_re
     event = qonto.client_invoice_event(invoice)
     await _publish(publisher, connection_id, event)
     stop = asyncio.Event()
-    task = asyncio.create_task(buffer.consume(upstream_settings, stop=stop, retry_delays=(1, 1)))
+    task = asyncio.create_task(consume.consume(upstream_settings, stop=stop, retry_delays=(1, 1)))
     try:
         [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
     finally:
@@ -535,7 +535,7 @@ async def test_a_graceful_stop_hands_no_delivered_message_back(
         await _publish(publisher, connection_id, _transaction_event(i, f"att-{i}"))
     stop = asyncio.Event()
     task = asyncio.create_task(
-        buffer.consume(upstream_settings, stop=stop, prefetch=64, batch_size=16)
+        consume.consume(upstream_settings, stop=stop, prefetch=64, batch_size=16)
     )
     try:
         await _wait_count(pool, "SELECT count(*) FROM events", 1)

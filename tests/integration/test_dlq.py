@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers import buffer
+from consumers import consume
 from relay import amqp, config, dlq, errors
 
 FUTURE = orjson.dumps({"id": "evt-v2", "type": "v2/transactions", "data": {"id": "tx-9"}})
@@ -52,7 +52,7 @@ async def _consumer_dead_letters(
     await publisher.publish_event(FUTURE, connection_id=connection_id, event_id="evt-v2")
     await publisher.publish_event(b"<html>", connection_id=connection_id, event_id="evt-html")
     stop = asyncio.Event()
-    task = asyncio.create_task(buffer.consume(settings, stop=stop))
+    task = asyncio.create_task(consume.consume(settings, stop=stop))
     try:
         return await _letters(settings, conn, 2)
     finally:
