@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay import config, connections, credentials, crypto, documents, errors, log, models
+from relay import config, connections, credentials, crypto, documents, errors, inputs, log, models
 
 logger = log.get(__name__)
 Handler = Callable[[Request], Awaitable[Any]]
@@ -78,7 +78,7 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return _unauthorized()
         try:
             result = await handler(request)
-        except (BadRequest, connections.InvalidInput) as exc:
+        except (BadRequest, inputs.InvalidInput) as exc:
             return _json({"error": str(exc)}, 400)
         except errors.ConfigurationError as exc:
             return _json({"error": str(exc)}, 503)
@@ -143,13 +143,13 @@ def _field(name: str) -> str:
 
 async def add_connection(request: Request) -> Any:
     body = await _body(request)
-    qonto_creds = connections.qonto_credentials(
+    qonto_creds = inputs.qonto_credentials(
         body.get("qonto_api_key"), body.get("qonto_refresh_token"), label=_field
     )
     secrets = body.get("webhook_secrets") or []
     if not isinstance(secrets, list) or not all(isinstance(s, str) for s in secrets):
         raise BadRequest("webhook_secrets: a list of strings")
-    new = connections.NewConnection(
+    new = inputs.NewConnection(
         client_name=str(_text(body, "client_name")),
         qonto_organization_id=str(_text(body, "qonto_organization_id")),
         qonto=qonto_creds,
@@ -163,7 +163,7 @@ async def add_connection(request: Request) -> Any:
         subscribe=bool(body.get("subscribe", False)),
         since=_since(body.get("since")),
     )
-    connections.validate(new, label=_field)
+    inputs.validate(new, label=_field)
     created = await connections.add(request.app.state.settings, request.app.state.pool, new)
     return _json(created.to_json(), 201)
 

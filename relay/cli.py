@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from relay import commands, config, connections, console, errors, log, management
+from relay import commands, config, console, errors, inputs, log, management
 
 
 class _UsageExit(SystemExit):
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(result or 0)
     except (
         console.UsageError,
-        connections.InvalidInput,
+        inputs.InvalidInput,
         errors.ConfigurationError,
         errors.NotFound,
     ) as exc:

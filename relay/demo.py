@@ -24,7 +24,19 @@ import orjson
 import uvicorn
 
 from consumers import consume, flusher
-from relay import amqp, app, config, connections, credentials, crypto, db, documents, log, models
+from relay import (
+    amqp,
+    app,
+    config,
+    connections,
+    credentials,
+    crypto,
+    db,
+    documents,
+    inputs,
+    log,
+    models,
+)
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files, signing
 from relay.sandbox import qonto as qonto_sandbox
@@ -234,7 +246,7 @@ async def _run(
             created = await connections.add(
                 settings,
                 pool,
-                connections.NewConnection(
+                inputs.NewConnection(
                     client_name="Atelier Demo",
                     qonto_organization_id=q.organization_id,
                     qonto=credentials.QontoApiKey(login=login, secret=config.Secret(secret)),

@@ -11,14 +11,14 @@ from typing import Any
 
 import orjson
 
-from relay import config, connections, console, credentials, documents
+from relay import config, connections, console, credentials, documents, inputs
 
 
 async def cmd_connections_add(args: argparse.Namespace) -> int:
-    new = connections.NewConnection(
+    new = inputs.NewConnection(
         client_name=args.client_name,
         qonto_organization_id=args.qonto_organization_id,
-        qonto=connections.qonto_credentials(args.qonto_api_key, args.qonto_refresh_token),
+        qonto=inputs.qonto_credentials(args.qonto_api_key, args.qonto_refresh_token),
         cegid=credentials.CegidCredentials(
             api_key=config.Secret(args.cegid_api_key),
             api_secret=config.Secret(args.cegid_api_secret),
@@ -29,7 +29,7 @@ async def cmd_connections_add(args: argparse.Namespace) -> int:
         subscribe=args.subscribe,
         since=args.since,
     )
-    connections.validate(new)  # usage errors first, before the configuration and any call
+    inputs.validate(new)  # usage errors first, before the configuration and any call
     settings = console.settings(require_cegid_key=True)
     async with console.pool(settings) as pool:
         created = await connections.add(settings, pool, new)

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config, connections, credentials, crypto, events, ingest, models, queries
+from relay import config, connections, credentials, crypto, events, ingest, inputs, models, queries
 from relay.sandbox import files, signing
 from relay.sandbox import qonto as qonto_sandbox
 
@@ -34,7 +34,7 @@ async def connect(
     created = await connections.add(
         settings,
         pool,
-        connections.NewConnection(
+        inputs.NewConnection(
             client_name=client_name,
             qonto_organization_id=qonto.organization_id,
             qonto=credentials.QontoApiKey(login=login, secret=config.Secret(secret)),

@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from relay import config, connections, credentials, crypto, eligibility, errors, models
+from relay import config, connections, credentials, crypto, eligibility, errors, inputs, models
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import http as http_sandbox
 from relay.sandbox import qonto as qonto_sandbox
@@ -26,7 +26,7 @@ CEGID_KEY, CEGID_SECRET = "firm-key-0001", "firm-secret-0001"
 WEBHOOK_SECRET = "webhook-secret-do-not-leak-0123456789"
 
 
-def _new(sandbox: qonto_sandbox.QontoSandbox, **overrides: object) -> connections.NewConnection:
+def _new(sandbox: qonto_sandbox.QontoSandbox, **overrides: object) -> inputs.NewConnection:
     login, _, secret = sandbox.api_key_header.partition(":")
     values: dict[str, object] = {
         "client_name": "Acme",
@@ -40,7 +40,7 @@ def _new(sandbox: qonto_sandbox.QontoSandbox, **overrides: object) -> connection
         "webhook_secrets": (WEBHOOK_SECRET,),
     }
     values.update(overrides)
-    return connections.NewConnection(**values)  # type: ignore[arg-type]
+    return inputs.NewConnection(**values)  # type: ignore[arg-type]
 
 
 async def test_add_checks_both_sides_and_stores_secrets_sealed(

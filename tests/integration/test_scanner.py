@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from consumers import scanner
-from relay import config, connections, credentials, crypto, listing
+from relay import config, connections, credentials, crypto, inputs, listing
 from relay import qonto as qonto_api  # `qonto` is the sandbox fixture here
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
@@ -191,7 +191,7 @@ async def test_an_oauth_connection_stores_the_token_rotated_during_the_scan(
     created = await connections.add(
         settings,
         pool,
-        connections.NewConnection(
+        inputs.NewConnection(
             client_name="OAuth Co",
             qonto_organization_id=qonto.organization_id,
             qonto=credentials.QontoOAuth(refresh_token=config.Secret(refresh)),
