@@ -139,6 +139,7 @@ async def amqp_connection(
 
 from relay.sandbox import cegid as cegid_sandbox  # noqa: E402
 from relay.sandbox import qonto as qonto_sandbox  # noqa: E402
+from tests.integration import factories  # noqa: E402
 
 
 @pytest.fixture
@@ -170,3 +171,11 @@ def upstream_settings(
         cegid_api_url=loop.url,
         cegid_subscription_key=config.Secret(loop.subscription_key),
     )
+
+
+@pytest.fixture
+async def connection_id(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> uuid.UUID:
+    """A connection made the way `relay connections add` makes it, against the sandboxes."""
+    return await factories.connect(upstream_settings, pool, qonto)

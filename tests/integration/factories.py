@@ -20,6 +20,11 @@ WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 FIRM_KEY, FIRM_SECRET = "firm-key-0001", "firm-secret-0001"
 
 
+async def no_wait(_: float) -> None:
+    """Backoff without waiting: the schedule is the product's, the test only skips the sleep."""
+    await asyncio.sleep(0)
+
+
 async def connect(
     settings: config.Settings,
     pool: asyncpg.Pool,

@@ -26,13 +26,6 @@ from tests.integration import factories
 
 
 @pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
-
-
-@pytest.fixture
 async def publisher(
     upstream_settings: config.Settings, amqp_connection: aio_pika.abc.AbstractRobustConnection
 ) -> AsyncIterator[amqp.Publisher]:

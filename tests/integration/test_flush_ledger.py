@@ -24,17 +24,6 @@ from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
 
 
-async def no_wait(_: float) -> None:
-    await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
-
-
 async def _seed(
     pool: asyncpg.Pool,
     qonto: qonto_sandbox.QontoSandbox,
@@ -152,7 +141,7 @@ async def test_a_copy_that_never_reached_loop_gives_its_content_up(
     removed = qonto.update_transaction(str(first_tx["id"]), attachment_ids=[])
     await factories.ingest_transaction(pool, connection_id, removed)
     assert await _state(pool, first) == ("skipped", models.SKIP_DELETED)
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert (await _state(pool, second))[0] == "uploaded"
     assert [s.sha256 for s in loop.stored] == [hashlib.sha256(content).hexdigest()]
 
@@ -182,7 +171,7 @@ async def test_a_copy_being_sent_by_another_worker_makes_the_second_wait(
             hashlib.sha256(content).hexdigest(),
             first,
         )
-        await flusher.flush(upstream_settings, pool, sleep=no_wait)
+        await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
         state, reason = await _state(pool, second)
         await other_worker.execute(
             "SELECT pg_advisory_unlock($1, $2)", recovery.WORKER_LOCK_SPACE, 777
@@ -220,7 +209,7 @@ async def test_an_error_on_one_document_stops_that_document_only(
     ids = [(await _seed(pool, qonto, connection_id, files.pdf(seed=10 + i)))[1] for i in range(4)]
     unlucky = ids[1]
     await _refuse_in_database(pool, f"NEW.id = {unlucky} AND NEW.state = 'uploaded'")
-    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    result = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     state, reason = await _state(pool, unlucky)
     assert state == "in_doubt"
     assert reason is not None
@@ -249,7 +238,7 @@ async def test_an_error_on_one_connection_stops_that_connection_only(
     await _refuse_in_database(
         pool, f"NEW.connection_id = '{connection_id}' AND NEW.state = 'uploading'"
     )
-    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    result = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     rows = await pool.fetch("SELECT connection_id, state FROM documents")
     assert {r["state"] for r in rows if r["connection_id"] == connection_id} == {"pending"}
     assert {r["state"] for r in rows if r["connection_id"] == other} == {"uploaded"}
@@ -281,7 +270,7 @@ async def test_uploads_stay_within_the_global_cap_across_connections(
     settings = dataclasses.replace(
         upstream_settings, upload_concurrency=3, upload_concurrency_per_firm=3
     )
-    await flusher.flush(settings, pool, sleep=no_wait)
+    await flusher.flush(settings, pool, sleep=factories.no_wait)
     assert len(loop.stored) == 30
     assert loop.peak_in_flight == 3
 
@@ -310,7 +299,7 @@ async def test_a_refused_deposit_is_cleared_by_the_daily_check_once_access_is_ba
     dossier check clears when Loop lets the key in again."""
     _, document_id = await _seed(pool, qonto, connection_id, files.pdf(seed=40))
     loop.faults.push("403")
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     row = await pool.fetchrow("SELECT state, state_reason FROM connections")
     assert row is not None
     assert row["state"] == "needs_attention"

@@ -17,18 +17,6 @@ from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
 
 
-async def no_wait(_: float) -> None:
-    """Backoff without waiting: the schedule is the product's, the test only skips the sleep."""
-    await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
-
-
 async def _document(pool: asyncpg.Pool, attachment_id: str) -> asyncpg.Record:
     record = await pool.fetchrow(
         "SELECT * FROM documents WHERE qonto_attachment_id = $1", attachment_id
@@ -141,7 +129,7 @@ async def test_transient_faults_are_retried_within_the_run(
     qonto.faults.fail_next("/v2/attachments/", 503)
     qonto.faults.expire_next_urls(1)
     loop.faults.push("429", "503")
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert (await _document(pool, attachment))["state"] == "uploaded"
     assert len(loop.stored) == 1
     assert qonto.faults.injected["expired_url"] == 1
@@ -182,12 +170,12 @@ async def test_cegid_down_for_the_whole_run_leaves_documents_pending_with_the_re
     """Still 5xx after every retry: pending, with the last reason, tried again next run."""
     attachment = await _seed(pool, qonto, connection_id)
     loop.faults.push(*["500"] * upload.UPLOAD_ATTEMPTS)
-    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    result = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     document = await _document(pool, attachment)
     assert document["state"] == "pending"
     assert document["reason"].startswith("Cegid Loop unavailable, retried next run")
     assert result.exit_code == 1
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert (await _document(pool, attachment))["state"] == "uploaded"
     assert len(loop.stored) == 1
 
@@ -208,7 +196,7 @@ async def test_refused_access_flags_the_connection_and_others_continue(
     # the accountant dissociated ACME001 from the key in Loop Hub (it now belongs to another firm)
     loop.add_firm(factories.FIRM_KEY, factories.FIRM_SECRET, dossiers=["OTHER002"])
     loop.add_firm("someone-else", "their-secret", dossiers=["ACME001"])
-    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    result = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     # both connections are the same Qonto organization here: the scan gives each both files
     by_connection = {
         (r["connection_id"], r["qonto_attachment_id"]): r["state"]
@@ -238,7 +226,7 @@ async def test_a_refused_file_fails_with_the_reason(
     """400/413/415: the file itself is refused; failed, with Cegid's answer, not retried."""
     attachment = await _seed(pool, qonto, connection_id)
     loop.faults.push("415")
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     document = await _document(pool, attachment)
     assert document["state"] == "failed"
     assert document["reason"].startswith("Cegid refused the file (HTTP 415)")
@@ -254,12 +242,12 @@ async def test_no_answer_after_sending_is_in_doubt_and_never_resent(
     """Stored then the connection dropped: in_doubt; the next flush leaves it; the operator decides."""
     attachment = await _seed(pool, qonto, connection_id)
     loop.faults.push("store_then_drop")
-    result = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    result = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     document = await _document(pool, attachment)
     assert document["state"] == "in_doubt"
     assert "relay documents resolve" in document["reason"]
     assert result.totals()["in_doubt"] == 1
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert len(loop.stored) == 1
     resolved = await resolve.resolve(pool, document["id"], uploaded=True)
     assert resolved.state == "uploaded"
@@ -277,12 +265,12 @@ async def test_resend_sends_an_in_doubt_document_again(
     """Dropped before storing (the relay cannot tell): in doubt; --resend makes the next flush send it."""
     attachment = await _seed(pool, qonto, connection_id)
     loop.faults.push("drop_before_store")
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     document = await _document(pool, attachment)
     assert document["state"] == "in_doubt"
     assert loop.stored == []
     await resolve.resolve(pool, document["id"], uploaded=False)
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert (await _document(pool, attachment))["state"] == "uploaded"
     assert len(loop.stored) == 1
 
@@ -309,7 +297,7 @@ async def test_recovery_after_a_dead_worker(
     assert recovered == {"in_doubt": 1, "pending": 1}
     assert (await _document(pool, sent))["state"] == "in_doubt"
     assert (await _document(pool, never))["state"] == "pending"
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert (await _document(pool, never))["state"] == "uploaded"
     assert (await _document(pool, sent))["state"] == "in_doubt"
 
@@ -343,7 +331,9 @@ async def test_concurrent_flushes_share_documents_and_send_each_once(
     settings = dataclasses.replace(
         upstream_settings, upload_concurrency=4, upload_concurrency_per_firm=4
     )
-    await asyncio.gather(*(flusher.flush(settings, pool, sleep=no_wait) for _ in range(3)))
+    await asyncio.gather(
+        *(flusher.flush(settings, pool, sleep=factories.no_wait) for _ in range(3))
+    )
     assert loop.duplicates() == []
     assert len(loop.stored) == 40
     assert set((await factories.states(pool)).values()) == {"uploaded"}
@@ -360,7 +350,7 @@ async def test_a_dossier_loop_does_not_know_is_caught_by_the_daily_check_with_th
     """Loop takes deposits for an unknown dossier and drops them; a day later the check flags it."""
     await _seed(pool, qonto, connection_id, seed=1)
     loop.add_firm(factories.FIRM_KEY, factories.FIRM_SECRET, dossiers=[])  # dissociated in Loop Hub
-    first = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    first = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert first.connections[0].uploaded == 1  # accepted, and silently lost: nothing can tell yet
     assert (len(loop.lost), first.connections[0].warnings) == (1, [])
     await pool.execute(
@@ -371,7 +361,7 @@ async def test_a_dossier_loop_does_not_know_is_caught_by_the_daily_check_with_th
         connection_id,
     )
     waiting = await _seed(pool, qonto, connection_id, seed=2)
-    later = await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    later = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert (await _document(pool, waiting))["state"] == "pending"
     assert len(loop.lost) == 1
     report = later.connections[0]
@@ -396,7 +386,7 @@ async def test_a_dossier_checked_within_a_day_is_not_checked_again(
     checked_before = await pool.fetchval(
         "SELECT dossier_checked_at FROM connections WHERE id = $1", connection_id
     )
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert checked_before == await pool.fetchval(
         "SELECT dossier_checked_at FROM connections WHERE id = $1", connection_id
     )
@@ -404,7 +394,7 @@ async def test_a_dossier_checked_within_a_day_is_not_checked_again(
         "UPDATE connections SET dossier_checked_at = now() - interval '25 hours' WHERE id = $1",
         connection_id,
     )
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     rechecked = await pool.fetchval(
         "SELECT dossier_checked_at FROM connections WHERE id = $1", connection_id
     )

@@ -11,19 +11,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from relay import config, db, events, ingest, models
-from relay.sandbox import qonto as qonto_sandbox
+from relay import db, events, ingest, models
 from tests.conftest import load_fixture
-from tests.integration import factories
 
 Apply = Callable[[db.Conn, uuid.UUID, dict[str, Any]], Awaitable[ingest.Applied]]
-
-
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
 
 
 async def _in_tx(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import asyncpg
@@ -14,17 +13,6 @@ from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
-
-
-async def no_wait(_: float) -> None:
-    await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
 
 
 async def _in_doubt(
@@ -39,7 +27,7 @@ async def _in_doubt(
     tx, attachment = factories.receipt(qonto, content, seed=1)
     await factories.ingest_transaction(pool, connection_id, tx)
     loop.faults.push("store_then_drop")
-    await flusher.flush(settings, pool, sleep=no_wait)
+    await flusher.flush(settings, pool, sleep=factories.no_wait)
     record = await pool.fetchrow(
         "SELECT id, state FROM documents WHERE qonto_attachment_id = $1", attachment
     )
@@ -76,7 +64,7 @@ async def test_uploaded_settles_the_document_and_keeps_its_content_in_the_dossie
     assert await _attempts(pool, document_id) == ["in_doubt"]
     tx, copy = factories.receipt(qonto, content, seed=2)
     await factories.ingest_transaction(pool, connection_id, tx)
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     duplicate = await pool.fetchrow(
         "SELECT state, reason FROM documents WHERE qonto_attachment_id = $1", copy
     )
@@ -101,7 +89,7 @@ async def test_resend_requeues_the_document_and_releases_its_content(
     assert (resolved.state, resolved.reason) == ("pending", "resend requested by an operator")
     assert await _content_holders(pool) == []
     assert await _attempts(pool, document_id) == ["in_doubt"]
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert await _attempts(pool, document_id) == ["in_doubt", "uploaded"]
     assert len(loop.stored) == 2  # the operator said the first copy was not in Loop
 
@@ -121,7 +109,7 @@ async def test_only_an_in_doubt_document_can_be_resolved(
     )
     with pytest.raises(errors.Refused, match="is pending, not in_doubt"):
         await resolve.resolve(pool, pending, uploaded=True)
-    await flusher.flush(upstream_settings, pool, sleep=no_wait)
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     with pytest.raises(errors.Refused, match="is uploaded, not in_doubt"):
         await resolve.resolve(pool, pending, uploaded=False)
     assert await pool.fetchval("SELECT state FROM documents WHERE id = $1", pending) == "uploaded"

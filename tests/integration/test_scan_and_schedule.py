@@ -7,24 +7,12 @@ import datetime as dt
 import uuid
 
 import asyncpg
-import pytest
 
 from consumers import scanner, scheduler
 from relay import config, db, qonto, report
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
-
-
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
-
-
-async def no_wait(_: float) -> None:
-    await asyncio.sleep(0)
 
 
 async def _scan(

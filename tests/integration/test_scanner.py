@@ -21,13 +21,6 @@ from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
 
 
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
-
-
 async def _scan(
     settings: config.Settings,
     pool: asyncpg.Pool,

@@ -16,7 +16,6 @@ import pytest
 from consumers import scheduler
 from relay import cegid, config, errors, report
 from relay.sandbox import cegid as cegid_sandbox
-from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
 
 DAY = dt.date(2026, 11, 24)
@@ -156,13 +155,6 @@ async def test_run_forever_survives_a_failed_run(
     )
     assert len(recorder.called_at) == 2
     assert await pool.fetchval("SELECT count(*) FROM runs WHERE finished_at IS NULL") == 1
-
-
-@pytest.fixture
-async def connection_id(
-    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
-) -> uuid.UUID:
-    return await factories.connect(upstream_settings, pool, qonto)
 
 
 async def test_the_dossier_check_flags_a_lost_dossier_and_clears_it_once_restored(
