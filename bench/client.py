@@ -3,8 +3,8 @@ beside httpcore's default (anyio) backend, in the same run against the same serv
 
 The server is a separate process answering every request at once (a minimal HTTP/1.1 keep-alive
 loop), so the figure is the client's own CPU (``time.process_time``) per 20 KB POST, the shape of a
-deposit. Measured with 1 and with 32 requests in flight, twice each in alternation; the lower of the
-two rounds is kept for each backend.
+deposit. Measured with 1 and with 32 requests in flight, in rounds alternating between the two
+backends; each backend's lowest round is its figure (this shared machine's noise only adds CPU).
 
 python -m bench.client serve PORT    (the server; the benchmark starts it itself)
 """
@@ -21,7 +21,8 @@ import httpx
 from bench import common
 from relay import network
 
-REQUESTS = 2000
+ROUND = 1000  # POSTs per round
+ROUNDS = 6  # rounds per backend; the least disturbed (lowest) is the figure
 BODY = b"%PDF-1.7\n" + b"x" * (20 * 1024 - 9)
 LIMITS = httpx.Limits(max_connections=36, max_keepalive_connections=36)
 
@@ -63,20 +64,18 @@ async def _listening(port: int, within_s: float = 10.0) -> None:
             return
 
 
-async def _cpu_per_request(transport: httpx.AsyncBaseTransport, url: str, in_flight: int) -> float:
-    """Microseconds of this process's CPU per POST, after a warm-up round."""
-    async with httpx.AsyncClient(base_url=url, transport=transport) as client:
+async def _round(client: httpx.AsyncClient, in_flight: int, requests: int) -> float:
+    """Microseconds of this process's CPU per POST over ``requests`` POSTs."""
 
-        async def worker() -> None:
-            for _ in range(REQUESTS // in_flight):
-                response = await client.post("/storeDocument", content=BODY)
-                if response.status_code != 200:
-                    raise RuntimeError(f"client benchmark: HTTP {response.status_code}")
+    async def worker() -> None:
+        for _ in range(requests // in_flight):
+            response = await client.post("/storeDocument", content=BODY)
+            if response.status_code != 200:
+                raise RuntimeError(f"client benchmark: HTTP {response.status_code}")
 
-        await asyncio.gather(*(worker() for _ in range(in_flight)))  # connections opened, warm
-        started = time.process_time()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        return (time.process_time() - started) / REQUESTS * 1e6
+    started = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return (time.process_time() - started) / (requests // in_flight * in_flight) * 1e6
 
 
 async def run() -> list[common.Figure]:
@@ -89,21 +88,26 @@ async def run() -> list[common.Figure]:
         await _listening(port)
         figures = []
         for in_flight in (1, 32):
-            relay: list[float] = []
-            default: list[float] = []
-            for _ in range(2):
-                default.append(
-                    await _cpu_per_request(httpx.AsyncHTTPTransport(limits=LIMITS), url, in_flight)
-                )
-                relay.append(await _cpu_per_request(network.transport(LIMITS), url, in_flight))
+            async with (
+                httpx.AsyncClient(base_url=url, transport=network.transport(LIMITS)) as relay,
+                httpx.AsyncClient(
+                    base_url=url, transport=httpx.AsyncHTTPTransport(limits=LIMITS)
+                ) as default,
+            ):
+                for client in (relay, default):  # connections opened, code paths warm
+                    await _round(client, in_flight, ROUND // 2)
+                rounds: dict[str, list[float]] = {"relay": [], "httpcore_default": []}
+                for _ in range(ROUNDS):  # alternated, so both see the same machine
+                    rounds["relay"].append(await _round(relay, in_flight, ROUND))
+                    rounds["httpcore_default"].append(await _round(default, in_flight, ROUND))
             figures.append(
                 common.Figure(
                     f"http client: CPU per 20 KB POST, {in_flight} in flight",
-                    min(relay),
+                    min(rounds["relay"]),
                     "us",
-                    ceiling=min(default),
+                    ceiling=min(rounds["httpcore_default"]),
                     ceiling_name="httpcore's default backend",
-                    detail={"relay_us": relay, "httpcore_default_us": default},
+                    detail={f"{k}_us": [round(v) for v in vs] for k, vs in rounds.items()},
                 )
             )
         return figures
