@@ -150,6 +150,23 @@ async def _finish(
     )
 
 
+async def _wait_for_access(
+    ctx: Context, run: ConnectionRun, document: models.Document, upload_id: int | None
+) -> None:
+    """Loop refused the connection's access: the document waits (pending) with that reason and
+    gives up its content claim (nothing went into Loop); the connection is flagged at its end."""
+    await _finish(
+        ctx,
+        run,
+        document,
+        models.DocumentState.PENDING,
+        f"waiting: {run.refused}",
+        upload_id=upload_id,
+        outcome="access_refused",
+        release_content=True,
+    )
+
+
 def _lost_hold(document: models.Document, state: str) -> None:
     """This worker no longer held the document (a recovery settled it): its state is left alone."""
     logger.warning(
@@ -298,17 +315,8 @@ async def _deposit(
         return
     upload_id: int | None = None
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
-        if run.refused:
-            await _finish(
-                ctx,
-                run,
-                document,
-                models.DocumentState.PENDING,
-                f"waiting: {run.refused}",
-                upload_id=upload_id,
-                outcome="access_refused",
-                release_content=True,
-            )
+        if run.refused:  # refused for another document meanwhile
+            await _wait_for_access(ctx, run, document, upload_id)
             return
         # The upload slots are held only while a request is out: bookkeeping and backoff
         # happen outside them, so they stay busy (issue: >= 0.9 x C/L).
@@ -364,16 +372,7 @@ async def _deposit(
         if isinstance(stored, errors.CegidAccessRefused):
             # the prefix lets the daily dossier check clear the flag once access is back
             run.refused = f"{CEGID_REASON}{stored}"
-            await _finish(
-                ctx,
-                run,
-                document,
-                models.DocumentState.PENDING,
-                f"waiting: {run.refused}",
-                upload_id=upload_id,
-                outcome="access_refused",
-                release_content=True,
-            )
+            await _wait_for_access(ctx, run, document, upload_id)
             return
         if isinstance(stored, errors.CegidFileRejected):
             await _finish(

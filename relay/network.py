@@ -224,19 +224,12 @@ class Backend(httpcore.AsyncNetworkBackend):
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    _Protocol,
-                    host,
-                    port,
-                    local_addr=(local_address, 0) if local_address else None,
-                )
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(_describe(exc, "connection failed")) from exc
-        return _opened(transport, protocol, socket_options)
+        local = (local_address, 0) if local_address else None
+        return await _connect(
+            loop.create_connection(_Protocol, host, port, local_addr=local),
+            timeout,
+            socket_options,
+        )
 
     async def connect_unix_socket(
         self,
@@ -245,24 +238,25 @@ class Backend(httpcore.AsyncNetworkBackend):
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_unix_connection(_Protocol, path)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(_describe(exc, "connection failed")) from exc
-        return _opened(transport, protocol, socket_options)
+        return await _connect(loop.create_unix_connection(_Protocol, path), timeout, socket_options)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
-def _opened(
-    transport: asyncio.BaseTransport,
-    protocol: _Protocol,
+async def _connect(
+    connecting: typing.Awaitable[tuple[asyncio.BaseTransport, _Protocol]],
+    timeout: float | None,
     socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None,
 ) -> Stream:
+    """A new connection within ``timeout``, as httpcore's exceptions when it fails."""
+    try:
+        async with asyncio.timeout(timeout):
+            transport, protocol = await connecting
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout(f"no connection within {timeout} s") from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(_describe(exc, "connection failed")) from exc
     sock = transport.get_extra_info("socket")
     for option in socket_options or ():
         sock.setsockopt(*option)

@@ -113,9 +113,7 @@ def run(settings: config.Settings) -> None:
             supervisor = uvicorn.supervisors.Multiprocess(uv_config, sockets=[sock])
             supervisor.run()
             started = not any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
-    except (
-        SystemExit
-    ) as exc:  # uvicorn exits with STARTUP_FAILURE when the application cannot start
+    except SystemExit as exc:  # uvicorn's exit when the application cannot start
         raise StartFailed(
             "cannot start: the application failed to start (see the log above)"
         ) from exc

@@ -85,6 +85,25 @@ async def _dead_letters(
     raise AssertionError(f"expected {n} dead letters")
 
 
+async def _process_from_queue(
+    settings: config.Settings,
+    amqp_connection: Any,
+    pool: asyncpg.Pool,
+    publisher: amqp.Publisher,
+    count: int,
+) -> dict[str, int]:
+    """Take ``count`` messages off the events queue and give them to one Buffer batch."""
+    channel = await amqp_connection.channel()
+    try:
+        queue = await channel.get_queue(settings.events_queue, ensure=False)
+        messages = [await queue.get(no_ack=False, timeout=5) for _ in range(count)]
+        async with qonto_client.http_clients(settings) as http:
+            worker = buffer.Buffer(settings, pool, publisher, http)
+            return await worker.process([m for m in messages if m is not None])
+    finally:
+        await channel.close()
+
+
 async def test_transaction_events_become_pending_documents(
     connection_id: uuid.UUID,
     publisher: amqp.Publisher,
@@ -272,13 +291,7 @@ async def test_database_down_retries_with_a_delay_and_loses_nothing(
         upstream_settings.database_url.reveal(), min_size=1, max_size=1
     )
     await dead.close()
-    channel = await amqp_connection.channel()
-    queue = await channel.get_queue(upstream_settings.events_queue, ensure=False)
-    messages = [await queue.get(no_ack=False, timeout=5) for _ in range(2)]
-    async with qonto_client.http_clients(upstream_settings) as http:
-        worker = buffer.Buffer(upstream_settings, dead, publisher, http)
-        counts = await worker.process([m for m in messages if m is not None])
-    await channel.close()
+    counts = await _process_from_queue(upstream_settings, amqp_connection, dead, publisher, 2)
     assert counts == {"retried": 1, "dead_lettered": 1}
     [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
     assert letter.reason.startswith(f"still failing after {len(amqp.RETRY_DELAYS_S)} retries")
@@ -490,13 +503,7 @@ async def test_a_record_postgresql_refuses_is_dead_lettered_alone_and_the_rest_a
     await _publish(publisher, connection_id, _transaction_event(1, "att-1"))
     await _publish(publisher, connection_id, poison)
     await _publish(publisher, connection_id, _transaction_event(3, "att-3"))
-    channel = await amqp_connection.channel()
-    queue = await channel.get_queue(upstream_settings.events_queue, ensure=False)
-    messages = [await queue.get(no_ack=False, timeout=5) for _ in range(3)]
-    async with qonto_client.http_clients(upstream_settings) as http:
-        worker = buffer.Buffer(upstream_settings, pool, publisher, http)
-        counts = await worker.process([m for m in messages if m is not None])
-    await channel.close()
+    counts = await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, 3)
     assert counts == {"applied": 2, "dead_lettered": 1}
     assert await factories.states(pool) == {"att-1": "pending", "att-3": "pending"}
     events_ids = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")}

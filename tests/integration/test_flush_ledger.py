@@ -256,7 +256,9 @@ async def test_uploads_stay_within_the_global_cap_across_connections(
     loop: cegid_sandbox.CegidSandbox,
 ) -> None:
     """Three connections of one firm, a slow Loop: never more deposits at once than the global
-    cap, and the cap is used (the documents in hand keep the upload slots busy)."""
+    cap, and the cap is used (the documents in hand keep the upload slots busy); never more
+    documents in hand (claimed: downloading, waiting or sending) than twice the cap, all
+    connections together (it was twice the cap per connection)."""
     dossiers = ["ACME001", "OTHER002", "THIRD003"]
     loop.add_firm(factories.FIRM_KEY, factories.FIRM_SECRET, dossiers=dossiers)
     ids = [connection_id]
@@ -270,9 +272,17 @@ async def test_uploads_stay_within_the_global_cap_across_connections(
     settings = dataclasses.replace(
         upstream_settings, upload_concurrency=3, upload_concurrency_per_firm=3
     )
-    await flusher.flush(settings, pool, sleep=factories.no_wait)
+    in_hand: list[int] = []
+    flushing = asyncio.create_task(flusher.flush(settings, pool, sleep=factories.no_wait))
+    while not flushing.done():  # sampled while the flush runs (its own loop turns in between)
+        in_hand.append(
+            await pool.fetchval("SELECT count(*) FROM documents WHERE state = 'uploading'")
+        )
+        await asyncio.wait({flushing}, timeout=0.005)
+    await flushing
     assert len(loop.stored) == 30
     assert loop.peak_in_flight == 3
+    assert 3 < max(in_hand) <= 2 * 3
 
 
 async def test_what_the_relay_decides_never_overrides_a_revocation_or_a_disconnect(
