@@ -1,4 +1,4 @@
-"""Fixtures every test may use: paths to the shared contracts, a Settings object, a secret key."""
+"""Fixtures every test may use: the contracts' example payloads, a Settings object, a secret key."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from relay import config, crypto, log
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONTRACTS = ROOT.parent / "shared" / "contracts"
-FIXTURES = CONTRACTS / "fixtures"
+# Copies of the contracts' example payloads and Qonto's signature test vector: the repository
+# stands alone, nothing outside it is read when the tests run.
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def load_fixture(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Cegid Loop's public API as ``../shared/contracts/cegid-loop.md`` documents it, on a loopback socket.
+"""Cegid Loop's public API as Cegid's public documentation describes it, on a loopback socket.
 
 Two static headers (``Ocp-Apim-Subscription-Key`` and ``x-apikey: key:secret``), ``POST
 /storeDocument`` with the raw bytes (hashed as they stream, never held), ``GET /journal`` scoped to a

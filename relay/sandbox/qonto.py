@@ -1,4 +1,4 @@
-"""Qonto's Business API as ``../shared/contracts/qonto.md`` documents it, on a loopback socket.
+"""Qonto's Business API as Qonto's public documentation describes it, on a loopback socket.
 
 Authentication (``login:secret`` verbatim, or an OAuth bearer from its token endpoint), the staging
 token trap (an HTML page with status 200), pagination with ``meta.next_page`` and 422 past the end,
