@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 COMPOSE = $(shell $(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 SEEDS  ?= 50
 
-.PHONY: help venv services demo test test-unit test-integration check lint typecheck compose-config chaos bench clean
+.PHONY: help venv services demo test test-unit test-integration test-faults check lint typecheck compose-config chaos bench clean
 
 help:
 	@echo "make demo    the whole relay on its built-in Qonto and Cegid Loop sandboxes"
@@ -31,14 +31,20 @@ services:
 demo: $(STAMP) services
 	$(BIN)/relay demo
 
+# Fault tests restart PostgreSQL and RabbitMQ: they run after the others, on their own.
 test: $(STAMP) services
-	$(BIN)/python -m pytest -q --cov=relay --cov=consumers --cov-report=term:skip-covered
+	$(BIN)/python -m pytest -q --cov=relay --cov=consumers --cov-report=
+	$(BIN)/python -m pytest -q -m fault --cov=relay --cov=consumers --cov-append \
+		--cov-report=term:skip-covered
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 test-integration: $(STAMP) services
 	$(BIN)/python -m pytest -q tests/integration
+
+test-faults: $(STAMP) services
+	$(BIN)/python -m pytest -q -m fault
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check relay consumers tests bench

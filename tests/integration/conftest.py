@@ -17,10 +17,31 @@ import asyncpg
 import pytest
 
 from relay import amqp, config, crypto, db
+from tests import services
 
 BASE_DSN = os.environ.get("RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 TEMPLATE = f"relay_test_template_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def services_lock() -> Iterator[services.Lock]:
+    lock = services.Lock()
+    yield lock
+    lock.release()
+
+
+@pytest.fixture(autouse=True)
+def _services_guard(request: pytest.FixtureRequest, services_lock: services.Lock) -> None:
+    """No fault test restarts a service under another test (see tests/services.py)."""
+    services_lock.hold(exclusive=request.node.get_closest_marker("fault") is not None)
+
+
+@pytest.fixture
+async def faults(services_lock: services.Lock) -> AsyncIterator[services.Services]:
+    """The real PostgreSQL and RabbitMQ to break (fault tests only), restored afterwards."""
+    async with services.faults() as value:
+        yield value
 
 
 def _dsn(database: str) -> str:

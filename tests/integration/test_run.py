@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import pathlib
 import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aio_pika.abc
 import asyncpg
@@ -22,76 +15,9 @@ import pytest
 
 from relay import amqp, config, dlq
 from relay.sandbox import qonto as qonto_sandbox
-from tests.integration import factories
+from tests.integration import factories, processes
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Run:
-    """A `relay run` subprocess, its address and its log lines (JSON on standard error)."""
-
-    def __init__(self, settings: config.Settings, log_path: pathlib.Path) -> None:
-        self.port = _free_port()
-        self.log_path = log_path
-        env = {
-            **os.environ,
-            **factories.environment(settings),
-            "RELAY_HOST": "127.0.0.1",
-            "RELAY_PORT": str(self.port),
-        }
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-
-    def lines(self) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_bytes().splitlines():
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                found.append(value)
-        return found
-
-    async def ready(self) -> None:
-        """Poll /readyz until it answers 200 (the intake, PostgreSQL and RabbitMQ are up)."""
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}") as client:
-            while time.monotonic() < deadline:
-                assert self.process.poll() is None, f"relay run exited: {self.log()}"
-                try:
-                    if (await client.get("/readyz", timeout=2)).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"relay run not ready within 30 s: {self.log()}")
-
-    async def exit_code(self, within_s: float) -> int:
-        deadline = time.monotonic() + within_s
-        while (code := self.process.poll()) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"relay run still running after {within_s} s: {self.log()}")
-            await asyncio.sleep(0.05)
-        return code
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self._log.close()
+Run = processes.Role
 
 
 @pytest.fixture
@@ -103,7 +29,7 @@ async def run(
 ) -> AsyncIterator[Run]:
     """`relay run` with a connection, started and ready."""
     await factories.connect(upstream_settings, pool, qonto)
-    process = Run(upstream_settings, tmp_path / "relay-run.log")
+    process = Run(upstream_settings, "run", log_path=tmp_path / "relay-run.log")
     try:
         await process.ready()
         yield process

@@ -1,0 +1,115 @@
+"""The relay's roles as real subprocesses (`relay serve`, `consume`, `scheduler`, `run`, `flush`),
+with their JSON log lines, their readiness and their exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from relay import config
+from tests.integration import factories
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Role:
+    """A `relay <command>` subprocess; its standard error (JSON log lines) goes to ``log_path``."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        *command: str,
+        log_path: pathlib.Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.command = command
+        self.port = free_port()
+        self.log_path = log_path
+        environment = {
+            **os.environ,
+            **factories.environment(settings),
+            "RELAY_HOST": "127.0.0.1",
+            "RELAY_PORT": str(self.port),
+            **(env or {}),
+        }
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "relay", *command],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    def lines(self) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                found.append(value)
+        return found
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    async def ready(self, within_s: float = 30) -> None:
+        """Poll /readyz until it answers 200 (roles with an HTTP edge: serve, run)."""
+        deadline = time.monotonic() + within_s
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, f"relay {self.command[0]} exited: {self.log()}"
+                try:
+                    if (await client.get("/readyz", timeout=2)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"relay {self.command[0]} not ready within {within_s} s: {self.log()}")
+
+    async def logged(self, name: str, within_s: float = 30) -> dict[str, Any]:
+        """Wait for the first log line with this event name."""
+        deadline = time.monotonic() + within_s
+        while not (found := self.events(name)):
+            assert self.process.poll() is None, f"relay {self.command[0]} exited: {self.log()}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {name!r} logged within {within_s} s: {self.log()}")
+            await asyncio.sleep(0.05)
+        return found[0]
+
+    async def exit_code(self, within_s: float) -> int:
+        deadline = time.monotonic() + within_s
+        while (code := self.process.poll()) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"relay {self.command[0]} still running after {within_s} s: {self.log()}"
+                )
+            await asyncio.sleep(0.05)
+        return code
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self._log.close()

@@ -1,0 +1,209 @@
+"""The real PostgreSQL and RabbitMQ, stopped, restarted and cut under the relay by the fault tests.
+
+A restart breaks every test beside it, so the services are guarded by a lock file: integration tests
+hold it shared for their whole session, fault tests hold it exclusively (``make test`` runs them in
+a serial step of their own). Every fault is undone in the fixture's ``finally``: both services are
+started again and waited for until they answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import IO
+
+import aio_pika
+import asyncpg
+import pytest
+
+LOCK_PATH = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.lock"
+PG_ADMIN_DSN = os.environ.get("RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
+AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+ANSWER_WITHIN_S = 90.0
+
+
+class Lock:
+    """The services lock of one test process: shared for integration tests, exclusive for fault
+    tests, taken at the first test that needs it and kept until the session ends."""
+
+    def __init__(self) -> None:
+        self._handle: IO[str] | None = None
+        self._exclusive = False
+
+    def hold(self, *, exclusive: bool) -> None:
+        if self._handle is not None:
+            if self._exclusive != exclusive:
+                pytest.fail(
+                    "fault tests restart the services and must run apart from the other tests: "
+                    "`pytest -m fault` on its own (make test does)",
+                    pytrace=False,
+                )
+            return
+        self._handle = LOCK_PATH.open("a")
+        fcntl.flock(self._handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        self._exclusive = exclusive
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+async def _run(*argv: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await process.communicate()
+    text = out.decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {process.returncode}: {text.strip()}")
+    return text
+
+
+def _postgres_version() -> str | None:
+    base = pathlib.Path("/etc/postgresql")
+    versions = (
+        sorted(
+            (p.name for p in base.glob("*/main")),
+            key=lambda v: [int(x) for x in v.split(".") if x.isdigit()],
+        )
+        if base.exists()
+        else []
+    )
+    return versions[-1] if versions else None
+
+
+def missing_tools() -> list[str]:
+    """What this machine lacks to restart the services (empty when it can)."""
+    missing = [tool for tool in ("rabbitmqctl", "pg_ctlcluster") if shutil.which(tool) is None]
+    if shutil.which("pg_ctlcluster") and _postgres_version() is None:
+        missing.append("a local PostgreSQL cluster under /etc/postgresql")
+    return missing
+
+
+class Services:
+    """Faults on the machine's own PostgreSQL and RabbitMQ (async: in-process roles keep running)."""
+
+    def __init__(self) -> None:
+        version = _postgres_version()
+        assert version is not None
+        self._pg = ("pg_ctlcluster", "--skip-systemctl-redirect", version, "main")
+        self.injected: dict[str, int] = {}
+
+    def _count(self, fault: str) -> None:
+        self.injected[fault] = self.injected.get(fault, 0) + 1
+
+    # RabbitMQ ------------------------------------------------------------------------------
+
+    async def rabbitmq_stop(self) -> None:
+        """Stop the broker application (the node stays up): every connection is cut."""
+        self._count("rabbitmq_stopped")
+        await _run("rabbitmqctl", "-q", "stop_app")
+
+    async def rabbitmq_start(self) -> None:
+        await _run("rabbitmqctl", "-q", "start_app")
+        await self.rabbitmq_answers()
+
+    async def rabbitmq_restart(self, down_s: float = 0.0) -> None:
+        await self.rabbitmq_stop()
+        await asyncio.sleep(down_s)
+        await self.rabbitmq_start()
+
+    async def rabbitmq_close_connections(self) -> None:
+        """RabbitMQ closes every client connection (the broker itself stays up)."""
+        self._count("rabbitmq_connections_closed")
+        await _run("rabbitmqctl", "-q", "close_all_connections", "closed by a fault test")
+
+    async def rabbitmq_answers(self, within_s: float = ANSWER_WITHIN_S) -> None:
+        """Wait until a client can connect and open a channel."""
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                connection = await aio_pika.connect(AMQP_URL, timeout=2)
+                async with connection:
+                    await connection.channel()
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"RabbitMQ did not answer within {within_s} s") from exc
+                await asyncio.sleep(0.2)
+
+    # PostgreSQL ----------------------------------------------------------------------------
+
+    async def postgres_stop(self) -> None:
+        """Stop the cluster (fast mode: every session is terminated)."""
+        self._count("postgres_stopped")
+        await _run(*self._pg, "stop", "-m", "fast")
+
+    async def postgres_start(self) -> None:
+        await _run(*self._pg, "start")
+        await self.postgres_answers()
+
+    async def postgres_restart(self, down_s: float = 0.0) -> None:
+        await self.postgres_stop()
+        await asyncio.sleep(down_s)
+        await self.postgres_start()
+
+    async def postgres_terminate(self, database: str) -> int:
+        """Terminate every backend connected to ``database`` (the server stays up)."""
+        self._count("postgres_backends_terminated")
+        admin = await asyncpg.connect(f"{PG_ADMIN_DSN.rstrip('/')}/postgres", timeout=5)
+        try:
+            return int(
+                await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    database,
+                )
+            )
+        finally:
+            await admin.close()
+
+    async def postgres_answers(self, within_s: float = ANSWER_WITHIN_S) -> None:
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                conn = await asyncpg.connect(f"{PG_ADMIN_DSN.rstrip('/')}/postgres", timeout=2)
+                try:
+                    await conn.fetchval("SELECT 1")
+                finally:
+                    await conn.close()
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"PostgreSQL did not answer within {within_s} s") from exc
+                await asyncio.sleep(0.2)
+
+    async def restore(self) -> None:
+        """Both services started (whatever a test left) and answering."""
+        with contextlib.suppress(RuntimeError):
+            await _run("rabbitmqctl", "-q", "start_app")
+        with contextlib.suppress(RuntimeError):
+            await _run(*self._pg, "start")
+        await self.rabbitmq_answers()
+        await self.postgres_answers()
+
+
+@contextlib.asynccontextmanager
+async def faults() -> AsyncIterator[Services]:
+    """Services to break, restored and answering again afterwards, whatever happened."""
+    missing = missing_tools()
+    if missing:
+        pytest.fail(
+            "the fault tests restart the real PostgreSQL and RabbitMQ, and this machine lacks "
+            f"{', '.join(missing)}: they cannot run here (they fail rather than skip)",
+            pytrace=False,
+        )
+    services = Services()
+    try:
+        yield services
+    finally:
+        await services.restore()
