@@ -85,6 +85,7 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "RELAY_QONTO_REQUESTS_PER_10S": "900",
     "RELAY_AMQP_PREFIX": "relay",
     "RELAY_LOG_LEVEL": "info",
+    "RELAY_OUTAGE_LIMIT": "300",
 }
 
 
@@ -113,6 +114,8 @@ class Settings:
     qonto_requests_per_10s: int = 900  # Qonto allows 1,000 per 10 s per IP: keep headroom
     amqp_prefix: str = DEFAULTS["RELAY_AMQP_PREFIX"]
     log_level: str = DEFAULTS["RELAY_LOG_LEVEL"]
+    # how long a role waits for PostgreSQL or RabbitMQ to answer again before it gives up (exit 1)
+    outage_limit_s: int = 300
 
     @property
     def events_queue(self) -> str:
@@ -239,6 +242,7 @@ def from_env(
     qonto_budget = _int(
         "RELAY_QONTO_REQUESTS_PER_10S", get("RELAY_QONTO_REQUESTS_PER_10S"), 1, 1_000_000, bad
     )
+    outage_limit = _int("RELAY_OUTAGE_LIMIT", get("RELAY_OUTAGE_LIMIT"), 1, 86_400, bad)
     prefix = get("RELAY_AMQP_PREFIX")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", prefix):
         bad.append(f"RELAY_AMQP_PREFIX: expected letters, digits, '.', '_' or '-', got {prefix!r}")
@@ -294,6 +298,7 @@ def from_env(
         qonto_requests_per_10s=qonto_budget,
         amqp_prefix=prefix,
         log_level=log_level,
+        outage_limit_s=outage_limit,
     )
 
 
