@@ -167,6 +167,39 @@ async def connection(
             await conn.close()
 
 
+async def connect(
+    settings: config.Settings,
+    *,
+    name: str,
+    timeout: float = 10.0,  # noqa: ASYNC109
+) -> aio_pika.abc.AbstractConnection:
+    """A plain connection, which does not come back by itself: its owner watches it (its
+    ``close_callbacks``) and opens a new one, declaring and subscribing again.
+
+    aio-pika's robust connection restores channels, but only the queues it declared on them:
+    a queue obtained otherwise (``get_queue(..., ensure=False)``) keeps no consumer after a
+    reconnection, and messages delivered on the old channel can no longer be acknowledged.
+    """
+    with translate("connect"):
+        return await aio_pika.connect(
+            settings.amqp_url.reveal(), client_properties={"connection_name": name}, timeout=timeout
+        )
+
+
+async def queue_state(conn: aio_pika.abc.AbstractConnection, name: str) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue, by a passive declare on a channel of its own (a
+    missing queue closes the channel it is asked on); BrokerUnavailable when it cannot be read."""
+    with translate(f"check queue {name}"):
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            declared = await channel.declare_queue(name, passive=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    result = declared.declaration_result
+    return int(result.message_count or 0), int(result.consumer_count or 0)
+
+
 class Publisher:
     """Publishes persistent messages on a confirm channel; returns only once RabbitMQ confirmed."""
 

@@ -269,7 +269,7 @@ async def test_consent_revocation_marks_the_connection_revoked(
     assert reason.startswith("consent revoked in Qonto at ")
 
 
-async def test_database_down_retries_with_a_delay_and_loses_nothing(
+async def test_database_down_settles_nothing_and_the_batch_is_applied_once_it_is_back(
     connection_id: uuid.UUID,
     publisher: amqp.Publisher,
     pool: asyncpg.Pool,
@@ -277,10 +277,12 @@ async def test_database_down_retries_with_a_delay_and_loses_nothing(
     qonto: qonto_sandbox.QontoSandbox,
     amqp_connection: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
-    """With PostgreSQL gone the event goes to the delay queue (no hot loop), then lands once back."""
+    """With PostgreSQL gone the batch is settled in no way (no retry used up, nothing
+    dead-lettered, not even a message at its last retry): it stays for the consumer to apply again;
+    back in the queue, it lands once."""
     tx, attachment = factories.receipt(qonto)
     await _publish(publisher, connection_id, qonto.transaction_event(tx))
-    exhausted, _ = factories.receipt(qonto, seed=9)
+    exhausted, last = factories.receipt(qonto, seed=9)
     await _publish(
         publisher,
         connection_id,
@@ -291,20 +293,22 @@ async def test_database_down_retries_with_a_delay_and_loses_nothing(
         upstream_settings.database_url.reveal(), min_size=1, max_size=1
     )
     await dead.close()
-    counts = await _process_from_queue(upstream_settings, amqp_connection, dead, publisher, 2)
-    assert counts == {"retried": 1, "dead_lettered": 1}
-    [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
-    assert letter.reason.startswith(f"still failing after {len(amqp.RETRY_DELAYS_S)} retries")
+    with pytest.raises(errors.DatabaseUnavailable):  # the channel closes: both go back
+        await _process_from_queue(upstream_settings, amqp_connection, dead, publisher, 2)
     stop = asyncio.Event()
     task = asyncio.create_task(consume.consume(upstream_settings, stop=stop))
-    try:  # the 1-second delay queue hands it back to the events queue
+    try:
         await _wait_count(
-            pool, "SELECT count(*) FROM documents WHERE qonto_attachment_id = $1", 1, attachment
+            pool,
+            "SELECT count(*) FROM documents WHERE qonto_attachment_id = ANY($1::text[])",
+            2,
+            [attachment, last],
         )
     finally:
         stop.set()
         await task
-    assert await _count(pool, "SELECT count(*) FROM events") == 1
+    assert await _count(pool, "SELECT count(*) FROM events") == 2
+    assert await dlq.list_messages(upstream_settings, amqp_connection) == []
 
 
 async def test_a_consumer_killed_mid_stream_loses_nothing(
