@@ -56,6 +56,18 @@ async def publish(
     return [str(event["id"]) for event in events]
 
 
+async def fetchval(pool: asyncpg.Pool, sql: str, *, within_s: float = 10) -> object:
+    """``pool.fetchval``, tried again while the pool is reconnecting after a fault."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await pool.fetchval(sql)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def landed(pool: asyncpg.Pool) -> list[str]:
     """The event ids in the events table, one per row."""
     return [r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")]
