@@ -44,6 +44,7 @@ from relay import config, errors, log
 logger = log.get(__name__)
 
 DELIVERY_LIMIT: Final = 10
+RECONNECT_S: Final = 1.0  # between a robust connection's attempts to reconnect (aio-pika: 5)
 RETRY_DELAYS_S: Final = (1, 5, 30, 120, 600)
 HEADER_CONNECTION: Final = "x-connection-id"
 HEADER_RECEIVED_AT: Final = "x-received-at-ms"
@@ -156,9 +157,15 @@ async def delete_topology(channel: aio_pika.abc.AbstractChannel, settings: confi
 async def connection(
     settings: config.Settings, *, name: str = "relay"
 ) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A robust connection, for publishers (the intake): aio-pika reconnects it and reopens its
+    channels (publishing fails meanwhile: the intake answers 503), trying every
+    ``RECONNECT_S``. It restores no consumer reliably: the consumer uses :func:`connect`."""
     with translate("connect"):
         conn = await aio_pika.connect_robust(
-            settings.amqp_url.reveal(), client_properties={"connection_name": name}, timeout=10
+            settings.amqp_url.reveal(),
+            client_properties={"connection_name": name},
+            timeout=10,
+            reconnect_interval=RECONNECT_S,
         )
     try:
         yield conn
