@@ -305,6 +305,7 @@ class _Session:
         c = self._c
         assert self._worker is not None
         backoff = outage.Backoff(first_s=0.5, cap_s=4.0)
+        holding = False
         while True:
             try:
                 counts = await self._worker.process(batch)
@@ -318,7 +319,8 @@ class _Session:
                 c.database.recovered()
                 self._settled(batch, counts)
                 return True
-            if not c.database.ongoing:
+            if not holding:
+                holding = True
                 logger.warning("consume_holding_batch", size=len(batch), reason=reason)
             c.database.failed(reason)  # OutageTooLong past the limit
             while True:
