@@ -22,7 +22,7 @@ from relay import amqp, config, connections, dlq, errors, models
 from relay import qonto as qonto_client
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
-from tests.integration import factories
+from tests.integration import factories, outages
 
 
 @pytest.fixture
@@ -559,6 +559,39 @@ async def test_a_graceful_stop_hands_no_delivered_message_back(
     assert landed + len(left) == total
     handed_back = [m.message_id for m in left if m.redelivered]
     assert handed_back == []
+
+
+async def test_the_consumer_keeps_its_progress_for_the_heartbeat(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    upstream_settings: config.Settings,
+) -> None:
+    """Progress: subscribed while it consumes; while a batch waits, the messages in hand and the
+    oldest one's x-received-at-ms; once settled, their count and the time of the last work."""
+    progress = consume.Progress()
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume.consume(upstream_settings, stop=stop, progress=progress))
+    try:
+        await factories.until(lambda: progress.subscribed, what="subscribed")
+        async with outages.events_table_locked(upstream_settings.database_url.reveal()) as blocked:
+            for i in range(3):
+                await _publish(
+                    publisher,
+                    connection_id,
+                    _transaction_event(i, f"att-{i}"),
+                    **{amqp.HEADER_RECEIVED_AT: 1_000 + i},
+                )
+            await blocked()
+            await factories.until(lambda: progress.in_hand == 3, what="3 messages in hand")
+            assert progress.oldest_held_ms == 1_000
+            assert (progress.events, progress.last_work_at) == (0, None)
+        await factories.until(lambda: progress.events == 3, what="3 messages settled")
+        assert (progress.in_hand, progress.oldest_held_ms) == (0, None)
+        assert progress.last_work_at is not None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    assert not progress.subscribed
 
 
 def test_retry_delays_must_be_declared_delay_queues(unit_settings: config.Settings) -> None:
