@@ -8,8 +8,11 @@ commit. A crash at any point redelivers unacknowledged messages, and the events 
 What happens to each message is decided in one place, :func:`_settle`, from the error class:
 - not an event, unknown topic version, unknown connection, Qonto refusing the credentials
   → dead-letter queue at once, with the reason (an operator replays it after a fix);
-- transient (database or Qonto unavailable) → the delay queue for its attempt (1 s, 5 s, 30 s,
-  2 min, 10 min), then the dead-letter queue; never a hot loop;
+- PostgreSQL unavailable → :meth:`Buffer.process` raises ``errors.DatabaseUnavailable`` and settles
+  nothing: the consumer keeps the batch in hand and applies it again once PostgreSQL answers (the
+  retries below would burn out during a long outage and dead-letter good events);
+- transient for one message (Qonto unavailable while a client invoice is fetched) → the delay queue
+  for its attempt (1 s, 5 s, 30 s, 2 min, 10 min), then the dead-letter queue; never a hot loop;
 - PostgreSQL refusing a record (a value it cannot store, ``errors.InvalidData``): the batch's
   transaction is rolled back and its messages are applied again one by one, each in a transaction
   of its own, so that only the culprit goes to the dead-letter queue, with the reason, and the
@@ -20,7 +23,6 @@ What happens to each message is decided in one place, :func:`_settle`, from the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import time
@@ -128,6 +130,8 @@ class Buffer:
                 item.outcome = "invoice_not_found"
             except errors.NotFound:
                 item.dead = "unknown connection"
+            except errors.DatabaseUnavailable:
+                raise  # the whole batch waits for PostgreSQL (see the module docstring)
             except (
                 errors.QontoAuthRejected,
                 errors.ConfigurationError,
@@ -248,22 +252,17 @@ class Buffer:
 
         Only InvalidData (the data's fault) is isolated: a schema or configuration error would fail
         every message alike, so it propagates and stops the consumer instead of dead-lettering all.
+        PostgreSQL becoming unavailable propagates too: the batch is applied again later, and the
+        messages already committed are then duplicates.
         """
         live = [i for i in items if not i.dead and not i.retry]
         logger.warning("batch_isolating", size=len(live), reason=reason)
-        unavailable: str | None = None
         for item in live:
-            if unavailable is not None:
-                item.retry = unavailable
-                continue
             before = item.outcome
             try:
                 await self._apply([item], what="apply event")
             except errors.InvalidData as exc:
                 item.outcome, item.snapshot, item.dead = before, None, str(exc)
-            except errors.DatabaseUnavailable as exc:
-                item.outcome, item.snapshot = before, None
-                item.retry = unavailable = str(exc)
 
     # ------------------------------------------------------------------ settle (after the commit)
 
@@ -322,6 +321,12 @@ class Buffer:
                 )
 
     async def process(self, messages: list[aio_pika.abc.AbstractIncomingMessage]) -> dict[str, int]:
+        """Apply the batch, then settle every message; the count of each outcome.
+
+        Raises ``errors.DatabaseUnavailable`` with nothing settled (the caller keeps the batch and
+        calls again once PostgreSQL answers), and ``errors.BrokerUnavailable`` when RabbitMQ failed
+        to take a settlement (the caller gives up its channel: the broker delivers the batch again).
+        """
         started = time.perf_counter()
         items = [Item(m) for m in messages]
         for item in items:
@@ -332,22 +337,12 @@ class Buffer:
         before = [(i.outcome, i.dead) for i in items]
         try:
             await self._apply(items)
-        except errors.DatabaseUnavailable as exc:
-            for item in items:
-                if item.dead is None:
-                    item.retry = str(exc)
         except errors.InvalidData as exc:  # a record's fault (not the schema's, not the settings')
             for item, (outcome, dead) in zip(items, before, strict=True):
                 item.outcome, item.dead, item.snapshot = outcome, dead, None
             await self._apply_each(items, str(exc))
         settling = time.perf_counter()
-        try:
-            await self._settle_all(items)
-        except errors.BrokerUnavailable:
-            for item in items:
-                with contextlib.suppress(Exception):
-                    await item.message.nack(requeue=True)
-            raise
+        await self._settle_all(items)
         counts: dict[str, int] = {}
         for item in items:
             key = "dead_lettered" if item.dead else "retried" if item.retry else item.outcome

@@ -3,6 +3,24 @@
 The events queue's deliveries are gathered into batches (up to ``batch_size`` or
 ``batch_window_s``) for :class:`consumers.buffer.Buffer`, which applies and settles them.
 
+The consumer owns its subscription. A supervision loop runs one session after another: connect,
+declare the topology, set the prefetch, subscribe, then batches. A session ends when RabbitMQ goes
+away (its connection or a channel closes, or the broker cancels the subscription: queue deleted,
+leader moved) or when the check of the events queue every few seconds (a passive declare) goes
+unanswered (a network pause) or finds the subscription gone: no consumer on the queue, or messages
+ready at two checks in a row while this consumer had room and nothing was delivered to it. The
+messages in hand are then dropped (a dead channel cannot acknowledge them; RabbitMQ delivers them
+again and the events table makes them no-ops) and a new session starts after a capped, jittered
+backoff. (aio-pika's robust connection is not used: it restores a channel's consumers only for the
+queues it declared on that channel, so the consumer of a queue got with ``get_queue`` was never
+restored after a reconnection, leaving the process alive and idle.)
+
+PostgreSQL unavailable: the batch stays in hand, unacknowledged, and is applied again once
+PostgreSQL answers (probed with backoff); the retry queues are left to failures of one message.
+RabbitMQ or PostgreSQL unavailable for longer than ``RELAY_OUTAGE_LIMIT`` ends the consumer with
+:class:`errors.OutageTooLong` (exit 1, for its supervisor to restart it); what it held goes back to
+the queue.
+
 A graceful stop lets the deliveries in flight arrive, cancels the subscription and processes the
 messages already delivered (within ``drain_s``) instead of handing them back: RabbitMQ counts every
 hand-back toward the events queue's delivery limit, and ten restarts during a backlog would
@@ -13,85 +31,419 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
-import aio_pika
 import aio_pika.abc
+import asyncpg
+import pamqp.commands
 
 from consumers import buffer
-from relay import amqp, config, db, errors, log, qonto
+from relay import amqp, config, db, errors, log, outage, qonto
 
 logger = log.get(__name__)
+
+CHECK_EVERY_S: Final = 2.0  # how often the subscription and PostgreSQL are checked
+CHECK_TIMEOUT_S: Final = 5.0  # a check unanswered for this long: the connection is taken as lost
+CLOSE_TIMEOUT_S: Final = 5.0
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the consumer has done, for its heartbeat."""
+
+    events: int = 0  # messages settled (applied, duplicate, ignored, retried, dead-lettered)
+    last_work_at: float | None = None  # time.time() when the last batch was settled
+    subscribed: bool = False  # a consume-ok is in force on the events queue
+    in_hand: int = 0  # messages delivered and not yet settled
+    oldest_held_ms: int | None = None  # x-received-at-ms of the oldest message in hand
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tuning:
+    prefetch: int
+    batch_size: int
+    batch_window_s: float
+    retry_delays: Sequence[int]
+    drain_s: float
+    check_every_s: float
+
+
+class _Lost(Exception):
+    """The session's broker side is gone (the message says how): its messages in hand are dropped."""
 
 
 async def consume(
     settings: config.Settings,
     *,
     stop: asyncio.Event | None = None,
+    progress: Progress | None = None,
     prefetch: int = 1024,
     batch_size: int = 256,
     batch_window_s: float = 0.02,
     retry_delays: Sequence[int] = amqp.RETRY_DELAYS_S,
     drain_s: float = 5.0,
+    check_every_s: float = CHECK_EVERY_S,
 ) -> None:
     """Run until ``stop`` is set; then cancel the subscription, process the messages already
     delivered (for at most ``drain_s`` seconds) and leave.
 
-    Only the messages still unprocessed after ``drain_s`` (or when the broker or an error broke
-    the loop) are handed back to the queue, which counts toward its delivery limit.
-    ``retry_delays`` (seconds, each one of the declared delay queues) is the wait before each retry
-    of a message failing transiently; after the last one it is dead-lettered. Tests shorten it.
+    Only the messages still unprocessed after ``drain_s`` are handed back to the queue, which
+    counts toward its delivery limit. ``retry_delays`` (seconds, each one of the declared delay
+    queues) is the wait before each retry of a message failing transiently; after the last one it
+    is dead-lettered. Tests shorten it. ``progress`` is kept up to date for a heartbeat.
+
+    Raises BrokerUnavailable or DatabaseUnavailable when the first connection fails (a start that
+    cannot succeed), and OutageTooLong when either stays unavailable past ``RELAY_OUTAGE_LIMIT``.
     """
-    stop = stop or asyncio.Event()
+    tuning = _Tuning(prefetch, batch_size, batch_window_s, retry_delays, drain_s, check_every_s)
     async with (
-        db.pool_for(settings, min_size=1, max_size=2) as pool,
-        amqp.connection(settings, name="relay-consume") as conn,
+        db.pool_for(settings, min_size=1, max_size=3) as pool,
         qonto.http_clients(settings) as http,
     ):
+        consumer = _Consumer(
+            settings,
+            pool,
+            http,
+            stop=stop or asyncio.Event(),
+            progress=progress if progress is not None else Progress(),
+            tuning=tuning,
+        )
+        await consumer.run()
+
+
+class _Consumer:
+    """The supervision loop: one session after another, until stopped or an outage lasts too long."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        http: qonto.HttpClients,
+        *,
+        stop: asyncio.Event,
+        progress: Progress,
+        tuning: _Tuning,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.http = http
+        self.stop = stop
+        self.progress = progress
+        self.tuning = tuning
+        self.broker = outage.Outage("consume", "RabbitMQ", settings.outage_limit_s)
+        self.database = outage.Outage("consume", "PostgreSQL", settings.outage_limit_s)
+        self.processed = 0
+
+    async def run(self) -> None:
+        backoff = outage.Backoff()
+        sessions = 0
+        returned = 0
+        while not self.stop.is_set():
+            session = _Session(self)
+            try:
+                try:
+                    await session.open()
+                    sessions += 1
+                    self.broker.recovered()
+                    backoff.reset()
+                    logger.info(
+                        "consume_started" if sessions == 1 else "consume_resubscribed",
+                        queue=self.settings.events_queue,
+                    )
+                    await session.run()
+                finally:
+                    returned = await session.close()
+            except (errors.BrokerUnavailable, _Lost) as exc:
+                if sessions == 0:
+                    raise  # the start failed: exit 1, as any start that cannot succeed
+                self.broker.failed(str(exc))  # OutageTooLong past the limit
+                pause = min(backoff.next(), max(self.broker.remaining_s(), 0.05))
+                logger.warning(
+                    "consume_connection_lost",
+                    reason=str(exc),
+                    dropped=returned,  # delivered again by RabbitMQ, deduped by the events table
+                    retry_in_s=round(pause, 2),
+                )
+                returned = 0
+                await _wait((self.stop,), pause)
+        logger.info("consume_stopped", processed=self.processed, returned=returned)
+
+
+class _Session:
+    """One connection to RabbitMQ: its channel, subscription and publisher, and the messages it
+    delivered that are not settled yet."""
+
+    def __init__(self, consumer: _Consumer) -> None:
+        self._c = consumer
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._tag: str | None = None
+        self._worker: buffer.Buffer | None = None
+        self._inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        self._held: dict[int | None, int | None] = {}  # delivery tag -> x-received-at-ms
+        self._delivered = 0
+        self._lost = asyncio.Event()
+        self._reason = ""
+        self._fatal: errors.OutageTooLong | None = None
+
+    # ------------------------------------------------------------------ open, close
+
+    async def open(self) -> None:
+        """Connect, declare, set the prefetch and subscribe; BrokerUnavailable if any step fails."""
+        c = self._c
+        self._conn = conn = await amqp.connect(c.settings, name="relay-consume")
+        conn.close_callbacks.add(self._closed)
         with amqp.translate("consumer channel"):
             channel = await conn.channel()
-            await amqp.declare(channel, settings)
-            await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.get_queue(settings.events_queue, ensure=False)
-        publisher = await amqp.Publisher.open(conn, settings)
-        worker = buffer.Buffer(settings, pool, publisher, http, retry_delays=retry_delays)
-        inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+            channel.close_callbacks.add(self._closed)
+            (await channel.get_underlay_channel()).on_consumer_cancel_callbacks.add(self._cancelled)
+            await amqp.declare(channel, c.settings)
+            await channel.set_qos(prefetch_count=c.tuning.prefetch)
+            self._queue = await channel.get_queue(c.settings.events_queue, ensure=False)
+        publisher = await amqp.Publisher.open(conn, c.settings)
+        publisher.channel.close_callbacks.add(self._closed)
+        self._worker = buffer.Buffer(
+            c.settings, c.pool, publisher, c.http, retry_delays=c.tuning.retry_delays
+        )
         with amqp.translate("consume"):
-            tag = await queue.consume(inbox.put)
-        subscribed = True
-        logger.info("consume_started", queue=settings.events_queue)
-        backoff = 1.0
-        processed = 0
+            self._tag = await self._queue.consume(self._deliver)
+        c.progress.subscribed = True
+
+    async def close(self) -> int:
+        """Close the connection: RabbitMQ takes back what was not settled; how many that was."""
+        c = self._c
+        c.progress.subscribed = False
+        returned = len(self._held)
+        self._held.clear()
+        self._report(recount=True)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), timeout=CLOSE_TIMEOUT_S)
+        return returned
+
+    # ------------------------------------------------------------------ what RabbitMQ tells us
+
+    def _lose(self, reason: str) -> None:
+        if not self._lost.is_set():
+            self._reason = reason
+            self._lost.set()
+
+    def _closed(self, sender: object, exc: BaseException | None = None) -> None:
+        self._lose(f"RabbitMQ closed the {type(sender).__name__.lower()} ({exc!r})")
+
+    def _cancelled(self, frame: pamqp.commands.Basic.Cancel) -> None:
+        self._lose("RabbitMQ cancelled the subscription (queue deleted or moved)")
+
+    async def _deliver(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._delivered += 1
+        received = _received_at(message)
+        self._held[message.delivery_tag] = received
+        progress = self._c.progress
+        progress.in_hand = len(self._held)
+        if received is not None and (
+            progress.oldest_held_ms is None or received < progress.oldest_held_ms
+        ):
+            progress.oldest_held_ms = received
+        self._inbox.put_nowait(message)
+
+    def _check(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._lost.is_set():
+            raise _Lost(self._reason)
+
+    def _report(self, *, recount: bool = False) -> None:
+        progress = self._c.progress
+        progress.in_hand = len(self._held)
+        if recount:
+            progress.oldest_held_ms = min(
+                (ms for ms in self._held.values() if ms is not None), default=None
+            )
+
+    # ------------------------------------------------------------------ batches
+
+    async def run(self) -> None:
+        """Batches until ``stop``, then the graceful stop; raises _Lost when the session is lost."""
+        c = self._c
+        watch = asyncio.create_task(self._watch(), name="consume-watch")
+        watch.add_done_callback(self._watch_ended)
         try:
-            while not stop.is_set():
-                batch = await _gather(inbox, stop, batch_size, batch_window_s)
-                if not batch:
-                    continue
-                try:
-                    counts = await worker.process(batch)
-                    processed += sum(counts.values())
-                    backoff = 1.0
-                except errors.BrokerUnavailable as exc:
-                    logger.warning("consume_broker_unavailable", reason=str(exc), pause_s=backoff)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=backoff)
-                    backoff = min(backoff * 2, 60.0)
-            subscribed = False
-            await _until_window_full(inbox, prefetch)
-            if await _unsubscribe(queue, tag):
-                processed += await _drain(worker, inbox, batch_size, batch_window_s, drain_s)
+            while not c.stop.is_set():
+                self._check()
+                batch = await _gather(
+                    self._inbox,
+                    (c.stop, self._lost),
+                    c.tuning.batch_size,
+                    c.tuning.batch_window_s,
+                )
+                if batch and not await self._apply(batch):
+                    return  # stopped while PostgreSQL was away: what is in hand goes back
         finally:
-            if subscribed:
-                await _unsubscribe(queue, tag)
-            returned = 0
-            while not inbox.empty():  # delivered but not processed: back to the queue
-                returned += 1
-                with contextlib.suppress(Exception):
-                    await inbox.get_nowait().nack(requeue=True)
-            await publisher.close()
-            logger.info("consume_stopped", processed=processed, returned=returned)
+            watch.remove_done_callback(self._watch_ended)
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        await self._stop_gracefully()
+
+    def _watch_ended(self, watch: asyncio.Task[None]) -> None:
+        """The check ended by itself: it found the session lost, or it failed (no session goes on
+        unchecked)."""
+        failure = None if watch.cancelled() else watch.exception()
+        if failure is not None:
+            logger.error("consume_check_failed", error=f"{type(failure).__name__}: {failure}")
+        self._lose(f"the subscription check stopped ({failure!r})")
+
+    async def _apply(
+        self, batch: list[aio_pika.abc.AbstractIncomingMessage], *, until: float | None = None
+    ) -> bool:
+        """Apply and settle the batch. While PostgreSQL is unavailable the batch stays in hand and
+        PostgreSQL is probed with backoff; False when the stop's deadline (``until``, or
+        ``drain_s`` after the stop) passed first. _Lost when RabbitMQ went away meanwhile."""
+        c = self._c
+        assert self._worker is not None
+        backoff = outage.Backoff(first_s=0.5, cap_s=4.0)
+        holding = False
+        while True:
+            try:
+                counts = await self._worker.process(batch)
+            except errors.DatabaseUnavailable as exc:
+                reason = str(exc)
+            except errors.BrokerUnavailable as exc:
+                self._lose(str(exc))
+                self._check()
+                raise
+            else:
+                c.database.recovered()
+                self._settled(batch, counts)
+                return True
+            if not holding:
+                holding = True
+                logger.warning("consume_holding_batch", size=len(batch), reason=reason)
+            c.database.failed(reason)  # OutageTooLong past the limit
+            while True:
+                if c.stop.is_set() and until is None:
+                    until = time.monotonic() + c.tuning.drain_s
+                left = c.database.remaining_s()
+                if until is not None:
+                    left = min(left, until - time.monotonic())
+                    if left <= 0:
+                        return False
+                await _wait(
+                    (self._lost,) if c.stop.is_set() else (c.stop, self._lost),
+                    min(backoff.next(), max(left, 0.05)),
+                )
+                self._check()  # RabbitMQ went away meanwhile: the batch is dropped
+                try:
+                    await _ping(c.pool)
+                    break
+                except errors.DatabaseUnavailable as exc:
+                    c.database.failed(str(exc))
+
+    def _settled(
+        self, batch: list[aio_pika.abc.AbstractIncomingMessage], counts: dict[str, int]
+    ) -> None:
+        c = self._c
+        for message in batch:
+            self._held.pop(message.delivery_tag, None)
+        done = sum(counts.values())
+        c.processed += done
+        c.progress.events += done
+        c.progress.last_work_at = time.time()
+        self._report(recount=True)
+
+    # ------------------------------------------------------------------ checks
+
+    async def _watch(self) -> None:
+        """Every ``check_every_s``: is the subscription still there, does PostgreSQL answer?"""
+        c = self._c
+        every = c.tuning.check_every_s
+        was_ready, seen, had_room = 0, self._delivered, True
+        while True:
+            await asyncio.sleep(every)
+            assert self._conn is not None
+            try:
+                ready, consumers = await asyncio.wait_for(
+                    amqp.queue_state(self._conn, c.settings.events_queue),
+                    timeout=CHECK_TIMEOUT_S,
+                )
+            except (errors.BrokerUnavailable, TimeoutError) as exc:
+                self._lose(f"the events queue could not be checked ({exc or 'no answer'})")
+                return
+            room = len(self._held) < c.tuning.prefetch
+            lost = None
+            if consumers == 0:
+                lost = "RabbitMQ lists no consumer on the events queue"
+            elif ready and was_ready and room and had_room and self._delivered == seen:
+                lost = f"{ready} messages ready and none delivered to this consumer for {every:g} s"
+            if lost is not None:
+                logger.warning("consume_subscription_lost", reason=lost)
+                self._lose(lost)
+                return
+            was_ready, seen, had_room = ready, self._delivered, room
+            try:
+                await _ping(c.pool)
+            except errors.DatabaseUnavailable as exc:
+                try:
+                    c.database.failed(str(exc))
+                except errors.OutageTooLong as fatal:
+                    self._fatal = fatal
+                    self._lost.set()
+                    return
+            else:
+                c.database.recovered()
+
+    # ------------------------------------------------------------------ graceful stop
+
+    async def _stop_gracefully(self) -> None:
+        c = self._c
+        await _until_window_full(self._inbox, c.tuning.prefetch)
+        assert self._queue is not None
+        assert self._tag is not None
+        if not await _unsubscribe(self._queue, self._tag):
+            return
+        c.progress.subscribed = False
+        deadline = time.monotonic() + c.tuning.drain_s
+        while time.monotonic() < deadline:
+            batch = await _gather(
+                self._inbox, (), c.tuning.batch_size, c.tuning.batch_window_s, idle_s=0.1
+            )
+            if not batch:
+                break
+            try:
+                if not await self._apply(batch, until=deadline):
+                    break
+            except (_Lost, errors.BrokerUnavailable) as exc:  # the batch went back to the queue
+                logger.warning("consume_drain_interrupted", reason=str(exc))
+                break
+
+
+def _received_at(message: aio_pika.abc.AbstractIncomingMessage) -> int | None:
+    value = (message.headers or {}).get(amqp.HEADER_RECEIVED_AT)
+    return value if isinstance(value, int) else None
+
+
+async def _ping(pool: asyncpg.Pool) -> None:
+    """DatabaseUnavailable unless PostgreSQL answers within a few seconds."""
+    try:
+        await asyncio.wait_for(db.ping(pool), timeout=CHECK_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise errors.DatabaseUnavailable("ping: PostgreSQL did not answer") from exc
+
+
+async def _wait(events: Sequence[asyncio.Event], timeout: float) -> None:  # noqa: ASYNC109
+    """Until one of ``events`` is set, or ``timeout`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        if waiters:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(timeout)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _until_window_full(
@@ -129,50 +481,25 @@ async def _unsubscribe(queue: aio_pika.abc.AbstractQueue, tag: str) -> bool:
     return True
 
 
-async def _drain(
-    worker: buffer.Buffer,
-    inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage],
-    size: int,
-    window: float,
-    within_s: float,
-) -> int:
-    """Process what was delivered before the cancel; stop at ``within_s`` or when the inbox stays
-    empty for a moment (deliveries read before the cancel-ok may still be on their way to it)."""
-    deadline = time.monotonic() + within_s
-    processed = 0
-    while time.monotonic() < deadline:
-        batch = await _gather(inbox, None, size, window, idle_s=0.1)
-        if not batch:
-            break
-        try:
-            processed += sum((await worker.process(batch)).values())
-        except errors.BrokerUnavailable as exc:  # the batch went back to the queue
-            logger.warning("consume_drain_interrupted", reason=str(exc))
-            break
-    return processed
-
-
 async def _gather(
     inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage],
-    stop: asyncio.Event | None,
+    wake: Sequence[asyncio.Event],
     size: int,
     window: float,
     *,
     idle_s: float = 1.0,
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Up to ``size`` messages: wait ``idle_s`` for the first (or until ``stop``), then at most
-    ``window`` seconds for more."""
+    """Up to ``size`` messages: wait ``idle_s`` for the first (or until one of ``wake`` is set),
+    then at most ``window`` seconds for more."""
     getting = asyncio.ensure_future(inbox.get())
     waiting: set[asyncio.Future[Any]] = {getting}
-    stopping = None
-    if stop is not None:
-        stopping = asyncio.ensure_future(stop.wait())
-        waiting.add(stopping)
+    woken = [asyncio.ensure_future(event.wait()) for event in wake]
+    waiting.update(woken)
     try:
         await asyncio.wait(waiting, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if stopping is not None:
-            stopping.cancel()
+        for waiter in woken:
+            waiter.cancel()
     if not getting.done():
         getting.cancel()
         with contextlib.suppress(asyncio.CancelledError):

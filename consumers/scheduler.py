@@ -9,6 +9,11 @@ everything pending, whatever day it arrived.
 
 Every six hours the scheduler also checks that each connection's Cegid key can still read its dossier,
 so that a dossier unlinked from the key is flagged (``needs_attention``) before the nightly flush.
+
+PostgreSQL going away: between polls the scheduler pings it every few seconds; a failed ping or
+poll makes it poll again with a capped, jittered backoff, so that the slot runs as soon as
+PostgreSQL answers. Unreachable for longer than ``RELAY_OUTAGE_LIMIT``, it raises
+:class:`errors.OutageTooLong` (exit 1, for its supervisor to restart it).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from relay import (
     errors,
     log,
     models,
+    outage,
     queries,
     report,
 )
@@ -42,6 +48,8 @@ logger = log.get(__name__)
 
 LOCK: Final = (0x52454C59 + 1, 1)  # advisory lock of the scheduler (namespace, key)
 POLL_S: Final = 60.0
+PING_EVERY_S: Final = 5.0  # between polls, how often PostgreSQL is pinged
+PING_TIMEOUT_S: Final = 5.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
 CEGID_REASON: Final = upload.CEGID_REASON  # prefix of the reasons the dossier check may clear
 
@@ -177,15 +185,29 @@ async def run_forever(
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
-    ``now`` and ``wait`` (default: wait on ``stop`` with a timeout) are injectable for tests;
-    ``dossier_check_every=None`` turns the periodic dossier check off.
+    ``now`` and ``wait`` (default: wait on ``stop`` with a timeout, pinging PostgreSQL every
+    PING_EVERY_S) are injectable for tests; ``dossier_check_every=None`` turns the periodic
+    dossier check off. Raises OutageTooLong when PostgreSQL stays unreachable past
+    ``RELAY_OUTAGE_LIMIT``.
     """
     stop = stop or asyncio.Event()
     stopping = stop
+    database = outage.Outage("scheduler", "PostgreSQL", settings.outage_limit_s)
+    backoff = outage.Backoff()
 
     async def wait_or_stop(seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=seconds or 0.01)
+        """Until ``stop`` or ``seconds``; early when a ping finds PostgreSQL gone (poll now)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=max(0.01, min(left, PING_EVERY_S)))
+            if stopping.is_set() or time.monotonic() >= deadline:
+                return
+            try:
+                await asyncio.wait_for(db.ping(pool), timeout=PING_TIMEOUT_S)
+            except (errors.DatabaseUnavailable, TimeoutError):
+                return
 
     pause = wait or wait_or_stop
     last_dossier_check: dt.datetime | None = None
@@ -193,12 +215,21 @@ async def run_forever(
     while not stop.is_set():
         try:
             await run_due(settings, pool, now(), flush=flush)
+            database.recovered()
+            backoff.reset()
             if dossier_check_every is not None and (
                 last_dossier_check is None or now() - last_dossier_check >= dossier_check_every
             ):
                 last_dossier_check = now()
                 async with cegid.http_client(settings) as http:
                     await check_dossiers(settings, pool, http, now=last_dossier_check)
+        except errors.DatabaseUnavailable as exc:
+            database.failed(str(exc))  # OutageTooLong past RELAY_OUTAGE_LIMIT: exit 1
+            delay = min(backoff.next(), max(database.remaining_s(), 0.05))
+            logger.warning("scheduler_unavailable", reason=str(exc), retry_in_s=round(delay, 2))
+            if not stop.is_set():
+                await pause(delay)
+            continue
         except errors.Retryable as exc:
             logger.warning("scheduler_unavailable", reason=str(exc))
         except errors.RelayError as exc:  # the run row stays unfinished: retried at the next poll

@@ -44,6 +44,7 @@ from relay import config, errors, log
 logger = log.get(__name__)
 
 DELIVERY_LIMIT: Final = 10
+RECONNECT_S: Final = 1.0  # between a robust connection's attempts to reconnect (aio-pika: 5)
 RETRY_DELAYS_S: Final = (1, 5, 30, 120, 600)
 HEADER_CONNECTION: Final = "x-connection-id"
 HEADER_RECEIVED_AT: Final = "x-received-at-ms"
@@ -156,15 +157,54 @@ async def delete_topology(channel: aio_pika.abc.AbstractChannel, settings: confi
 async def connection(
     settings: config.Settings, *, name: str = "relay"
 ) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A robust connection, for publishers (the intake): aio-pika reconnects it and reopens its
+    channels (publishing fails meanwhile: the intake answers 503), trying every
+    ``RECONNECT_S``. It restores no consumer reliably: the consumer uses :func:`connect`."""
     with translate("connect"):
         conn = await aio_pika.connect_robust(
-            settings.amqp_url.reveal(), client_properties={"connection_name": name}, timeout=10
+            settings.amqp_url.reveal(),
+            client_properties={"connection_name": name},
+            timeout=10,
+            reconnect_interval=RECONNECT_S,
         )
     try:
         yield conn
     finally:
         with contextlib.suppress(Exception):
             await conn.close()
+
+
+async def connect(
+    settings: config.Settings,
+    *,
+    name: str,
+    timeout: float = 10.0,  # noqa: ASYNC109
+) -> aio_pika.abc.AbstractConnection:
+    """A plain connection, which does not come back by itself: its owner watches it (its
+    ``close_callbacks``) and opens a new one, declaring and subscribing again.
+
+    aio-pika's robust connection restores channels, but only the queues it declared on them:
+    a queue obtained otherwise (``get_queue(..., ensure=False)``) keeps no consumer after a
+    reconnection, and messages delivered on the old channel can no longer be acknowledged.
+    """
+    with translate("connect"):
+        return await aio_pika.connect(
+            settings.amqp_url.reveal(), client_properties={"connection_name": name}, timeout=timeout
+        )
+
+
+async def queue_state(conn: aio_pika.abc.AbstractConnection, name: str) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue, by a passive declare on a channel of its own (a
+    missing queue closes the channel it is asked on); BrokerUnavailable when it cannot be read."""
+    with translate(f"check queue {name}"):
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            declared = await channel.declare_queue(name, passive=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    result = declared.declaration_result
+    return int(result.message_count or 0), int(result.consumer_count or 0)
 
 
 class Publisher:

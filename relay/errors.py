@@ -111,5 +111,10 @@ class AlreadyRecorded(RelayError):
     """The event or document was already recorded: processing it again is a no-op."""
 
 
+class OutageTooLong(RelayError):
+    """PostgreSQL or RabbitMQ stayed unavailable past RELAY_OUTAGE_LIMIT: the role exits 1, for its
+    supervisor to restart it (alive and idle, it would hide the outage)."""
+
+
 class OutcomeUnknown(RelayError):
     """The request was fully sent but no answer came back: the upstream may or may not have kept it."""

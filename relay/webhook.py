@@ -31,6 +31,7 @@ MAX_BODY: Final = 1024 * 1024
 UNKNOWN_TTL_S: Final = 30.0
 UNKNOWN_MAX: Final = 10_000
 REFRESH_S: Final = 60.0
+RELISTEN_MAX_S: Final = 5.0  # longest pause between attempts to listen again after a lost LISTEN
 CHANNEL: Final = "relay_connections_changed"
 
 
@@ -114,7 +115,7 @@ class SecretCache:
                     await self._listen()
                 await self.reload()
             except Exception as exc:  # the cache must outlive any failure
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, RELISTEN_MAX_S)
                 logger.warning(
                     "secret_cache_reload_failed", error=type(exc).__name__, retry_in_s=backoff
                 )
@@ -122,7 +123,7 @@ class SecretCache:
                 self._changed.set()
             else:
                 # still no listener: the next attempt waits longer (reloads keep the cache fresh)
-                backoff = 1.0 if self._listener is not None else min(backoff * 2, 30.0)
+                backoff = 1.0 if self._listener is not None else min(backoff * 2, RELISTEN_MAX_S)
 
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         """The connection's secrets; empty when it is unknown, disconnected or revoked."""

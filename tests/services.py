@@ -27,6 +27,15 @@ LOCK_PATH = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.lock"
 PG_ADMIN_DSN = os.environ.get("RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ANSWER_WITHIN_S = 90.0
+_REPAIR_QUORUM_QUEUES = """
+Sup = case whereis(rabbit_fifo_dlx_sup) of
+    undefined -> supervisor:restart_child(rabbit_sup, rabbit_fifo_dlx_sup), 1;
+    _ -> 0
+end,
+Restarted = [Q || Q <- rabbit_amqqueue:list(), amqqueue:get_type(Q) =:= rabbit_quorum_queue,
+                  ra:restart_server(quorum_queues, amqqueue:get_pid(Q)) =:= ok],
+Sup + length(Restarted).
+"""
 
 
 class Lock:
@@ -72,7 +81,7 @@ def _postgres_version() -> str | None:
     base = pathlib.Path("/etc/postgresql")
     versions = (
         sorted(
-            (p.name for p in base.glob("*/main")),
+            (p.parent.name for p in base.glob("*/main")),
             key=lambda v: [int(x) for x in v.split(".") if x.isdigit()],
         )
         if base.exists()
@@ -97,6 +106,7 @@ class Services:
         assert version is not None
         self._pg = ("pg_ctlcluster", "--skip-systemctl-redirect", version, "main")
         self.injected: dict[str, int] = {}
+        self._rabbitmq_stopped = False
 
     def _count(self, fault: str) -> None:
         self.injected[fault] = self.injected.get(fault, 0) + 1
@@ -106,11 +116,12 @@ class Services:
     async def rabbitmq_stop(self) -> None:
         """Stop the broker application (the node stays up): every connection is cut."""
         self._count("rabbitmq_stopped")
+        self._rabbitmq_stopped = True
         await _run("rabbitmqctl", "-q", "stop_app")
 
     async def rabbitmq_start(self) -> None:
         await _run("rabbitmqctl", "-q", "start_app")
-        await self.rabbitmq_answers()
+        await self.rabbitmq_answers(clean=2)
 
     async def rabbitmq_restart(self, down_s: float = 0.0) -> None:
         await self.rabbitmq_stop()
@@ -122,19 +133,49 @@ class Services:
         self._count("rabbitmq_connections_closed")
         await _run("rabbitmqctl", "-q", "close_all_connections", "closed by a fault test")
 
-    async def rabbitmq_answers(self, within_s: float = ANSWER_WITHIN_S) -> None:
-        """Wait until a client can connect and open a channel."""
+    async def rabbitmq_answers(self, within_s: float = ANSWER_WITHIN_S, *, clean: int = 0) -> None:
+        """Wait until a client can connect and declare a quorum queue with at-least-once
+        dead-lettering, as the relay's topology does, and (after a restart) ``clean`` passes of
+        :meth:`_quorum_queues_repaired` in a row found nothing to repair."""
         deadline = time.monotonic() + within_s
+        passes = 0
         while True:
             try:
+                repaired = await self._quorum_queues_repaired() if clean else 0
                 connection = await aio_pika.connect(AMQP_URL, timeout=2)
                 async with connection:
-                    await connection.channel()
-                return
+                    channel = await connection.channel()
+                    queue = await channel.declare_queue(
+                        f"relay-tests-ready-{os.getpid()}",
+                        durable=True,
+                        arguments={
+                            "x-queue-type": "quorum",
+                            "x-dead-letter-exchange": "",
+                            "x-dead-letter-strategy": "at-least-once",
+                            "x-overflow": "reject-publish",
+                        },
+                    )
+                    await queue.delete(if_unused=False, if_empty=False)
+                passes = 0 if repaired else passes + 1
+                if passes >= clean:
+                    self._rabbitmq_stopped = False
+                    return
             except Exception as exc:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"RabbitMQ did not answer within {within_s} s") from exc
+                passes = 0
                 await asyncio.sleep(0.2)
+
+    async def _quorum_queues_repaired(self) -> int:
+        """Work around RabbitMQ 3.10 coming back from start_app with quorum queues that cannot
+        start: their members elect a leader before the supervisor of the dead-letter workers is
+        up (``rabbit_fifo_dlx_sup`` noproc), crash until their own supervisor gives up, and that
+        supervisor may stay down, so every queue with at-least-once dead-lettering is then refused
+        (INTERNAL_ERROR; rabbitmq-server#16652 is the same weakness). Restart what is down; how
+        many things were."""
+        out = await _run("rabbitmqctl", "eval", _REPAIR_QUORUM_QUEUES)
+        digits = out.strip().splitlines()[-1] if out.strip() else ""
+        return int(digits) if digits.isdigit() else 0
 
     # PostgreSQL ----------------------------------------------------------------------------
 
@@ -188,7 +229,7 @@ class Services:
             await _run("rabbitmqctl", "-q", "start_app")
         with contextlib.suppress(RuntimeError):
             await _run(*self._pg, "start")
-        await self.rabbitmq_answers()
+        await self.rabbitmq_answers(clean=2 if self._rabbitmq_stopped else 0)
         await self.postgres_answers()
 
 

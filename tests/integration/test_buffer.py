@@ -22,7 +22,7 @@ from relay import amqp, config, connections, dlq, errors, models
 from relay import qonto as qonto_client
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
-from tests.integration import factories
+from tests.integration import factories, outages
 
 
 @pytest.fixture
@@ -269,7 +269,7 @@ async def test_consent_revocation_marks_the_connection_revoked(
     assert reason.startswith("consent revoked in Qonto at ")
 
 
-async def test_database_down_retries_with_a_delay_and_loses_nothing(
+async def test_database_down_settles_nothing_and_the_batch_is_applied_once_it_is_back(
     connection_id: uuid.UUID,
     publisher: amqp.Publisher,
     pool: asyncpg.Pool,
@@ -277,10 +277,12 @@ async def test_database_down_retries_with_a_delay_and_loses_nothing(
     qonto: qonto_sandbox.QontoSandbox,
     amqp_connection: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
-    """With PostgreSQL gone the event goes to the delay queue (no hot loop), then lands once back."""
+    """With PostgreSQL gone the batch is settled in no way (no retry used up, nothing
+    dead-lettered, not even a message at its last retry): it stays for the consumer to apply again;
+    back in the queue, it lands once."""
     tx, attachment = factories.receipt(qonto)
     await _publish(publisher, connection_id, qonto.transaction_event(tx))
-    exhausted, _ = factories.receipt(qonto, seed=9)
+    exhausted, last = factories.receipt(qonto, seed=9)
     await _publish(
         publisher,
         connection_id,
@@ -291,20 +293,22 @@ async def test_database_down_retries_with_a_delay_and_loses_nothing(
         upstream_settings.database_url.reveal(), min_size=1, max_size=1
     )
     await dead.close()
-    counts = await _process_from_queue(upstream_settings, amqp_connection, dead, publisher, 2)
-    assert counts == {"retried": 1, "dead_lettered": 1}
-    [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
-    assert letter.reason.startswith(f"still failing after {len(amqp.RETRY_DELAYS_S)} retries")
+    with pytest.raises(errors.DatabaseUnavailable):  # the channel closes: both go back
+        await _process_from_queue(upstream_settings, amqp_connection, dead, publisher, 2)
     stop = asyncio.Event()
     task = asyncio.create_task(consume.consume(upstream_settings, stop=stop))
-    try:  # the 1-second delay queue hands it back to the events queue
+    try:
         await _wait_count(
-            pool, "SELECT count(*) FROM documents WHERE qonto_attachment_id = $1", 1, attachment
+            pool,
+            "SELECT count(*) FROM documents WHERE qonto_attachment_id = ANY($1::text[])",
+            2,
+            [attachment, last],
         )
     finally:
         stop.set()
         await task
-    assert await _count(pool, "SELECT count(*) FROM events") == 1
+    assert await _count(pool, "SELECT count(*) FROM events") == 2
+    assert await dlq.list_messages(upstream_settings, amqp_connection) == []
 
 
 async def test_a_consumer_killed_mid_stream_loses_nothing(
@@ -555,6 +559,39 @@ async def test_a_graceful_stop_hands_no_delivered_message_back(
     assert landed + len(left) == total
     handed_back = [m.message_id for m in left if m.redelivered]
     assert handed_back == []
+
+
+async def test_the_consumer_keeps_its_progress_for_the_heartbeat(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    upstream_settings: config.Settings,
+) -> None:
+    """Progress: subscribed while it consumes; while a batch waits, the messages in hand and the
+    oldest one's x-received-at-ms; once settled, their count and the time of the last work."""
+    progress = consume.Progress()
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume.consume(upstream_settings, stop=stop, progress=progress))
+    try:
+        await factories.until(lambda: progress.subscribed, what="subscribed")
+        async with outages.events_table_locked(upstream_settings.database_url.reveal()) as blocked:
+            for i in range(3):
+                await _publish(
+                    publisher,
+                    connection_id,
+                    _transaction_event(i, f"att-{i}"),
+                    **{amqp.HEADER_RECEIVED_AT: 1_000 + i},
+                )
+            await blocked()
+            await factories.until(lambda: progress.in_hand == 3, what="3 messages in hand")
+            assert progress.oldest_held_ms == 1_000
+            assert (progress.events, progress.last_work_at) == (0, None)
+        await factories.until(lambda: progress.events == 3, what="3 messages settled")
+        assert (progress.in_hand, progress.oldest_held_ms) == (0, None)
+        assert progress.last_work_at is not None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    assert not progress.subscribed
 
 
 def test_retry_delays_must_be_declared_delay_queues(unit_settings: config.Settings) -> None:

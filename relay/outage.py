@@ -1,0 +1,77 @@
+"""How a long-running role lives through PostgreSQL or RabbitMQ going away: capped, jittered backoff
+between attempts, and a limit (``RELAY_OUTAGE_LIMIT``) past which it gives up and exits 1, so that
+its supervisor restarts it instead of leaving it alive and idle."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from relay import errors, log
+
+logger = log.get(__name__)
+
+
+class Backoff:
+    """Delays between attempts: doubling from ``first_s`` up to ``cap_s``, each drawn between half
+    and all of it (jitter: replicas that lost the same service do not come back in step)."""
+
+    def __init__(self, first_s: float = 0.25, cap_s: float = 4.0) -> None:
+        self._first_s = first_s
+        self._cap_s = cap_s
+        self._attempt = 0
+
+    def next(self) -> float:
+        ceiling = min(self._cap_s, self._first_s * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class Outage:
+    """One dependency's outage as one role sees it: when it began, and whether it lasted too long.
+
+    ``failed`` at each failed attempt (the first one starts the clock and logs ``{role}_lost``);
+    past ``limit_s`` it raises :class:`errors.OutageTooLong`. ``recovered`` at the first success
+    logs how long it lasted and stops the clock.
+    """
+
+    def __init__(self, role: str, service: str, limit_s: float) -> None:
+        self.role = role
+        self.service = service
+        self.limit_s = limit_s
+        self.since: float | None = None
+
+    @property
+    def ongoing(self) -> bool:
+        return self.since is not None
+
+    def remaining_s(self) -> float:
+        """Seconds left before the limit (the whole limit when no outage is under way)."""
+        if self.since is None:
+            return self.limit_s
+        return max(0.0, self.limit_s - (time.monotonic() - self.since))
+
+    def failed(self, reason: str) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            logger.warning("outage_started", role=self.role, service=self.service, reason=reason)
+        elif now - self.since >= self.limit_s:
+            raise errors.OutageTooLong(
+                f"{self.service} unavailable for more than {self.limit_s:g} s "
+                f"(RELAY_OUTAGE_LIMIT): relay {self.role} exits for its supervisor to restart it "
+                f"(last error: {reason})"
+            )
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            logger.info(
+                "outage_ended",
+                role=self.role,
+                service=self.service,
+                duration_ms=round((time.monotonic() - self.since) * 1000),
+            )
+            self.since = None
