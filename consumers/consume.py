@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,17 @@ from relay import amqp, config, db, errors, log, qonto
 logger = log.get(__name__)
 
 
+@dataclasses.dataclass
+class Progress:
+    """What the consumer has done, for its heartbeat."""
+
+    events: int = 0  # messages settled (applied, duplicate, ignored, retried, dead-lettered)
+    last_work_at: float | None = None  # time.time() when the last batch was settled
+    subscribed: bool = False  # a consume-ok is in force on the events queue
+    in_hand: int = 0  # messages delivered and not yet settled
+    oldest_held_ms: int | None = None  # x-received-at-ms of the oldest message in hand
+
+
 async def consume(
     settings: config.Settings,
     *,
@@ -35,6 +47,7 @@ async def consume(
     batch_window_s: float = 0.02,
     retry_delays: Sequence[int] = amqp.RETRY_DELAYS_S,
     drain_s: float = 5.0,
+    progress: Progress | None = None,
 ) -> None:
     """Run until ``stop`` is set; then cancel the subscription, process the messages already
     delivered (for at most ``drain_s`` seconds) and leave.
@@ -45,6 +58,7 @@ async def consume(
     of a message failing transiently; after the last one it is dead-lettered. Tests shorten it.
     """
     stop = stop or asyncio.Event()
+    progress = progress or Progress()
     async with (
         db.pool_for(settings, min_size=1, max_size=2) as pool,
         amqp.connection(settings, name="relay-consume") as conn,
@@ -60,7 +74,7 @@ async def consume(
         inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
         with amqp.translate("consume"):
             tag = await queue.consume(inbox.put)
-        subscribed = True
+        subscribed = progress.subscribed = True
         logger.info("consume_started", queue=settings.events_queue)
         backoff = 1.0
         processed = 0
@@ -69,20 +83,28 @@ async def consume(
                 batch = await _gather(inbox, stop, batch_size, batch_window_s)
                 if not batch:
                     continue
+                progress.in_hand = len(batch) + inbox.qsize()
+                progress.oldest_held_ms = _received_at(batch[0])
                 try:
                     counts = await worker.process(batch)
                     processed += sum(counts.values())
+                    progress.events += sum(counts.values())
+                    progress.last_work_at = time.time()
                     backoff = 1.0
                 except errors.BrokerUnavailable as exc:
                     logger.warning("consume_broker_unavailable", reason=str(exc), pause_s=backoff)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=backoff)
                     backoff = min(backoff * 2, 60.0)
-            subscribed = False
+                progress.in_hand, progress.oldest_held_ms = inbox.qsize(), None
+            subscribed = progress.subscribed = False
             await _until_window_full(inbox, prefetch)
             if await _unsubscribe(queue, tag):
-                processed += await _drain(worker, inbox, batch_size, batch_window_s, drain_s)
+                drained = await _drain(worker, inbox, batch_size, batch_window_s, drain_s)
+                processed += drained
+                progress.events += drained
         finally:
+            progress.subscribed = False
             if subscribed:
                 await _unsubscribe(queue, tag)
             returned = 0
@@ -92,6 +114,11 @@ async def consume(
                     await inbox.get_nowait().nack(requeue=True)
             await publisher.close()
             logger.info("consume_stopped", processed=processed, returned=returned)
+
+
+def _received_at(message: aio_pika.abc.AbstractIncomingMessage) -> int | None:
+    value = (message.headers or {}).get(amqp.HEADER_RECEIVED_AT)
+    return value if isinstance(value, int) else None
 
 
 async def _until_window_full(

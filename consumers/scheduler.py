@@ -32,6 +32,7 @@ from relay import (
     crypto,
     db,
     errors,
+    heartbeat,
     log,
     models,
     queries,
@@ -174,14 +175,24 @@ async def run_forever(
     flush: Flush = flusher.flush,
     wait: Wait | None = None,
     dossier_check_every: dt.timedelta | None = DOSSIER_CHECK_EVERY,
+    progress: heartbeat.Work | None = None,
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
     ``now`` and ``wait`` (default: wait on ``stop`` with a timeout) are injectable for tests;
-    ``dossier_check_every=None`` turns the periodic dossier check off.
+    ``dossier_check_every=None`` turns the periodic dossier check off. ``progress`` counts the
+    documents each run uploaded (for the heartbeat).
     """
     stop = stop or asyncio.Event()
     stopping = stop
+
+    async def flush_and_count(
+        settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
+    ) -> report.RunReport:
+        result = await flush(settings, pool, run_kind=run_kind, run_id=run_id)
+        if progress is not None:
+            progress.add(result.totals()["uploaded"])
+        return result
 
     async def wait_or_stop(seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -192,7 +203,7 @@ async def run_forever(
     logger.info("scheduler_started", flush_at=settings.flush_at.isoformat(timespec="minutes"))
     while not stop.is_set():
         try:
-            await run_due(settings, pool, now(), flush=flush)
+            await run_due(settings, pool, now(), flush=flush_and_count)
             if dossier_check_every is not None and (
                 last_dossier_check is None or now() - last_dossier_check >= dossier_check_every
             ):
