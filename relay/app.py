@@ -28,6 +28,7 @@ from relay import (
     log,
     metrics,
     queries,
+    status,
     webhook,
 )
 
@@ -67,6 +68,11 @@ async def metrics_endpoint(request: Request) -> Response:
         for record in records:
             totals[record["state"]] = totals.get(record["state"], 0) + record["n"]
         stats.set_documents(totals)
+    with contextlib.suppress(errors.RelayError, TimeoutError):
+        report = await asyncio.wait_for(
+            status.check(state.settings, state.pool, state.amqp, confirm=False), timeout=3
+        )
+        stats.set_status(report)
     return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 

@@ -396,3 +396,16 @@ ON CONFLICT (id) DO UPDATE SET
 -- params: $1 seconds
 -- Rows of roles stopped or dead for that long (a running role beats every few seconds).
 DELETE FROM heartbeats WHERE beat_at < now() - make_interval(secs => $1);
+
+-- name: list_heartbeats
+-- params: $1 seconds (rows whose last beat is older are left out)
+-- Ages in seconds on the database's clock.
+SELECT id, role, command, host, pid, started_at, beat_at, interval_s, stopped_at, stop_reason,
+       work_unit, work_done, last_work_at, subscribed, in_hand, oldest_held_at,
+       extract(epoch FROM now() - beat_at)::float8 AS beat_age_s,
+       extract(epoch FROM now() - last_work_at)::float8 AS work_age_s,
+       extract(epoch FROM now() - oldest_held_at)::float8 AS oldest_held_age_s,
+       extract(epoch FROM now() - waiting_since)::float8 AS waiting_s
+FROM heartbeats
+WHERE beat_at >= now() - make_interval(secs => $1)
+ORDER BY role, host, started_at, pid;
