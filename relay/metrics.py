@@ -14,7 +14,7 @@ import math
 
 import prometheus_client as prom
 
-from relay import models, status
+from relay import models, stalls, status
 
 CONTENT_TYPE = prom.CONTENT_TYPE_LATEST
 DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
@@ -56,12 +56,12 @@ class Metrics:
         counts: dict[tuple[str, str], int] = {
             (role, state): 0
             for role in ("serve", "consume", "scheduler", "flush")
-            for state in (status.OK, status.STALLED, status.STOPPED, status.GONE)
+            for state in (stalls.OK, stalls.STALLED, stalls.STOPPED, stalls.GONE)
         }
         for judged in report.roles:
             row = judged.role
             counts[row.role, judged.state] = counts.get((row.role, judged.state), 0) + 1
-            if judged.state not in (status.OK, status.STALLED):
+            if judged.state not in (stalls.OK, stalls.STALLED):
                 continue
             labels = (row.role, row.command, row.host, str(row.pid))
             self.heartbeat_age.labels(*labels).set(row.beat_age_s)

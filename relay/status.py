@@ -1,23 +1,10 @@
 """`relay status`: every role's heartbeat judged, the queues' depths, and what is stalled.
 
-The rows of ``heartbeats`` (:mod:`relay.heartbeat`) and a passive declare of each queue are judged by
-:func:`judge`, a pure function of them. A role is
-
-- ``stopped`` when its row says so (a clean stop, or a role that failed and left);
-- ``gone`` when it is not stopped and known dead: no heartbeat for ``GONE_AFTER_S``; or, on the host
-  running the check, no process with its pid; or a later process with the same host and pid (a
-  restarted container) started after its last beat;
-- ``stalled`` when it is not stopped and its heartbeat is more than ``STALE_BEATS`` beats old (hung,
-  or dead in a way that cannot be told yet); or a consumer that has held messages, or had no
-  subscription while messages wait, without settling any for ``stall_after_s``; or a live consumer
-  while messages are ready and no live consumer holds any;
-- ``ok`` otherwise.
-
-The events queue is ``stalled`` when messages are ready and no live consumer holds any: the age of
-its oldest message is then unknown, and the output says so. Otherwise its oldest message is the
-oldest one a live consumer holds (a quorum queue delivers in order), as of that consumer's last beat.
-A message seen ready at one instant may be delivered the next, and a consumer's row is up to a beat
-old, so :func:`check` looks again for up to a beat before calling the queue stalled.
+Reads the rows of ``heartbeats`` (:mod:`relay.heartbeat`) and the queues' depths (a passive declare),
+has them judged (:mod:`relay.stalls`: ok, stalled, stopped, gone) and reports: the exit code, one
+JSON document, a readable table. Ready messages that no live consumer holds may be on their way, and
+a consumer's row is up to a beat old, so :func:`check` looks again for up to a beat before calling
+the events queue stalled.
 """
 
 from __future__ import annotations
@@ -25,140 +12,34 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import os
 import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import aio_pika.abc
 import asyncpg
 
-from relay import amqp, config, console, db, errors, models, queries
+from relay import amqp, config, console, db, errors, queries, stalls
 
-STALE_BEATS: Final = 3  # a heartbeat older than this many beats is stale
-GONE_AFTER_S: Final = 600.0  # a role silent this long is taken for dead
 SHOWN_FOR_S: Final = 3600.0  # stopped and gone roles are listed this long after their last beat
 CONFIRM_POLL_S: Final = 0.25
-
-OK, STALLED, STOPPED, GONE, UNKNOWN = "ok", "stalled", "stopped", "gone", "unknown"
 
 Source = asyncpg.Pool | db.Conn
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Role:
-    """One role's heartbeat row, with its ages in seconds on the database's clock."""
-
-    id: uuid.UUID
-    role: str
-    command: str
-    host: str
-    pid: int
-    started_at: dt.datetime
-    beat_at: dt.datetime
-    beat_age_s: float
-    interval_s: float
-    stopped_at: dt.datetime | None = None
-    stop_reason: str | None = None
-    work_unit: str = "events"
-    work_done: int = 0
-    last_work_at: dt.datetime | None = None
-    work_age_s: float | None = None
-    subscribed: bool | None = None
-    in_hand: int | None = None
-    oldest_held_at: dt.datetime | None = None
-    oldest_held_age_s: float | None = None
-    waiting_s: float | None = None
-
-    @classmethod
-    def from_record(cls, record: models.Row) -> Role:
-        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
-
-    @property
-    def label(self) -> str:
-        inside = f", in relay {self.command}" if self.command != self.role else ""
-        return f"{self.role} on {self.host} (pid {self.pid}{inside})"
-
-    @property
-    def stale(self) -> bool:
-        return self.beat_age_s > STALE_BEATS * self.interval_s
-
-    @property
-    def live(self) -> bool:
-        """Not stopped, and beating."""
-        return self.stopped_at is None and not self.stale
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Queues:
-    events: amqp.Depth
-    retry: tuple[amqp.Depth, ...]
-    dead_letter: amqp.Depth
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Judged:
-    role: Role
-    state: str
-    reason: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        row = self.role
-        value: dict[str, Any] = {
-            "id": str(row.id),
-            "role": row.role,
-            "command": row.command,
-            "host": row.host,
-            "pid": row.pid,
-            "since": row.started_at.isoformat(),
-            "last_heartbeat": row.beat_at.isoformat(),
-            "heartbeat_age_s": _round(row.beat_age_s),
-            "heartbeat_interval_s": row.interval_s,
-            "state": self.state,
-            "reason": self.reason,
-            "stopped_at": row.stopped_at.isoformat() if row.stopped_at else None,
-            "work": {
-                "unit": row.work_unit,
-                "done": row.work_done,
-                "last_at": row.last_work_at.isoformat() if row.last_work_at else None,
-                "age_s": _round(row.work_age_s),
-            },
-        }
-        if row.role == "consume":
-            value["consumer"] = {
-                "subscribed": row.subscribed,
-                "in_hand": row.in_hand,
-                "oldest_held_at": row.oldest_held_at.isoformat() if row.oldest_held_at else None,
-                "oldest_held_age_s": _round(row.oldest_held_age_s),
-                "waiting_s": _round(row.waiting_s),
-            }
-        return value
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Events:
-    """The events queue judged: its state, and its oldest waiting message when it can be known."""
-
-    state: str  # ok, stalled, unknown (RabbitMQ not read, or the queue missing)
-    reason: str | None
-    in_hand: int  # held by live consumers (delivered, not settled)
-    oldest_age_s: float | None
-    oldest: str  # "held" (age known), "none waiting", "unknown"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Report:
-    checked_at: dt.datetime
-    roles: tuple[Judged, ...]
-    queues: Queues | None
-    queues_error: str | None
-    events: Events
-    # stalled by an instant's view (ready messages nobody holds): worth a second look
-    suspect: bool = False
+    """What one look found: every role judged, the queues, and the verdict for any filter."""
 
-    def matching(self, role: str | None = None, host: str | None = None) -> list[Judged]:
+    checked_at: dt.datetime
+    roles: tuple[stalls.Judged, ...]
+    queues: stalls.Queues | None
+    queues_error: str | None
+    events: stalls.Events
+    suspect: bool = False  # see stalls.Judgement
+
+    def matching(self, role: str | None = None, host: str | None = None) -> list[stalls.Judged]:
         return [
             j
             for j in self.roles
@@ -173,34 +54,39 @@ class Report:
         matching role is stalled ("missing" when none is live).
         """
         if role is None and host is None:
-            if any(j.state == STALLED for j in self.roles) or self.events.state == STALLED:
-                return STALLED, console.EXIT_FAILED
-            if self.events.state == UNKNOWN:
-                return UNKNOWN, console.EXIT_FAILED
-            return OK, console.EXIT_OK
+            if (
+                any(j.state == stalls.STALLED for j in self.roles)
+                or self.events.state == stalls.STALLED
+            ):
+                return stalls.STALLED, console.EXIT_FAILED
+            if self.events.state == stalls.UNKNOWN:
+                return stalls.UNKNOWN, console.EXIT_FAILED
+            return stalls.OK, console.EXIT_OK
         chosen = self.matching(role, host)
-        if any(j.state == STALLED for j in chosen):
-            return STALLED, console.EXIT_FAILED
-        if not any(j.state == OK for j in chosen):
+        if any(j.state == stalls.STALLED for j in chosen):
+            return stalls.STALLED, console.EXIT_FAILED
+        if not any(j.state == stalls.OK for j in chosen):
             return "missing", console.EXIT_FAILED
-        return OK, console.EXIT_OK
+        return stalls.OK, console.EXIT_OK
 
     def problems(self, role: str | None = None, host: str | None = None) -> list[str]:
         found = [
-            f"{j.role.label}: {j.reason}" for j in self.matching(role, host) if j.state == STALLED
+            f"{j.role.label}: {j.reason}"
+            for j in self.matching(role, host)
+            if j.state == stalls.STALLED
         ]
-        if role is None and host is None and self.events.state in (STALLED, UNKNOWN):
+        if role is None and host is None and self.events.state in (stalls.STALLED, stalls.UNKNOWN):
             found.append(f"events queue: {self.events.reason}")
         if (role is not None or host is not None) and not any(
-            j.state == OK for j in self.matching(role, host)
+            j.state == stalls.OK for j in self.matching(role, host)
         ):
             found.append(f"no live {role or 'role'}{' on ' + host if host else ''}")
         return found
 
     def stalled(self, role: str | None = None, host: str | None = None) -> int:
         """Stalled roles (matching the filter), and the events queue when unfiltered."""
-        queue = role is None and host is None and self.events.state == STALLED
-        return sum(j.state == STALLED for j in self.matching(role, host)) + int(queue)
+        queue = role is None and host is None and self.events.state == stalls.STALLED
+        return sum(j.state == stalls.STALLED for j in self.matching(role, host)) + int(queue)
 
     def to_json(self, role: str | None = None, host: str | None = None) -> dict[str, Any]:
         state, code = self.outcome(role, host)
@@ -229,7 +115,7 @@ class Report:
                 "ready": events.ready,
                 "consumers": events.consumers,
                 "in_hand": self.events.in_hand,
-                "oldest_age_s": _round(self.events.oldest_age_s),
+                "oldest_age_s": stalls.round_s(self.events.oldest_age_s),
                 "oldest": self.events.oldest,
                 "state": self.events.state,
                 "reason": self.events.reason,
@@ -288,10 +174,6 @@ class Report:
         ]
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -302,7 +184,7 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def _row(judged: Judged) -> list[Any]:
+def _row(judged: stalls.Judged) -> list[Any]:
     row = judged.role
     work = f"{row.work_done} {row.work_unit}"
     if row.work_age_s is not None:
@@ -326,148 +208,32 @@ def _depth_json(depth: amqp.Depth) -> dict[str, Any]:
     return {"name": depth.name, "exists": depth.ready is not None, "ready": depth.ready}
 
 
-# ------------------------------------------------------------------------------------ the rules
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (any user's)."""
-    if pid <= 0:
-        return True  # not a process id: no conclusion
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists, under another user
-        return True
-    return True
-
-
-def _role_state(
-    row: Role,
-    rows: Sequence[Role],
-    ready: int | None,
-    *,
-    stall_after_s: float,
-    this_host: str,
-    alive: Callable[[int], bool],
-) -> tuple[str, str | None]:
-    if row.stopped_at is not None:
-        return STOPPED, row.stop_reason
-    if row.stale:
-        silent = f"no heartbeat for {row.beat_age_s:.0f} s"
-        if row.beat_age_s >= GONE_AFTER_S:
-            return GONE, silent
-        if row.host == this_host and not alive(row.pid):
-            return GONE, f"{silent}; process {row.pid} no longer exists on this host"
-        if any(
-            other.id != row.id
-            and other.host == row.host
-            and other.pid == row.pid
-            and other.started_at > row.beat_at
-            for other in rows
-        ):
-            return GONE, f"{silent}; process {row.pid} of {row.host} was started again since"
-        return STALLED, f"{silent} (one expected every {row.interval_s:g} s): hung, or dead"
-    if row.role == "consume" and row.waiting_s is not None and row.waiting_s >= stall_after_s:
-        if row.in_hand:
-            return (
-                STALLED,
-                f"holds {row.in_hand} message(s) and has settled none for {row.waiting_s:.0f} s",
-            )
-        if not row.subscribed and ready:
-            return (
-                STALLED,
-                f"not subscribed to the events queue for {row.waiting_s:.0f} s while "
-                f"{ready} message(s) wait",
-            )
-    return OK, None
-
-
 def judge(
-    rows: Sequence[Role],
-    queues: Queues | None,
+    rows: Sequence[stalls.Role],
+    queues: stalls.Queues | None,
     *,
     checked_at: dt.datetime,
     stall_after_s: float,
     this_host: str,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Callable[[int], bool] = stalls.pid_alive,
     queues_error: str | None = None,
 ) -> Report:
-    """Each role's state and the events queue's, from the rows and the queues' depths."""
-    ready = None if queues is None else queues.events.ready
-    judged = [
-        Judged(
-            row,
-            *_role_state(
-                row, rows, ready, stall_after_s=stall_after_s, this_host=this_host, alive=alive
-            ),
-        )
-        for row in rows
-    ]
-    consumers = [r for r in rows if r.role == "consume" and r.live]
-    silent = [
-        j.role for j in judged if j.role.role == "consume" and j.state == STALLED and j.role.stale
-    ]
-    holders = [r for r in consumers if r.in_hand]
-    in_hand = sum(r.in_hand or 0 for r in consumers)
-    suspect = False
-    if queues is None:
-        events = Events(
-            UNKNOWN, f"RabbitMQ could not be read ({queues_error})", in_hand, None, UNKNOWN
-        )
-    elif queues.events.ready is None:
-        events = Events(
-            UNKNOWN,
-            f"{queues.events.name} does not exist (no role declared it: RELAY_AMQP_PREFIX?)",
-            in_hand,
-            None,
-            UNKNOWN,
-        )
-    elif holders:
-        ages = [r.oldest_held_age_s for r in holders if r.oldest_held_age_s is not None]
-        events = Events(OK, None, in_hand, max(ages) if ages else None, "held" if ages else UNKNOWN)
-    elif queues.events.ready > 0:
-        waiting = queues.events.ready
-        subscribed = queues.events.consumers or 0
-        why = (
-            "no consumer is subscribed"
-            if subscribed == 0
-            else f"{subscribed} subscribed consumer(s) receive nothing"
-        )
-        events = Events(
-            STALLED,
-            f"{waiting} message(s) ready and no live consumer holds any ({why}); "
-            "the oldest one's age is unknown",
-            0,
-            None,
-            UNKNOWN,
-        )
-        suspect = True
-        live = {r.id for r in consumers}
-        judged = [
-            Judged(j.role, STALLED, "messages are ready and it holds none")
-            if j.role.id in live and j.state == OK
-            else j
-            for j in judged
-        ]
-    elif silent:
-        events = Events(
-            OK,
-            f"the oldest message's age is unknown: {silent[0].label} has no heartbeat and may "
-            "hold messages",
-            in_hand,
-            None,
-            UNKNOWN,
-        )
-    else:
-        events = Events(OK, None, in_hand, None, "none waiting")
+    """The report of one look (see :func:`relay.stalls.judge`)."""
+    judgement = stalls.judge(
+        rows,
+        queues,
+        stall_after_s=stall_after_s,
+        this_host=this_host,
+        alive=alive,
+        queues_error=queues_error,
+    )
     return Report(
         checked_at=checked_at,
-        roles=tuple(judged),
+        roles=judgement.roles,
         queues=queues,
         queues_error=queues_error,
-        events=events,
-        suspect=suspect,
+        events=judgement.events,
+        suspect=judgement.suspect,
     )
 
 
@@ -476,14 +242,14 @@ def judge(
 
 async def _read_queues(
     settings: config.Settings, broker: aio_pika.abc.AbstractConnection
-) -> Queues:
+) -> stalls.Queues:
     retry = [amqp.retry_queue_name(settings, delay) for delay in amqp.RETRY_DELAYS_S]
     names = [settings.events_queue, *retry, settings.dead_letter_queue]
     try:
         found = await asyncio.wait_for(amqp.depths(broker, names), timeout=5)
     except TimeoutError as exc:
         raise errors.BrokerUnavailable("queue depths: RabbitMQ did not answer in 5 s") from exc
-    return Queues(events=found[0], retry=tuple(found[1:-1]), dead_letter=found[-1])
+    return stalls.Queues(events=found[0], retry=tuple(found[1:-1]), dead_letter=found[-1])
 
 
 async def snapshot(
@@ -493,13 +259,13 @@ async def snapshot(
     *,
     broker_error: str | None = None,
     this_host: str | None = None,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Callable[[int], bool] = stalls.pid_alive,
 ) -> Report:
     """One look: the rows, the queues' depths, judged (PostgreSQL unavailable raises)."""
     with db.translate("status"):
         records = await source.fetch(queries.get("list_heartbeats"), SHOWN_FOR_S)
         checked_at = await source.fetchval(queries.get("database_now"))
-    queues: Queues | None = None
+    queues: stalls.Queues | None = None
     error = broker_error
     if broker is not None:
         try:
@@ -509,7 +275,7 @@ async def snapshot(
     elif error is None:
         error = "not connected"
     return judge(
-        [Role.from_record(r) for r in records],
+        [stalls.Role.from_record(r) for r in records],
         queues,
         checked_at=checked_at,
         stall_after_s=settings.stall_after_s,
@@ -527,7 +293,7 @@ async def check(
     broker_error: str | None = None,
     confirm: bool = True,
     this_host: str | None = None,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Callable[[int], bool] = stalls.pid_alive,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Report:
     """:func:`snapshot`; when only an instant's view calls the events queue stalled (messages ready

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from relay import config, db, errors, status
+from relay import config, db, errors, stalls, status
 from tests import services
 from tests.integration import factories, processes
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.fault
 
 async def _served(
     settings: config.Settings, host: str, pid: int, within_s: float = 60
-) -> status.Judged:
+) -> stalls.Judged:
     """The serve role of this process once it is ok again (polled through status.check)."""
     deadline = time.monotonic() + within_s
     last = None
@@ -36,7 +36,7 @@ async def _served(
         finally:
             await conn.close()
         last = [j for j in report.matching("serve", host) if j.role.pid == pid]
-        if last and last[0].state == status.OK and last[0].role.beat_age_s < 2:
+        if last and last[0].state == stalls.OK and last[0].role.beat_age_s < 2:
             return last[0]
     raise AssertionError(f"the serve role's heartbeat did not come back: {last}")
 

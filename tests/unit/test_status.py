@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from relay import amqp, status
+from relay import amqp, stalls, status
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
 HERE, THERE = "this-host", "other-host"
@@ -25,7 +25,7 @@ def role(
     started_ago: float = 3600.0,
     stopped: bool = False,
     **fields: Any,
-) -> status.Role:
+) -> stalls.Role:
     """A heartbeat row, its last beat ``age`` seconds before NOW."""
     consumer = (
         {"subscribed": True, "in_hand": 0, "waiting_s": None, "work_unit": "events"}
@@ -47,11 +47,11 @@ def role(
         **consumer,
         **fields,
     }
-    return status.Role(**values)
+    return stalls.Role(**values)
 
 
-def queues(ready: int = 0, consumers: int = 1, dead: int = 0) -> status.Queues:
-    return status.Queues(
+def queues(ready: int = 0, consumers: int = 1, dead: int = 0) -> stalls.Queues:
+    return stalls.Queues(
         events=amqp.Depth("relay.events", ready, consumers),
         retry=tuple(amqp.Depth(f"relay.events.retry.{d}s", 0, 0) for d in amqp.RETRY_DELAYS_S),
         dead_letter=amqp.Depth("relay.events.dlq", dead, 0),
@@ -59,8 +59,8 @@ def queues(ready: int = 0, consumers: int = 1, dead: int = 0) -> status.Queues:
 
 
 def judge(
-    rows: list[status.Role],
-    found: status.Queues | None = None,
+    rows: list[stalls.Role],
+    found: stalls.Queues | None = None,
     *,
     dead_pids: tuple[int, ...] = (),
     queues_error: str | None = None,
@@ -106,7 +106,7 @@ def test_a_stopped_role_is_stopped_however_old_its_heartbeat() -> None:
 
 def test_a_role_silent_for_ten_minutes_is_gone() -> None:
     """Past GONE_AFTER_S without a heartbeat the role is taken for dead: gone, not stalled."""
-    report = judge([role("scheduler", age=status.GONE_AFTER_S + 1)])
+    report = judge([role("scheduler", age=stalls.GONE_AFTER_S + 1)])
     assert states(report) == ["gone"]
     assert report.outcome() == ("ok", 0)
 
