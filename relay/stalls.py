@@ -245,7 +245,11 @@ def judge(
         )
     elif holders:
         ages = [r.oldest_held_age_s for r in holders if r.oldest_held_age_s is not None]
-        events = Events(OK, None, in_hand, max(ages) if ages else None, "held" if ages else UNKNOWN)
+        if ages:
+            events = Events(OK, None, in_hand, max(ages), "held")
+        else:
+            why = f"the messages held carry no {amqp.HEADER_RECEIVED_AT} header"
+            events = Events(OK, why, in_hand, None, UNKNOWN)
     elif queues.events.ready > 0:
         waiting = queues.events.ready
         subscribed = queues.events.consumers or 0

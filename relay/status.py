@@ -155,7 +155,7 @@ class Report:
             oldest = {
                 "held": f"oldest waiting {_ago(ev.oldest_age_s)}",
                 "none waiting": "nothing waiting",
-                "unknown": "oldest waiting: unknown (no live consumer holds a message)",
+                "unknown": f"oldest waiting: unknown ({ev.reason or 'no live consumer holds one'})",
             }[ev.oldest]
             head = (
                 f"{events.name}: {events.ready} ready, {ev.in_hand} in hand, "
@@ -192,7 +192,8 @@ def _row(judged: stalls.Judged) -> list[Any]:
     if row.role == "consume" and row.in_hand:
         work += f"; {row.in_hand} in hand"
     role = row.role if row.command == row.role else f"{row.role} (run)"
-    state = judged.state if judged.reason is None else f"{judged.state}: {judged.reason}"
+    said = judged.reason not in (None, judged.state)  # a clean stop's reason is "stopped"
+    state = f"{judged.state}: {judged.reason}" if said else judged.state
     return [
         role,
         row.host,
