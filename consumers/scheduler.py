@@ -37,6 +37,7 @@ from relay import (
     crypto,
     db,
     errors,
+    heartbeat,
     log,
     models,
     outage,
@@ -182,18 +183,27 @@ async def run_forever(
     flush: Flush = flusher.flush,
     wait: Wait | None = None,
     dossier_check_every: dt.timedelta | None = DOSSIER_CHECK_EVERY,
+    progress: heartbeat.Work | None = None,
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
     ``now`` and ``wait`` (default: wait on ``stop`` with a timeout, pinging PostgreSQL every
     PING_EVERY_S) are injectable for tests; ``dossier_check_every=None`` turns the periodic
-    dossier check off. Raises OutageTooLong when PostgreSQL stays unreachable past
-    ``RELAY_OUTAGE_LIMIT``.
+    dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat).
+    Raises OutageTooLong when PostgreSQL stays unreachable past ``RELAY_OUTAGE_LIMIT``.
     """
     stop = stop or asyncio.Event()
     stopping = stop
     database = outage.Outage("scheduler", "PostgreSQL", settings.outage_limit_s)
     backoff = outage.Backoff()
+
+    async def flush_and_count(
+        settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
+    ) -> report.RunReport:
+        result = await flush(settings, pool, run_kind=run_kind, run_id=run_id)
+        if progress is not None:
+            progress.add(result.totals()["uploaded"])
+        return result
 
     async def wait_or_stop(seconds: float) -> None:
         """Until ``stop`` or ``seconds``; early when a ping finds PostgreSQL gone (poll now)."""
@@ -214,7 +224,7 @@ async def run_forever(
     logger.info("scheduler_started", flush_at=settings.flush_at.isoformat(timespec="minutes"))
     while not stop.is_set():
         try:
-            await run_due(settings, pool, now(), flush=flush)
+            await run_due(settings, pool, now(), flush=flush_and_count)
             database.recovered()
             backoff.reset()
             if dossier_check_every is not None and (

@@ -266,6 +266,23 @@ async def purge_dlq(request: Request) -> Any:
     return {"purged": await dlq.purge(state.settings, state.amqp, ids)}
 
 
+async def get_status(request: Request) -> Any:
+    """What `relay status --json` prints (roles, queues, what is stalled), filtered by ``role``
+    and ``host`` when given; always 200: the verdict is in the body."""
+    import socket
+
+    from relay import status
+
+    params = request.query_params
+    role = params.get("role") or None
+    if role is not None and role not in ("serve", "consume", "scheduler", "flush"):
+        raise BadRequest("role: serve, consume, scheduler or flush")
+    host = socket.gethostname() if params.get("this_host") in ("1", "true") else params.get("host")
+    state = request.app.state
+    report = await status.check(state.settings, state.pool, state.amqp)
+    return report.to_json(role, host or None)
+
+
 async def flush_now(request: Request) -> Any:
     from consumers import flusher
 
@@ -301,4 +318,5 @@ def routes() -> list[BaseRoute]:
         route("/dlq/purge", purge_dlq, ["POST"]),
         route("/dlq/{dlq_id}", show_dlq, ["GET"]),
         route("/flush", flush_now, ["POST"]),
+        route("/status", get_status, ["GET"]),
     ]

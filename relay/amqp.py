@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import aio_pika
@@ -282,3 +283,42 @@ async def ping(conn: aio_pika.abc.AbstractConnection) -> None:
             raise errors.BrokerUnavailable("ping: RabbitMQ connection is closed")
         channel = await asyncio.wait_for(conn.channel(), timeout=2)
         await channel.close()
+
+
+# ------------------------------------------------------------------ queue depths (relay status)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Depth:
+    """A queue's ready messages and subscribed consumers; both None when the queue does not exist."""
+
+    name: str
+    ready: int | None
+    consumers: int | None
+
+
+async def depths(conn: aio_pika.abc.AbstractConnection, names: Sequence[str]) -> list[Depth]:
+    """Each queue's depth by a passive declare (no management plugin needed; unacknowledged
+    messages are not counted as ready). A missing queue is reported, not created."""
+    found: list[Depth] = []
+    channel: aio_pika.abc.AbstractChannel | None = None
+    try:
+        for name in names:
+            with translate("queue depth"):
+                if channel is None or channel.is_closed:
+                    channel = await conn.channel()
+                underlay = await channel.get_underlay_channel()
+                try:
+                    declared = await underlay.queue_declare(name, passive=True, timeout=5)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    found.append(Depth(name, None, None))
+                    with contextlib.suppress(Exception):  # RabbitMQ closed it (404)
+                        await channel.close()
+                    channel = None
+                    continue
+            found.append(Depth(name, declared.message_count, declared.consumer_count))
+    finally:
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    return found

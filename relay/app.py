@@ -1,7 +1,8 @@
 """The HTTP edge as a Starlette application: webhook intake, health, metrics and the admin API.
 
-The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache) and puts them
-on ``app.state``: ``settings``, ``box``, ``pool``, ``amqp``, ``publisher``, ``secrets``, ``metrics``.
+The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache, the `serve`
+role's heartbeat) and puts them on ``app.state``: ``settings``, ``box``, ``pool``, ``amqp``,
+``publisher``, ``secrets``, ``metrics``, ``work`` (webhooks accepted, for the heartbeat).
 """
 
 from __future__ import annotations
@@ -16,7 +17,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from relay import admin, amqp, config, crypto, db, errors, log, metrics, queries, webhook
+from relay import (
+    admin,
+    amqp,
+    config,
+    crypto,
+    db,
+    errors,
+    heartbeat,
+    log,
+    metrics,
+    queries,
+    status,
+    webhook,
+)
 
 logger = log.get(__name__)
 
@@ -54,16 +68,27 @@ async def metrics_endpoint(request: Request) -> Response:
         for record in records:
             totals[record["state"]] = totals.get(record["state"], 0) + record["n"]
         stats.set_documents(totals)
+    with contextlib.suppress(errors.RelayError, TimeoutError):
+        report = await asyncio.wait_for(
+            status.check(state.settings, state.pool, state.amqp, confirm=False), timeout=3
+        )
+        stats.set_status(report)
     return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
-def create_app(settings: config.Settings) -> Starlette:
+def create_app(settings: config.Settings, *, command: str = "serve") -> Starlette:
+    """The application; ``command`` is the relay command serving it (its heartbeat says so)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.box = crypto.Box(settings.secret_key.reveal())
         app.state.metrics = metrics.create()
-        async with db.pool_for(settings, min_size=1, max_size=4) as pool:
+        app.state.work = heartbeat.Work()
+        async with (
+            heartbeat.beating(settings, "serve", command=command, work=app.state.work),
+            db.pool_for(settings, min_size=1, max_size=4) as pool,
+        ):
             app.state.pool = pool
             async with amqp.connection(settings, name="relay-serve") as conn:
                 app.state.amqp = conn

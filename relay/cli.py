@@ -206,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
         "purge", "drop dead-lettered messages", management.cmd_dlq, json=True, parent=dlq_sub
     ).add_argument("ids", nargs="+")
 
+    status = command(
+        "status",
+        "every running role (heartbeat, last work), the queues' depths and oldest message; "
+        "exit 1 when something is stalled",
+        management.cmd_status,
+        json=True,
+    )
+    status.add_argument(
+        "--role",
+        choices=["serve", "consume", "scheduler", "flush"],
+        help="only this role: exit 0 only when a live one runs and none of them is stalled",
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument(
+        "--this-host", action="store_true", help="only the roles of this host (a health check)"
+    )
+    where.add_argument("--host", help="only the roles of this host name")
+
     demo = command(
         "demo",
         "a complete run on built-in Qonto and Cegid Loop sandboxes",

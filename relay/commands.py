@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from relay import console, crypto, db, errors, log
+from relay import console, crypto, db, errors, heartbeat, log
 
 logger = log.get(__name__)
 
@@ -55,7 +55,9 @@ async def cmd_consume(args: argparse.Namespace) -> int:
     log.configure(settings.log_level)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
-    await consume.consume(settings, stop=stop)
+    progress = consume.Progress()
+    async with heartbeat.beating(settings, "consume", consumer=progress):
+        await consume.consume(settings, stop=stop, progress=progress)
     return console.EXIT_OK
 
 
@@ -66,8 +68,12 @@ async def cmd_scheduler(args: argparse.Namespace) -> int:
     log.configure(settings.log_level)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
-    async with console.pool(settings) as pool:
-        await scheduler.run_forever(settings, pool, stop=stop)
+    work = heartbeat.Work()
+    async with (
+        heartbeat.beating(settings, "scheduler", work=work),
+        console.pool(settings) as pool,
+    ):
+        await scheduler.run_forever(settings, pool, stop=stop, progress=work)
     return console.EXIT_OK
 
 
@@ -101,7 +107,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     console.stop_on_signals(stop)
     server = Server(
         uvicorn.Config(
-            app.create_app(settings),
+            app.create_app(settings, command="run"),
             host=settings.host,
             port=settings.port,
             access_log=False,
@@ -111,13 +117,21 @@ async def cmd_run(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=10,
         )
     )
+    progress, work = consume.Progress(), heartbeat.Work()
+
+    async def consuming() -> None:
+        async with heartbeat.beating(settings, "consume", command="run", consumer=progress):
+            await consume.consume(settings, stop=stop, progress=progress)
+
+    async def scheduling(pool: Any) -> None:
+        async with heartbeat.beating(settings, "scheduler", command="run", work=work):
+            await scheduler.run_forever(settings, pool, stop=stop, progress=work)
+
     async with console.pool(settings) as pool:
-        roles = {
+        roles = {  # the intake's heartbeat is its application's (relay.app)
             asyncio.create_task(_serve(server), name="intake"): "intake",
-            asyncio.create_task(consume.consume(settings, stop=stop), name="consume"): "consume",
-            asyncio.create_task(
-                scheduler.run_forever(settings, pool, stop=stop), name="scheduler"
-            ): "scheduler",
+            asyncio.create_task(consuming(), name="consume"): "consume",
+            asyncio.create_task(scheduling(pool), name="scheduler"): "scheduler",
         }
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -178,7 +192,10 @@ async def cmd_flush(args: argparse.Namespace) -> int:
         )
     settings = console.settings(require_cegid_key=True)
     log.configure(settings.log_level)
-    report = await flusher.run_once(settings, connection_id=args.connection, since=args.since)
+    work = heartbeat.Work()
+    async with heartbeat.beating(settings, "flush", work=work):
+        report = await flusher.run_once(settings, connection_id=args.connection, since=args.since)
+        work.add(report.totals()["uploaded"])
     if args.json:
         console.emit_json(report.to_json())
     else:

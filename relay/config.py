@@ -86,6 +86,8 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "RELAY_AMQP_PREFIX": "relay",
     "RELAY_LOG_LEVEL": "info",
     "RELAY_OUTAGE_LIMIT": "300",
+    "RELAY_HEARTBEAT_INTERVAL": "5",
+    "RELAY_STALL_AFTER": "60",
 }
 
 
@@ -116,6 +118,10 @@ class Settings:
     log_level: str = DEFAULTS["RELAY_LOG_LEVEL"]
     # how long a role waits for PostgreSQL or RabbitMQ to answer again before it gives up (exit 1)
     outage_limit_s: int = 300
+    # every role records its heartbeat this often; `relay status` calls a role stalled when its
+    # heartbeat is three beats old, or when it holds work without finishing any for stall_after_s
+    heartbeat_interval_s: int = 5
+    stall_after_s: int = 60
 
     @property
     def events_queue(self) -> str:
@@ -243,6 +249,10 @@ def from_env(
         "RELAY_QONTO_REQUESTS_PER_10S", get("RELAY_QONTO_REQUESTS_PER_10S"), 1, 1_000_000, bad
     )
     outage_limit = _int("RELAY_OUTAGE_LIMIT", get("RELAY_OUTAGE_LIMIT"), 1, 86_400, bad)
+    heartbeat_interval = _int(
+        "RELAY_HEARTBEAT_INTERVAL", get("RELAY_HEARTBEAT_INTERVAL"), 1, 300, bad
+    )
+    stall_after = _int("RELAY_STALL_AFTER", get("RELAY_STALL_AFTER"), 1, 86_400, bad)
     prefix = get("RELAY_AMQP_PREFIX")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", prefix):
         bad.append(f"RELAY_AMQP_PREFIX: expected letters, digits, '.', '_' or '-', got {prefix!r}")
@@ -299,6 +309,8 @@ def from_env(
         amqp_prefix=prefix,
         log_level=log_level,
         outage_limit_s=outage_limit,
+        heartbeat_interval_s=heartbeat_interval,
+        stall_after_s=stall_after,
     )
 
 

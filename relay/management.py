@@ -1,4 +1,5 @@
-"""The operator's commands: `relay connections ...`, `relay documents ...`, `relay dlq ...`.
+"""The operator's commands: `relay connections ...`, `relay documents ...`, `relay dlq ...`,
+`relay status`.
 
 What they share with every command (exit codes, output, settings and pool) is in :mod:`relay.console`.
 """
@@ -6,6 +7,7 @@ What they share with every command (exit codes, output, settings and pool) is in
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -185,3 +187,32 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
         count = await _with_amqp(settings, lambda c: dlq.purge(settings, c, list(args.ids)))
         console.emit_json({"purged": count}) if args.json else print(f"{count} message(s) purged")
     return console.EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    """Every role's heartbeat and the queues; exit 1 when something is stalled (see relay.status)."""
+    import socket
+
+    from relay import amqp, db, errors, status
+
+    settings = console.settings(require_secret_key=False)
+    host = socket.gethostname() if args.this_host else args.host
+    conn = await db.connect(settings)
+    try:
+        broker_error = None
+        async with contextlib.AsyncExitStack() as stack:
+            broker = None
+            try:
+                broker = await stack.enter_async_context(
+                    amqp.connection(settings, name="relay-status")
+                )
+            except errors.BrokerUnavailable as exc:
+                broker_error = str(exc)
+            report = await status.check(settings, conn, broker, broker_error=broker_error)
+    finally:
+        await conn.close()
+    if args.json:
+        console.emit_json(report.to_json(args.role, host))
+    else:
+        print(report.render(args.role, host))
+    return report.outcome(args.role, host)[1]

@@ -23,7 +23,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from relay import amqp, config, crypto, db, errors, log, metrics, queries, signature
+from relay import amqp, config, crypto, db, errors, heartbeat, log, metrics, queries, signature
 
 logger = log.get(__name__)
 
@@ -200,11 +200,14 @@ async def _receive(request: Request) -> Response:
     cache: SecretCache = state.secrets
     publisher: amqp.Publisher = state.publisher
     stats: metrics.Metrics = state.metrics
+    work: heartbeat.Work = state.work
     raw_id = request.path_params["connection_id"]
 
     def done(outcome: str, status: int, payload: dict[str, object], **context: object) -> Response:
         elapsed = time.perf_counter() - started
         stats.webhook(outcome, elapsed)
+        if status == 202:
+            work.add()
         event = "webhook_accepted" if status == 202 else "webhook_rejected"
         logger.info(
             event,

@@ -367,3 +367,45 @@ FROM connections c WHERE c.id = $1;
 -- name: applied_migrations
 -- params: (none)
 SELECT version FROM schema_migrations;
+
+-- ============================================================================ heartbeats, relay status
+
+-- name: heartbeat
+-- params: $1 id, $2 role, $3 command, $4 host, $5 pid, $6 seconds since start, $7 interval_s,
+--         $8 work_unit, $9 work_done, $10 seconds since the last work (NULL: none yet),
+--         $11 subscribed, $12 in_hand, $13 oldest held x-received-at-ms, $14 seconds waiting,
+--         $15 stop reason (NULL while running)
+-- One beat: the row is created by the first beat that reaches PostgreSQL (its start time kept),
+-- and every field is rewritten by the next ones. Ages are given in seconds and turned into times of
+-- the database's clock, so hosts whose clocks differ still compare.
+INSERT INTO heartbeats (id, role, command, host, pid, started_at, beat_at, interval_s, work_unit,
+                        work_done, last_work_at, subscribed, in_hand, oldest_held_at,
+                        waiting_since, stopped_at, stop_reason)
+VALUES ($1, $2, $3, $4, $5, now() - make_interval(secs => $6), now(), $7, $8, $9,
+        now() - make_interval(secs => $10), $11, $12, to_timestamp($13::bigint / 1000.0),
+        now() - make_interval(secs => $14), CASE WHEN $15::text IS NULL THEN NULL ELSE now() END,
+        $15)
+ON CONFLICT (id) DO UPDATE SET
+    beat_at = now(), interval_s = EXCLUDED.interval_s, work_done = EXCLUDED.work_done,
+    last_work_at = EXCLUDED.last_work_at, subscribed = EXCLUDED.subscribed,
+    in_hand = EXCLUDED.in_hand, oldest_held_at = EXCLUDED.oldest_held_at,
+    waiting_since = EXCLUDED.waiting_since, stopped_at = EXCLUDED.stopped_at,
+    stop_reason = EXCLUDED.stop_reason;
+
+-- name: prune_heartbeats
+-- params: $1 seconds
+-- Rows of roles stopped or dead for that long (a running role beats every few seconds).
+DELETE FROM heartbeats WHERE beat_at < now() - make_interval(secs => $1);
+
+-- name: list_heartbeats
+-- params: $1 seconds (rows whose last beat is older are left out)
+-- Ages in seconds on the database's clock.
+SELECT id, role, command, host, pid, started_at, beat_at, interval_s, stopped_at, stop_reason,
+       work_unit, work_done, last_work_at, subscribed, in_hand, oldest_held_at,
+       extract(epoch FROM now() - beat_at)::float8 AS beat_age_s,
+       extract(epoch FROM now() - last_work_at)::float8 AS work_age_s,
+       extract(epoch FROM now() - oldest_held_at)::float8 AS oldest_held_age_s,
+       extract(epoch FROM now() - waiting_since)::float8 AS waiting_s
+FROM heartbeats
+WHERE beat_at >= now() - make_interval(secs => $1)
+ORDER BY role, host, started_at, pid;

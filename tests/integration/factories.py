@@ -171,6 +171,8 @@ def environment(settings: config.Settings) -> dict[str, str]:
         "RELAY_UPLOAD_CONCURRENCY_PER_FIRM": str(settings.upload_concurrency_per_firm),
         "RELAY_LOG_LEVEL": "warning",
         "RELAY_OUTAGE_LIMIT": str(settings.outage_limit_s),
+        "RELAY_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval_s),
+        "RELAY_STALL_AFTER": str(settings.stall_after_s),
     }
     if settings.cegid_subscription_key is not None:
         env["RELAY_CEGID_SUBSCRIPTION_KEY"] = settings.cegid_subscription_key.reveal()

@@ -28,6 +28,7 @@ COMMANDS = [
     ["dlq", "show"],
     ["dlq", "replay"],
     ["dlq", "purge"],
+    ["status"],
     ["demo"],
 ]
 
@@ -239,3 +240,16 @@ def test_an_unexpected_error_is_one_line_and_exit_1(
     monkeypatch.setenv("RELAY_LOG_LEVEL", "debug")
     assert cli.main(["keygen"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_status_without_postgresql_exits_1_with_one_json_document(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`relay status --json` needs no secret key; PostgreSQL unreachable is a failure (exit 1),
+    said in one JSON document."""
+    monkeypatch.delenv("RELAY_SECRET_KEY", raising=False)
+    monkeypatch.setenv("RELAY_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/relay")
+    assert cli.main(["status", "--json"]) == 1
+    value = json.loads(capsys.readouterr().out)
+    assert value["exit_code"] == 1
+    assert "PostgreSQL unavailable" in value["error"]

@@ -18,6 +18,7 @@ def test_defaults_match_the_interface() -> None:
     assert settings.cegid_api_url == "https://api.cegid.com/loop-api-publiques"
     assert settings.flush_at == dt.time(20, 0)
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert (settings.heartbeat_interval_s, settings.stall_after_s) == (5, 60)
 
 
 def test_every_bad_variable_is_named_at_once() -> None:
@@ -30,6 +31,8 @@ def test_every_bad_variable_is_named_at_once() -> None:
                 "RELAY_FLUSH_AT": "8pm",
                 "RELAY_PORT": "http",
                 "RELAY_QONTO_CLIENT_ID": "only-the-id",
+                "RELAY_HEARTBEAT_INTERVAL": "0",
+                "RELAY_STALL_AFTER": "soon",
             }
         )
     message = str(caught.value)
@@ -39,6 +42,8 @@ def test_every_bad_variable_is_named_at_once() -> None:
         "RELAY_FLUSH_AT",
         "RELAY_PORT",
         "RELAY_QONTO_CLIENT_SECRET",
+        "RELAY_HEARTBEAT_INTERVAL",
+        "RELAY_STALL_AFTER",
     ):
         assert name in message
 
