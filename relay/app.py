@@ -1,4 +1,5 @@
-"""The HTTP edge as a Starlette application: webhook intake, health, metrics and the admin API.
+"""The HTTP edge as a Starlette application: webhook intake, health, metrics, the admin API and the
+web pages (the client's setup: :mod:`relay.edge.pages`).
 
 The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache) and puts them
 on ``app.state``: ``settings``, ``box``, ``pool``, ``amqp``, ``publisher``, ``secrets``, ``metrics``.
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from relay import admin, amqp, config, crypto, db, errors, log, metrics, queries, webhook
+from relay.edge.pages import site
 
 logger = log.get(__name__)
 
@@ -90,6 +92,7 @@ def create_app(settings: config.Settings) -> Starlette:
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Mount("/admin", routes=admin.routes()),
+            *site.routes(settings),
         ],
         middleware=[Middleware(admin.Authenticate)],  # all of /admin, before routing
         lifespan=lifespan,
