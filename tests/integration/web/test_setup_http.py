@@ -3,11 +3,11 @@ relay's application on its port: links, sessions, CSRF, the OAuth state, cookies
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
 import json
-import subprocess
 import uuid
 
 import asyncpg
@@ -30,13 +30,13 @@ async def _invitation(pool: asyncpg.Pool) -> asyncpg.Record:
     return row
 
 
-def test_invite_prints_a_single_use_link_whose_token_is_stored_hashed(
+async def test_invite_prints_a_single_use_link_whose_token_is_stored_hashed(
     web_settings: config.Settings, pool: asyncpg.Pool
 ) -> None:
     """`relay connections invite --json`: id, setup_url, expires_at (7 days); 256 random bits in
     the token, of which the database holds only the SHA-256."""
-    done = web.relay_command(
-        web_settings, "connections", "invite", "--client-name", "Acme", "--json"
+    done = await asyncio.to_thread(
+        web.relay_command, web_settings, "connections", "invite", "--client-name", "Acme", "--json"
     )
     assert done.returncode == 0, done.stderr
     value = json.loads(done.stdout)
@@ -51,20 +51,16 @@ def test_invite_prints_a_single_use_link_whose_token_is_stored_hashed(
     assert (
         dt.timedelta(days=6, hours=23) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(days=7)
     )
-    dumped = subprocess.run(
-        ["pg_dump", "--data-only", "--table=invitations", web_settings.database_url.reveal()],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert dumped.returncode == 0, dumped.stderr
-    assert "Acme" in dumped.stdout
-    assert token not in dumped.stdout
-    assert hashlib.sha256(token.encode()).hexdigest() in dumped.stdout  # bytea, hex-escaped
+    rows = await pool.fetch("SELECT row_to_json(i)::text AS row FROM invitations i")
+    dumped = " ".join(r["row"] for r in rows)  # every column, bytea as hex
+    assert "Acme" in dumped
+    assert token not in dumped
+    assert hashlib.sha256(token.encode()).hexdigest() in dumped
 
     no_app = dataclasses.replace(web_settings, qonto_client_id=None, qonto_client_secret=None)
-    refused = web.relay_command(no_app, "connections", "invite", "--client-name", "Acme")
+    refused = await asyncio.to_thread(
+        web.relay_command, no_app, "connections", "invite", "--client-name", "Acme"
+    )
     assert refused.returncode == 2
     assert "RELAY_QONTO_CLIENT_ID" in refused.stderr
 
@@ -236,3 +232,100 @@ async def test_the_admin_api_creates_and_lists_invitations_without_their_token(
     assert (item["id"], item["state"], item["next_step"]) == (created.json()["id"], "open", "qonto")
     assert token not in listed.text
     assert uuid.UUID(item["id"])
+
+
+async def _accountant_steps(client: httpx.AsyncClient, link: str) -> str:
+    """Consent, key, dossier (ACME001): the Loop Hub page's CSRF token, ready for Create."""
+    assert (await client.get(await web.consent(client, link))).status_code == 303
+    page = await client.get("/setup/key")
+    token = web.csrf(page.text)
+    saved = await client.post(
+        "/setup/key",
+        data={"csrf_token": token, "api_key": web.API_KEY, "api_secret": web.API_SECRET},
+        headers=FORM,
+    )
+    assert saved.headers["location"] == "/setup/dossier"
+    saved = await client.post(
+        "/setup/dossier",
+        data={"csrf_token": token, "cegid_dossier": "ACME001", "cegid_domain": "CABINET"},
+        headers=FORM,
+    )
+    assert saved.headers["location"] == "/setup/hub"
+    return token
+
+
+async def test_create_makes_the_whole_connection_or_nothing(
+    web_settings: config.Settings,
+    pool: asyncpg.Pool,
+    relay_url: str,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """Qonto refuses the second webhook subscription: the first is deleted again, no connection,
+    the link still open and the reason on the Loop Hub step; Create again succeeds."""
+    from relay.sandbox.http import json_error
+
+    subscribe, calls = qonto._subscribe, []
+
+    def second_fails(body: bytes) -> object:
+        calls.append(body)
+        if len(calls) == 2:
+            return json_error(422, "invalid_parameter", "refused by the test")
+        return subscribe(body)
+
+    qonto._subscribe = second_fails  # type: ignore[method-assign,assignment]
+    link = await web.invite(web_settings, pool)
+    async with httpx.AsyncClient(base_url=relay_url) as client:
+        token = await _accountant_steps(client, link)
+        failed = await client.post("/setup/create", data={"csrf_token": token}, headers=FORM)
+        assert failed.headers["location"] == "/setup/hub"
+        hub = await client.get("/setup/hub")
+        assert 'role="alert"' in hub.text
+        assert "Nothing was created" in hub.text
+        assert qonto.subscriptions() == []
+        assert await pool.fetchval("SELECT count(*) FROM connections") == 0
+        assert await pool.fetchval("SELECT used_at FROM invitations") is None
+        qonto._subscribe = subscribe  # type: ignore[method-assign]
+        done = await client.post("/setup/create", data={"csrf_token": token}, headers=FORM)
+        assert done.headers["location"] == "/setup/ready"
+    assert await pool.fetchval("SELECT count(*) FROM connections") == 1
+    assert len(qonto.subscriptions()) == 3
+
+
+async def test_two_creates_at_once_make_one_connection(
+    web_settings: config.Settings,
+    pool: asyncpg.Pool,
+    relay_url: str,
+    qonto: qonto_sandbox.QontoSandbox,
+) -> None:
+    """A double submission: one connection, the loser's webhook subscriptions deleted again."""
+    link = await web.invite(web_settings, pool)
+    async with httpx.AsyncClient(base_url=relay_url) as client:
+        token = await _accountant_steps(client, link)
+        answers = await asyncio.gather(
+            *(
+                client.post("/setup/create", data={"csrf_token": token}, headers=FORM)
+                for _ in range(2)
+            )
+        )
+    assert sorted(a.status_code for a in answers) in ([303, 303], [303, 404])
+    connection_id = await pool.fetchval("SELECT id FROM connections")
+    assert await pool.fetchval("SELECT count(*) FROM connections") == 1
+    assert {s["callback_url"].rsplit("/", 1)[1] for s in qonto.subscriptions()} == {
+        str(connection_id)
+    }
+    assert len(qonto.subscriptions()) == 3
+
+
+async def test_an_expired_session_must_open_the_link_again(
+    web_settings: config.Settings, pool: asyncpg.Pool, relay_url: str
+) -> None:
+    """Past its idle time a session is gone: the steps say to open the link again; the link works."""
+    link = await web.invite(web_settings, pool)
+    async with httpx.AsyncClient(base_url=relay_url) as client:
+        await client.get(link)
+        await pool.execute("UPDATE web_sessions SET expires_at = now() - interval '1 second'")
+        page = await client.get("/setup/qonto")
+        assert page.status_code == 400
+        assert "Open the setup link you received again" in page.text
+        assert (await client.get(link)).status_code == 200
+    assert await pool.fetchval("SELECT count(*) FROM web_sessions WHERE expires_at > now()") == 1
