@@ -300,6 +300,34 @@ async def flush_now(request: Request) -> Any:
     return report.to_json()
 
 
+async def create_invitation(request: Request) -> Any:
+    from relay import invitations
+
+    body = await _body(request)
+    settings: config.Settings = request.app.state.settings
+    if not settings.qonto_client_id:
+        raise errors.ConfigurationError(
+            "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: required for a setup link"
+        )
+    created = await invitations.create(
+        settings, request.app.state.pool, str(_text(body, "client_name"))
+    )
+    return _json(
+        {
+            "id": str(created.id),
+            "setup_url": created.setup_url,
+            "expires_at": created.expires_at.isoformat(),
+        },
+        201,
+    )
+
+
+async def list_invitations(request: Request) -> Any:
+    from relay import invitations
+
+    return [i.to_json() for i in await invitations.list_all(request.app.state.pool)]
+
+
 def routes() -> list[BaseRoute]:
     def route(path: str, handler: Handler, methods: list[str]) -> Route:
         return Route(path, endpoint(handler), methods=methods)
@@ -319,4 +347,6 @@ def routes() -> list[BaseRoute]:
         route("/dlq/{dlq_id}", show_dlq, ["GET"]),
         route("/flush", flush_now, ["POST"]),
         route("/status", get_status, ["GET"]),
+        route("/invitations", list_invitations, ["GET"]),
+        route("/invitations", create_invitation, ["POST"]),
     ]

@@ -1,4 +1,5 @@
-"""The HTTP edge as a Starlette application: webhook intake, health, metrics and the admin API.
+"""The HTTP edge as a Starlette application: webhook intake, health, metrics, the admin API and the
+web pages (the client's setup: :mod:`relay.edge.pages`).
 
 The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache, the `serve`
 role's heartbeat) and puts them on ``app.state``: ``settings``, ``box``, ``pool``, ``amqp``,
@@ -31,6 +32,7 @@ from relay import (
     status,
     webhook,
 )
+from relay.edge.pages import site
 
 logger = log.get(__name__)
 
@@ -115,6 +117,7 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Mount("/admin", routes=admin.routes()),
+            *site.routes(settings),
         ],
         middleware=[Middleware(admin.Authenticate)],  # all of /admin, before routing
         lifespan=lifespan,

@@ -104,7 +104,13 @@ class CegidClient:
         self._http = http
 
     async def check_dossier(self, creds: credentials.CegidCredentials, dossier: str) -> None:
-        """A cheap dossier-scoped read: return if the key may read the dossier, else raise."""
+        """A cheap dossier-scoped read: return if the key may read the dossier, else raise.
+
+        Loop's refusals are undocumented; they are told apart as the sandbox models them: 401 the
+        key itself (:class:`~relay.errors.CegidKeyRefused`), 403 a dossier the key may not read
+        (:class:`~relay.errors.CegidDossierNotAssociated`), an answer without data a dossier Loop
+        does not know (:class:`~relay.errors.CegidDossierUnknown`); all are CegidAccessRefused.
+        """
         try:
             response = await self._http.get(
                 "/journal",
@@ -113,10 +119,16 @@ class CegidClient:
             )
         except httpx.HTTPError as exc:
             raise errors.CegidUnavailable(f"Cegid Loop unreachable ({type(exc).__name__})") from exc
-        if response.status_code in (401, 403):
-            raise errors.CegidAccessRefused(
-                f"Cegid refused access to dossier {dossier} (HTTP {response.status_code}): check the firm's "
-                "API key and secret, and associate the dossier with the key in Loop Hub"
+        if response.status_code == 401:
+            raise errors.CegidKeyRefused(
+                f"Cegid refused the firm's API key and secret (HTTP 401, dossier {dossier}): check "
+                "the key and secret created in CegidLife, and the partner declared with them in "
+                "Loop Hub"
+            )
+        if response.status_code == 403:
+            raise errors.CegidDossierNotAssociated(
+                f"Cegid refused access to dossier {dossier} (HTTP 403): associate the dossier with "
+                "the key in Loop Hub"
             )
         if response.status_code == 429:
             raise errors.CegidRateLimited(
@@ -127,7 +139,7 @@ class CegidClient:
         body = _body(response)
         data = body.get("data") if isinstance(body, dict) else body
         if response.status_code >= 300 or not data:
-            raise errors.CegidAccessRefused(
+            raise errors.CegidDossierUnknown(
                 f"Cegid: dossier {dossier} not found with this key (HTTP {response.status_code}): check the "
                 "code dossier in Loop and its association with the key in Loop Hub"
             )

@@ -142,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cegid-domain", required=True, metavar="DOMAIN", help="the firm's Loop domain"
     )
     add.add_argument("--since", type=_date, help="backfill: scan Qonto from this date (YYYY-MM-DD)")
+    invite = command(
+        "invite",
+        "a one-time setup link for the client (valid 7 days): the Qonto member and the accountant "
+        "set up the connection in a browser",
+        management.cmd_connections_invite,
+        json=True,
+        parent=conns_sub,
+    )
+    invite.add_argument("--client-name", required=True, help='shown in Loop as "NAME x Qonto"')
     command(
         "list", "list connections", management.cmd_connections_list, json=True, parent=conns_sub
     )
@@ -223,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--this-host", action="store_true", help="only the roles of this host (a health check)"
     )
     where.add_argument("--host", help="only the roles of this host name")
+    secrets = command("secrets", "the stored secrets", lambda a: None)
+    secrets_sub = secrets.add_subparsers(
+        dest="secrets_command", required=True, parser_class=_Parser
+    )
+    command(
+        "rotate",
+        "re-seal every stored secret under the first key of RELAY_SECRET_KEY",
+        management.cmd_secrets_rotate,
+        json=True,
+        parent=secrets_sub,
+    )
 
     demo = command(
         "demo",
@@ -231,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         json=True,
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo database and queues")
+    demo.add_argument(
+        "--web",
+        action="store_true",
+        help="keep the sandboxes and the relay running and print a setup link to walk the client's "
+        "setup in a browser (until interrupted)",
+    )
     return parser
 
 

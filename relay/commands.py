@@ -206,4 +206,6 @@ async def cmd_flush(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from relay import demo
 
+    if args.web:
+        return await demo.run_web(keep=args.keep)
     return await demo.run(json_output=args.json, keep=args.keep)

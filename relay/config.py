@@ -88,6 +88,7 @@ DEFAULTS: Final[Mapping[str, str]] = {
     "RELAY_OUTAGE_LIMIT": "300",
     "RELAY_HEARTBEAT_INTERVAL": "5",
     "RELAY_STALL_AFTER": "60",
+    "RELAY_LOOP_APPLICATION_NAME": "Qonto",
 }
 
 
@@ -122,6 +123,9 @@ class Settings:
     # heartbeat is three beats old, or when it holds work without finishing any for stall_after_s
     heartbeat_interval_s: int = 5
     stall_after_s: int = 60
+    # what the accountant types in Loop Hub when declaring the partner (the setup pages show them)
+    loop_application_name: str = DEFAULTS["RELAY_LOOP_APPLICATION_NAME"]
+    loop_provider_email_local_part: str | None = None
 
     @property
     def events_queue(self) -> str:
@@ -145,8 +149,20 @@ class Settings:
     def webhook_url(self, connection_id: str) -> str:
         return self.public_url.rstrip("/") + self.webhook_path(connection_id)
 
+    @property
+    def https(self) -> bool:
+        """Whether the relay is reached over HTTPS (its cookies are then ``Secure``)."""
+        return self.public_url.lower().startswith("https://")
+
+    def provider_email(self, domain: str) -> str | None:
+        """Loop Hub's "Email prestataire" for a firm's domain, when the operator set the local part."""
+        if not self.loop_provider_email_local_part:
+            return None
+        return f"{self.loop_provider_email_local_part}@{domain}.onmicrosoft.com"
+
 
 _FLUSH_AT = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_EMAIL_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -213,10 +229,15 @@ def from_env(
         if require_secret_key:
             bad.append("RELAY_SECRET_KEY: required (generate one with `relay keygen`)")
         key = crypto.generate_key()
-    elif not crypto.is_valid_key(key):
+    elif bad_keys := crypto.invalid_keys(key):
+        which = (
+            ""
+            if bad_keys == [0] or len(crypto.split_keys(key)) == 1
+            else f" (key {', '.join(map(str, bad_keys))} of the comma-separated list)"
+        )
         bad.append(
-            "RELAY_SECRET_KEY: expected 32 bytes in URL-safe base64 (a Fernet key; "
-            "`relay keygen` prints one)"
+            f"RELAY_SECRET_KEY: expected 32 bytes in URL-safe base64{which} (a Fernet key; "
+            "`relay keygen` prints one; several keys are separated by commas)"
         )
 
     database_url = _url(
@@ -281,6 +302,18 @@ def from_env(
             "Ocp-Apim-Subscription-Key, issued by Cegid; without it Loop answers 401 to every call)"
         )
 
+    application_name = get("RELAY_LOOP_APPLICATION_NAME")
+    if len(application_name) > 100:
+        bad.append("RELAY_LOOP_APPLICATION_NAME: at most 100 characters")
+    local_part = env.get("RELAY_LOOP_PROVIDER_EMAIL_LOCAL_PART", "").strip() or None
+    if local_part is not None and (
+        not _EMAIL_LOCAL_PART.fullmatch(local_part) or "@" in local_part
+    ):
+        bad.append(
+            "RELAY_LOOP_PROVIDER_EMAIL_LOCAL_PART: expected the part of an email address before "
+            f"the @ (letters, digits, '.', '_', '-', '+'), got {local_part!r}"
+        )
+
     if bad:
         raise errors.ConfigurationError(
             "invalid configuration:\n" + "\n".join(f"  - {line}" for line in bad)
@@ -311,6 +344,8 @@ def from_env(
         outage_limit_s=outage_limit,
         heartbeat_interval_s=heartbeat_interval,
         stall_after_s=stall_after,
+        loop_application_name=application_name,
+        loop_provider_email_local_part=local_part,
     )
 
 

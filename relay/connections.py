@@ -13,7 +13,7 @@ import dataclasses
 import datetime as dt
 import secrets as pysecrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -60,12 +60,24 @@ class Created:
         }
 
 
-async def add(settings: config.Settings, pool: asyncpg.Pool, new: inputs.NewConnection) -> Created:
+# Work done inside the transaction that stores a new connection (given its id): if it raises,
+# nothing is stored and the webhook subscriptions just created are deleted again.
+Within = Callable[[db.Conn, uuid.UUID], Awaitable[None]]
+
+
+async def add(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    new: inputs.NewConnection,
+    *,
+    within: Within | None = None,
+) -> Created:
     """Validate against Qonto and Cegid, then store the connection with its sealed secrets.
 
     With ``subscribe``, the webhook subscriptions are created in Qonto before the connection is
     stored; if a later step fails they are deleted again (Qonto would otherwise call, for days, a
-    connection that does not exist), and the error says so.
+    connection that does not exist), and the error says so. ``within`` runs in the storing
+    transaction (the setup pages mark their invitation used there).
     """
     inputs.validate(new)
     box = crypto.Box(settings.secret_key.reveal())
@@ -82,8 +94,8 @@ async def add(settings: config.Settings, pool: asyncpg.Pool, new: inputs.NewConn
     created_ids: list[str] = []
     async with qonto.http_clients(settings) as http, cegid.http_client(settings) as cegid_http:
         client = qonto.client(settings, new.qonto, http, on_tokens_rotated=keep_rotated)
-        _, organization = await eligibility.verify_qonto(client, new.qonto_organization_id)
-        warnings = [w for w in (eligibility.plan_notice(organization),) if w]
+        eligible = await eligibility.verify_qonto(client, new.qonto_organization_id)
+        warnings = [w for w in (eligibility.plan_notice(eligible.plan),) if w]
         await cegid.CegidClient(settings, cegid_http).check_dossier(new.cegid, new.cegid_dossier)
         try:
             if new.subscribe and not new.webhook_secrets:
@@ -101,7 +113,7 @@ async def add(settings: config.Settings, pool: asyncpg.Pool, new: inputs.NewConn
                     )
             qonto_creds = rotated[-1] if rotated else new.qonto
             connection = await _insert(
-                pool, box, connection_id, new, qonto_creds, subscriptions, now
+                pool, box, connection_id, new, qonto_creds, subscriptions, now, within
             )
         except BaseException as exc:
             if created_ids:
@@ -131,6 +143,7 @@ async def _insert(
     qonto_creds: credentials.QontoCredentials,
     subscriptions: Sequence[tuple[str, str | None, list[str]]],
     now: dt.datetime,
+    within: Within | None = None,
 ) -> models.Connection:
     kind = "oauth" if isinstance(qonto_creds, credentials.QontoOAuth) else "api_key"
     with db.translate("add connection"):
@@ -157,6 +170,8 @@ async def _insert(
                     subscription_id,
                     topics,
                 )
+            if within is not None:
+                await within(conn, connection_id)
     if record is None:
         raise errors.DatabaseUnavailable("the new connection was not stored")
     return models.Connection.from_record(record)
@@ -255,11 +270,11 @@ async def _verify(
 
     async with qonto.http_clients(settings) as http, cegid.http_client(settings) as cegid_http:
         try:
-            _, organization = await eligibility.verify_qonto(
+            eligible = await eligibility.verify_qonto(
                 qonto.client(settings, qonto_creds, http, on_tokens_rotated=store_rotated),
                 connection.qonto_organization_id,
             )
-            notices += [n for n in (eligibility.plan_notice(organization),) if n]
+            notices += [n for n in (eligibility.plan_notice(eligible.plan),) if n]
         except (errors.QontoAuthRejected, errors.Refused) as exc:
             problems.append(f"Qonto: {exc}")
         try:

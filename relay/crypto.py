@@ -1,11 +1,15 @@
-"""Encryption of stored credentials and webhook secrets with ``RELAY_SECRET_KEY`` (Fernet)."""
+"""Encryption of stored secrets with ``RELAY_SECRET_KEY`` (Fernet), and digests of bearer tokens.
+
+``RELAY_SECRET_KEY`` may list several keys separated by commas (key rotation): the first seals, every
+one opens (``cryptography``'s MultiFernet); :meth:`Box.reseal` moves a sealed value under the first.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from relay import errors
 
@@ -15,7 +19,13 @@ def generate_key() -> str:
     return Fernet.generate_key().decode("ascii")
 
 
+def split_keys(value: str) -> list[str]:
+    """The keys of a ``RELAY_SECRET_KEY`` value, in order (comma-separated, blanks ignored)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def is_valid_key(key: str) -> bool:
+    """One Fernet key: 32 bytes in URL-safe base64."""
     try:
         Fernet(key.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
@@ -23,13 +33,25 @@ def is_valid_key(key: str) -> bool:
     return True
 
 
+def invalid_keys(value: str) -> list[int]:
+    """The 1-based positions of the keys in ``value`` that are not Fernet keys ([0] when none)."""
+    keys = split_keys(value)
+    if not keys:
+        return [0]
+    return [position for position, key in enumerate(keys, 1) if not is_valid_key(key)]
+
+
 class Box:
-    """Seals and opens small secrets. Holds the key; its ``repr`` never shows it."""
+    """Seals and opens small secrets. Holds the keys; its ``repr`` never shows them."""
 
-    __slots__ = ("_fernet",)
+    __slots__ = ("_fernet", "_first")
 
-    def __init__(self, key: str) -> None:
-        self._fernet = Fernet(key.encode("ascii"))
+    def __init__(self, keys: str) -> None:
+        fernets = [Fernet(key.encode("ascii")) for key in split_keys(keys)]
+        if not fernets:
+            raise ValueError("no key given")
+        self._first = fernets[0]
+        self._fernet = MultiFernet(fernets)
 
     def __repr__(self) -> str:
         return "Box(key=***)"
@@ -45,6 +67,23 @@ class Box:
                 "a stored secret cannot be decrypted with RELAY_SECRET_KEY (was the key changed?)"
             ) from exc
 
+    def sealed_by_first(self, token: bytes) -> bool:
+        """Whether the first key opens this value (nothing to re-seal)."""
+        try:
+            self._first.decrypt(bytes(token))
+        except InvalidToken:
+            return False
+        return True
+
+    def reseal(self, token: bytes) -> bytes:
+        """The same secret sealed under the first key (opened with whichever key sealed it)."""
+        try:
+            return self._fernet.rotate(bytes(token))
+        except InvalidToken as exc:
+            raise errors.ConfigurationError(
+                "a stored secret cannot be decrypted with any key of RELAY_SECRET_KEY"
+            ) from exc
+
 
 def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
@@ -53,3 +92,12 @@ def constant_time_equal(a: str, b: str) -> bool:
 def fingerprint(value: str) -> str:
     """A short, non-reversible label for a secret (for display and grouping, never for auth)."""
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
+
+
+def token_digest(token: str) -> bytes:
+    """What is stored of a random bearer token (setup link, session id, OAuth state): its SHA-256.
+
+    These tokens carry 256 random bits, so a plain hash cannot be reversed by guessing; the database
+    never holds one in clear.
+    """
+    return hashlib.sha256(token.encode("utf-8")).digest()

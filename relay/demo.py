@@ -4,6 +4,11 @@ Everything is real except Qonto and Cegid Loop, which are the project's own sand
 loopback: a throwaway database on the local PostgreSQL, queues of their own on the local RabbitMQ, the
 webhook intake on a real socket, the consumer, the daily scan and the flush. The demo exits 0 only if
 Loop received every eligible file exactly once and every other document says why it was not sent.
+
+`relay demo --web` (:func:`run_web`) keeps the sandboxes, the relay's HTTP edge and the consumer
+running and prints a setup link: a newcomer walks the client's setup in a browser, both people's
+steps, on their own machine; once the connection exists, a signed webhook and a flush show its first
+file reaching Loop. It runs until interrupted.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from relay import (
     app,
     config,
     connections,
+    console,
     credentials,
     crypto,
     db,
     documents,
     inputs,
+    invitations,
     log,
     models,
 )
@@ -345,3 +352,135 @@ async def _cleanup(settings: config.Settings) -> None:
             await amqp.delete_topology(channel, settings)
     with contextlib.suppress(Exception):
         await db.drop_database(settings)
+
+
+OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET = "relay-demo", "demo-oauth-client-secret"
+WEB_CLIENT = "Atelier Demo"
+
+
+def _web_settings(
+    q: qonto_sandbox.QontoSandbox, loop: cegid_sandbox.CegidSandbox, port: int, tag: str
+) -> config.Settings:
+    base = _base_database_url().rsplit("/", 1)[0]
+    return config.Settings(
+        secret_key=config.Secret(crypto.generate_key()),
+        database_url=config.Secret(f"{base}/relay_demo_{tag}"),
+        amqp_url=config.Secret(os.environ.get("RELAY_AMQP_URL", config.DEFAULTS["RELAY_AMQP_URL"])),
+        qonto_api_url=q.url,
+        qonto_oauth_url=q.oauth_url,
+        qonto_client_id=OAUTH_CLIENT_ID,
+        qonto_client_secret=config.Secret(OAUTH_CLIENT_SECRET),
+        qonto_staging_token=config.Secret("demo-staging-token"),
+        cegid_api_url=loop.url,
+        cegid_subscription_key=config.Secret(loop.subscription_key),
+        public_url=f"http://127.0.0.1:{port}",
+        port=port,
+        amqp_prefix=f"demo.{tag}",
+        log_level="warning",
+        loop_provider_email_local_part="relay-demo",
+    )
+
+
+async def run_web(*, keep: bool = False) -> int:
+    """The setup in a browser against the sandboxes, until SIGINT/SIGTERM (exit 0)."""
+    log.configure("warning")
+    progress = Progress(quiet=False)
+    tag = uuid.uuid4().hex[:8]
+    port = int(os.environ.get("RELAY_DEMO_PORT", "0")) or _free_port()
+    stop = asyncio.Event()
+    console.stop_on_signals(stop)
+    progress.step("starting the Qonto and Cegid Loop sandboxes")
+    with (
+        qonto_sandbox.QontoSandbox(staging_token="demo-staging-token") as q,
+        cegid_sandbox.CegidSandbox() as loop,
+    ):
+        q.callback_schemes = ("https", "http")  # the demo's relay listens on plain HTTP, locally
+        q.add_oauth_client(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET)
+        loop.add_firm(CEGID_KEY, CEGID_SECRET, dossiers=[DOSSIER], domain="CABINET-DEMO")
+        loop.add_dossier("LONELY01")  # exists in Loop, associated with no key
+        settings = _web_settings(q, loop, port, tag)
+        progress.step(f"creating the throwaway database relay_demo_{tag} and migrating it")
+        await db.create_database_if_missing(settings)
+        await db.migrate(settings)
+        try:
+            async with db.pool_for(settings) as pool, _intake(settings, port):
+                consumer = asyncio.create_task(consume.consume(settings, stop=stop))
+                try:
+                    created = await invitations.create(settings, pool, WEB_CLIENT)
+                    _print_walkthrough(created.setup_url)
+                    await _follow_setup(settings, pool, q, loop, stop, progress)
+                finally:
+                    stop.set()
+                    await consumer
+        finally:
+            if not keep:
+                await _cleanup(settings)
+                progress.step("dropped the demo database and queues")
+    return 0
+
+
+def _print_walkthrough(setup_url: str) -> None:
+    print(
+        f"""
+Setup link for the client {WEB_CLIENT} (single use, valid 7 days):
+
+  {setup_url}
+
+1. As the Qonto member: open the link, press "Connect with Qonto", then "Authorize" on the
+   sandbox's consent page ("Deny" shows the refusal).
+2. As the accountant: API key {CEGID_KEY}, API secret {CEGID_SECRET}; Code dossier {DOSSIER},
+   Domain CABINET-DEMO; read the Loop Hub values, then press "Create".
+   To see Loop's refusals: a wrong secret, the dossier NOPE01 (Loop does not know it) or LONELY01
+   (it exists but is not associated with the key).
+
+Once the connection exists, a signed webhook and a flush send its first file to Loop.
+Press Ctrl-C to stop (the demo database and queues are dropped).
+""",
+        flush=True,
+    )
+
+
+async def _follow_setup(
+    settings: config.Settings,
+    pool: Any,
+    q: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    stop: asyncio.Event,
+    progress: Progress,
+) -> None:
+    """Wait for the connection made in the browser; show its first file reaching Loop."""
+    while not stop.is_set():
+        found = await connections.list_all(pool)
+        if found:
+            connection = found[0]
+            progress.step(
+                f"connection {connection.id} created in the browser: "
+                f"{connection.client_name} x Qonto, dossier {connection.cegid_dossier}"
+            )
+            tx = q.add_transaction(
+                side="debit",
+                amount="84.00",
+                label="RESTAURANT LE PETIT ZINC",
+                counterparty="Le Petit Zinc",
+                attachment_ids=[
+                    q.add_attachment(
+                        files.jpeg(seed=1),
+                        file_name="ticket-petit-zinc.jpg",
+                        content_type="image/jpeg",
+                    )
+                ],
+            )
+            statuses = await asyncio.to_thread(q.deliver, q.transaction_event(tx))
+            progress.step(f"Qonto delivered a signed webhook for a card receipt: {statuses}")
+            await _wait_for_events(pool, 1)
+            report = await flusher.flush(settings, pool)
+            stored = loop.stored_by_dossier(connection.cegid_dossier)
+            uploaded = report.totals().get("uploaded", 0)
+            progress.step(
+                f"flush: {uploaded} document(s) uploaded; Loop dossier "
+                f"{connection.cegid_dossier} holds {len(stored)} file(s)"
+            )
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1)
+    await stop.wait()

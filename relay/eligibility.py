@@ -2,14 +2,16 @@
 
 The accounting export can be set up by an owner, an admin or a reporting member, on the Smart,
 Premium, Essential, Business or Enterprise plans. :func:`verify_qonto` checks the credentials against
-Qonto before a connection is stored (and again by `relay connections check` and `reconnect`): the
-member's role, that the organization they reach is the one named, by its id or its slug, and the plan
-when Qonto names one; :func:`plan_notice` is the notice when it does not.
+Qonto before a connection is stored (and again by `relay connections check` and `reconnect`, and at
+the setup pages' consent): the member's role (``GET /v2/membership``), that the organization they
+reach is the one named, by its id or its slug (``GET /v2/organization``), and the plan, read from
+``GET /v2/subscription`` and from no other place. ``{"plan": null}`` (no active core plan), or a plan
+the credentials may not read, is accepted with :data:`PLAN_UNVERIFIED` (:func:`plan_notice`).
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from typing import Any, Final
 
 from relay import errors, qonto
@@ -20,49 +22,97 @@ PLAN_UNVERIFIED: Final = (
     "the Qonto plan could not be verified (Qonto did not name it): the accounting export needs "
     "Smart, Premium, Essential, Business or Enterprise"
 )
-_PLAN_WORDS: Final = re.compile(r"[^a-z0-9-]+")  # a hyphen binds: "non-premium" is one word
 
 
-def _plan_of(organization: dict[str, Any]) -> str | None:
-    """The organization's plan if Qonto says it (the documented payload has no such field)."""
-    for key in ("plan", "subscription_plan", "pricing_plan"):
-        value = organization.get(key)
-        if isinstance(value, dict):
-            value = value.get("name") or value.get("code")
-        if isinstance(value, str) and value:
-            return value
-    return None
+class RoleRefused(errors.Refused):
+    """The member's role may not set up the export (owner, admin or reporting may)."""
+
+    def __init__(self, message: str, *, role: str) -> None:
+        super().__init__(message)
+        self.role = role
 
 
-def _plan_is_eligible(plan: str) -> bool:
-    """An eligible plan's name as a whole word ("Premium", "essential_2023"), not as a substring."""
-    return any(word in ELIGIBLE_PLANS for word in _PLAN_WORDS.split(plan.lower()))
+class PlanRefused(errors.Refused):
+    """The organization's plan does not include the accounting export."""
+
+    def __init__(self, message: str, *, plan: str) -> None:
+        super().__init__(message)
+        self.plan = plan
 
 
-def plan_notice(organization: dict[str, Any]) -> str | None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Eligible:
+    """What Qonto said of a member allowed to set up the export."""
+
+    membership: dict[str, Any]
+    organization: dict[str, Any]
+    plan: str | None  # the plan's name; None when Qonto did not name one
+
+    @property
+    def organization_id(self) -> str:
+        return str(self.organization.get("id") or self.membership.get("organization_id") or "")
+
+
+def plan_name(subscription: dict[str, Any] | None) -> str | None:
+    """The plan's ``name`` in a ``GET /v2/subscription`` answer (None for ``{"plan": null}``)."""
+    plan = (subscription or {}).get("plan")
+    if not isinstance(plan, dict):
+        return None
+    name = plan.get("name")
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def plan_is_eligible(name: str) -> bool:
+    """One of the eligible plans, compared by name, case-insensitively."""
+    return name.strip().lower() in ELIGIBLE_PLANS
+
+
+def plan_notice(plan: str | None) -> str | None:
     """What to tell the user when Qonto names no plan (accepted, but not verified)."""
-    return PLAN_UNVERIFIED if _plan_of(organization) is None else None
+    return PLAN_UNVERIFIED if plan is None else None
 
 
-async def verify_qonto(
-    client: qonto.QontoClient, organization_id: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check the credentials' member may set up the export for this organization; raise Refused."""
-    membership = await client.get_membership()
+def check_role(membership: dict[str, Any]) -> None:
+    """Raise RoleRefused unless the member is an owner, an admin or a reporting member."""
     role = str(membership.get("role", "")).lower()
     if role not in SETUP_ROLES:
-        raise errors.Refused(
+        raise RoleRefused(
             f"this Qonto member's role is {role or 'unknown'!r}: only owners, admins and reporting "
-            "members can set up the accounting export"
+            "members can set up the accounting export",
+            role=role or "unknown",
         )
+
+
+def check_plan(plan: str | None) -> None:
+    """Raise PlanRefused for a named plan outside the eligible ones."""
+    if plan is not None and not plan_is_eligible(plan):
+        raise PlanRefused(
+            f"the Qonto plan {plan!r} does not include the accounting export "
+            "(eligible plans: Smart, Premium, Essential, Business, Enterprise)",
+            plan=plan,
+        )
+
+
+async def read(client: qonto.QontoClient) -> Eligible:
+    """The member's role and plan, checked; the organization they reach (not compared)."""
+    membership = await client.get_membership()
+    check_role(membership)
     organization = await client.get_organization()
+    plan = plan_name(await client.get_subscription())
+    check_plan(plan)
+    return Eligible(membership, organization, plan)
+
+
+async def verify_qonto(client: qonto.QontoClient, organization_id: str) -> Eligible:
+    """Check the credentials' member may set up the export for this organization; raise Refused."""
+    found = await read(client)
     # the organization the credentials reach, by its id or its slug (either may be given)
     known = {
         str(value)
         for value in (
-            membership.get("organization_id"),
-            organization.get("id"),
-            organization.get("slug"),
+            found.membership.get("organization_id"),
+            found.organization.get("id"),
+            found.organization.get("slug"),
         )
         if value
     }
@@ -75,10 +125,4 @@ async def verify_qonto(
         raise errors.Refused(
             "the Qonto credentials belong to another organization than --qonto-organization-id"
         )
-    plan = _plan_of(organization)
-    if plan is not None and not _plan_is_eligible(plan):
-        raise errors.Refused(
-            f"the Qonto plan {plan!r} does not include the accounting export "
-            "(eligible plans: Smart, Premium, Essential, Business, Enterprise)"
-        )
-    return membership, organization
+    return found

@@ -87,6 +87,18 @@ class CegidAccessRefused(Permanent):
     """Cegid refused the firm's credentials or the key has no access to the dossier (401/403)."""
 
 
+class CegidKeyRefused(CegidAccessRefused):
+    """Loop refused the firm's API key and secret themselves (401)."""
+
+
+class CegidDossierNotAssociated(CegidAccessRefused):
+    """The key is valid but may not read the dossier (403): it is not associated in Loop Hub."""
+
+
+class CegidDossierUnknown(CegidAccessRefused):
+    """Loop knows no such dossier for this key (a read of it answered no data)."""
+
+
 class CegidFileRejected(Permanent):
     """Cegid refused the file itself (400/413/415): the document fails with this reason."""
 

@@ -1,5 +1,5 @@
 """The operator's commands: `relay connections ...`, `relay documents ...`, `relay dlq ...`,
-`relay status`.
+`relay status`, `relay secrets rotate`.
 
 What they share with every command (exit codes, output, settings and pool) is in :mod:`relay.console`.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from relay import config, connections, console, credentials, documents, inputs
+from relay import config, connections, console, credentials, documents, errors, inputs
 
 
 async def cmd_connections_add(args: argparse.Namespace) -> int:
@@ -45,6 +45,49 @@ async def cmd_connections_add(args: argparse.Namespace) -> int:
             print(f"  webhook subscriptions created in Qonto: {created.subscriptions}")
         for warning in created.warnings:
             print(f"warning: {warning}")
+    return console.EXIT_OK
+
+
+async def cmd_connections_invite(args: argparse.Namespace) -> int:
+    from relay import invitations
+
+    if not args.client_name.strip():
+        raise console.UsageError("--client-name must not be empty")
+    # the link is useless unless the relay can run the consent and check Loop: say so now
+    settings = console.settings(require_cegid_key=True)
+    if not settings.qonto_client_id:
+        raise errors.ConfigurationError(
+            "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: required for the setup link "
+            "(Qonto's consent uses the relay's OAuth application)"
+        )
+    async with console.pool(settings) as pool:
+        created = await invitations.create(settings, pool, args.client_name)
+    value = {
+        "id": str(created.id),
+        "setup_url": created.setup_url,
+        "expires_at": created.expires_at.isoformat(),
+    }
+    if args.json:
+        console.emit_json(value)
+    else:
+        print(f"setup link for {created.client_name} (single use, until {value['expires_at']}):")
+        print(f"  {created.setup_url}")
+        print("send it to a member of the client's Qonto organization (owner, admin or reporting)")
+    return console.EXIT_OK
+
+
+async def cmd_secrets_rotate(args: argparse.Namespace) -> int:
+    from relay import rotation
+
+    settings = console.settings()
+    async with console.pool(settings) as pool:
+        rotated = await rotation.rotate(settings, pool)
+    if args.json:
+        console.emit_json(rotated.to_json())
+    else:
+        counts = ", ".join(f"{n} {kind}" for kind, n in rotated.resealed.items())
+        print(f"re-sealed under the first key of RELAY_SECRET_KEY: {counts}")
+        print(f"already under it: {rotated.unchanged} value(s)")
     return console.EXIT_OK
 
 

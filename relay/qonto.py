@@ -26,6 +26,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -44,6 +45,42 @@ REFRESH_MARGIN: Final = dt.timedelta(minutes=5)
 
 Sleep = Callable[[float], Awaitable[None]]
 TokensRotated = Callable[[credentials.QontoCredentials], Awaitable[None]]
+
+# What the relay asks the member to consent to (contracts/qonto.md): webhooks, transactions and
+# memberships, attachments, supplier and client invoices, the plan, and a refresh token.
+SCOPES: Final = (
+    "webhook",
+    "organization.read",
+    "attachment.read",
+    "supplier_invoice.read",
+    "client_invoices.read",
+    "subscription.read",
+    "offline_access",
+)
+CALLBACK_PATH: Final = "/setup/oauth/callback"
+
+
+def redirect_uri(settings: config.Settings) -> str:
+    """Where Qonto sends the browser back after the consent (registered with the OAuth app)."""
+    return settings.public_url.rstrip("/") + CALLBACK_PATH
+
+
+def authorization_url(settings: config.Settings, state: str) -> str:
+    """Qonto's consent page for the relay's OAuth app, with ``state`` bound to one setup."""
+    if not settings.qonto_client_id:
+        raise errors.ConfigurationError(
+            "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: required for the Qonto consent"
+        )
+    query = urlencode(
+        {
+            "client_id": settings.qonto_client_id,
+            "redirect_uri": redirect_uri(settings),
+            "response_type": "code",
+            "scope": " ".join(SCOPES),
+            "state": state,
+        }
+    )
+    return f"{settings.qonto_oauth_url.rstrip('/')}/oauth2/auth?{query}"
 
 
 class RateLimiter:
@@ -203,24 +240,53 @@ class QontoClient:
                 raise errors.QontoAuthRejected(
                     "Qonto refused the OAuth refresh token: the organization must reconnect"
                 )
-            payload = self._json(response, "oauth token")
-            try:
-                fresh = credentials.QontoOAuth(
-                    refresh_token=config.Secret(str(payload["refresh_token"])),
-                    access_token=config.Secret(str(payload["access_token"])),
-                    expires_at=self._now()
-                    + dt.timedelta(seconds=int(payload.get("expires_in", 3600))),
-                )
-            except (KeyError, TypeError, ValueError) as exc:
-                raise errors.QontoProtocolError(
-                    "Qonto oauth token: answer without access_token/refresh_token/expires_in"
-                ) from exc
+            fresh = self._tokens(self._json(response, "oauth token"))
             self._creds = fresh
             logger.info("qonto_token_refreshed")
             if self._on_rotated is not None:
                 # the old refresh token dies 60 s from now: this one must reach the store
                 self._unsaved = fresh
                 await self._store_rotated(STORE_ATTEMPTS)
+
+    def _tokens(self, payload: dict[str, Any]) -> credentials.QontoOAuth:
+        """The credentials of a token endpoint's answer."""
+        try:
+            return credentials.QontoOAuth(
+                refresh_token=config.Secret(str(payload["refresh_token"])),
+                access_token=config.Secret(str(payload["access_token"])),
+                expires_at=self._now() + dt.timedelta(seconds=int(payload.get("expires_in", 3600))),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.QontoProtocolError(
+                "Qonto oauth token: answer without access_token/refresh_token/expires_in"
+            ) from exc
+
+    async def _exchange(self, code: str) -> None:
+        """Trade the consent's authorization code for tokens, which this client then uses."""
+        if not self._settings.qonto_client_id or self._settings.qonto_client_secret is None:
+            raise errors.ConfigurationError(
+                "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: required for the Qonto consent"
+            )
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "client_id": self._settings.qonto_client_id,
+            "client_secret": self._settings.qonto_client_secret.reveal(),
+            "redirect_uri": redirect_uri(self._settings),
+        }
+        url = self._settings.qonto_oauth_url.rstrip("/") + "/oauth2/token"
+        response = await self._send(lambda: self._http.api.post(url, data=form), "oauth code")
+        if response.status_code in (400, 401, 403):
+            raise errors.QontoAuthRejected(
+                "Qonto refused the authorization code (expired, already used, or for another app)"
+            )
+        self._creds = self._tokens(self._json(response, "oauth code"))
+        logger.info("qonto_consent_exchanged")
+
+    @property
+    def current_credentials(self) -> credentials.QontoCredentials:
+        """The credentials in use now (after a refresh, the rotated ones)."""
+        return self._creds
 
     @property
     def tokens_unsaved(self) -> bool:
@@ -355,6 +421,16 @@ class QontoClient:
         return dict(
             self._unwrap(await self._get("/v2/organization", "organization"), "organization")
         )
+
+    async def get_subscription(self) -> dict[str, Any] | None:
+        """``GET /v2/subscription``: the organization's plan (``{"plan": {...}}`` or
+        ``{"plan": null}``); None when these credentials may not read it (403, a consent without
+        ``subscription.read``) or the route is absent (404)."""
+        what = "subscription"
+        response = await self._get_response("/v2/subscription", what)
+        if response.status_code in (403, 404):
+            return None
+        return self._json(response, what)
 
     async def get_client_invoice(self, invoice_id: str) -> dict[str, Any]:
         body = await self._get(f"/v2/client_invoices/{invoice_id}", "client invoice")
@@ -521,6 +597,22 @@ class QontoClient:
                 "qonto_url_expired", attachment=attachment_id, refetch=fresh_url_attempt == 0
             )
         raise errors.QontoUnavailable("Qonto storage: the fresh download URL was refused too (403)")
+
+
+async def authorize(
+    settings: config.Settings,
+    http: HttpClients,
+    code: str,
+    *,
+    sleep: Sleep = asyncio.sleep,
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> QontoClient:
+    """A client holding the tokens the consent's authorization ``code`` is exchanged for
+    (``grant_type=authorization_code``); its :attr:`QontoClient.current_credentials` are to be stored."""
+    pending = credentials.QontoOAuth(refresh_token=config.Secret(""))
+    qonto = QontoClient(settings, pending, http, sleep=sleep, now=now)
+    await qonto._exchange(code)
+    return qonto
 
 
 def client(

@@ -409,3 +409,160 @@ SELECT id, role, command, host, pid, started_at, beat_at, interval_s, stopped_at
 FROM heartbeats
 WHERE beat_at >= now() - make_interval(secs => $1)
 ORDER BY role, host, started_at, pid;
+-- ============================================================================ setup pages
+
+-- name: insert_invitation
+-- params: $1 id, $2 token_hash, $3 client_name, $4 expires_at
+INSERT INTO invitations (id, token_hash, client_name, expires_at)
+VALUES ($1, $2, $3, $4)
+RETURNING *;
+
+-- name: get_invitation_by_token
+-- params: $1 token_hash
+SELECT * FROM invitations WHERE token_hash = $1;
+
+-- name: get_invitation
+-- params: $1 id
+SELECT * FROM invitations WHERE id = $1;
+
+-- name: list_invitations
+-- params: (none)
+SELECT * FROM invitations ORDER BY created_at, id;
+
+-- name: set_invitation_qonto
+-- params: $1 id, $2 qonto_organization_id, $3 qonto_organization_name, $4 qonto_role,
+--         $5 qonto_plan, $6 qonto_tokens (sealed)
+-- A consent by an eligible member; clears a refusal shown on the Qonto step.
+UPDATE invitations SET qonto_organization_id = $2, qonto_organization_name = $3, qonto_role = $4,
+    qonto_plan = $5, qonto_tokens = $6, qonto_connected_at = now(),
+    problem_step = CASE WHEN problem_step = 'qonto' THEN NULL ELSE problem_step END,
+    problem = CASE WHEN problem_step = 'qonto' THEN NULL ELSE problem END,
+    updated_at = now()
+WHERE id = $1 AND used_at IS NULL AND expires_at > now()
+RETURNING *;
+
+-- name: set_invitation_qonto_tokens
+-- params: $1 id, $2 qonto_tokens (sealed)
+-- Tokens Qonto rotated while the setup used them (the old refresh token dies 60 s later).
+UPDATE invitations SET qonto_tokens = $2, updated_at = now()
+WHERE id = $1 AND used_at IS NULL;
+
+-- name: forget_invitation_qonto
+-- params: $1 id, $2 problem
+-- Qonto refused the stored consent at Create: the member connects again (the refusal is shown).
+UPDATE invitations SET qonto_organization_id = NULL, qonto_organization_name = NULL,
+    qonto_role = NULL, qonto_plan = NULL, qonto_tokens = NULL, qonto_connected_at = NULL,
+    problem_step = 'qonto', problem = $2, updated_at = now()
+WHERE id = $1 AND used_at IS NULL;
+
+-- name: set_invitation_cegid_credentials
+-- params: $1 id, $2 cegid_credentials (sealed)
+UPDATE invitations SET cegid_credentials = $2,
+    problem_step = CASE WHEN problem_step = 'key' THEN NULL ELSE problem_step END,
+    problem = CASE WHEN problem_step = 'key' THEN NULL ELSE problem END,
+    updated_at = now()
+WHERE id = $1 AND used_at IS NULL AND expires_at > now();
+
+-- name: set_invitation_dossier
+-- params: $1 id, $2 cegid_dossier, $3 cegid_domain
+UPDATE invitations SET cegid_dossier = $2, cegid_domain = $3,
+    problem_step = CASE WHEN problem_step = 'dossier' THEN NULL ELSE problem_step END,
+    problem = CASE WHEN problem_step = 'dossier' THEN NULL ELSE problem END,
+    updated_at = now()
+WHERE id = $1 AND used_at IS NULL AND expires_at > now();
+
+-- name: set_invitation_problem
+-- params: $1 id, $2 problem_step, $3 problem (NULL clears)
+UPDATE invitations SET problem_step = $2, problem = $3, updated_at = now()
+WHERE id = $1 AND used_at IS NULL;
+
+-- name: use_invitation
+-- params: $1 id, $2 connection_id
+-- In the transaction that stores the connection: no row means another Create won, or it expired.
+UPDATE invitations SET used_at = now(), connection_id = $2, problem_step = NULL, problem = NULL,
+    qonto_tokens = NULL, cegid_credentials = NULL, updated_at = now()
+WHERE id = $1 AND used_at IS NULL AND expires_at > now()
+RETURNING id;
+
+-- name: insert_web_session
+-- params: $1 id_hash, $2 data, $3 expires_at
+INSERT INTO web_sessions (id_hash, data, expires_at) VALUES ($1, $2, $3);
+
+-- name: get_web_session
+-- params: $1 id_hash, $2 expires_at (extended to), $3 absolute limit (created_at must be after it)
+-- A live session, its expiry pushed back (sliding, within the absolute limit).
+UPDATE web_sessions SET expires_at = $2
+WHERE id_hash = $1 AND expires_at > now() AND created_at > $3
+RETURNING data, created_at, expires_at;
+
+-- name: set_web_session_data
+-- params: $1 id_hash, $2 data
+UPDATE web_sessions SET data = $2 WHERE id_hash = $1;
+
+-- name: delete_web_session
+-- params: $1 id_hash
+DELETE FROM web_sessions WHERE id_hash = $1;
+
+-- name: delete_expired_web_sessions
+-- params: (none)
+DELETE FROM web_sessions WHERE expires_at < now();
+
+-- name: insert_oauth_state
+-- params: $1 state_hash, $2 invitation_id, $3 session_hash, $4 expires_at
+INSERT INTO oauth_states (state_hash, invitation_id, session_hash, expires_at)
+VALUES ($1, $2, $3, $4);
+
+-- name: use_oauth_state
+-- params: $1 state_hash
+-- A state is good once: the row comes back with used_at as it was before this call.
+UPDATE oauth_states s SET used_at = now()
+FROM (SELECT state_hash, used_at FROM oauth_states WHERE state_hash = $1 FOR UPDATE) AS old
+WHERE s.state_hash = old.state_hash
+RETURNING s.invitation_id, s.session_hash, s.expires_at, old.used_at AS used_before;
+
+-- name: delete_old_oauth_states
+-- params: (none)
+DELETE FROM oauth_states WHERE expires_at < now() - interval '1 day';
+
+-- name: hit_rate_limit
+-- params: $1 bucket, $2 window_start
+INSERT INTO web_rate_limits (bucket, window_start, hits) VALUES ($1, $2, 1)
+ON CONFLICT (bucket, window_start) DO UPDATE SET hits = web_rate_limits.hits + 1
+RETURNING hits;
+
+-- name: rate_limit_hits
+-- params: $1 bucket, $2 window_start
+SELECT COALESCE((SELECT hits FROM web_rate_limits WHERE bucket = $1 AND window_start = $2), 0);
+
+-- name: delete_old_rate_limits
+-- params: $1 before
+DELETE FROM web_rate_limits WHERE window_start < $1;
+
+-- ============================================================================ key rotation
+
+-- name: rotation_connections
+-- params: $1 after id (uuid), $2 batch size
+SELECT id, qonto_credentials, cegid_credentials FROM connections
+WHERE id > $1 ORDER BY id LIMIT $2 FOR UPDATE;
+
+-- name: rotation_update_connection
+-- params: $1 id, $2 qonto_credentials (sealed), $3 cegid_credentials (sealed)
+UPDATE connections SET qonto_credentials = $2, cegid_credentials = $3 WHERE id = $1;
+
+-- name: rotation_webhook_secrets
+-- params: $1 after id, $2 batch size
+SELECT id, secret FROM webhook_secrets WHERE id > $1 ORDER BY id LIMIT $2 FOR UPDATE;
+
+-- name: rotation_update_webhook_secret
+-- params: $1 id, $2 secret (sealed)
+UPDATE webhook_secrets SET secret = $2 WHERE id = $1;
+
+-- name: rotation_invitations
+-- params: $1 after id (uuid), $2 batch size
+SELECT id, qonto_tokens, cegid_credentials FROM invitations
+WHERE id > $1 AND (qonto_tokens IS NOT NULL OR cegid_credentials IS NOT NULL)
+ORDER BY id LIMIT $2 FOR UPDATE;
+
+-- name: rotation_update_invitation
+-- params: $1 id, $2 qonto_tokens (sealed or NULL), $3 cegid_credentials (sealed or NULL)
+UPDATE invitations SET qonto_tokens = $2, cegid_credentials = $3 WHERE id = $1;

@@ -3,7 +3,9 @@
 Two static headers (``Ocp-Apim-Subscription-Key`` and ``x-apikey: key:secret``), ``POST
 /storeDocument`` with the raw bytes (hashed as they stream, never held), ``GET /journal`` scoped to a
 dossier, and the contract's trap: a deposit into a dossier that does not exist still succeeds and goes
-nowhere. Faults: 429, 5xx, 4xx, slow answers, "stored then connection dropped" (the ambiguous case)
+nowhere. A read of a dossier answers 401 for a wrong key, 403 "the collaborator ... has no access to
+the folder ..." for a dossier that exists in Loop but is not associated with the key, and 200 without
+data for a code Loop does not know (Loop's answers are undocumented: this is the sandbox's model). Faults: 429, 5xx, 4xx, slow answers, "stored then connection dropped" (the ambiguous case)
 and "dropped before storing".
 """
 
@@ -94,6 +96,7 @@ class CegidSandbox:
         self.in_flight = 0  # deposits being received or answered now
         self.peak_in_flight = 0  # the most at once since start: the client's concurrency cap
         self._firms: dict[str, Firm] = {}
+        self._existing: set[str] = set()  # every dossier Loop knows, associated with a key or not
         self._lock = threading.Lock()
         self._server = ServerThread(self._handle, name="cegid-sandbox")
 
@@ -111,9 +114,16 @@ class CegidSandbox:
     def add_firm(
         self, api_key: str, api_secret: str, dossiers: list[str], domain: str = "SANDBOX"
     ) -> None:
-        """Declare (or redeclare) a firm's key and the dossiers associated with it."""
+        """Declare (or redeclare) a firm's key and the dossiers associated with it (a dossier
+        dissociated later still exists)."""
         with self._lock:
             self._firms[api_key] = Firm(api_key, api_secret, set(dossiers), domain)
+            self._existing.update(dossiers)
+
+    def add_dossier(self, dossier: str) -> None:
+        """A dossier that exists in Loop without being associated with any key."""
+        with self._lock:
+            self._existing.add(dossier)
 
     def stored_by_dossier(self, dossier: str) -> list[StoredDocument]:
         with self._lock:
@@ -153,6 +163,10 @@ class CegidSandbox:
             return firm
         if request.method == "GET" and request.path.rstrip("/").lower() == "/journal":
             dossier = request.arg("codeDossier", "") or ""
+            with self._lock:
+                exists = dossier in self._existing
+            if not exists:
+                return Response(200, orjson.dumps({"data": []}))
             if dossier not in firm.dossiers:
                 return self._error(
                     403, f"the collaborator {firm.api_key} has no access to the folder {dossier}"

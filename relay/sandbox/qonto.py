@@ -10,6 +10,13 @@ between two page requests moves, and the items after it shift. :meth:`QontoSandb
 a hook between two page requests to make that happen on purpose; :meth:`QontoSandbox.one_instant`
 gives many items the same ``updated_at``; ``list_totals = False`` leaves ``total_count`` and
 ``total_pages`` out of ``meta`` (only ``next_page`` is documented).
+
+OAuth consent as the contract describes it: ``GET /oauth2/auth`` shows a consent page (buttons
+**Authorize** and **Deny**, no script) for a registered app, and sends the browser back to
+``redirect_uri`` with ``code`` and ``state``, or ``error=access_denied``; the code is valid 10 minutes,
+once, at the token endpoint with ``grant_type=authorization_code`` and the same ``redirect_uri``. The
+tokens it gives carry the scopes consented to: ``GET /v2/subscription`` needs ``subscription.read``.
+:meth:`QontoSandbox.deliver` posts a signed event to every subscription of its topic (what Qonto does).
 """
 
 from __future__ import annotations
@@ -22,21 +29,49 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import html
 import random
 import secrets
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import orjson
 
-from relay.sandbox import files
+from relay.sandbox import files, signing
 from relay.sandbox.http import Request, Response, ServerThread, json_error
 
 URL_LIFETIME_S = 30 * 60
 RATE_LIMIT, RATE_WINDOW_S = 1000, 10.0
+CODE_LIFETIME_S = 10 * 60
+SCOPES = frozenset(
+    {
+        "webhook",
+        "organization.read",
+        "attachment.read",
+        "supplier_invoice.read",
+        "client_invoices.read",
+        "subscription.read",
+        "offline_access",
+    }
+)
+
+
+def plan(name: str, code: str | None = None) -> dict[str, Any]:
+    """A ``GET /v2/subscription`` plan object as the contract shows it."""
+    return {
+        "code": code or f"team_{name.lower().replace(' ', '_')}",
+        "name": name,
+        "lineup": "teams",
+        "status": "active",
+        "recurrence": "monthly",
+        "monthly_price": {"amount": "99.00", "currency": "EUR"},
+        "trial_ends_at": None,
+    }
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -137,6 +172,10 @@ class QontoSandbox:
         self.bank_account_id = str(uuid.uuid4())
         self.login, self.secret_key, self.staging_token = login, secret_key, staging_token
         self.membership_role = "admin"
+        self.plan: dict[str, Any] | None = plan("Business")  # None: {"plan": null}
+        self.legal_name = "Atelier Demo SAS"
+        # Qonto wants HTTPS callbacks; a local demo or browser test on plain HTTP adds "http"
+        self.callback_schemes: tuple[str, ...] = ("https",)
         self.rate_limit = RATE_LIMIT  # requests per RATE_WINDOW_S, as documented
         self.clock_offset_s = 0.0
         self.rate_limit, self.rate_window_s = RATE_LIMIT, RATE_WINDOW_S
@@ -157,6 +196,9 @@ class QontoSandbox:
         self._oauth_clients: dict[str, str] = {}
         self._refresh_tokens: dict[str, float] = {}  # token -> valid until (sandbox time)
         self._access_tokens: dict[str, float] = {}
+        self._token_scopes: dict[str, frozenset[str]] = {}  # consented tokens -> their scopes
+        self._codes: dict[str, dict[str, Any]] = {}  # authorization code -> grant
+        self.consents: list[dict[str, Any]] = []  # every consent page answer, for tests
         self._last_stamp = 0.0
         self._hits: collections.deque[float] = collections.deque()
         self._server = ServerThread(self._handle, name="qonto-sandbox")
@@ -405,6 +447,30 @@ class QontoSandbox:
             "v1/consent-revocations", {"client_id": str(uuid.uuid4()), "revoked_at": stamp}
         )
 
+    def subscriptions(self) -> list[dict[str, Any]]:
+        """Every webhook subscription, with its secret (as created)."""
+        with self._lock:
+            return [copy.deepcopy(s) for s in self._subscriptions.values()]
+
+    def deliver(self, event: dict[str, Any], *, timeout: float = 5.0) -> list[int]:
+        """POST ``event``, signed, to every subscription of its topic, as Qonto does: the statuses."""
+        body = orjson.dumps(event)
+        statuses = []
+        for subscription in self.subscriptions():
+            if event.get("type") not in subscription["types"]:
+                continue
+            response = httpx.post(
+                subscription["callback_url"],
+                content=body,
+                headers={
+                    "content-type": "application/json",
+                    "x-qonto-signature": signing.sign(body, subscription["secret"]),
+                },
+                timeout=timeout,
+            )
+            statuses.append(response.status_code)
+        return statuses
+
     # -------------------------------------------------------------------------------- HTTP
 
     async def _handle(self, request: Request) -> Response:
@@ -427,6 +493,8 @@ class QontoSandbox:
             return json_error(429, "too_many_requests", "rate limit exceeded", headers)
         if request.path == "/oauth2/token" and request.method == "POST":
             return await self._token(request)
+        if request.path == "/oauth2/auth":  # a browser page: no staging token, no API auth
+            return await self._consent(request)
         if (
             self.staging_token is not None
             and request.headers.get("x-qonto-staging-token") != self.staging_token
@@ -454,22 +522,108 @@ class QontoSandbox:
                 return self._access_tokens.get(header[7:], 0) > self.now()
         return False
 
-    async def _token(self, request: Request) -> Response:
-        import urllib.parse
-
-        form = {k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode()).items()}
+    def _scoped(self, header: str, scope: str) -> bool:
+        """An API key, or a token whose consent included ``scope`` (older tokens: all scopes)."""
+        if not header.startswith("Bearer "):
+            return True
         with self._lock:
-            if form.get("grant_type") != "refresh_token" or self._oauth_clients.get(
+            scopes = self._token_scopes.get(header[7:])
+        return scopes is None or scope in scopes
+
+    async def _consent(self, request: Request) -> Response:
+        """The consent page (GET), and the member's answer to it (POST): back to redirect_uri."""
+        if request.method == "POST":
+            params = {
+                k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode()).items()
+            }
+        else:
+            params = {k: v[0] for k, v in request.query.items() if v}
+        client_id, redirect = params.get("client_id", ""), params.get("redirect_uri", "")
+        state, scope = params.get("state", ""), params.get("scope", "")
+        with self._lock:
+            known = client_id in self._oauth_clients
+        problem = None
+        if not known:
+            problem = "unknown client_id"
+        elif params.get("response_type") != "code":
+            problem = "response_type must be code"
+        elif not redirect:
+            problem = "redirect_uri is required"
+        elif not set(scope.split()) <= SCOPES or not scope.split():
+            problem = f"unknown scope in {scope!r}"
+        if problem is not None:
+            return Response(
+                400, f"<p>invalid_request: {html.escape(problem)}</p>".encode(), "text/html"
+            )
+        if request.method == "GET":
+            return Response(200, self._consent_page(params).encode(), "text/html; charset=utf-8")
+        decision = params.get("decision")
+        self.consents.append({"decision": decision, "state": state, "scope": scope})
+        if decision == "authorize":
+            code = secrets.token_urlsafe(24)
+            with self._lock:
+                self._codes[code] = {
+                    "client_id": client_id,
+                    "redirect_uri": redirect,
+                    "scopes": frozenset(scope.split()),
+                    "expires": self.now() + CODE_LIFETIME_S,
+                }
+            answer = {"code": code, "state": state}
+        else:
+            answer = {"error": "access_denied", "state": state}
+        separator = "&" if "?" in redirect else "?"
+        location = f"{redirect}{separator}{urllib.parse.urlencode(answer)}"
+        return Response(302, b"", "text/html", headers={"location": location})
+
+    def _consent_page(self, params: dict[str, str]) -> str:
+        hidden = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, v in params.items()
+            if k in ("client_id", "redirect_uri", "response_type", "scope", "state")
+        )
+        scopes = "".join(f"<li>{html.escape(s)}</li>" for s in params.get("scope", "").split())
+        return (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            "<title>Qonto sandbox: authorize access</title></head><body>"
+            "<h1>Qonto (sandbox)</h1>"
+            f"<p>An application asks to access <strong>{html.escape(self.legal_name)}</strong> "
+            f"as Claire Martin ({html.escape(self.membership_role)}):</p><ul>{scopes}</ul>"
+            f'<form method="post" action="/oauth2/auth">{hidden}'
+            '<button type="submit" name="decision" value="authorize">Authorize</button> '
+            '<button type="submit" name="decision" value="deny">Deny</button>'
+            "</form></body></html>"
+        )
+
+    async def _token(self, request: Request) -> Response:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode()).items()}
+        grant = form.get("grant_type")
+        with self._lock:
+            if grant not in ("refresh_token", "authorization_code") or self._oauth_clients.get(
                 form.get("client_id", "")
             ) != form.get("client_secret"):
                 return Response(401, orjson.dumps({"error": "invalid_client"}))
-            token = form.get("refresh_token", "")
-            if self._refresh_tokens.get(token, 0) < self.now():
-                return Response(400, orjson.dumps({"error": "invalid_grant"}))
-            self._refresh_tokens[token] = min(self._refresh_tokens[token], self.now() + 60)
+            scopes: frozenset[str] | None = None
+            if grant == "authorization_code":
+                issued = self._codes.pop(form.get("code", ""), None)  # a code is used once
+                if (
+                    issued is None
+                    or issued["expires"] < self.now()
+                    or issued["client_id"] != form.get("client_id")
+                    or issued["redirect_uri"] != form.get("redirect_uri")
+                ):
+                    return Response(400, orjson.dumps({"error": "invalid_grant"}))
+                scopes = issued["scopes"]
+            else:
+                token = form.get("refresh_token", "")
+                if self._refresh_tokens.get(token, 0) < self.now():
+                    return Response(400, orjson.dumps({"error": "invalid_grant"}))
+                self._refresh_tokens[token] = min(self._refresh_tokens[token], self.now() + 60)
+                scopes = self._token_scopes.get(token)
             new_refresh, access = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
             self._refresh_tokens[new_refresh] = self.now() + 90 * 86400
             self._access_tokens[access] = self.now() + 3600
+            if scopes is not None:
+                self._token_scopes[new_refresh] = self._token_scopes[access] = scopes
         return Response(
             200,
             orjson.dumps(
@@ -498,13 +652,17 @@ class QontoSandbox:
                     }
                 }
             )
+        if method == "GET" and path == "/v2/subscription":
+            if not self._scoped(request.headers.get("authorization", ""), "subscription.read"):
+                return json_error(403, "forbidden", "the token lacks the scope subscription.read")
+            return self._json({"plan": copy.deepcopy(self.plan)})
         if method == "GET" and path == "/v2/organization":
             return self._json(
                 {
                     "organization": {
                         "id": self.organization_id,
                         "slug": "atelier-demo",
-                        "legal_name": "Atelier Demo SAS",
+                        "legal_name": self.legal_name,
                         "bank_accounts": [
                             {
                                 "id": self.bank_account_id,
@@ -742,7 +900,7 @@ class QontoSandbox:
         )
         if (
             not isinstance(callback, str)
-            or not callback.startswith("https://")
+            or urllib.parse.urlsplit(callback).scheme not in self.callback_schemes
             or len(callback) > 512
         ):
             return json_error(

@@ -174,7 +174,7 @@ async def test_command_line_add_list_show_and_documents(
     value = json.loads(added.stdout)
     assert value["webhook_path"] == f"/webhooks/qonto/{value['id']}"
     assert value["webhook_subscriptions_created"] == 0  # the secret was given: none created
-    assert value["warnings"] == [eligibility.PLAN_UNVERIFIED]
+    assert value["warnings"] == []  # the sandbox's plan is Business
     assert value["webhook_url"].endswith(value["webhook_path"])
     listed = _relay(upstream_settings, "connections", "list", "--json")
     assert [c["id"] for c in json.loads(listed.stdout)] == [value["id"]]
@@ -292,11 +292,23 @@ async def test_subscriptions_created_counts_qonto_subscriptions_not_secrets(
 async def test_an_unnamed_plan_is_accepted_but_said_unverified(
     upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
 ) -> None:
-    """The sandbox, like the documented payload, names no plan: the setup says it was not verified."""
+    """GET /v2/subscription answers {"plan": null}: the setup says the plan was not verified."""
+    qonto.plan = None
     created = await connections.add(upstream_settings, pool, _new(qonto))
     assert created.to_json()["warnings"] == [eligibility.PLAN_UNVERIFIED]
     checked = await connections.check(upstream_settings, pool, created.connection.id)
     assert eligibility.PLAN_UNVERIFIED in checked["warnings"]
+
+
+async def test_a_plan_outside_the_eligible_ones_is_refused_and_nothing_is_stored(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
+) -> None:
+    """The plan comes from GET /v2/subscription (Solo Basic): refused, with the eligible plans."""
+    qonto.plan = qonto_sandbox.plan("Solo Basic")
+    with pytest.raises(eligibility.PlanRefused, match="Smart, Premium, Essential"):
+        await connections.add(upstream_settings, pool, _new(qonto))
+    assert await connections.list_all(pool) == []
+    assert ("GET", "/v2/subscription", True) in qonto.requests
 
 
 async def test_reconnect_checks_first_and_changes_nothing_when_the_check_cannot_run(
@@ -341,7 +353,7 @@ async def test_reconnect_sets_the_state_from_the_check_and_restarts_the_folder_c
     await connections.disconnect(pool, connection_id)
     again = await connections.reconnect(upstream_settings, pool, connection_id)
     assert (again["state"], again["problems"]) == ("active", [])
-    assert again["warnings"] == [eligibility.PLAN_UNVERIFIED]  # no folder advice any more
+    assert again["warnings"] == []  # no folder advice any more
     assert dt.datetime.fromisoformat(again["connected_at"]) > dt.datetime.now(
         dt.UTC
     ) - dt.timedelta(minutes=1)

@@ -97,16 +97,29 @@ def test_cegid_journal_answers_data_for_an_associated_dossier(
     assert response.json()["data"][0]["code"] == "ACH"
 
 
-@pytest.mark.parametrize("dossier", ["OTHER01", "NOPE99"])
+@pytest.mark.parametrize("dossier", ["OTHER01", "LONELY01"])
 def test_cegid_journal_refuses_a_dossier_the_key_cannot_read(
     loop: cegid_sandbox.CegidSandbox, dossier: str
 ) -> None:
-    """Another firm's dossier and an unknown one both answer 403 'no access to the folder'."""
+    """Another firm's dossier and one associated with no key both answer 403 'no access to the
+    folder'."""
+    loop.add_dossier("LONELY01")
     response = httpx.get(
         f"{loop.url}/journal", params={"codeDossier": dossier, "take": 1}, headers=_headers(loop)
     )
     assert response.status_code == 403
     assert f"has no access to the folder {dossier}" in response.json()["message"]
+
+
+def test_cegid_journal_answers_no_data_for_a_dossier_loop_does_not_know(
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """A code no firm ever had (a typo) reads as 200 without data, not as a refusal."""
+    response = httpx.get(
+        f"{loop.url}/journal", params={"codeDossier": "NOPE99", "take": 1}, headers=_headers(loop)
+    )
+    assert response.status_code == 200
+    assert response.json()["data"] == []
 
 
 # ------------------------------------------------------------------------------ storeDocument

@@ -16,10 +16,21 @@ ORG_ID = "0b8e4f1c-5d3a-4c2e-9f71-2a6b9c0d1e23"  # the fixtures' organization
 SETTINGS = config.Settings(secret_key=config.Secret("x" * 43 + "="))
 
 
-def _client(membership: dict[str, Any], organization: dict[str, Any]) -> qonto.QontoClient:
+BUSINESS = {"plan": {"code": "team_business", "name": "Business", "status": "active"}}
+
+
+def _client(
+    membership: dict[str, Any],
+    organization: dict[str, Any],
+    subscription: dict[str, Any] | int = BUSINESS,
+) -> qonto.QontoClient:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v2/membership":
             return httpx.Response(200, json={"membership": membership})
+        if request.url.path == "/v2/subscription":
+            if isinstance(subscription, int):
+                return httpx.Response(subscription, json={"errors": [{"code": "forbidden"}]})
+            return httpx.Response(200, json=subscription)
         return httpx.Response(200, json={"organization": organization})
 
     transport = httpx.MockTransport(handler)
@@ -54,33 +65,53 @@ async def test_an_organization_qonto_does_not_identify_cannot_be_checked() -> No
 
 
 @pytest.mark.parametrize(
-    ("plan", "eligible"),
+    ("name", "eligible"),
     [
         ("Premium", True),
         ("SMART", True),
-        ("essential_2023", True),
-        ({"name": "Business Plus"}, True),
-        ("Enterprise", True),
-        ("Non-premium legacy", False),
+        (" essential ", True),
+        ("Business", True),
+        ("enterprise", True),
+        ("Business Plus", False),
         ("Solo Basic", False),
-        ("smartphone bundle", False),
+        ("Non-premium legacy", False),
     ],
 )
-async def test_plans_are_matched_as_whole_words(plan: object, eligible: bool) -> None:
-    """An eligible plan's name must be a word of the plan, not a substring of another word."""
-    client = _client(MEMBER, {**ORGANIZATION, "plan": plan})
+async def test_the_plan_is_read_from_the_subscription_by_name(name: str, eligible: bool) -> None:
+    """GET /v2/subscription's plan name, compared case-insensitively with the eligible plans."""
+    client = _client(MEMBER, ORGANIZATION, {"plan": {"code": "x", "name": name}})
     if eligible:
-        await eligibility.verify_qonto(client, ORG_ID)
+        found = await eligibility.verify_qonto(client, ORG_ID)
+        assert found.plan == name.strip()
     else:
-        with pytest.raises(errors.Refused, match="does not include the accounting export"):
+        with pytest.raises(eligibility.PlanRefused, match="does not include the accounting export"):
             await eligibility.verify_qonto(client, ORG_ID)
 
 
-def test_a_plan_qonto_does_not_name_is_accepted_with_a_notice() -> None:
-    """No plan field (the documented payload has none): accepted, but said to be unverified."""
-    assert eligibility.plan_notice(ORGANIZATION) == eligibility.PLAN_UNVERIFIED
+async def test_a_plan_in_the_organization_payload_is_not_read() -> None:
+    """/v2/organization documents no plan: a plan field there decides nothing."""
+    client = _client(MEMBER, {**ORGANIZATION, "plan": "Solo Basic"})
+    assert (await eligibility.verify_qonto(client, ORG_ID)).plan == "Business"
+
+
+@pytest.mark.parametrize("subscription", [{"plan": None}, 403, 404])
+async def test_a_plan_qonto_does_not_name_is_accepted_with_a_notice(
+    subscription: dict[str, Any] | int,
+) -> None:
+    """{"plan": null}, or a plan these credentials may not read: accepted, said to be unverified."""
+    found = await eligibility.verify_qonto(_client(MEMBER, ORGANIZATION, subscription), ORG_ID)
+    assert found.plan is None
+    assert eligibility.plan_notice(found.plan) == eligibility.PLAN_UNVERIFIED
     assert "plan could not be verified" in eligibility.PLAN_UNVERIFIED
-    assert eligibility.plan_notice({**ORGANIZATION, "plan": "Smart"}) is None
+    assert eligibility.plan_notice("Smart") is None
+
+
+async def test_a_role_outside_owner_admin_reporting_is_refused_before_the_plan() -> None:
+    """An employee is refused, with the role named."""
+    client = _client({**MEMBER, "role": "employee"}, ORGANIZATION, {"plan": None})
+    with pytest.raises(eligibility.RoleRefused, match="'employee'") as refused:
+        await eligibility.verify_qonto(client, ORG_ID)
+    assert refused.value.role == "employee"
 
 
 # ------------------------------------------------------------------------------------ folder advice

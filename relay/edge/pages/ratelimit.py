@@ -1,0 +1,59 @@
+"""Rate limits kept in PostgreSQL (shared by every `relay serve` worker): fixed windows per key.
+
+Used to limit guesses of setup links per client address; the console's sign-in can use the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Final
+
+import asyncpg
+
+from relay import db, queries
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limit:
+    """At most ``hits`` counted events per ``window`` for one key."""
+
+    name: str
+    hits: int
+    window: dt.timedelta
+
+    def bucket(self, key: str) -> str:
+        return f"{self.name}:{key}"[:200]
+
+    def window_start(self, now: dt.datetime) -> dt.datetime:
+        seconds = int(self.window.total_seconds())
+        stamp = int(now.timestamp())
+        return dt.datetime.fromtimestamp(stamp - stamp % seconds, dt.UTC)
+
+
+# Wrong, used or expired setup links opened from one address: 20 per 10 minutes.
+SETUP_GUESSES: Final = Limit("setup-guess", 20, dt.timedelta(minutes=10))
+
+
+async def blocked(
+    pool: asyncpg.Pool, limit: Limit, key: str, *, now: dt.datetime | None = None
+) -> float | None:
+    """Seconds to wait when ``key`` used up its window, else None."""
+    moment = now or dt.datetime.now(dt.UTC)
+    start = limit.window_start(moment)
+    with db.translate("read rate limit"):
+        hits = await pool.fetchval(queries.get("rate_limit_hits"), limit.bucket(key), start)
+    if int(hits) < limit.hits:
+        return None
+    return max(1.0, (start + limit.window - moment).total_seconds())
+
+
+async def hit(pool: asyncpg.Pool, limit: Limit, key: str, *, now: dt.datetime | None = None) -> int:
+    """Count one event for ``key``; its count in the current window."""
+    moment = now or dt.datetime.now(dt.UTC)
+    start = limit.window_start(moment)
+    with db.translate("count rate limit"):
+        async with pool.acquire() as conn, conn.transaction():
+            hits = await conn.fetchval(queries.get("hit_rate_limit"), limit.bucket(key), start)
+            await conn.execute(queries.get("delete_old_rate_limits"), start - dt.timedelta(days=1))
+    return int(hits)

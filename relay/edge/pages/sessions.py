@@ -1,0 +1,120 @@
+"""Server-side browser sessions in PostgreSQL, and the CSRF token of each.
+
+The cookie holds only a random id (256 bits); the database holds its SHA-256 and the session's data
+(small JSON). A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began.
+The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is reached over https.
+
+The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it back,
+and another site, which cannot read the cookie, cannot forge it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from typing import Any, Final
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay import config, crypto, db, queries
+
+COOKIE: Final = "relay_session"
+IDLE: Final = dt.timedelta(hours=8)
+ABSOLUTE: Final = dt.timedelta(hours=24)
+
+
+class Session:
+    """One browser's session: its id (never shown), its data, and its CSRF token."""
+
+    __slots__ = ("_id", "created_at", "data", "is_new")
+
+    def __init__(
+        self, session_id: str, data: dict[str, Any], created_at: dt.datetime, *, is_new: bool
+    ) -> None:
+        self._id = session_id
+        self.data = data
+        self.created_at = created_at
+        self.is_new = is_new
+
+    def __repr__(self) -> str:
+        return "Session(***)"
+
+    @property
+    def id_hash(self) -> bytes:
+        return crypto.token_digest(self._id)
+
+    @property
+    def csrf_token(self) -> str:
+        digest = hmac.new(self._id.encode("ascii"), b"relay-csrf", hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+    def csrf_ok(self, token: str | None) -> bool:
+        return bool(token) and crypto.constant_time_equal(str(token), self.csrf_token)
+
+    @property
+    def cookie_value(self) -> str:
+        return self._id
+
+
+async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
+    """The request's live session (its expiry pushed back), or None."""
+    session_id = request.cookies.get(COOKIE, "")
+    if not session_id or len(session_id) > 100 or not session_id.isascii():
+        return None
+    now = dt.datetime.now(dt.UTC)
+    with db.translate("read session"):
+        record = await pool.fetchrow(
+            queries.get("get_web_session"),
+            crypto.token_digest(session_id),
+            now + IDLE,
+            now - ABSOLUTE,
+        )
+    if record is None:
+        return None
+    data = record["data"] if isinstance(record["data"], dict) else {}
+    return Session(session_id, dict(data), record["created_at"], is_new=False)
+
+
+async def start(pool: asyncpg.Pool, request: Request) -> Session:
+    """The request's live session, or a new one (stored now; its cookie set by :func:`attach`)."""
+    found = await current(pool, request)
+    if found is not None:
+        return found
+    session_id = secrets.token_urlsafe(32)
+    now = dt.datetime.now(dt.UTC)
+    with db.translate("start session"):
+        await pool.execute(queries.get("delete_expired_web_sessions"))
+        await pool.execute(
+            queries.get("insert_web_session"), crypto.token_digest(session_id), {}, now + IDLE
+        )
+    return Session(session_id, {}, now, is_new=True)
+
+
+async def save(pool: asyncpg.Pool, session: Session) -> None:
+    """Store the session's data."""
+    with db.translate("save session"):
+        await pool.execute(queries.get("set_web_session_data"), session.id_hash, session.data)
+
+
+async def end(pool: asyncpg.Pool, session: Session) -> None:
+    with db.translate("end session"):
+        await pool.execute(queries.get("delete_web_session"), session.id_hash)
+
+
+def attach(response: Response, session: Session, settings: config.Settings) -> Response:
+    """Set the session's cookie on ``response`` (HttpOnly, SameSite=Lax, Secure under https)."""
+    response.set_cookie(
+        COOKIE,
+        session.cookie_value,
+        max_age=int(ABSOLUTE.total_seconds()),
+        path="/",
+        secure=settings.https,
+        httponly=True,
+        samesite="lax",
+    )
+    return response
