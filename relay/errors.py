@@ -27,6 +27,10 @@ class DatabaseUnavailable(Retryable):
     """PostgreSQL did not answer or refused the connection."""
 
 
+class OutageTooLong(DatabaseUnavailable):
+    """PostgreSQL stayed unavailable longer than ``RELAY_OUTAGE_LIMIT``: the role stops (exit 1)."""
+
+
 class BrokerUnavailable(Retryable):
     """RabbitMQ did not answer, refused the publish or did not confirm it."""
 

@@ -90,6 +90,10 @@ LIMIT $3;
 -- params: $1 id
 SELECT * FROM documents WHERE id = $1;
 
+-- name: document_state
+-- params: $1 id
+SELECT state FROM documents WHERE id = $1;
+
 -- name: count_documents_by_state
 -- params: $1 connection_id (or NULL for all)
 SELECT connection_id, state, count(*) AS n FROM documents
@@ -192,6 +196,14 @@ WHERE id IN (
 )
 RETURNING *;
 
+-- name: held_documents
+-- params: $1 connection_id, $2 worker, $3 document ids this run has had in hand, $4 how many
+-- After a claim that failed with the database, whose commit may have gone through all the same:
+-- what this worker holds without knowing it, taken into the run before any new claim.
+SELECT * FROM documents
+WHERE connection_id = $1 AND state = 'uploading' AND claimed_by = $2 AND NOT (id = ANY($3::bigint[]))
+ORDER BY id LIMIT $4;
+
 -- name: finish_document
 -- params: $1 document id, $2 state, $3 reason, $4 the worker holding it
 UPDATE documents SET state = $2, reason = $3, claimed_by = NULL, updated_at = now()
@@ -238,8 +250,14 @@ DELETE FROM dossier_contents WHERE document_id = $1;
 -- Committed before the first byte is sent: its existence means the request may have gone out.
 -- Only while this worker still holds the document, locked against a concurrent recovery (which
 -- settles it under the same lock): no row returned means someone else owns it now, do not send.
+-- An attempt of this worker still 'sending' here was never sent: its insert committed but the
+-- answer was lost with the database, so the worker never had its id (it sends only with one).
 WITH mine AS (
     SELECT id FROM documents WHERE id = $1 AND state = 'uploading' AND claimed_by = $2 FOR UPDATE
+), unsent AS (
+    UPDATE uploads SET outcome = 'retry', finished_at = now(),
+           error = 'never sent: the database was lost before the attempt was confirmed'
+    WHERE document_id IN (SELECT id FROM mine) AND worker = $2 AND outcome = 'sending'
 )
 INSERT INTO uploads (document_id, worker) SELECT id, $2 FROM mine RETURNING id;
 
@@ -271,6 +289,15 @@ WHERE id = $1 AND first_upload_at IS NULL;
 -- params: $1 lock namespace, $2 worker id
 -- Session-level: a flush worker holds it for its whole run; free means the worker is gone.
 SELECT pg_try_advisory_lock($1, $2);
+
+-- name: worker_lock_held
+-- params: $1 lock namespace, $2 worker id
+-- Whether this session still holds the worker's lock (two-key advisory locks: classid, objid, 2).
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+      AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2
+);
 
 -- name: worker_unlock
 -- params: $1 lock namespace, $2 worker id

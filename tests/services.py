@@ -72,7 +72,7 @@ def _postgres_version() -> str | None:
     base = pathlib.Path("/etc/postgresql")
     versions = (
         sorted(
-            (p.name for p in base.glob("*/main")),
+            (p.parent.name for p in base.glob("*/main")),
             key=lambda v: [int(x) for x in v.split(".") if x.isdigit()],
         )
         if base.exists()

@@ -1,0 +1,310 @@
+"""`relay flush --now` losing PostgreSQL under uploads in flight (fault tests, run apart).
+
+Sixty receipts, the Cegid sandbox answering each deposit in half a second (four in flight per firm),
+and PostgreSQL stopped for five seconds, or every backend of the flush's database terminated, while
+deposits are out: the flush stops claiming, lets its deposits finish, records their answers once
+PostgreSQL is back and claims the rest. Past RELAY_OUTAGE_LIMIT it stops with one line; a later
+flush sends nothing twice and leaves in doubt only the deposits whose answers were not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import hashlib
+import pathlib
+import re
+import time
+import urllib.parse
+import uuid
+
+import asyncpg
+import pytest
+
+from consumers import flusher
+from relay import config, db
+from relay.sandbox import cegid as cegid_sandbox
+from relay.sandbox import files
+from relay.sandbox import qonto as qonto_sandbox
+from tests import services
+from tests.integration import factories, processes
+
+pytestmark = pytest.mark.fault
+
+DOCUMENTS = 60
+CEGID_ANSWERS_IN_S = 0.5
+OUTAGE_S = 5.0
+
+
+async def _seed(
+    pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox, connection_id: uuid.UUID
+) -> set[str]:
+    """Sixty pending receipts; the sha256 of each file."""
+    shas = set()
+    for seed in range(DOCUMENTS):
+        content = files.pdf(seed=1000 + seed)
+        tx, _ = factories.receipt(qonto, content, seed=seed)
+        await factories.ingest_transaction(pool, connection_id, tx)
+        shas.add(hashlib.sha256(content).hexdigest())
+    return shas
+
+
+async def _deposits_in_flight(loop: cegid_sandbox.CegidSandbox, flush: processes.Role) -> None:
+    """Until the flush has deposits out and has recorded a few before (it is mid-run)."""
+    await factories.until(
+        lambda: not flush.alive() or (len(loop.stored) >= 8 and loop.in_flight >= 3),
+        within_s=60,
+        what="deposits in flight",
+    )
+    assert flush.alive(), flush.log()
+
+
+async def _states(settings: config.Settings) -> dict[str, int]:
+    conn = await asyncpg.connect(settings.database_url.reveal(), timeout=10)
+    try:
+        rows = await conn.fetch("SELECT state, count(*) AS n FROM documents GROUP BY state")
+    finally:
+        await conn.close()
+    return {r["state"]: r["n"] for r in rows}
+
+
+async def _shas(settings: config.Settings, state: str) -> set[str]:
+    conn = await asyncpg.connect(settings.database_url.reveal(), timeout=10)
+    try:
+        rows = await conn.fetch("SELECT sha256 FROM documents WHERE state = $1", state)
+    finally:
+        await conn.close()
+    return {r["sha256"] for r in rows}
+
+
+def _not_json(role: processes.Role) -> list[str]:
+    """What the process printed on standard error besides its JSON log lines."""
+    lines = role.log_path.read_text(errors="replace").splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("{")]
+
+
+def _answered_between(loop: cegid_sandbox.CegidSandbox, start: float, end: float) -> int:
+    """Deposits Loop stored (and answered) between two time.time() values."""
+    return sum(1 for s in loop.stored if start < s.received_at.timestamp() < end)
+
+
+async def test_postgresql_stopped_for_seconds_mid_flush_loses_no_answer(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    faults: services.Services,
+    tmp_path: pathlib.Path,
+) -> None:
+    """PostgreSQL stopped 5 s while deposits are out: their answers are recorded once it is back,
+    the run claims the rest; every file in Loop once, none in doubt, exit 0."""
+    shas = await _seed(pool, qonto, connection_id)
+    loop.latency_s = CEGID_ANSWERS_IN_S
+    flush = processes.Role(upstream_settings, "flush", "--now", log_path=tmp_path / "flush.log")
+    try:
+        await _deposits_in_flight(loop, flush)
+        stopping = time.time()
+        await faults.postgres_stop()
+        await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
+        await faults.postgres_start()
+        restarted = time.time()
+        code = await flush.exit_code(within_s=180)
+        assert code == 0, flush.log()
+        assert flush.events("flush_database_lost")
+        assert flush.events("flush_database_back")
+    finally:
+        flush.close()
+    assert loop.duplicates() == []
+    assert {s.sha256 for s in loop.stored} == shas
+    assert len(loop.stored) == DOCUMENTS
+    assert await _states(upstream_settings) == {"uploaded": DOCUMENTS}
+    back = dt.datetime.fromisoformat(flush.events("flush_database_back")[0]["timestamp"])
+    answered = _answered_between(loop, stopping, min(restarted, back.timestamp()))
+    assert answered >= 1, "no deposit was out when PostgreSQL stopped"
+    assert _not_json(flush) == []
+    print(  # the figures of the report (pytest -s)
+        f"\n[stop] answered while the flush was without PostgreSQL: {answered}; outage seen "
+        f"{flush.events('flush_database_back')[0]['down_s']} s; uploaded {DOCUMENTS}, in doubt 0"
+    )
+
+
+async def test_terminated_backends_mid_flush_lose_no_answer(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    faults: services.Services,
+    tmp_path: pathlib.Path,
+) -> None:
+    """Every backend of the flush's database terminated twice while deposits are out (its lease
+    included): the same, every file in Loop once, none in doubt, exit 0."""
+    shas = await _seed(pool, qonto, connection_id)
+    loop.latency_s = CEGID_ANSWERS_IN_S
+    database = db.database_name(upstream_settings.database_url.reveal())
+    flush = processes.Role(upstream_settings, "flush", "--now", log_path=tmp_path / "flush.log")
+    try:
+        await _deposits_in_flight(loop, flush)
+        terminated = [await faults.postgres_terminate(database)]
+        seen = len(loop.stored)
+        await factories.until(
+            lambda: not flush.alive() or len(loop.stored) >= seen + 8, within_s=60
+        )
+        terminated.append(await faults.postgres_terminate(database))
+        code = await flush.exit_code(within_s=180)
+        assert code == 0, flush.log()
+        assert flush.events("flush_database_back")
+    finally:
+        flush.close()
+    assert loop.duplicates() == []
+    assert {s.sha256 for s in loop.stored} == shas
+    assert len(loop.stored) == DOCUMENTS
+    assert await _states(upstream_settings) == {"uploaded": DOCUMENTS}
+    assert _not_json(flush) == []
+    print(f"\n[terminate] backends terminated {terminated}; uploaded {DOCUMENTS}, in doubt 0")
+
+
+async def test_an_outage_past_the_limit_stops_with_one_line_and_nothing_goes_twice(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    faults: services.Services,
+    tmp_path: pathlib.Path,
+) -> None:
+    """PostgreSQL gone longer than RELAY_OUTAGE_LIMIT: exit 1 with one line saying what was left;
+    the next flush sends nothing twice, and only deposits whose answers were not recorded are in
+    doubt."""
+    shas = await _seed(pool, qonto, connection_id)
+    loop.latency_s = CEGID_ANSWERS_IN_S
+    settings = dataclasses.replace(upstream_settings, outage_limit_s=2)
+    flush = processes.Role(settings, "flush", "--now", log_path=tmp_path / "flush.log")
+    try:
+        await _deposits_in_flight(loop, flush)
+        await faults.postgres_stop()
+        code = await flush.exit_code(within_s=120)
+    finally:
+        flush.close()
+    await faults.postgres_start()
+    assert code == 1, flush.log()
+    [line] = _not_json(flush)
+    assert line.startswith("relay: PostgreSQL unavailable for more than 2 s"), line
+    assert "in_doubt at the next flush's recovery" in line, line
+    stored_first = {s.sha256 for s in loop.stored}
+    recorded = await _shas(upstream_settings, "uploaded")
+    unrecorded = stored_first - recorded
+    sent = re.search(r"(\d+) document\(s\) sent to Cegid Loop", line)
+    assert (int(sent.group(1)) if sent else 0) == len(unrecorded), line
+
+    await pool.expire_connections()
+    later = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
+    assert later.recovered["in_doubt"] == len(unrecorded)
+    assert loop.duplicates() == []
+    assert {s.sha256 for s in loop.stored} == shas
+    assert len(loop.stored) == DOCUMENTS
+    assert await _shas(upstream_settings, "in_doubt") == unrecorded
+    states = await _states(upstream_settings)
+    assert states == {"uploaded": DOCUMENTS - len(unrecorded), "in_doubt": len(unrecorded)} or (
+        not unrecorded and states == {"uploaded": DOCUMENTS}
+    )
+    print(
+        f"\n[limit] first flush: {len(recorded)} recorded, {len(unrecorded)} answers unrecorded; "
+        f"after the next flush: uploaded {states.get('uploaded', 0)}, in doubt "
+        f"{states.get('in_doubt', 0)}"
+    )
+
+
+class Partition:
+    """A TCP relay to PostgreSQL for one process: :meth:`cut` closes its connections and refuses
+    new ones (PostgreSQL ends those sessions, freeing their advisory locks), :meth:`heal` lets
+    it through again. The database itself stays up for everyone else."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self.port = processes.free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def heal(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.close()
+
+    async def _handle(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        try:
+            server, to_server = await asyncio.open_connection(*self._target)
+        except OSError:
+            to_client.close()
+            return
+        self._writers |= {to_client, to_server}
+        await asyncio.gather(self._pipe(client, to_server), self._pipe(server, to_client))
+        self._writers -= {to_client, to_server}
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            sink.close()
+
+
+async def test_a_flush_cut_off_from_postgresql_and_taken_for_dead_sends_nothing_twice(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    tmp_path: pathlib.Path,
+) -> None:
+    """A flush cut off from PostgreSQL while deposits are out loses its lease; another flush takes
+    its worker for dead, recovers its documents (in doubt: they were sent) and sends the rest.
+    Once the first one is back, its answers still land and it sends none of what the other took:
+    every file in Loop once, nothing left in doubt."""
+    shas = await _seed(pool, qonto, connection_id)
+    loop.latency_s = CEGID_ANSWERS_IN_S
+    url = urllib.parse.urlsplit(upstream_settings.database_url.reveal())
+    partition = Partition(url.hostname or "127.0.0.1", url.port or 5432)
+    await partition.heal()
+    proxied = url._replace(netloc=f"{url.username}@127.0.0.1:{partition.port}").geturl()
+    first = processes.Role(
+        dataclasses.replace(upstream_settings, database_url=config.Secret(proxied)),
+        "flush",
+        "--now",
+        log_path=tmp_path / "flush.log",
+    )
+    try:
+        await _deposits_in_flight(loop, first)
+        await partition.cut()
+        await factories.until(lambda: bool(first.events("flush_database_lost")), within_s=30)
+        second = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
+        await partition.heal()
+        code = await first.exit_code(within_s=180)
+    finally:
+        first.close()
+        await partition.cut()
+    assert second.recovered["in_doubt"] >= 1, second.recovered  # deposits of the first, out
+    assert first.events("flush_lease_retaken")
+    assert first.events("document_transition_lost")  # what the second one took: not sent
+    assert loop.duplicates() == []
+    assert {s.sha256 for s in loop.stored} == shas
+    assert len(loop.stored) == DOCUMENTS
+    assert await _states(upstream_settings) == {"uploaded": DOCUMENTS}
+    print(
+        f"\n[taken for dead] the second flush recovered {second.recovered} and uploaded "
+        f"{second.totals()['uploaded']}; the first one exited {code}, found "
+        f"{len(first.events('document_transition_lost'))} documents taken; in Loop "
+        f"{len(loop.stored)}, uploaded {DOCUMENTS}, in doubt 0"
+    )
