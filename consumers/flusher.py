@@ -95,6 +95,32 @@ async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None
     await upload.transition(ctx, "set_dossier_checked", connection.id)
 
 
+async def _recheck(
+    ctx: upload.Context, connection: models.Connection, creds: credentials.CegidCredentials
+) -> models.Connection:
+    """A connection flagged because Cegid refused its key or dossier: one dossier read (as the
+    daily check) before its documents are left waiting. Accepted: the flag is cleared and the
+    connection goes in this run. Refused or unavailable: it stays flagged."""
+    try:
+        await ctx.cegid.check_dossier(creds, connection.cegid_dossier)
+    except errors.CegidAccessRefused as exc:
+        logger.info("flag_kept", connection=str(connection.id), reason=str(exc))
+        return connection
+    except errors.Retryable as exc:
+        logger.info("flag_check_unavailable", connection=str(connection.id), reason=str(exc))
+        return connection
+    cleared = await ctx.guard.run(
+        "clear flag",
+        functools.partial(
+            connections.clear_cegid_flag, ctx.pool, connection.id, upload.CEGID_REASON
+        ),
+    )
+    if cleared is None:  # changed meanwhile (disconnected, revoked, flagged by Qonto)
+        return connection
+    logger.info("flag_cleared", connection=str(connection.id))
+    return cleared
+
+
 async def _claim(
     ctx: upload.Context, run: upload.ConnectionRun, wanted: int
 ) -> list[asyncpg.Record]:
@@ -363,6 +389,10 @@ async def _prepare(
             "load credentials",
             functools.partial(credentials.load, ctx.pool, ctx.box, connection.id),
         )
+        if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
+            connection.state_reason or ""
+        ).startswith(upload.CEGID_REASON):
+            connection = await _recheck(ctx, connection, cegid_creds)
 
         async def store(
             creds: credentials.QontoCredentials, cid: uuid.UUID = connection.id

@@ -50,6 +50,15 @@ UPDATE connections SET state = $2, state_reason = $3, updated_at = now()
 WHERE id = $1 AND state IN ('active', 'needs_attention')
 RETURNING *;
 
+-- name: clear_cegid_flag
+-- params: $1 connection_id, $2 the prefix of the reasons a Cegid refusal gives ("Cegid: ")
+-- A dossier read passed: the flag a Cegid refusal raised is cleared, and only such a flag (never
+-- a Qonto refusal's, a disconnect or a revocation, even one made since the flag was read).
+UPDATE connections SET state = 'active', state_reason = NULL, dossier_checked_at = now(),
+       updated_at = now()
+WHERE id = $1 AND state = 'needs_attention' AND starts_with(state_reason, $2)
+RETURNING *;
+
 -- name: set_dossier_checked
 -- params: $1 connection_id
 UPDATE connections SET dossier_checked_at = now(), updated_at = now() WHERE id = $1;
