@@ -132,11 +132,16 @@ FROM unnest($1::uuid[], $2::text[], $3::text[]) AS x(c, e, o)
 WHERE ev.connection_id = x.c AND ev.event_id = x.e;
 
 -- name: upsert_resources
--- params: $1 connection ids, $2 sources, $3 resource ids, $4 updated_at (NULL when unknown)
--- Records each resource's newest snapshot; returns the ones applied (an older snapshot is stale).
-INSERT INTO resources (connection_id, source, resource_id, updated_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
-ON CONFLICT (connection_id, source, resource_id) DO UPDATE SET updated_at = EXCLUDED.updated_at
+-- params: $1 connection ids, $2 sources, $3 resource ids, $4 updated_at (NULL when unknown),
+--         $5 each snapshot's complete attachment list as a JSON array (NULL when it has none)
+-- Records each resource's newest snapshot and what it says of its files; returns the ones applied
+-- (an older snapshot is stale).
+INSERT INTO resources (connection_id, source, resource_id, updated_at, attachment_ids)
+SELECT c, s, r, u, CASE WHEN l IS NULL THEN NULL
+                        ELSE ARRAY(SELECT jsonb_array_elements_text(l::jsonb)) END
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[]) AS x(c, s, r, u, l)
+ON CONFLICT (connection_id, source, resource_id) DO UPDATE
+    SET updated_at = EXCLUDED.updated_at, attachment_ids = EXCLUDED.attachment_ids
 WHERE resources.updated_at IS NULL OR EXCLUDED.updated_at IS NULL
    OR EXCLUDED.updated_at >= resources.updated_at
 RETURNING connection_id, source, resource_id;
@@ -154,6 +159,25 @@ ON CONFLICT (connection_id, qonto_attachment_id) DO UPDATE
     SET state = 'pending', reason = NULL, updated_at = now()
     WHERE documents.state = 'skipped' AND documents.reason = $11
 RETURNING id;
+
+-- name: insert_named_documents
+-- params: $1 connection ids, $2 sources, $3 resource ids, $4 attachment ids, $5 directions,
+--         $6 document dates, $7 counterparties, $8 amounts, $9 currencies, $10 Qonto file names,
+--         $11 the "deleted before sync" reason
+-- Files only older snapshots named (the newest one won, in the batch or before it): each is listed
+-- once, pending unless the newest snapshot of its resource lists its files and leaves it out
+-- (skipped, deleted before sync). A document that exists keeps its state. Returns their states.
+INSERT INTO documents (connection_id, source, qonto_resource_id, qonto_attachment_id, direction,
+                       document_date, counterparty, amount, currency, qonto_file_name, state, reason)
+SELECT x.c, x.s, x.r, x.a, x.d, x.dd, x.cp, x.am, x.cu, x.fn,
+       CASE WHEN g.gone THEN 'skipped' ELSE 'pending' END,
+       CASE WHEN g.gone THEN $11 END
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::date[], $7::text[],
+            $8::text[], $9::text[], $10::text[]) AS x(c, s, r, a, d, dd, cp, am, cu, fn)
+LEFT JOIN resources res ON res.connection_id = x.c AND res.source = x.s AND res.resource_id = x.r
+CROSS JOIN LATERAL (SELECT coalesce(NOT (x.a = ANY (res.attachment_ids)), false) AS gone) AS g
+ON CONFLICT (connection_id, qonto_attachment_id) DO NOTHING
+RETURNING state;
 
 -- name: skip_removed_attachments
 -- params: $1 connection ids, $2 sources, $3 resource ids (the applied complete snapshots),
