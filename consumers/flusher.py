@@ -247,7 +247,6 @@ async def flush(
     clock = time.perf_counter()
     run_report = report.RunReport(kind=run_kind, started_at=started)
     with db.translate("worker lease"):
-        own_run = run_id is None
         if run_id is None:
             run_id = int(await pool.fetchval(queries.get("insert_manual_run")))
         since_previous = await pool.fetchval(queries.get("previous_run_start"), run_id)
@@ -296,9 +295,10 @@ async def flush(
                 await _settle_own(ctx, runs)
                 await _summarise(ctx, runs, run_report, since_previous)
         run_report.finished_at = dt.datetime.now(dt.UTC)
-        if own_run:  # a scheduled run's row is finished by the scheduler
-            finished = run_report.to_json()
-            await guard.run("finish run", lambda: _finish_run(pool, run_id, finished))
+        # a scheduled run's row too (the scheduler writes it again): its connection may have gone
+        # with an outage, and an unfinished row would run the day again
+        finished = run_report.to_json()
+        await guard.run("finish run", lambda: _finish_run(pool, run_id, finished))
     except errors.OutageTooLong as exc:
         raise errors.OutageTooLong(_stopped(exc, ctx)) from exc
     finally:
