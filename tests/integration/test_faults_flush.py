@@ -22,7 +22,7 @@ import uuid
 import asyncpg
 import pytest
 
-from consumers import flusher
+from consumers import flusher, recovery
 from relay import config, db
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
@@ -308,3 +308,41 @@ async def test_a_flush_cut_off_from_postgresql_and_taken_for_dead_sends_nothing_
         f"{len(first.events('document_transition_lost'))} documents taken; in Loop "
         f"{len(loop.stored)}, uploaded {DOCUMENTS}, in doubt 0"
     )
+
+
+async def _lock_holder(pool: asyncpg.Pool, worker: int) -> int | None:
+    """The backend holding a worker's advisory lock, if any."""
+    pid = await pool.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2",
+        recovery.WORKER_LOCK_SPACE,
+        worker,
+    )
+    return int(pid) if pid is not None else None
+
+
+async def test_the_worker_lease_is_kept_while_held_and_re_taken_once_its_backend_is_gone(
+    settings: config.Settings, pool: asyncpg.Pool, faults: services.Services
+) -> None:
+    """A lease whose connection still holds the lock is left as it is; once its backend is
+    terminated (the lock is free: a recovery would take the worker for dead) it is re-taken."""
+    lease = await recovery.Lease.take(pool)
+    try:
+        holder = await _lock_holder(pool, lease.worker)
+        assert holder is not None
+        await lease.keep()
+        assert await _lock_holder(pool, lease.worker) == holder
+        await faults.postgres_terminate(db.database_name(settings.database_url.reveal()))
+        await factories.until(lambda: lease.lost, within_s=10, what="the lease seen lost")
+        await pool.expire_connections()
+        assert await _lock_holder(pool, lease.worker) is None
+        await lease.keep()
+        assert not lease.lost
+        retaken = await _lock_holder(pool, lease.worker)
+        assert retaken not in (None, holder)
+        assert not await pool.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", recovery.WORKER_LOCK_SPACE, lease.worker
+        )
+    finally:
+        await lease.release()
+    assert await _lock_holder(pool, lease.worker) is None
