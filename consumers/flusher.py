@@ -236,7 +236,8 @@ async def flush(
     """Recover, scan Qonto, then upload every pending document; returns the run's report.
 
     ``connection_id``: that connection only (NotFound when there is none, Refused when it is
-    disconnected or revoked)."""
+    disconnected or revoked). PostgreSQL lost mid-run is waited for; past ``RELAY_OUTAGE_LIMIT``
+    the run raises OutageTooLong, whose one line says what it leaves to the next run."""
     if connection_id is not None:
         only = await connections.get(pool, connection_id)
         if only.state in (models.ConnectionState.DISCONNECTED, models.ConnectionState.REVOKED):

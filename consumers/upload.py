@@ -262,6 +262,22 @@ def _answer(stored: cegid.Stored | errors.RelayError) -> str:
     return f"no answer: {stored}"
 
 
+def _doubt_unfounded(document: models.Document) -> None:
+    """A recovery (another flush, taking this worker for dead while it waited for the database)
+    put the document in doubt for an attempt row this worker committed without learning it: it
+    was never sent. The ledger's rule stands (this worker no longer holds it, it writes nothing);
+    the operator is told what to decide."""
+    logger.warning(
+        "document_in_doubt_never_sent",
+        document=document.id,
+        connection=str(document.connection_id),
+        detail=(
+            "taken from this flush while it waited for PostgreSQL, before its attempt was sent: "
+            f"it is not in Loop, `relay documents resolve {document.id} --resend`"
+        ),
+    )
+
+
 def _lost_hold(document: models.Document, state: str) -> None:
     """This worker no longer held the document (a recovery settled it): its state is left alone."""
     logger.warning(
@@ -435,9 +451,13 @@ async def _deposit(
         return
     upload_id: int | None = None
 
+    starts = 0
+
     async def start() -> int | None:
         # committed before the first byte; a second run closes the first one's row if the
         # database took its answer away (nothing was sent under it)
+        nonlocal starts
+        starts += 1
         with db.translate("record attempt"):
             value = await ctx.pool.fetchval(queries.get("start_upload"), document.id, ctx.worker)
         return int(value) if value is not None else None
@@ -449,9 +469,12 @@ async def _deposit(
         # The upload slots are held only while a request is out: bookkeeping and backoff
         # happen outside them, so they stay busy (issue: >= 0.9 x C/L).
         async with ctx.firm(connection.cegid_key_fingerprint), ctx.uploads:
+            starts = 0
             upload_id = await ctx.guard.run("record attempt", start)
             if upload_id is None:  # a recovery took it from this worker: not ours to send
                 _lost_hold(document, "uploading")
+                if starts > 1 and await _already(ctx, document, models.DocumentState.IN_DOUBT):
+                    _doubt_unfounded(document)
                 return
             try:
                 stored: cegid.Stored | errors.RelayError = await ctx.cegid.store_document(

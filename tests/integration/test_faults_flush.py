@@ -217,18 +217,81 @@ async def test_an_outage_past_the_limit_stops_with_one_line_and_nothing_goes_twi
     )
 
 
+SSL_REQUESTS = (80877103, 80877104)  # SSLRequest, GSSENCRequest: they precede the startup message
+
+
+class _Statements:
+    """One client connection's messages to PostgreSQL, read as they pass: the text of each
+    prepared statement, and the Sync that ends an execution of one whose text holds a pattern."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._started = False
+        self._texts: dict[bytes, bytes] = {}
+        self._executing = False
+
+    def feed(self, data: bytes, pattern: bytes | None) -> int | None:
+        """Read ``data``; the offset in it just past such a Sync, when there is one."""
+        before = len(self._buffer)
+        buffer = self._buffer + data
+        at = 0
+        while True:
+            if not self._started:  # untyped: the startup message, after any SSL request
+                if len(buffer) - at < 8:
+                    break
+                length = int.from_bytes(buffer[at : at + 4], "big")
+                if len(buffer) - at < length:
+                    break
+                code = int.from_bytes(buffer[at + 4 : at + 8], "big")
+                self._started = code not in SSL_REQUESTS
+                at += length
+                continue
+            if len(buffer) - at < 5:
+                break
+            kind = buffer[at : at + 1]
+            end = at + 1 + int.from_bytes(buffer[at + 1 : at + 5], "big")
+            if len(buffer) < end:
+                break
+            body = buffer[at + 5 : end]
+            if kind == b"P":  # Parse: statement name, text
+                name, _, rest = body.partition(b"\0")
+                self._texts[name] = rest.partition(b"\0")[0]
+            elif kind == b"B":  # Bind: portal, statement name
+                name = body.partition(b"\0")[2].partition(b"\0")[0]
+                self._executing = pattern is not None and pattern in self._texts.get(name, b"")
+            elif kind == b"S" and self._executing:
+                return end - before
+            at = end
+        self._buffer = buffer[at:]
+        return None
+
+
 class Partition:
     """A TCP relay to PostgreSQL for one process: :meth:`cut` closes its connections and refuses
     new ones (PostgreSQL ends those sessions, freeing their advisory locks), :meth:`heal` lets
-    it through again. The database itself stays up for everyone else."""
+    it through again; :meth:`trip_on` cuts right after PostgreSQL was sent the execution of a
+    statement, so that it commits and its answer is lost. The database stays up for the others."""
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
         self.port = processes.free_port()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._pattern: bytes | None = None
+        self._dropping = False
+        self.tripped = asyncio.Event()
+
+    def dsn(self, url: str) -> str:
+        """``url`` through this relay, in clear (its messages are read)."""
+        parts = urllib.parse.urlsplit(url)
+        netloc = f"{parts.username}@127.0.0.1:{self.port}"
+        return parts._replace(netloc=netloc, query="sslmode=disable").geturl()
+
+    def trip_on(self, text: bytes) -> None:
+        self._pattern = text
 
     async def heal(self) -> None:
+        self._dropping = False
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def cut(self) -> None:
@@ -246,19 +309,56 @@ class Partition:
             to_client.close()
             return
         self._writers |= {to_client, to_server}
-        await asyncio.gather(self._pipe(client, to_server), self._pipe(server, to_client))
+        await asyncio.gather(self._up(client, to_server), self._down(server, to_client))
         self._writers -= {to_client, to_server}
 
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _up(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        statements = _Statements()
         try:
             while data := await source.read(65536):
+                cut_at = statements.feed(data, self._pattern)
+                if cut_at is not None:
+                    self._pattern, self._dropping = None, True  # its answer never goes back
+                    sink.write(data[:cut_at])
+                    await sink.drain()
+                    self.tripped.set()
+                    await self.cut()
+                    return
                 sink.write(data)
                 await sink.drain()
         except (OSError, RuntimeError):
             pass
         finally:
             sink.close()
+
+    async def _down(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while (data := await source.read(65536)) and not self._dropping:
+                sink.write(data)
+                await sink.drain()
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            sink.close()
+
+
+async def _through(
+    partition: Partition, settings: config.Settings, tmp_path: pathlib.Path
+) -> processes.Role:
+    """`relay flush --now` reaching PostgreSQL through ``partition``."""
+    await partition.heal()
+    proxied = partition.dsn(settings.database_url.reveal())
+    return processes.Role(
+        dataclasses.replace(settings, database_url=config.Secret(proxied)),
+        "flush",
+        "--now",
+        log_path=tmp_path / "flush.log",
+    )
+
+
+def _partition(settings: config.Settings) -> Partition:
+    url = urllib.parse.urlsplit(settings.database_url.reveal())
+    return Partition(url.hostname or "127.0.0.1", url.port or 5432)
 
 
 async def test_a_flush_cut_off_from_postgresql_and_taken_for_dead_sends_nothing_twice(
@@ -270,21 +370,14 @@ async def test_a_flush_cut_off_from_postgresql_and_taken_for_dead_sends_nothing_
     tmp_path: pathlib.Path,
 ) -> None:
     """A flush cut off from PostgreSQL while deposits are out loses its lease; another flush takes
-    its worker for dead, recovers its documents (in doubt: they were sent) and sends the rest.
-    Once the first one is back, its answers still land and it sends none of what the other took:
-    every file in Loop once, nothing left in doubt."""
+    its worker for dead, recovers its documents (in doubt when an attempt was committed) and sends
+    the rest. Once the first one is back it sends none of what the other took, and Loop's 2xx to
+    its deposits still land: every file in Loop once, and in doubt only an attempt it committed
+    without learning it (never sent), which it names."""
     shas = await _seed(pool, qonto, connection_id)
     loop.latency_s = CEGID_ANSWERS_IN_S
-    url = urllib.parse.urlsplit(upstream_settings.database_url.reveal())
-    partition = Partition(url.hostname or "127.0.0.1", url.port or 5432)
-    await partition.heal()
-    proxied = url._replace(netloc=f"{url.username}@127.0.0.1:{partition.port}").geturl()
-    first = processes.Role(
-        dataclasses.replace(upstream_settings, database_url=config.Secret(proxied)),
-        "flush",
-        "--now",
-        log_path=tmp_path / "flush.log",
-    )
+    partition = _partition(upstream_settings)
+    first = await _through(partition, upstream_settings, tmp_path)
     try:
         await _deposits_in_flight(loop, first)
         await partition.cut()
@@ -299,14 +392,23 @@ async def test_a_flush_cut_off_from_postgresql_and_taken_for_dead_sends_nothing_
     assert first.events("flush_lease_retaken")
     assert first.events("document_transition_lost")  # what the second one took: not sent
     assert loop.duplicates() == []
-    assert {s.sha256 for s in loop.stored} == shas
-    assert len(loop.stored) == DOCUMENTS
-    assert await _states(upstream_settings) == {"uploaded": DOCUMENTS}
+    # the ledger's rule stands: what the second flush settled in doubt stays so, unless the first
+    # one's deposit landed (Loop's 2xx is recorded); in doubt is then only an attempt row the
+    # first one committed without learning it, never sent, and the first one says so
+    in_doubt = await _shas(upstream_settings, "in_doubt")
+    stored = {s.sha256 for s in loop.stored}
+    assert stored | in_doubt == shas
+    assert not stored & in_doubt
+    assert len(first.events("document_in_doubt_never_sent")) == len(in_doubt)
+    assert await _states(upstream_settings) == {
+        "uploaded": DOCUMENTS - len(in_doubt),
+        **({"in_doubt": len(in_doubt)} if in_doubt else {}),
+    }
     print(
         f"\n[taken for dead] the second flush recovered {second.recovered} and uploaded "
         f"{second.totals()['uploaded']}; the first one exited {code}, found "
         f"{len(first.events('document_transition_lost'))} documents taken; in Loop "
-        f"{len(loop.stored)}, uploaded {DOCUMENTS}, in doubt 0"
+        f"{len(loop.stored)}, in doubt (never sent, said so) {len(in_doubt)}"
     )
 
 
@@ -346,3 +448,120 @@ async def test_the_worker_lease_is_kept_while_held_and_re_taken_once_its_backend
     finally:
         await lease.release()
     assert await _lock_holder(pool, lease.worker) is None
+
+
+async def test_a_claim_whose_answer_is_lost_is_taken_up_once_postgresql_answers(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    tmp_path: pathlib.Path,
+) -> None:
+    """A claim commits and the connection goes before its answer: once PostgreSQL answers again
+    the flush takes up the documents it holds without knowing it, and sends them in this run."""
+    shas = await _seed(pool, qonto, connection_id)
+    partition = _partition(upstream_settings)
+    partition.trip_on(b"attempts = attempts + 1")  # claim_documents
+    flush = await _through(partition, upstream_settings, tmp_path)
+    try:
+        await asyncio.wait_for(partition.tripped.wait(), 60)
+        await factories.until(lambda: bool(flush.events("flush_database_lost")), within_s=30)
+        await partition.heal()
+        code = await flush.exit_code(within_s=180)
+    finally:
+        flush.close()
+        await partition.cut()
+    assert code == 0, flush.log()
+    adopted = sum(e["count"] for e in flush.events("documents_adopted"))
+    assert adopted >= 1, flush.log()
+    assert loop.duplicates() == []
+    assert {s.sha256 for s in loop.stored} == shas
+    assert await _states(upstream_settings) == {"uploaded": DOCUMENTS}
+    print(f"\n[claim answer lost] taken up {adopted}; uploaded {DOCUMENTS}, in doubt 0")
+
+
+async def test_an_attempt_row_whose_answer_is_lost_is_closed_as_never_sent(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    tmp_path: pathlib.Path,
+) -> None:
+    """The attempt row commits and the connection goes before its answer (so nothing is sent
+    under it): once PostgreSQL answers again that row is closed as never sent and the document
+    goes under a new one; no attempt is left 'sending', nothing in doubt."""
+    shas = await _seed(pool, qonto, connection_id)
+    partition = _partition(upstream_settings)
+    partition.trip_on(b"INSERT INTO uploads")  # start_upload
+    flush = await _through(partition, upstream_settings, tmp_path)
+    try:
+        await asyncio.wait_for(partition.tripped.wait(), 60)
+        await factories.until(lambda: bool(flush.events("flush_database_lost")), within_s=30)
+        await partition.heal()
+        code = await flush.exit_code(within_s=180)
+    finally:
+        flush.close()
+        await partition.cut()
+    assert code == 0, flush.log()
+    assert loop.duplicates() == []
+    assert {s.sha256 for s in loop.stored} == shas
+    assert await _states(upstream_settings) == {"uploaded": DOCUMENTS}
+    conn = await asyncpg.connect(upstream_settings.database_url.reveal(), timeout=10)
+    try:
+        outcomes = await conn.fetch("SELECT outcome, error FROM uploads")
+    finally:
+        await conn.close()
+    never_sent = [r for r in outcomes if (r["error"] or "").startswith("never sent")]
+    assert len(never_sent) >= 1
+    assert {r["outcome"] for r in never_sent} == {"retry"}
+    assert not [r for r in outcomes if r["outcome"] == "sending"]
+    print(f"\n[attempt answer lost] closed as never sent {len(never_sent)}; uploaded {DOCUMENTS}")
+
+
+async def test_an_unsent_attempt_a_recovery_put_in_doubt_is_named_by_the_flush(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    tmp_path: pathlib.Path,
+) -> None:
+    """The attempt row commits, its answer is lost, and another flush takes this one for dead
+    meanwhile: the document is in doubt (the ledger's rule: an attempt row may have gone out)
+    though it was never sent; the first flush writes nothing to it, sends nothing, and names it
+    for the operator. Nothing is sent twice."""
+    shas = await _seed(pool, qonto, connection_id)
+    loop.latency_s = CEGID_ANSWERS_IN_S
+    partition = _partition(upstream_settings)
+    partition.trip_on(b"INSERT INTO uploads")
+    first = await _through(partition, upstream_settings, tmp_path)
+    try:
+        await asyncio.wait_for(partition.tripped.wait(), 60)
+        await factories.until(lambda: bool(first.events("flush_database_lost")), within_s=30)
+        second = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
+        await partition.heal()
+        await first.exit_code(within_s=180)
+    finally:
+        first.close()
+        await partition.cut()
+    conn = await asyncpg.connect(upstream_settings.database_url.reveal(), timeout=10)
+    try:
+        doubted = {
+            int(r["id"]): r["sha256"]
+            for r in await conn.fetch("SELECT id, sha256 FROM documents WHERE state = 'in_doubt'")
+        }
+    finally:
+        await conn.close()
+    named = {int(e["document"]) for e in first.events("document_in_doubt_never_sent")}
+    assert doubted, second.recovered
+    assert set(doubted) == named
+    stored = {s.sha256 for s in loop.stored}
+    assert not stored & set(doubted.values())
+    assert stored | set(doubted.values()) == shas
+    assert loop.duplicates() == []
+    print(
+        f"\n[unsent attempt taken for dead] recovered {second.recovered}; in doubt, never sent "
+        f"and named {len(named)}; in Loop {len(loop.stored)}"
+    )
