@@ -5,6 +5,10 @@ and PostgreSQL stopped for five seconds, or every backend of the flush's databas
 deposits are out: the flush stops claiming, lets its deposits finish, records their answers once
 PostgreSQL is back and claims the rest. Past RELAY_OUTAGE_LIMIT it stops with one line; a later
 flush sends nothing twice and leaves in doubt only the deposits whose answers were not recorded.
+
+A relay in front of PostgreSQL (:class:`Partition`) cuts one flush off while the database stays up
+for another (which then takes the first for dead), or cuts right after a statement's execution was
+sent, so that it commits and its answer is lost (a claim, an attempt row).
 """
 
 from __future__ import annotations
