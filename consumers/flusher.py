@@ -15,7 +15,15 @@ against a duplicate in the accountant's inbox:
 - content is deduplicated per dossier against a copy that is in Loop, in doubt or being sent; a
   copy that never reached Loop (pending, skipped, failed) gives the content up to the next one.
 
-One document's error (the database gone for a moment, a bug) stops that document only: it stays
+PostgreSQL lost mid-run (stopped, restarted, backends terminated) does not make doubt: every write
+of the run goes through a :class:`consumers.patience.Guard`, so the flush stops claiming, lets the
+deposits already out finish, records their answers once the database is back (its worker lease
+re-taken first), and claims the rest. Past ``RELAY_OUTAGE_LIMIT`` it stops with one line saying
+what it leaves: the documents it could not settle are settled by the next run's recovery (in doubt
+when an attempt was committed, pending when not). A document is left in doubt by a run only when
+no answer came, or when the process itself dies.
+
+One document's error (a bug, a statement that keeps failing) stops that document only: it stays
 ``uploading`` under this worker and is settled at the end of the run like a dead worker's. One
 connection's error stops that connection only; the others go on.
 
@@ -31,17 +39,19 @@ This module holds the run and each connection's claims; one document's way is in
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
+import functools
 import pathlib
 import tempfile
 import time
 import uuid
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
-from consumers import recovery, scanner, upload
+from consumers import patience, recovery, scanner, upload
 from relay import (
     cegid,
     config,
@@ -85,9 +95,73 @@ async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None
     await upload.transition(ctx, "set_dossier_checked", connection.id)
 
 
+async def _recheck(
+    ctx: upload.Context, connection: models.Connection, creds: credentials.CegidCredentials
+) -> models.Connection:
+    """A connection flagged because Cegid refused its key or dossier: one dossier read (as the
+    daily check) before its documents are left waiting. Accepted: the flag is cleared and the
+    connection goes in this run. Refused or unavailable: it stays flagged."""
+    try:
+        await ctx.cegid.check_dossier(creds, connection.cegid_dossier)
+    except errors.CegidAccessRefused as exc:
+        logger.info("flag_kept", connection=str(connection.id), reason=str(exc))
+        return connection
+    except errors.Retryable as exc:
+        logger.info("flag_check_unavailable", connection=str(connection.id), reason=str(exc))
+        return connection
+    cleared = await ctx.guard.run(
+        "clear flag",
+        functools.partial(
+            connections.clear_cegid_flag, ctx.pool, connection.id, upload.CEGID_REASON
+        ),
+    )
+    if cleared is None:  # changed meanwhile (disconnected, revoked, flagged by Qonto)
+        return connection
+    logger.info("flag_cleared", connection=str(connection.id))
+    return cleared
+
+
+async def _claim(
+    ctx: upload.Context, run: upload.ConnectionRun, wanted: int
+) -> list[asyncpg.Record]:
+    """Up to ``wanted`` documents for this worker. After a claim that failed with the database
+    (its commit may have gone through), first what this worker holds without knowing it."""
+    try:
+        if ctx.lease.lost:  # a recovery could take this worker for dead: re-take it first
+            raise errors.DatabaseUnavailable("claim documents: the worker lease was lost")
+        with db.translate("claim documents"):
+            if run.claim_unsure:
+                held = await ctx.pool.fetch(
+                    queries.get("held_documents"),
+                    run.connection.id,
+                    ctx.worker,
+                    list(run.seen),
+                    wanted,
+                )
+                if held:
+                    logger.warning(
+                        "documents_adopted", connection=str(run.connection.id), count=len(held)
+                    )
+                    return list(held)
+                run.claim_unsure = False
+            return list(
+                await ctx.pool.fetch(
+                    queries.get("claim_documents"),
+                    run.connection.id,
+                    ctx.worker,
+                    wanted,
+                    ctx.cutoff,
+                )
+            )
+    except errors.DatabaseUnavailable:
+        run.claim_unsure = True
+        raise
+
+
 async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> None:
     """Claim this connection's pending documents as slots free up, until none is left (or access
-    is refused). An error here stops this connection only; documents in hand finish first."""
+    is refused). An error here stops this connection only; documents in hand finish first. While
+    the database is gone nothing is claimed; when the flush gives up on it, claiming stops."""
     inflight: set[asyncio.Task[None]] = set()
     try:
         await _check_dossier(ctx, run)
@@ -99,17 +173,13 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
                 wanted += 1
             records: list[asyncpg.Record] = []
             try:
-                with db.translate("claim documents"):
-                    records = await ctx.pool.fetch(
-                        queries.get("claim_documents"),
-                        run.connection.id,
-                        ctx.worker,
-                        wanted,
-                        ctx.cutoff,
-                    )
+                records = await ctx.guard.run(
+                    "claim documents", functools.partial(_claim, ctx, run, wanted)
+                )
             finally:
                 for _ in range(wanted - len(records)):
                     ctx.slots.release()
+            run.seen.update(int(r["id"]) for r in records)
             for record in records:  # each task releases its slot
                 task = asyncio.create_task(
                     upload.process(ctx, run, models.Document.from_record(record))
@@ -122,6 +192,8 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
         for task in inflight:
             task.cancel()
         raise
+    except errors.OutageTooLong:
+        pass  # the flush stops: the documents in hand finish (below), then it says what is left
     except Exception as exc:  # the other connections go on; this one is retried next run
         logger.error(
             "connection_flush_failed",
@@ -135,11 +207,16 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
     finally:
         if inflight:
             await asyncio.gather(*inflight, return_exceptions=True)
-    if run.refused:
+    if run.refused and not ctx.guard.gave_up:
         run.report.attention = run.refused
-        await connections.flag(
-            ctx.pool, run.connection.id, models.ConnectionState.NEEDS_ATTENTION, run.refused
-        )
+        refused = run.refused
+        with contextlib.suppress(errors.OutageTooLong):
+            await ctx.guard.run(
+                "flag connection",
+                lambda: connections.flag(
+                    ctx.pool, run.connection.id, models.ConnectionState.NEEDS_ATTENTION, refused
+                ),
+            )
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -159,7 +236,8 @@ async def flush(
     """Recover, scan Qonto, then upload every pending document; returns the run's report.
 
     ``connection_id``: that connection only (NotFound when there is none, Refused when it is
-    disconnected or revoked)."""
+    disconnected or revoked). PostgreSQL lost mid-run is waited for; past ``RELAY_OUTAGE_LIMIT``
+    the run raises OutageTooLong, whose one line says what it leaves to the next run."""
     if connection_id is not None:
         only = await connections.get(pool, connection_id)
         if only.state in (models.ConnectionState.DISCONNECTED, models.ConnectionState.REVOKED):
@@ -170,25 +248,32 @@ async def flush(
     clock = time.perf_counter()
     run_report = report.RunReport(kind=run_kind, started_at=started)
     with db.translate("worker lease"):
-        own_run = run_id is None
         if run_id is None:
             run_id = int(await pool.fetchval(queries.get("insert_manual_run")))
         since_previous = await pool.fetchval(queries.get("previous_run_start"), run_id)
-        worker, lease = await recovery.worker_lease(pool)
+        lease = await recovery.Lease.take(pool)
+    guard = patience.Guard(pool, settings.outage_limit_s, on_back=lease.keep)
+    ctx: upload.Context | None = None
     try:
-        run_report.recovered = await recovery.recover(pool)
+        run_report.recovered = await guard.run("recover", lambda: recovery.recover(pool))
         async with (
             qonto.http_clients(settings) as qonto_http,
             cegid.http_client(settings) as cegid_http,
         ):
             scan = await scanner.scan(
-                settings, pool, qonto_http, connection_id=connection_id, since=since, now=now
+                settings,
+                pool,
+                qonto_http,
+                connection_id=connection_id,
+                since=since,
+                now=now,
+                guard=guard,
             )
             with tempfile.TemporaryDirectory(prefix="relay-flush-") as tmp:
                 ctx = upload.Context(
                     settings=settings,
                     pool=pool,
-                    worker=worker,
+                    worker=lease.worker,
                     qonto_http=qonto_http,
                     cegid=cegid.CegidClient(settings, cegid_http),
                     box=crypto.Box(settings.secret_key.reveal()),
@@ -196,37 +281,104 @@ async def flush(
                     tmpdir=pathlib.Path(tmp),
                     uploads=asyncio.Semaphore(settings.upload_concurrency),
                     firms={},
-                    cutoff=await pool.fetchval(queries.get("database_now")),
+                    cutoff=await guard.run("database time", lambda: _database_now(pool)),
+                    guard=guard,
+                    lease=lease,
                     slots=asyncio.Semaphore(max(4, settings.upload_concurrency * 2)),
                 )
                 runs = await _prepare(ctx, scan, connection_id)
                 await asyncio.gather(
                     *(_connection_loop(ctx, r) for r in runs if r.report.state == "active")
                 )
-                await recovery.settle_own(ctx.pool, ctx.worker, [r.report for r in runs])
+                if guard.gave_up:
+                    raise guard.gave_up
+                await _save_tokens(ctx, runs)
+                await _settle_own(ctx, runs)
                 await _summarise(ctx, runs, run_report, since_previous)
+        run_report.finished_at = dt.datetime.now(dt.UTC)
+        # a scheduled run's row too (the scheduler writes it again): its connection may have gone
+        # with an outage, and an unfinished row would run the day again
+        finished = run_report.to_json()
+        await guard.run("finish run", lambda: _finish_run(pool, run_id, finished))
+    except errors.OutageTooLong as exc:
+        raise errors.OutageTooLong(_stopped(exc, ctx)) from exc
     finally:
-        with contextlib.suppress(Exception):
-            await lease.execute(queries.get("worker_unlock"), recovery.WORKER_LOCK_SPACE, worker)
-        await pool.release(lease)
-    run_report.finished_at = dt.datetime.now(dt.UTC)
-    if own_run:  # a scheduled run's row is finished by the scheduler
-        with db.translate("finish run"):
-            await pool.execute(queries.get("finish_run"), run_id, run_report.to_json())
+        await guard.close()
+        await lease.release()
     logger.info(
         "flush_finished",
         kind=run_kind,
         duration_s=round(time.perf_counter() - clock, 3),
+        outages=len(guard.outages),
         **run_report.totals(),
     )
     return run_report
+
+
+def _stopped(exc: errors.OutageTooLong, ctx: upload.Context | None) -> str:
+    """The one line a flush that gave up on PostgreSQL ends with: what it leaves, and what next."""
+    left = ctx.left if ctx is not None else collections.Counter[str]()
+    parts = [f"{exc}: the flush stopped"]
+    sent = left["stored"] + left["sent"]
+    if sent:
+        parts.append(
+            f"{sent} document(s) sent to Cegid Loop whose answers could not be recorded "
+            f"({left['stored']} stored by Loop, by its answer) become in_doubt at the next "
+            "flush's recovery: their answers are logged (document_outcome_unrecorded); check "
+            "Loop, then `relay documents resolve ID --uploaded|--resend`"
+        )
+    else:
+        parts.append("no deposit was left without its recorded answer")
+    if left["unsent"]:
+        parts.append(
+            f"{left['unsent']} document(s) claimed but not sent go back to pending at the next "
+            "flush's recovery"
+        )
+    parts.append("every other document waits for the next run")
+    return "; ".join(parts)
+
+
+async def _settle_own(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
+    """What this worker still holds after an error is settled now, into the report; if the
+    database keeps failing, the next run's recovery does it."""
+    reports = [r.report for r in runs]
+    try:
+        await ctx.guard.run("settle", lambda: recovery.settle_own(ctx.pool, ctx.worker, reports))
+    except errors.OutageTooLong:
+        raise
+    except errors.DatabaseUnavailable as exc:
+        logger.warning("flush_settle_deferred", reason=str(exc))
+
+
+async def _database_now(pool: asyncpg.Pool) -> dt.datetime:
+    with db.translate("database time"):
+        value: dt.datetime = await pool.fetchval(queries.get("database_now"))
+    return value
+
+
+async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, object]) -> None:
+    with db.translate("finish run"):
+        await pool.execute(queries.get("finish_run"), run_id, finished)
+
+
+async def _save_tokens(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
+    """A Qonto refresh token rotated during the uploads and not stored yet is stored now (the old
+    one is dead: without it the next run is refused)."""
+    for run in runs:
+        if run.qonto.tokens_unsaved and not await run.qonto.save_tokens():
+            run.report.warnings.append(
+                "the rotated Qonto refresh token could not be stored: "
+                "reconnect the organization if the next run is refused"
+            )
 
 
 async def _prepare(
     ctx: upload.Context, scan: scanner.ScanReport, only: uuid.UUID | None
 ) -> list[upload.ConnectionRun]:
     runs = []
-    for connection in await connections.list_all(ctx.pool):
+    for connection in await ctx.guard.run(
+        "list connections", lambda: connections.list_all(ctx.pool)
+    ):
         if only is not None and connection.id != only:
             continue
         if connection.state in (
@@ -234,12 +386,22 @@ async def _prepare(
             models.ConnectionState.DISCONNECTED,
         ):
             continue
-        qonto_creds, cegid_creds = await credentials.load(ctx.pool, ctx.box, connection.id)
+        qonto_creds, cegid_creds = await ctx.guard.run(
+            "load credentials",
+            functools.partial(credentials.load, ctx.pool, ctx.box, connection.id),
+        )
+        if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
+            connection.state_reason or ""
+        ).startswith(upload.CEGID_REASON):
+            connection = await _recheck(ctx, connection, cegid_creds)
 
         async def store(
             creds: credentials.QontoCredentials, cid: uuid.UUID = connection.id
         ) -> None:
-            await credentials.store_qonto(ctx.pool, ctx.box, cid, creds)
+            await ctx.guard.run(
+                "store credentials",
+                lambda: credentials.store_qonto(ctx.pool, ctx.box, cid, creds),
+            )
 
         scanned = scan.for_connection(connection.id)
         run = upload.ConnectionRun(
@@ -269,10 +431,17 @@ async def _summarise(
     since_previous: dt.datetime | None,
 ) -> None:
     for run in runs:
-        description = await connections.describe(ctx.pool, run.connection.id)
         since = since_previous or run.connection.created_at
-        with db.translate("skipped since"):
-            skipped = await ctx.pool.fetch(queries.get("skipped_since"), run.connection.id, since)
+
+        async def read(
+            cid: uuid.UUID = run.connection.id, since: dt.datetime = since
+        ) -> tuple[dict[str, Any], list[asyncpg.Record]]:
+            description = await connections.describe(ctx.pool, cid)
+            with db.translate("skipped since"):
+                skipped = await ctx.pool.fetch(queries.get("skipped_since"), cid, since)
+            return description, list(skipped)
+
+        description, skipped = await ctx.guard.run("summarise", read)
         run.report.skipped.clear()
         for record in skipped:
             run.report.skipped[report.reason_key(record["reason"])] += record["n"]

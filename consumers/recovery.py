@@ -2,7 +2,7 @@
 
 Such a document becomes ``in_doubt`` if its attempt row exists (the request may have gone out) and
 ``pending`` if not (it provably never left). A flush worker holds a PostgreSQL advisory lock in
-``WORKER_LOCK_SPACE`` for its whole run (:func:`worker_lease`), so a worker is dead when its lock is
+``WORKER_LOCK_SPACE`` for its whole run (:class:`Lease`), so a worker is dead when its lock is
 free: before each run, :func:`recover` settles what dead workers left; at the end of a run,
 :func:`settle_own` settles what this worker still holds after an error, into the run's report.
 A recovery settles a document under the row lock the worker takes to record an attempt, so a worker
@@ -11,6 +11,7 @@ taken for dead cannot send a document someone else recovered.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -92,16 +93,13 @@ async def settle_own(
     pool: asyncpg.Pool, worker: int, reports: Sequence[report.ConnectionReport]
 ) -> None:
     """End of run: what this worker still holds (documents whose processing hit an error) is
-    settled now, into the report; if the database is gone, the next run's recovery does it."""
-    try:
-        with db.translate("settle"):
-            async with pool.acquire() as conn, conn.transaction():
-                settled = await _settle(
-                    conn, worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT_REASON
-                )
-    except errors.DatabaseUnavailable as exc:
-        logger.warning("flush_settle_deferred", reason=str(exc))
-        return
+    settled now, in one transaction, then counted into the report (DatabaseUnavailable when the
+    database is gone: the caller waits for it, or leaves it to the next run's recovery)."""
+    with db.translate("settle"):
+        async with pool.acquire() as conn, conn.transaction():
+            settled = await _settle(
+                conn, worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT_REASON
+            )
     by_connection = {r.connection_id: r for r in reports}
     for connection_id, state, reason in settled:
         found = by_connection.get(connection_id)
@@ -113,14 +111,89 @@ async def settle_own(
             found.pending[report.reason_key(reason)] += 1
 
 
-async def worker_lease(pool: asyncpg.Pool) -> tuple[int, asyncpg.pool.PoolConnectionProxy]:
-    """A worker id whose session-level advisory lock is held by a dedicated connection."""
-    conn = await pool.acquire()
+class Lease:
+    """This worker's id and the advisory lock that says it is alive, held by a connection of its
+    own for the whole run. A PostgreSQL restart or a terminated backend frees the lock: another
+    flush may then take this worker for dead, so :meth:`keep` re-takes it as soon as it can (the
+    documents a recovery settled meanwhile are not this worker's any more: its writes to them do
+    not land)."""
+
+    def __init__(self, pool: asyncpg.Pool, worker: int, conn: asyncpg.pool.PoolConnectionProxy):
+        self._pool = pool
+        self.worker = worker
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = conn
+
+    @classmethod
+    async def take(cls, pool: asyncpg.Pool) -> Lease:
+        """A new worker id whose lock this process holds."""
+        conn = await pool.acquire()
+        try:
+            while True:
+                worker = secrets.randbelow(2**31 - 1) + 1
+                if await conn.fetchval(queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker):
+                    return cls(pool, worker, conn)
+        except BaseException:
+            await pool.release(conn)
+            raise
+
+    @property
+    def lost(self) -> bool:
+        """The connection holding the lock is known to be gone (no round trip)."""
+        return not _alive(self._conn)
+
+    async def keep(self) -> None:
+        """Make sure the lock is held: on a live connection that holds it, nothing to do; else
+        re-take it on a new connection. DatabaseUnavailable when it cannot be held now (the
+        database is gone, or a recovery holds it for a moment while it settles this worker)."""
+        if _alive(self._conn):
+            assert self._conn is not None
+            held = False
+            with contextlib.suppress(errors.DatabaseUnavailable), db.translate("worker lease"):
+                held = await self._conn.fetchval(
+                    queries.get("worker_lock_held"), WORKER_LOCK_SPACE, self.worker, timeout=5
+                )
+            if held:
+                return
+        await self._drop()
+        with db.translate("worker lease"):
+            conn = await self._pool.acquire()
+            try:
+                taken = await conn.fetchval(
+                    queries.get("try_worker_lock"), WORKER_LOCK_SPACE, self.worker
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self._pool.release(conn)
+                raise
+            if not taken:
+                await self._pool.release(conn)
+                raise errors.DatabaseUnavailable(
+                    f"worker {self.worker}: its lock is held by a recovery, retried"
+                )
+            self._conn = conn
+        logger.warning("flush_lease_retaken", worker=self.worker)
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+
+    async def release(self) -> None:
+        """Give the lock up (the run is over)."""
+        if self._conn is not None and _alive(self._conn):
+            with contextlib.suppress(Exception):
+                await self._conn.execute(
+                    queries.get("worker_unlock"), WORKER_LOCK_SPACE, self.worker
+                )
+        await self._drop()
+
+
+def _alive(conn: asyncpg.pool.PoolConnectionProxy | None) -> bool:
+    """Not known to be closed (a closed pool connection's proxy is detached: it says nothing)."""
+    if conn is None:
+        return False
     try:
-        while True:
-            worker = secrets.randbelow(2**31 - 1) + 1
-            if await conn.fetchval(queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker):
-                return worker, conn
-    except BaseException:
-        await pool.release(conn)
-        raise
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False

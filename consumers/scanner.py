@@ -10,12 +10,17 @@ Advancing the watermark to the scan's start is safe only because a walk lists ev
 its window even when items change while it runs (:mod:`relay.qonto` walks by ``updated_at`` cursor,
 or re-walks until a pass is settled): whatever changes mid-walk gets a later ``updated_at`` and falls
 in the next window. A rotated OAuth token the walk could not store is stored at the end, or reported.
+
+Within a flush every write (a page, a watermark, a rotated token) goes through the flush's
+:class:`consumers.patience.Guard`: a PostgreSQL outage makes the walk wait for the database instead
+of dropping a page or a token (a page is one idempotent transaction, a watermark never moves back).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +28,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from consumers import patience
 from relay import (
     config,
     connections,
@@ -110,12 +116,32 @@ SOURCES: Final[
 
 
 async def _apply(
-    pool: asyncpg.Pool, connection_id: uuid.UUID, snapshots: list[events.Snapshot]
+    pool: asyncpg.Pool,
+    guard: patience.Guard | None,
+    connection_id: uuid.UUID,
+    snapshots: list[events.Snapshot],
 ) -> int:
-    with db.translate("scan page"):
-        async with pool.acquire() as conn, conn.transaction():
-            applied = await ingest.apply(conn, [(connection_id, s) for s in snapshots])
-    return applied.created
+    async def write() -> int:
+        with db.translate("scan page"):
+            async with pool.acquire() as conn, conn.transaction():
+                applied = await ingest.apply(conn, [(connection_id, s) for s in snapshots])
+        return applied.created
+
+    return await patience.run(guard, "scan page", write)
+
+
+async def _advance(
+    pool: asyncpg.Pool,
+    guard: patience.Guard | None,
+    connection_id: uuid.UUID,
+    source: models.Source,
+    now: dt.datetime,
+) -> None:
+    async def write() -> None:
+        with db.translate("advance watermark"):
+            await pool.execute(queries.get("advance_scan_watermark"), connection_id, source, now)
+
+    await patience.run(guard, "advance watermark", write)
 
 
 async def scan_connection(
@@ -126,14 +152,21 @@ async def scan_connection(
     *,
     since: dt.datetime | None,
     now: dt.datetime,
+    guard: patience.Guard | None = None,
 ) -> ConnectionScan:
     started = time.monotonic()
     result = ConnectionScan(connection.id)
     box = crypto.Box(settings.secret_key.reveal())
-    qonto_creds, _ = await credentials.load(pool, box, connection.id)
+    qonto_creds, _ = await patience.run(
+        guard, "load credentials", lambda: credentials.load(pool, box, connection.id)
+    )
 
     async def store(creds: credentials.QontoCredentials) -> None:
-        await credentials.store_qonto(pool, box, connection.id, creds)
+        await patience.run(
+            guard,
+            "store credentials",
+            lambda: credentials.store_qonto(pool, box, connection.id, creds),
+        )
 
     client = qonto.client(settings, qonto_creds, http, on_tokens_rotated=store)
     for source, column, walk, to_snapshot in SOURCES:
@@ -146,18 +179,25 @@ async def scan_connection(
                 seen += 1
                 page.append(to_snapshot(item))
                 if len(page) >= PAGE:
-                    result.new_documents += await _apply(pool, connection.id, page)
+                    result.new_documents += await _apply(pool, guard, connection.id, page)
                     page = []
             if page:
-                result.new_documents += await _apply(pool, connection.id, page)
-            with db.translate("advance watermark"):
-                await pool.execute(
-                    queries.get("advance_scan_watermark"), connection.id, source, now
-                )
+                result.new_documents += await _apply(pool, guard, connection.id, page)
+            await _advance(pool, guard, connection.id, source, now)
+        except errors.OutageTooLong:
+            raise  # the flush stops
         except errors.QontoAuthRejected as exc:
             reason = f"Qonto refused the credentials: reconnect the organization ({exc})"
-            await connections.flag(
-                pool, connection.id, models.ConnectionState.NEEDS_ATTENTION, reason
+            await patience.run(
+                guard,
+                "flag connection",
+                functools.partial(
+                    connections.flag,
+                    pool,
+                    connection.id,
+                    models.ConnectionState.NEEDS_ATTENTION,
+                    reason,
+                ),
             )
             result.errors.append(reason)
             logger.warning("scan_refused", connection=str(connection.id), reason=str(exc))
@@ -199,14 +239,15 @@ async def scan(
     connection_id: uuid.UUID | None = None,
     since: dt.datetime | None = None,
     now: dt.datetime | None = None,
+    guard: patience.Guard | None = None,
 ) -> ScanReport:
-    """Scan every active (or flagged) connection, or only ``connection_id``."""
+    """Scan every active (or flagged) connection, or only ``connection_id``; ``guard``: the
+    flush's, which makes every write wait out a PostgreSQL outage."""
     moment = now or dt.datetime.now(dt.UTC)
-    with db.translate("list connections"):
-        records = await pool.fetch(queries.get("list_connections"))
     report = ScanReport()
-    for record in records:
-        connection = models.Connection.from_record(record)
+    for connection in await patience.run(
+        guard, "list connections", lambda: connections.list_all(pool)
+    ):
         if connection_id is not None and connection.id != connection_id:
             continue
         if connection.state not in (
@@ -215,6 +256,8 @@ async def scan(
         ):
             continue
         report.connections.append(
-            await scan_connection(settings, pool, http, connection, since=since, now=moment)
+            await scan_connection(
+                settings, pool, http, connection, since=since, now=moment, guard=guard
+            )
         )
     return report

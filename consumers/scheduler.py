@@ -168,10 +168,8 @@ async def check_dossiers(
 async def _dossier_checked(pool: asyncpg.Pool, connection: models.Connection) -> None:
     with db.translate("dossier checked"):
         await pool.execute(queries.get("set_dossier_checked"), connection.id)
-    if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
-        connection.state_reason or ""
-    ).startswith(CEGID_REASON):
-        await connections.flag(pool, connection.id, models.ConnectionState.ACTIVE, None)
+    if connection.state == models.ConnectionState.NEEDS_ATTENTION:
+        await connections.clear_cegid_flag(pool, connection.id, CEGID_REASON)
 
 
 async def run_forever(

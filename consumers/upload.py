@@ -7,11 +7,18 @@ the first byte is sent. The POST ends ``uploaded``, ``pending`` (retried next ru
 ``in_doubt`` (sent, no answer: never re-sent without an operator). Uploads are capped globally and
 per firm; the flush's shared state is a :class:`Context`, one connection's part of it a
 :class:`ConnectionRun`.
+
+Every write goes through the flush's :class:`consumers.patience.Guard`: when PostgreSQL is gone it
+waits for it, so a deposit already out keeps its answer and records it once the database is back,
+and nothing is sent before its attempt row is committed. If the flush gives up on the database, the
+document is counted in ``Context.left`` by what is known of it (its answer is logged as
+``document_outcome_unrecorded``) and left to the next run's recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -23,7 +30,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from consumers import recovery
+from consumers import patience, recovery
 from relay import (
     attachments,
     cegid,
@@ -47,6 +54,7 @@ UPLOAD_ATTEMPTS: Final = 5
 BACKOFF_BASE_S: Final = 0.5
 BACKOFF_CAP_S: Final = 30.0
 CEGID_REASON: Final = "Cegid: "  # prefix of a Cegid refusal's reason (the daily check may clear it)
+STORED: Final = "stored in Loop"  # how an answer held in memory begins when Loop kept the file
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -64,10 +72,16 @@ class Context:
     uploads: asyncio.Semaphore
     firms: dict[str, asyncio.Semaphore]
     cutoff: dt.datetime
+    guard: patience.Guard
+    lease: recovery.Lease
     # documents in hand (downloading, waiting for an upload slot, uploading), all connections
     # together: bounds temporary files and Qonto downloads whatever the number of connections
     slots: asyncio.Semaphore
     contents: dict[tuple[str, str, str], _Turn] = dataclasses.field(default_factory=dict)
+    # Loop's answer to each deposit whose outcome is not recorded yet (what is said of it if the
+    # flush gives up on the database), and what was left so: stored, sent (not stored), unsent
+    answers: dict[int, str] = dataclasses.field(default_factory=dict)
+    left: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
     def firm(self, fingerprint: str) -> asyncio.Semaphore:
         if fingerprint not in self.firms:
@@ -89,6 +103,10 @@ class ConnectionRun:
     report: report.ConnectionReport
     refused: str | None = None
     first_upload_recorded: bool = False
+    # every document this run has had in hand for the connection: a claim whose answer was lost
+    # is made good by taking what the worker holds outside this set
+    seen: set[int] = dataclasses.field(default_factory=set)
+    claim_unsure: bool = False
 
 
 def _backoff(attempt: int, retry_after: float | None) -> float:
@@ -101,8 +119,25 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
 
 
 async def transition(ctx: Context, name: str, *args: Any) -> None:
-    with db.translate(name):
-        await ctx.pool.execute(queries.get(name), *args)
+    """One statement that may run twice (it sets a state), through the guard."""
+
+    async def write() -> None:
+        with db.translate(name):
+            await ctx.pool.execute(queries.get(name), *args)
+
+    await ctx.guard.run(name, write)
+
+
+async def _already(ctx: Context, document: models.Document, state: str) -> bool:
+    """A transition that found the document no longer held, on a second run: whether its first
+    run had landed (its answer lost with the database) rather than a recovery taking it."""
+
+    async def read() -> bool:
+        with db.translate("read document"):
+            found = await ctx.pool.fetchval(queries.get("document_state"), document.id)
+        return bool(found == state)
+
+    return await ctx.guard.run("read document", read)
 
 
 async def _finish(
@@ -119,19 +154,34 @@ async def _finish(
     release_content: bool = False,
 ) -> None:
     """One transaction: the document's new state, its attempt's outcome, the dossier's content."""
-    with db.translate("finish document"):
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(
-                queries.get("finish_document"), document.id, state, reason, ctx.worker
-            )
-            if status == "UPDATE 0":
-                _lost_hold(document, str(state))
-            if upload_id is not None:
-                await conn.execute(
-                    queries.get("finish_upload"), upload_id, outcome, http_status, answer, reason
+    runs = 0
+
+    async def write() -> str:
+        nonlocal runs
+        runs += 1
+        with db.translate("finish document"):
+            async with ctx.pool.acquire() as conn, conn.transaction():
+                status: str = await conn.execute(
+                    queries.get("finish_document"), document.id, state, reason, ctx.worker
                 )
-            if release_content:
-                await conn.execute(queries.get("release_dossier_content"), document.id)
+                if upload_id is not None:
+                    await conn.execute(
+                        queries.get("finish_upload"),
+                        upload_id,
+                        outcome,
+                        http_status,
+                        answer,
+                        reason,
+                    )
+                if release_content:
+                    await conn.execute(queries.get("release_dossier_content"), document.id)
+        return status
+
+    if await ctx.guard.run("finish document", write) == "UPDATE 0" and not (
+        runs > 1 and await _already(ctx, document, str(state))
+    ):
+        _lost_hold(document, str(state))
+    ctx.answers.pop(document.id, None)
     counts = {
         models.DocumentState.SKIPPED: run.report.skipped,
         models.DocumentState.FAILED: run.report.failed,
@@ -167,6 +217,67 @@ async def _wait_for_access(
     )
 
 
+async def _record_uploaded(
+    ctx: Context,
+    run: ConnectionRun,
+    document: models.Document,
+    stored: cegid.Stored,
+    upload_id: int,
+) -> None:
+    """One statement: the attempt uploaded and the document with it (a second run finds it done);
+    then the connection's first deposit, once."""
+    runs = 0
+
+    async def write() -> str:
+        nonlocal runs
+        runs += 1
+        with db.translate("document uploaded"):
+            status: str = await ctx.pool.execute(
+                queries.get("mark_uploaded"),
+                document.id,
+                stored.document_id,
+                ctx.worker,
+                upload_id,
+                stored.status,
+                stored.body,
+            )
+            if not run.first_upload_recorded:
+                await ctx.pool.execute(queries.get("set_first_upload"), run.connection.id)
+        return status
+
+    if await ctx.guard.run("document uploaded", write) == "UPDATE 0" and not (
+        runs > 1 and await _already(ctx, document, str(models.DocumentState.UPLOADED))
+    ):
+        _lost_hold(document, "uploaded")
+
+
+def _answer(stored: cegid.Stored | errors.RelayError) -> str:
+    """Loop's answer to a deposit, in a line (held until the outcome is recorded)."""
+    if isinstance(stored, cegid.Stored):
+        return f"{STORED} as {stored.document_id or 'a document without id'} (HTTP {stored.status})"
+    if isinstance(stored, errors.CegidUnavailable | errors.CegidAccessRefused):
+        return f"not stored: {stored}"
+    if isinstance(stored, errors.CegidFileRejected):
+        return f"refused: {stored}"
+    return f"no answer: {stored}"
+
+
+def _doubt_unfounded(document: models.Document) -> None:
+    """A recovery (another flush, taking this worker for dead while it waited for the database)
+    put the document in doubt for an attempt row this worker committed without learning it: it
+    was never sent. The ledger's rule stands (this worker no longer holds it, it writes nothing);
+    the operator is told what to decide."""
+    logger.warning(
+        "document_in_doubt_never_sent",
+        document=document.id,
+        connection=str(document.connection_id),
+        detail=(
+            "taken from this flush while it waited for PostgreSQL, before its attempt was sent: "
+            f"it is not in Loop, `relay documents resolve {document.id} --resend`"
+        ),
+    )
+
+
 def _lost_hold(document: models.Document, state: str) -> None:
     """This worker no longer held the document (a recovery settled it): its state is left alone."""
     logger.warning(
@@ -184,6 +295,8 @@ async def process(ctx: Context, run: ConnectionRun, document: models.Document) -
     path = ctx.tmpdir / f"{document.id}-{secrets.token_hex(4)}"
     try:
         await _download_and_upload(ctx, run, document, path)
+    except errors.OutageTooLong:  # the flush gave up on the database: say what is left
+        _unrecorded(ctx, document)
     except Exception as exc:  # one document's error must not stop the others
         # it stays uploading under this worker: settled at the end of the run (recovery)
         logger.error(
@@ -194,9 +307,26 @@ async def process(ctx: Context, run: ConnectionRun, document: models.Document) -
             exc_info=not isinstance(exc, errors.RelayError),
         )
     finally:
+        ctx.answers.pop(document.id, None)
         ctx.slots.release()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _unrecorded(ctx: Context, document: models.Document) -> None:
+    """A document whose outcome the flush could not record: the next run's recovery settles it
+    (in doubt when an attempt was committed, pending when not); its answer, if any, is logged."""
+    answer = ctx.answers.get(document.id)
+    if answer is None:
+        ctx.left["unsent"] += 1
+        return
+    ctx.left["stored" if answer.startswith(STORED) else "sent"] += 1
+    logger.warning(
+        "document_outcome_unrecorded",
+        document=document.id,
+        connection=str(document.connection_id),
+        answer=answer,
+    )
 
 
 async def _download_and_upload(
@@ -273,24 +403,30 @@ async def _deposit(
     """Claim the content for the dossier, then POST it to Loop and record the outcome."""
     file_name = naming.file_name(document, kind.extension)
     connection = run.connection
-    with db.translate("start upload"):
-        holder = await ctx.pool.fetchrow(
-            queries.get("claim_dossier_content"),
-            connection.cegid_domain,
-            connection.cegid_dossier,
-            download.sha256,
-            document.id,
-            download.size,
-            kind.content_type,
-            file_name,
-        )
-        if holder is None:  # taken by a concurrent transaction, committed by now
+
+    async def claim_content() -> asyncpg.Record | None:
+        # a second run finds this document holding the content already: the same answer
+        with db.translate("start upload"):
             holder = await ctx.pool.fetchrow(
-                queries.get("dossier_content_holder"),
+                queries.get("claim_dossier_content"),
                 connection.cegid_domain,
                 connection.cegid_dossier,
                 download.sha256,
+                document.id,
+                download.size,
+                kind.content_type,
+                file_name,
             )
+            if holder is None:  # taken by a concurrent transaction, committed by now
+                holder = await ctx.pool.fetchrow(
+                    queries.get("dossier_content_holder"),
+                    connection.cegid_domain,
+                    connection.cegid_dossier,
+                    download.sha256,
+                )
+        return holder
+
+    holder = await ctx.guard.run("start upload", claim_content)
     if holder is None or holder["id"] != document.id:
         if holder is not None and holder["state"] in (
             models.DocumentState.UPLOADED,
@@ -314,6 +450,18 @@ async def _deposit(
             )
         return
     upload_id: int | None = None
+
+    starts = 0
+
+    async def start() -> int | None:
+        # committed before the first byte; a second run closes the first one's row if the
+        # database took its answer away (nothing was sent under it)
+        nonlocal starts
+        starts += 1
+        with db.translate("record attempt"):
+            value = await ctx.pool.fetchval(queries.get("start_upload"), document.id, ctx.worker)
+        return int(value) if value is not None else None
+
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         if run.refused:  # refused for another document meanwhile
             await _wait_for_access(ctx, run, document, upload_id)
@@ -321,12 +469,12 @@ async def _deposit(
         # The upload slots are held only while a request is out: bookkeeping and backoff
         # happen outside them, so they stay busy (issue: >= 0.9 x C/L).
         async with ctx.firm(connection.cegid_key_fingerprint), ctx.uploads:
-            with db.translate("record attempt"):
-                upload_id = await ctx.pool.fetchval(
-                    queries.get("start_upload"), document.id, ctx.worker
-                )
+            starts = 0
+            upload_id = await ctx.guard.run("record attempt", start)
             if upload_id is None:  # a recovery took it from this worker: not ours to send
                 _lost_hold(document, "uploading")
+                if starts > 1 and await _already(ctx, document, models.DocumentState.IN_DOUBT):
+                    _doubt_unfounded(document)
                 return
             try:
                 stored: cegid.Stored | errors.RelayError = await ctx.cegid.store_document(
@@ -345,6 +493,7 @@ async def _deposit(
                 errors.OutcomeUnknown,
             ) as exc:
                 stored = exc
+        ctx.answers[document.id] = _answer(stored)
         if isinstance(stored, errors.CegidUnavailable):  # includes CegidRateLimited
             if attempt == UPLOAD_ATTEMPTS:
                 await _finish(
@@ -359,6 +508,7 @@ async def _deposit(
                 )
                 return
             await transition(ctx, "finish_upload", upload_id, "retry", None, None, str(stored))
+            ctx.answers.pop(document.id, None)
             delay = _backoff(attempt, stored.retry_after)
             logger.info(
                 "upload_retry",
@@ -398,21 +548,10 @@ async def _deposit(
                 outcome="in_doubt",
             )
             return
-        with db.translate("document uploaded"):
-            status = await ctx.pool.execute(
-                queries.get("mark_uploaded"),
-                document.id,
-                stored.document_id,
-                ctx.worker,
-                upload_id,
-                stored.status,
-                stored.body,
-            )
-            if status == "UPDATE 0":
-                _lost_hold(document, "uploaded")
-            if not run.first_upload_recorded:
-                await ctx.pool.execute(queries.get("set_first_upload"), connection.id)
-                run.first_upload_recorded = True
+        assert upload_id is not None
+        await _record_uploaded(ctx, run, document, stored, upload_id)
+        run.first_upload_recorded = True
+        ctx.answers.pop(document.id, None)
         run.report.uploaded += 1
         logger.info(
             "document_uploaded",

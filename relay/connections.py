@@ -338,6 +338,19 @@ async def flag(
     return True
 
 
+async def clear_cegid_flag(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, prefix: str
+) -> models.Connection | None:
+    """A dossier read passed: clear the flag a Cegid refusal raised (its reason starts with
+    ``prefix``), and no other one. The connection as it is now, or None when it had no such flag."""
+    with db.translate("clear flag"):
+        record = await pool.fetchrow(queries.get("clear_cegid_flag"), connection_id, prefix)
+    if record is None:
+        return None
+    logger.info("connection_state_changed", connection=str(connection_id), state="active")
+    return models.Connection.from_record(record)
+
+
 async def disconnect(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection:
     """Stop everything for this connection; its webhooks answer 404 (so Qonto keeps retrying them)."""
     return await set_state(

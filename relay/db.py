@@ -34,6 +34,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.ConnectionFailureError,
+    # a connection its backend left mid-operation (terminated, restarted) that the pool could not
+    # reset on release: asyncpg drops it, a fresh one serves the next try
+    asyncpg.InternalClientError,
 )
 
 

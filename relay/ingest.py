@@ -1,12 +1,16 @@
 """The one place where Qonto resource snapshots become documents (webhooks and the daily scan alike).
 
 Runs inside the caller's transaction, a whole batch in a handful of statements:
-1. each resource's newest snapshot is recorded in ``resources``; an older one (Qonto does not promise
-   order) changes nothing and is reported stale;
+1. each resource's newest snapshot is recorded in ``resources``, with its complete list of files
+   when it carries one; an older one (Qonto does not promise order) is reported stale;
 2. each file of an applied snapshot becomes a ``pending`` document, once per connection and
    attachment (a document skipped as deleted comes back if its attachment reappears);
 3. for transactions, which list all their attachments, a pending document whose attachment is no
-   longer listed becomes ``skipped`` ("deleted before sync"); an uploaded one stays uploaded.
+   longer listed becomes ``skipped`` ("deleted before sync"); an uploaded one stays uploaded;
+4. every file the relay is told about is listed, whatever the batches and their order: a file
+   that only an older snapshot names (a stale one, or one the same batch superseded) becomes a
+   document too, ``skipped`` ("deleted before sync") when the newest snapshot lists its files and
+   leaves it out, ``pending`` otherwise; a document that exists keeps its state.
 
 :func:`apply` takes a whole batch (the consumer, the scanner's pages); :func:`apply_transaction`,
 :func:`apply_supplier_invoice` and :func:`apply_client_invoice` take one Qonto resource as the API
@@ -24,6 +28,8 @@ import datetime as dt
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final
+
+import orjson
 
 from relay import db, errors, events, models, queries
 
@@ -52,10 +58,13 @@ class Applied:
 
 
 async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]]) -> Applied:
-    """Apply snapshots in the caller's transaction; idempotent, order-insensitive."""
+    """Apply snapshots in the caller's transaction; idempotent, and the same whatever the order
+    and the batches they come in."""
     newest: dict[tuple[uuid.UUID, str, str], events.Snapshot] = {}
+    told: dict[tuple[uuid.UUID, str, str], list[events.Snapshot]] = {}
     for connection_id, snapshot in items:
         key = (connection_id, str(snapshot.source), snapshot.resource_id)
+        told.setdefault(key, []).append(snapshot)
         held = newest.get(key)
         if held is None or _newer_or_equal(snapshot, held):
             newest[key] = snapshot
@@ -69,6 +78,7 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
             [k[1] for k in keys],
             [k[2] for k in keys],
             [newest[k].updated_at for k in keys],
+            [_listed(newest[k]) for k in keys],
         )
         applied = {(r["connection_id"], r["source"], r["resource_id"]) for r in records}
         unique: dict[
@@ -111,6 +121,36 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
                 models.SKIP_DELETED,
             )
             skipped = int(status.split()[-1])
+        # the files only older snapshots named, listed against the newest one now recorded
+        others: dict[
+            tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]
+        ] = {}
+        for key in keys:
+            for snapshot in told[key]:
+                if key in applied and snapshot is newest[key]:
+                    continue  # its files are the pending ones above
+                for spec in snapshot.documents:
+                    if (key[0], spec.attachment_id) not in unique:
+                        others.setdefault((key[0], spec.attachment_id), (key, spec))
+        if others:
+            named = list(others.values())
+            states = await conn.fetch(
+                queries.get("insert_named_documents"),
+                [k[0] for k, _ in named],
+                [k[1] for k, _ in named],
+                [k[2] for k, _ in named],
+                [s.attachment_id for _, s in named],
+                [str(s.direction) for _, s in named],
+                [s.document_date for _, s in named],
+                [s.counterparty for _, s in named],
+                [s.amount for _, s in named],
+                [s.currency for _, s in named],
+                [s.file_name for _, s in named],
+                models.SKIP_DELETED,
+            )
+            listed_skipped = sum(1 for r in states if r["state"] == models.DocumentState.SKIPPED)
+            created += len(states) - listed_skipped
+            skipped += listed_skipped
     return Applied(
         applied=frozenset(applied),
         stale=frozenset(set(keys) - applied),
@@ -161,6 +201,13 @@ async def apply_client_invoice(
     if result.outcome == APPLIED and not snapshot.documents:
         return dataclasses.replace(result, outcome=NOT_A_DOCUMENT)
     return result
+
+
+def _listed(snapshot: events.Snapshot) -> str | None:
+    """A complete snapshot's attachment ids as a JSON array; None when it does not list them all."""
+    if not snapshot.complete:
+        return None
+    return orjson.dumps([s.attachment_id for s in snapshot.documents]).decode()
 
 
 def _newer_or_equal(candidate: events.Snapshot, held: events.Snapshot) -> bool:

@@ -50,6 +50,15 @@ UPDATE connections SET state = $2, state_reason = $3, updated_at = now()
 WHERE id = $1 AND state IN ('active', 'needs_attention')
 RETURNING *;
 
+-- name: clear_cegid_flag
+-- params: $1 connection_id, $2 the prefix of the reasons a Cegid refusal gives ("Cegid: ")
+-- A dossier read passed: the flag a Cegid refusal raised is cleared, and only such a flag (never
+-- a Qonto refusal's, a disconnect or a revocation, even one made since the flag was read).
+UPDATE connections SET state = 'active', state_reason = NULL, dossier_checked_at = now(),
+       updated_at = now()
+WHERE id = $1 AND state = 'needs_attention' AND starts_with(state_reason, $2)
+RETURNING *;
+
 -- name: set_dossier_checked
 -- params: $1 connection_id
 UPDATE connections SET dossier_checked_at = now(), updated_at = now() WHERE id = $1;
@@ -90,6 +99,10 @@ LIMIT $3;
 -- params: $1 id
 SELECT * FROM documents WHERE id = $1;
 
+-- name: document_state
+-- params: $1 id
+SELECT state FROM documents WHERE id = $1;
+
 -- name: count_documents_by_state
 -- params: $1 connection_id (or NULL for all)
 SELECT connection_id, state, count(*) AS n FROM documents
@@ -119,11 +132,16 @@ FROM unnest($1::uuid[], $2::text[], $3::text[]) AS x(c, e, o)
 WHERE ev.connection_id = x.c AND ev.event_id = x.e;
 
 -- name: upsert_resources
--- params: $1 connection ids, $2 sources, $3 resource ids, $4 updated_at (NULL when unknown)
--- Records each resource's newest snapshot; returns the ones applied (an older snapshot is stale).
-INSERT INTO resources (connection_id, source, resource_id, updated_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
-ON CONFLICT (connection_id, source, resource_id) DO UPDATE SET updated_at = EXCLUDED.updated_at
+-- params: $1 connection ids, $2 sources, $3 resource ids, $4 updated_at (NULL when unknown),
+--         $5 each snapshot's complete attachment list as a JSON array (NULL when it has none)
+-- Records each resource's newest snapshot and what it says of its files; returns the ones applied
+-- (an older snapshot is stale).
+INSERT INTO resources (connection_id, source, resource_id, updated_at, attachment_ids)
+SELECT c, s, r, u, CASE WHEN l IS NULL THEN NULL
+                        ELSE ARRAY(SELECT jsonb_array_elements_text(l::jsonb)) END
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[]) AS x(c, s, r, u, l)
+ON CONFLICT (connection_id, source, resource_id) DO UPDATE
+    SET updated_at = EXCLUDED.updated_at, attachment_ids = EXCLUDED.attachment_ids
 WHERE resources.updated_at IS NULL OR EXCLUDED.updated_at IS NULL
    OR EXCLUDED.updated_at >= resources.updated_at
 RETURNING connection_id, source, resource_id;
@@ -141,6 +159,25 @@ ON CONFLICT (connection_id, qonto_attachment_id) DO UPDATE
     SET state = 'pending', reason = NULL, updated_at = now()
     WHERE documents.state = 'skipped' AND documents.reason = $11
 RETURNING id;
+
+-- name: insert_named_documents
+-- params: $1 connection ids, $2 sources, $3 resource ids, $4 attachment ids, $5 directions,
+--         $6 document dates, $7 counterparties, $8 amounts, $9 currencies, $10 Qonto file names,
+--         $11 the "deleted before sync" reason
+-- Files only older snapshots named (the newest one won, in the batch or before it): each is listed
+-- once, pending unless the newest snapshot of its resource lists its files and leaves it out
+-- (skipped, deleted before sync). A document that exists keeps its state. Returns their states.
+INSERT INTO documents (connection_id, source, qonto_resource_id, qonto_attachment_id, direction,
+                       document_date, counterparty, amount, currency, qonto_file_name, state, reason)
+SELECT x.c, x.s, x.r, x.a, x.d, x.dd, x.cp, x.am, x.cu, x.fn,
+       CASE WHEN g.gone THEN 'skipped' ELSE 'pending' END,
+       CASE WHEN g.gone THEN $11 END
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::date[], $7::text[],
+            $8::text[], $9::text[], $10::text[]) AS x(c, s, r, a, d, dd, cp, am, cu, fn)
+LEFT JOIN resources res ON res.connection_id = x.c AND res.source = x.s AND res.resource_id = x.r
+CROSS JOIN LATERAL (SELECT coalesce(NOT (x.a = ANY (res.attachment_ids)), false) AS gone) AS g
+ON CONFLICT (connection_id, qonto_attachment_id) DO NOTHING
+RETURNING state;
 
 -- name: skip_removed_attachments
 -- params: $1 connection ids, $2 sources, $3 resource ids (the applied complete snapshots),
@@ -192,6 +229,14 @@ WHERE id IN (
 )
 RETURNING *;
 
+-- name: held_documents
+-- params: $1 connection_id, $2 worker, $3 document ids this run has had in hand, $4 how many
+-- After a claim that failed with the database, whose commit may have gone through all the same:
+-- what this worker holds without knowing it, taken into the run before any new claim.
+SELECT * FROM documents
+WHERE connection_id = $1 AND state = 'uploading' AND claimed_by = $2 AND NOT (id = ANY($3::bigint[]))
+ORDER BY id LIMIT $4;
+
 -- name: finish_document
 -- params: $1 document id, $2 state, $3 reason, $4 the worker holding it
 UPDATE documents SET state = $2, reason = $3, claimed_by = NULL, updated_at = now()
@@ -238,8 +283,14 @@ DELETE FROM dossier_contents WHERE document_id = $1;
 -- Committed before the first byte is sent: its existence means the request may have gone out.
 -- Only while this worker still holds the document, locked against a concurrent recovery (which
 -- settles it under the same lock): no row returned means someone else owns it now, do not send.
+-- An attempt of this worker still 'sending' here was never sent: its insert committed but the
+-- answer was lost with the database, so the worker never had its id (it sends only with one).
 WITH mine AS (
     SELECT id FROM documents WHERE id = $1 AND state = 'uploading' AND claimed_by = $2 FOR UPDATE
+), unsent AS (
+    UPDATE uploads SET outcome = 'retry', finished_at = now(),
+           error = 'never sent: the database was lost before the attempt was confirmed'
+    WHERE document_id IN (SELECT id FROM mine) AND worker = $2 AND outcome = 'sending'
 )
 INSERT INTO uploads (document_id, worker) SELECT id, $2 FROM mine RETURNING id;
 
@@ -271,6 +322,15 @@ WHERE id = $1 AND first_upload_at IS NULL;
 -- params: $1 lock namespace, $2 worker id
 -- Session-level: a flush worker holds it for its whole run; free means the worker is gone.
 SELECT pg_try_advisory_lock($1, $2);
+
+-- name: worker_lock_held
+-- params: $1 lock namespace, $2 worker id
+-- Whether this session still holds the worker's lock (two-key advisory locks: classid, objid, 2).
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+      AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2
+);
 
 -- name: worker_unlock
 -- params: $1 lock namespace, $2 worker id

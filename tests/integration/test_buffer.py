@@ -193,6 +193,44 @@ async def test_attachment_removed_before_the_flush_is_skipped(
     assert outcome == "stale"
 
 
+@pytest.mark.parametrize("newer_first", [False, True], ids=["older-first", "newer-first"])
+@pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "two-batches"])
+async def test_a_removed_attachment_is_listed_whatever_the_batching_and_order_of_events(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    pool: asyncpg.Pool,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+    qonto: qonto_sandbox.QontoSandbox,
+    newer_first: bool,
+    one_batch: bool,
+) -> None:
+    """A transaction event, then one removing an attachment: the removed file is listed, skipped
+    as deleted before sync, whether the consumer takes both in one batch or in two, in either
+    order; the older event is recorded as stale when the newer one came first or with it."""
+    keep = qonto.add_attachment(
+        files.pdf(seed=1), file_name="k.pdf", content_type="application/pdf"
+    )
+    drop = qonto.add_attachment(
+        files.pdf(seed=2), file_name="d.pdf", content_type="application/pdf"
+    )
+    tx = qonto.add_transaction(side="debit", amount="5", label="X", attachment_ids=[keep, drop])
+    older = qonto.transaction_event(tx)
+    newer = qonto.transaction_event(qonto.update_transaction(tx["id"], attachment_ids=[keep]))
+    for event in [newer, older] if newer_first else [older, newer]:
+        await _publish(publisher, connection_id, event)
+    for size in [2] if one_batch else [1, 1]:
+        await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, size)
+    assert await factories.states(pool) == {keep: "pending", drop: "skipped"}
+    reason = await pool.fetchval(
+        "SELECT reason FROM documents WHERE qonto_attachment_id = $1", drop
+    )
+    assert reason == models.SKIP_DELETED
+    outcomes = {r["event_id"]: r["outcome"] for r in await pool.fetch("SELECT * FROM events")}
+    assert outcomes[str(newer["id"])] == "applied"
+    assert outcomes[str(older["id"])] == ("applied" if not (newer_first or one_batch) else "stale")
+
+
 async def test_client_invoices_paid_or_unpaid_are_sales_drafts_are_nothing(
     connection_id: uuid.UUID,
     publisher: amqp.Publisher,

@@ -400,3 +400,72 @@ async def test_a_dossier_checked_within_a_day_is_not_checked_again(
     )
     assert rechecked > checked_before
     assert len(loop.stored) == 1
+
+
+async def _connection_state(pool: asyncpg.Pool, connection_id: uuid.UUID) -> tuple[str, str | None]:
+    row = await pool.fetchrow(
+        "SELECT state, state_reason FROM connections WHERE id = $1", connection_id
+    )
+    assert row is not None
+    return row["state"], row["state_reason"]
+
+
+async def test_a_flag_cegid_raised_is_checked_again_by_the_flush_and_cleared_when_accepted(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+) -> None:
+    """Cegid refused the key: flagged, documents wait; while still refused the next flush leaves
+    the flag; once Loop accepts the key again the next flush clears it and the documents go."""
+    attachment = await _seed(pool, qonto, connection_id)
+    loop.add_firm(factories.FIRM_KEY, "a-secret-loop-no-longer-has", dossiers=["ACME001"])
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
+    state, reason = await _connection_state(pool, connection_id)
+    assert state == "needs_attention"
+    assert reason is not None
+    assert reason.startswith(upload.CEGID_REASON)
+    still = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
+    assert await _connection_state(pool, connection_id) == (state, reason)
+    assert still.connections[0].attention == reason
+    assert (await _document(pool, attachment))["state"] == "pending"
+
+    loop.add_firm(factories.FIRM_KEY, factories.FIRM_SECRET, dossiers=["ACME001", "OTHER002"])
+    result = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
+    assert await _connection_state(pool, connection_id) == ("active", None)
+    assert (await _document(pool, attachment))["state"] == "uploaded"
+    assert len(loop.stored) == 1
+    assert result.connections[0].attention is None
+    assert result.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        ("needs_attention", "Qonto refused the credentials: reconnect the organization (401)"),
+        ("disconnected", "disconnected by an operator"),
+        ("revoked", "consent revoked in Qonto"),
+    ],
+)
+async def test_the_flush_clears_only_a_flag_cegid_raised(
+    upstream_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    qonto: qonto_sandbox.QontoSandbox,
+    loop: cegid_sandbox.CegidSandbox,
+    state: str,
+    reason: str,
+) -> None:
+    """A Qonto refusal, a disconnect, a revocation: Loop accepting the key changes none of them."""
+    attachment = await _seed(pool, qonto, connection_id)
+    await pool.execute(
+        "UPDATE connections SET state = $2, state_reason = $3 WHERE id = $1",
+        connection_id,
+        state,
+        reason,
+    )
+    await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
+    assert await _connection_state(pool, connection_id) == (state, reason)
+    assert (await _document(pool, attachment))["state"] == "pending"
+    assert loop.stored == []

@@ -157,18 +157,20 @@ async def test_an_attachment_listed_again_comes_back_to_pending(
 async def test_an_older_snapshot_neither_resurrects_nor_deletes(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
-    """Qonto does not promise order: a strictly older snapshot is stale and changes nothing."""
+    """Qonto does not promise order: a strictly older snapshot is stale and changes no document;
+    a file only it names is listed, deleted before sync (the newest snapshot leaves it out)."""
     await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
     await _in_tx(
         pool, ingest.apply_transaction, connection_id, _tx(["a"], updated_at="2026-11-23T10:00:00Z")
     )
     late = await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b", "c"]))
-    assert (late.outcome, late.created, late.skipped) == ("stale", 0, 0)
+    assert (late.outcome, late.created, late.skipped) == ("stale", 0, 1)
     older = _tx([], updated_at="2026-11-23T08:00:00Z")
     assert (await _in_tx(pool, ingest.apply_transaction, connection_id, older)).outcome == "stale"
     assert await _by_attachment(pool) == {
         "a": ("pending", None),
         "b": ("skipped", models.SKIP_DELETED),
+        "c": ("skipped", models.SKIP_DELETED),
     }
 
 
@@ -186,7 +188,10 @@ async def test_without_updated_at_the_envelope_time_orders_snapshots(
             conn, connection_id, _tx(["a", "b"], updated_at=None), fallback=older
         )
     assert stale.outcome == "stale"
-    assert await _by_attachment(pool) == {"a": ("pending", None)}
+    assert await _by_attachment(pool) == {
+        "a": ("pending", None),
+        "b": ("skipped", models.SKIP_DELETED),
+    }
 
 
 async def test_an_uploaded_document_stays_uploaded_when_its_attachment_is_removed(
@@ -208,13 +213,58 @@ async def test_an_uploaded_document_stays_uploaded_when_its_attachment_is_remove
 async def test_one_batch_keeps_the_newest_snapshot_of_each_resource(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
-    """Two snapshots of one transaction in one batch, newest first: the older one is ignored."""
+    """Two snapshots of one transaction in one batch, newest first: the newest wins, and the file
+    only the older one names is listed, deleted before sync."""
     newest = events.transaction_snapshot(_tx(["a"], updated_at="2026-11-23T10:00:00Z"))
     oldest = events.transaction_snapshot(_tx(["a", "b"]))
     async with pool.acquire() as conn, conn.transaction():
         applied = await ingest.apply(conn, [(connection_id, newest), (connection_id, oldest)])
-    assert applied.created == 1
-    assert await _by_attachment(pool) == {"a": ("pending", None)}
+    assert (applied.created, applied.skipped) == (1, 1)
+    assert await _by_attachment(pool) == {
+        "a": ("pending", None),
+        "b": ("skipped", models.SKIP_DELETED),
+    }
+
+
+async def _apply_batches(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, batches: list[list[events.Snapshot]]
+) -> None:
+    for batch in batches:
+        async with pool.acquire() as conn, conn.transaction():
+            await ingest.apply(conn, [(connection_id, s) for s in batch])
+
+
+@pytest.mark.parametrize("newer_first", [False, True], ids=["older-first", "newer-first"])
+@pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "two-batches"])
+async def test_a_removed_attachment_is_listed_whatever_the_batches_and_their_order(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, newer_first: bool, one_batch: bool
+) -> None:
+    """A later snapshot removes b: b is listed, skipped as deleted before sync, whether the two
+    snapshots come in one batch or two, older or newer first (the newest wins)."""
+    older = events.transaction_snapshot(_tx(["a", "b"]))
+    newer = events.transaction_snapshot(_tx(["a"], updated_at="2026-11-23T10:00:00Z"))
+    order = [newer, older] if newer_first else [older, newer]
+    await _apply_batches(pool, connection_id, [order] if one_batch else [[s] for s in order])
+    assert await _by_attachment(pool) == {
+        "a": ("pending", None),
+        "b": ("skipped", models.SKIP_DELETED),
+    }
+
+
+@pytest.mark.parametrize("newer_first", [False, True], ids=["older-first", "newer-first"])
+@pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "two-batches"])
+async def test_a_newest_snapshot_without_its_list_leaves_older_files_pending_in_any_order(
+    pool: asyncpg.Pool, connection_id: uuid.UUID, newer_first: bool, one_batch: bool
+) -> None:
+    """The newest snapshot carries no attachment list (it says nothing of the files it does not
+    name): the files an older one named are pending, whatever the batches and their order."""
+    older = events.transaction_snapshot(_tx(["a", "b"]))
+    payload = _tx([], updated_at="2026-11-23T10:00:00Z")
+    del payload["attachment_ids"]
+    newer = events.transaction_snapshot(payload)
+    order = [newer, older] if newer_first else [older, newer]
+    await _apply_batches(pool, connection_id, [order] if one_batch else [[s] for s in order])
+    assert await _by_attachment(pool) == {"a": ("pending", None), "b": ("pending", None)}
 
 
 @pytest.mark.parametrize("status", ["to_pay", "paid", "archived"])
@@ -307,5 +357,18 @@ async def test_a_paid_invoice_canceled_later_keeps_its_document(
     canceled = _client_invoice("canceled", updated_at="2026-11-24T10:00:00+01:00")
     applied = await _in_tx(pool, ingest.apply_client_invoice, connection_id, canceled)
     assert applied.outcome == "not_a_document"
+    [document] = await _documents(pool)
+    assert (document.state, document.reason) == ("pending", None)
+
+
+async def test_a_paid_invoice_whose_cancellation_came_first_keeps_its_document(
+    pool: asyncpg.Pool, connection_id: uuid.UUID
+) -> None:
+    """The same two snapshots the other way round (Qonto does not promise order): the paid
+    invoice, older, is stale but its file is listed and pending all the same."""
+    canceled = _client_invoice("canceled", updated_at="2026-11-24T10:00:00+01:00")
+    await _in_tx(pool, ingest.apply_client_invoice, connection_id, canceled)
+    paid = await _in_tx(pool, ingest.apply_client_invoice, connection_id, _client_invoice("paid"))
+    assert (paid.outcome, paid.created) == ("stale", 1)
     [document] = await _documents(pool)
     assert (document.state, document.reason) == ("pending", None)

@@ -38,7 +38,18 @@ def test_misconfigured_database_errors_say_what_to_do(raised: Exception, expecte
     assert caught.value.__cause__ is raised
 
 
-def test_postgresql_down_stays_retryable() -> None:
+@pytest.mark.parametrize(
+    "raised",
+    [
+        ConnectionRefusedError("refused"),
+        # a pool connection whose backend went mid-operation, which asyncpg could not reset
+        asyncpg.InternalClientError(
+            "cannot switch to state 15; another operation (2) is in progress"
+        ),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_postgresql_down_stays_retryable(raised: Exception) -> None:
     """Unavailability is still DatabaseUnavailable (retried), not a configuration error."""
     with pytest.raises(errors.DatabaseUnavailable), db.translate("list"):
-        raise ConnectionRefusedError("refused")
+        raise raised
