@@ -296,8 +296,8 @@ async def flush(
                 await _settle_own(ctx, runs)
                 await _summarise(ctx, runs, run_report, since_previous)
         run_report.finished_at = dt.datetime.now(dt.UTC)
-        # a scheduled run's row too (the scheduler writes it again): its connection may have gone
-        # with an outage, and an unfinished row would run the day again
+        # a scheduled run's row too: the scheduler's connection may have gone with an outage, and
+        # an unfinished row would run the day again
         finished = run_report.to_json()
         await guard.run("finish run", lambda: _finish_run(pool, run_id, finished))
     except errors.OutageTooLong as exc:

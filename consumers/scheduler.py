@@ -97,8 +97,9 @@ async def run_due(
                     logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
                 logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
                 started = time.monotonic()
+                # the flush finishes the run row itself, through its outage guard: this lock's
+                # connection may have gone with an outage meanwhile (its lock with it)
                 result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
-                await conn.execute(queries.get("finish_run"), run_id, result.to_json())
                 logger.info(
                     "scheduled_run_finished",
                     day=day.isoformat(),
@@ -108,7 +109,9 @@ async def run_due(
                 )
                 return True
             finally:
-                await conn.execute(queries.get("scheduler_unlock"), *LOCK)
+                # a connection gone with an outage released its lock with it
+                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("unlock"):
+                    await conn.execute(queries.get("scheduler_unlock"), *LOCK)
 
 
 def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:

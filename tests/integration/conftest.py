@@ -60,9 +60,17 @@ async def _admin() -> asyncpg.Connection:
 
 
 @pytest.fixture(scope="session")
-def migrated_template() -> Iterator[str]:
+def migrated_template(
+    request: pytest.FixtureRequest, services_lock: services.Lock
+) -> Iterator[str]:
     """A database with every migration applied, cloned by each test."""
     import asyncio
+
+    # made before any test runs: under the services lock already (a fault test may be restarting
+    # PostgreSQL in another session)
+    services_lock.hold(
+        exclusive=any(item.get_closest_marker("fault") for item in request.session.items)
+    )
 
     async def create() -> None:
         admin = await _admin()
