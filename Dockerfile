@@ -1,10 +1,11 @@
 FROM python:3.11-slim
-WORKDIR /app
+WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY relay ./relay
-COPY consumers ./consumers
 COPY sql ./sql
-# editable: the SQL files stay at /app/sql, next to the package that loads them
-RUN pip install --no-cache-dir -e . && useradd --system relay
+COPY consumers ./consumers
+COPY relay ./relay
+# a plain install: the wheel carries the SQL (relay/store/sql links to sql/), templates and styles
+RUN pip install --no-cache-dir . && rm -rf /src && useradd --system relay
+WORKDIR /
 USER relay
 CMD ["relay", "run"]

@@ -1,4 +1,4 @@
-"""HTTP client: the CPU one request costs the relay, on its own network backend (relay/network.py)
+"""HTTP client: the CPU one request costs the relay, on its own network backend (relay/upstreams/network.py)
 beside httpcore's default (anyio) backend, in the same run against the same server.
 
 The server is a separate process answering every request at once (a minimal HTTP/1.1 keep-alive
@@ -19,7 +19,7 @@ import time
 import httpx
 
 from bench import common
-from relay import network
+from relay.upstreams import network
 
 ROUND = 1000  # POSTs per round
 ROUNDS = 6  # rounds per backend; the least disturbed (lowest) is the figure

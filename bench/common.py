@@ -18,7 +18,10 @@ import aio_pika
 import asyncpg
 import orjson
 
-from relay import amqp, config, credentials, crypto, db, queries
+from relay import config, crypto
+from relay.broker import amqp
+from relay.domain import credentials
+from relay.store import db, queries
 
 __all__ = ["asyncpg", "config", "credentials"]
 

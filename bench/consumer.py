@@ -11,7 +11,7 @@ import uuid
 import orjson
 
 from bench import common
-from relay import amqp
+from relay.broker import amqp
 
 EVENTS = 50_000
 

@@ -18,7 +18,8 @@ import time
 import uuid
 
 from bench import common
-from relay import events, ingest
+from relay import events
+from relay.domain import ingest
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox

@@ -34,20 +34,11 @@ import aio_pika
 import aio_pika.abc
 import asyncpg
 
-from relay import (
-    amqp,
-    config,
-    credentials,
-    crypto,
-    db,
-    errors,
-    events,
-    ingest,
-    log,
-    models,
-    qonto,
-    queries,
-)
+from relay import config, crypto, errors, events, log, models
+from relay.broker import amqp
+from relay.domain import credentials, ingest
+from relay.store import db, queries
+from relay.upstreams import qonto
 
 logger = log.get(__name__)
 

@@ -41,7 +41,10 @@ import asyncpg
 import pamqp.commands
 
 from consumers import buffer
-from relay import amqp, config, db, errors, log, outage, qonto
+from relay import config, errors, log, outage
+from relay.broker import amqp
+from relay.store import db
+from relay.upstreams import qonto
 
 logger = log.get(__name__)
 

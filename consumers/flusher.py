@@ -52,20 +52,10 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery, scanner, upload
-from relay import (
-    cegid,
-    config,
-    connections,
-    credentials,
-    crypto,
-    db,
-    errors,
-    log,
-    models,
-    qonto,
-    queries,
-    report,
-)
+from relay import config, crypto, errors, log, models
+from relay.domain import connections, credentials, report
+from relay.store import db, queries
+from relay.upstreams import cegid, qonto
 
 logger = log.get(__name__)
 

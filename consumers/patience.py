@@ -27,7 +27,8 @@ from typing import Final, TypeVar
 
 import asyncpg
 
-from relay import db, errors, log
+from relay import errors, log
+from relay.store import db
 
 logger = log.get(__name__)
 

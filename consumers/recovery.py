@@ -19,7 +19,9 @@ from typing import Final
 
 import asyncpg
 
-from relay import db, errors, log, models, queries, report
+from relay import errors, log, models
+from relay.domain import report
+from relay.store import db, queries
 
 logger = log.get(__name__)
 

@@ -3,11 +3,11 @@
 Per connection and per source (supplier invoices, client invoices, transactions with attachments),
 walk the list endpoint for everything updated since the source's watermark, minus a 10-minute
 overlap that dedupe makes harmless, and apply each page in its own transaction through
-:mod:`relay.ingest`, the same path webhooks take. A source's watermark advances only when its whole
+:mod:`relay.domain.ingest`, the same path webhooks take. A source's watermark advances only when its whole
 walk succeeded; a failure leaves it for the next run and says so in the report.
 
 Advancing the watermark to the scan's start is safe only because a walk lists every item updated in
-its window even when items change while it runs (:mod:`relay.qonto` walks by ``updated_at`` cursor,
+its window even when items change while it runs (:mod:`relay.upstreams.qonto` walks by ``updated_at`` cursor,
 or re-walks until a pass is settled): whatever changes mid-walk gets a later ``updated_at`` and falls
 in the next window. A rotated OAuth token the walk could not store is stored at the end, or reported.
 
@@ -29,20 +29,10 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience
-from relay import (
-    config,
-    connections,
-    credentials,
-    crypto,
-    db,
-    errors,
-    events,
-    ingest,
-    log,
-    models,
-    qonto,
-    queries,
-)
+from relay import config, crypto, errors, events, log, models
+from relay.domain import connections, credentials, ingest
+from relay.store import db, queries
+from relay.upstreams import qonto
 
 logger = log.get(__name__)
 

@@ -29,21 +29,10 @@ import asyncpg
 import httpx
 
 from consumers import flusher, upload
-from relay import (
-    cegid,
-    config,
-    connections,
-    credentials,
-    crypto,
-    db,
-    errors,
-    heartbeat,
-    log,
-    models,
-    outage,
-    queries,
-    report,
-)
+from relay import config, crypto, errors, log, models, outage
+from relay.domain import connections, credentials, heartbeat, report
+from relay.store import db, queries
+from relay.upstreams import cegid
 
 logger = log.get(__name__)
 
@@ -97,9 +86,11 @@ async def run_due(
                     logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
                 logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
                 started = time.monotonic()
-                # the flush finishes the run row itself, through its outage guard: this lock's
-                # connection may have gone with an outage meanwhile (its lock with it)
                 result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
+                # the flush finished the run row already, riding out any outage; this lock's
+                # connection may have gone with one (its lock with it), so a failure here is moot
+                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("finish run"):
+                    await pool.execute(queries.get("finish_run"), run_id, result.to_json())
                 logger.info(
                     "scheduled_run_finished",
                     day=day.isoformat(),

@@ -31,22 +31,10 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery
-from relay import (
-    attachments,
-    cegid,
-    config,
-    credentials,
-    crypto,
-    db,
-    errors,
-    filetype,
-    log,
-    models,
-    naming,
-    qonto,
-    queries,
-    report,
-)
+from relay import config, crypto, errors, filetype, log, models, naming
+from relay.domain import credentials, report
+from relay.store import db, queries
+from relay.upstreams import attachments, cegid, qonto
 
 logger = log.get(__name__)
 

@@ -1,3 +1,3 @@
-from relay import cli
+from relay.cli import main as cli
 
 raise SystemExit(cli.main())

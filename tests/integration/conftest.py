@@ -16,7 +16,9 @@ import aio_pika.abc
 import asyncpg
 import pytest
 
-from relay import amqp, config, crypto, db
+from relay import config, crypto
+from relay.broker import amqp
+from relay.store import db
 from tests import services
 
 BASE_DSN = os.environ.get("RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")

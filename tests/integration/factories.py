@@ -12,9 +12,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config, connections, credentials, crypto, events, ingest, inputs, models, queries
+from relay import config, crypto, events, models
+from relay.domain import connections, credentials, ingest, inputs
 from relay.sandbox import files, signing
 from relay.sandbox import qonto as qonto_sandbox
+from relay.store import queries
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 FIRM_KEY, FIRM_SECRET = "firm-key-0001", "firm-secret-0001"

@@ -14,7 +14,8 @@ import aio_pika
 import asyncpg
 import orjson
 
-from relay import amqp, config
+from relay import config
+from relay.broker import amqp
 
 
 def card_event() -> dict[str, object]:

@@ -18,10 +18,12 @@ import orjson
 import pytest
 
 from consumers import buffer, consume
-from relay import amqp, config, connections, dlq, errors, models
-from relay import qonto as qonto_client
+from relay import config, errors, models
+from relay.broker import amqp, dlq
+from relay.domain import connections
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
+from relay.upstreams import qonto as qonto_client
 from tests.integration import factories, outages
 
 

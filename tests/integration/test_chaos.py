@@ -37,7 +37,8 @@ import orjson
 import pytest
 
 from consumers import recovery
-from relay import amqp, config, models
+from relay import config, models
+from relay.broker import amqp
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox

@@ -15,7 +15,8 @@ import asyncpg
 import httpx
 import pytest
 
-from relay import config, connections, credentials, crypto, eligibility, errors, inputs, models
+from relay import config, crypto, errors, models
+from relay.domain import connections, credentials, eligibility, inputs
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import http as http_sandbox
 from relay.sandbox import qonto as qonto_sandbox
@@ -393,7 +394,7 @@ async def test_admin_input_is_validated_like_the_command_line(
     upstream_settings: config.Settings, pool: asyncpg.Pool, qonto: qonto_sandbox.QontoSandbox
 ) -> None:
     """The admin API refuses what the CLI refuses, with 400 (bad input), never 409."""
-    from relay import app
+    from relay.edge import app
 
     application = app.create_app(upstream_settings)
     headers = {"Authorization": "Bearer test-admin-token-0123456789"}

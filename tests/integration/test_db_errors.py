@@ -8,7 +8,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from relay import db, errors
+from relay import errors
+from relay.store import db
 
 
 @pytest.mark.parametrize(

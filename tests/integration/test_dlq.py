@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from consumers import consume
-from relay import amqp, config, dlq, errors
+from relay import config, errors
+from relay.broker import amqp, dlq
 
 FUTURE = orjson.dumps({"id": "evt-v2", "type": "v2/transactions", "data": {"id": "tx-9"}})
 

@@ -11,7 +11,8 @@ import uuid
 import aio_pika.abc
 import pytest
 
-from relay import amqp, config, dlq, errors
+from relay import config, errors
+from relay.broker import amqp, dlq
 
 
 async def _dead_letter(

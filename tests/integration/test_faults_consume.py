@@ -18,7 +18,9 @@ import aio_pika.abc
 import asyncpg
 import pytest
 
-from relay import amqp, config, db
+from relay import config
+from relay.broker import amqp
+from relay.store import db
 from tests import services
 from tests.integration import factories, outages, processes
 

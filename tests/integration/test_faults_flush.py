@@ -27,10 +27,11 @@ import asyncpg
 import pytest
 
 from consumers import flusher, recovery
-from relay import config, db
+from relay import config
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
+from relay.store import db
 from tests import services
 from tests.integration import factories, processes
 

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
-from relay import config, db
+from relay import config
 from relay.sandbox import qonto as qonto_sandbox
+from relay.store import db
 from tests import services
 from tests.integration import factories, outages, processes
 

@@ -19,7 +19,9 @@ import asyncpg
 import httpx
 import pytest
 
-from relay import config, connections, db, models
+from relay import config, models
+from relay.domain import connections
+from relay.store import db
 from tests import services
 from tests.integration import factories, outages, processes
 

@@ -12,7 +12,9 @@ import asyncpg
 import httpx
 import pytest
 
-from relay import config, db, errors, stalls, status
+from relay import config, errors
+from relay.domain import stalls, status
+from relay.store import db
 from tests import services
 from tests.integration import factories, processes
 

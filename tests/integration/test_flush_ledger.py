@@ -17,10 +17,13 @@ import asyncpg
 import pytest
 
 from consumers import flusher, recovery, scheduler
-from relay import cegid, config, connections, errors, models, queries
+from relay import config, errors, models
+from relay.domain import connections
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
+from relay.store import queries
+from relay.upstreams import cegid
 from tests.integration import factories
 
 

@@ -10,7 +10,8 @@ import asyncpg
 import pytest
 
 from consumers import flusher, recovery, upload
-from relay import config, errors, models, resolve
+from relay import config, errors, models
+from relay.domain import resolve
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox

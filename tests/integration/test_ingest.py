@@ -11,7 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from relay import db, events, ingest, models
+from relay import events, models
+from relay.domain import ingest
+from relay.store import db
 from tests.conftest import load_fixture
 
 Apply = Callable[[db.Conn, uuid.UUID, dict[str, Any]], Awaitable[ingest.Applied]]

@@ -17,7 +17,9 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from relay import amqp, app, config, crypto
+from relay import config, crypto
+from relay.broker import amqp
+from relay.edge import app
 from relay.sandbox import signing
 from tests.integration import factories
 

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from relay import config, crypto, db, queries
+from relay import config, crypto
+from relay.store import db, queries
 from tests.integration.conftest import BASE_DSN
 
 

@@ -13,7 +13,8 @@ import httpx
 import orjson
 import pytest
 
-from relay import amqp, config, dlq
+from relay import config
+from relay.broker import amqp, dlq
 from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories, processes
 

@@ -9,9 +9,12 @@ import uuid
 import asyncpg
 
 from consumers import scanner, scheduler
-from relay import config, db, qonto, report
+from relay import config
+from relay.domain import report
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
+from relay.store import db
+from relay.upstreams import qonto
 from tests.integration import factories
 
 

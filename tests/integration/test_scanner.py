@@ -14,10 +14,12 @@ import asyncpg
 import pytest
 
 from consumers import scanner
-from relay import config, connections, credentials, crypto, inputs, listing
-from relay import qonto as qonto_api  # `qonto` is the sandbox fixture here
+from relay import config, crypto
+from relay.domain import connections, credentials, inputs
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox
+from relay.upstreams import listing
+from relay.upstreams import qonto as qonto_api  # `qonto` is the sandbox fixture here
 from tests.integration import factories
 
 

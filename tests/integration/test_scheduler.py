@@ -14,8 +14,10 @@ import asyncpg
 import pytest
 
 from consumers import scheduler
-from relay import cegid, config, errors, report
+from relay import config, errors
+from relay.domain import report
 from relay.sandbox import cegid as cegid_sandbox
+from relay.upstreams import cegid
 from tests.integration import factories
 
 DAY = dt.date(2026, 11, 24)

@@ -15,7 +15,8 @@ import uuid
 import asyncpg
 import httpx
 
-from relay import config, credentials, crypto, invitations
+from relay import config, crypto
+from relay.domain import credentials, invitations
 from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories, processes
 

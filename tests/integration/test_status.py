@@ -21,7 +21,8 @@ import httpx
 import orjson
 import pytest
 
-from relay import amqp, config
+from relay import config
+from relay.broker import amqp
 from tests.integration import factories, processes
 
 ADMIN_TOKEN = "test-admin-token-0123456789"

@@ -10,7 +10,8 @@ import aio_pika
 import aio_pika.abc
 import pytest
 
-from relay import amqp, config, errors
+from relay import config, errors
+from relay.broker import amqp
 from tests.integration.conftest import AMQP_URL
 
 

@@ -10,7 +10,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from relay import config, credentials, errors, qonto
+from relay import config, errors
+from relay.domain import credentials
+from relay.upstreams import qonto
 
 Handler = Callable[[httpx.Request], httpx.Response]
 

@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from relay import cegid, config, credentials, errors
+from relay import config, errors
+from relay.domain import credentials
+from relay.upstreams import cegid
 
 # a plain or an async handler, as httpx.MockTransport takes
 Handler = Callable[[httpx.Request], Any]

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from relay import cli, commands, crypto
+from relay import crypto
+from relay.cli import commands
+from relay.cli import main as cli
 
 COMMANDS = [
     ["keygen"],

@@ -10,7 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from relay import config, credentials, eligibility, errors, folders, models, qonto
+from relay import config, errors, models
+from relay.domain import credentials, eligibility, folders
+from relay.upstreams import qonto
 
 ORG_ID = "0b8e4f1c-5d3a-4c2e-9f71-2a6b9c0d1e23"  # the fixtures' organization
 SETTINGS = config.Settings(secret_key=config.Secret("x" * 43 + "="))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from relay import db, errors
+from relay import errors
+from relay.store import db
 
 
 @pytest.mark.parametrize(

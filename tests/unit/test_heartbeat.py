@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from consumers import consume
-from relay import config, heartbeat
+from relay import config
+from relay.domain import heartbeat
 
 
 @pytest.fixture

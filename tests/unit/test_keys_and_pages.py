@@ -9,8 +9,9 @@ import urllib.parse
 import pytest
 from cryptography.fernet import Fernet
 
-from relay import config, crypto, errors, qonto
+from relay import config, crypto, errors
 from relay.edge.pages import ratelimit, sessions, templates
+from relay.upstreams import qonto
 
 
 def test_the_first_key_seals_and_every_key_opens() -> None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay import network
+from relay.upstreams import network
 
 LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -260,7 +260,7 @@ async def test_reset_while_the_body_is_sent_fails_before_the_body_is_consumed(
     client: Client,
 ) -> None:
     """The server resets before taking the whole body: the request fails and the body iterator
-    was not exhausted, which is how ``relay.cegid`` knows the file did not go (httpcore swallows
+    was not exhausted, which is how ``relay.upstreams.cegid`` knows the file did not go (httpcore swallows
     the write error and reports the read that follows)."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

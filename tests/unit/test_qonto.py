@@ -1,4 +1,4 @@
-"""The Qonto client (relay/qonto.py), faked at the HTTP level with httpx.MockTransport.
+"""The Qonto client (relay/upstreams/qonto.py), faked at the HTTP level with httpx.MockTransport.
 
 Complements tests/unit/test_boundaries.py (API key verbatim, HTML refused, 429 exhausted, deleted
 attachment, expired URL re-fetched, OAuth refreshed before expiry).
@@ -19,7 +19,9 @@ import httpx
 import orjson
 import pytest
 
-from relay import attachments, config, credentials, errors, models, qonto
+from relay import config, errors, models
+from relay.domain import credentials
+from relay.upstreams import attachments, qonto
 
 Handler = (
     Callable[[httpx.Request], httpx.Response]

@@ -1,4 +1,4 @@
-"""List walks that items change under (relay/listing.py), against a fake list at the HTTP level.
+"""List walks that items change under (relay/upstreams/listing.py), against a fake list at the HTTP level.
 
 The fake recomputes its list for every page, as offset pagination over a live table does: an item
 updated after its page was read leaves the window (or moves to its end) and every later item shifts
@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from relay import config, credentials, errors, listing, qonto
+from relay import config, errors
+from relay.domain import credentials
+from relay.upstreams import listing, qonto
 
 API_KEY = credentials.QontoApiKey(login="org-login", secret=config.Secret("org-secret-key"))
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)

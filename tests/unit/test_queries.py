@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from relay import queries
+from relay.store import queries
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 USE = re.compile(r"""queries\.get\(\s*["']([a-z_][a-z0-9_]*)["']""")
@@ -17,7 +17,7 @@ def _used_names() -> set[str]:
     names: set[str] = set()
     for folder in ("relay", "consumers", "bench"):
         for path in (ROOT / folder).rglob("*.py"):
-            if path == ROOT / "relay" / "queries.py":
+            if path == ROOT / "relay" / "store" / "queries.py":
                 continue  # its docstring shows a made-up name
             names.update(USE.findall(path.read_text(encoding="utf-8")))
     return names

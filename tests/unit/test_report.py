@@ -7,7 +7,7 @@ import uuid
 
 import orjson
 
-from relay import report
+from relay.domain import report
 
 STARTED = dt.datetime(2026, 11, 24, 20, 0, tzinfo=dt.UTC)
 

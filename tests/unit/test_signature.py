@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay import signature
+from relay.edge import signature
 from relay.sandbox import signing
 from tests.conftest import load_fixture
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from relay import amqp, stalls, status
+from relay.broker import amqp
+from relay.domain import stalls, status
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
 HERE, THERE = "this-host", "other-host"

@@ -12,8 +12,11 @@ import datetime as dt
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import credentials, crypto, db, eligibility, errors, invitations, log, qonto, queries
+from relay import crypto, errors, log
+from relay.domain import credentials, eligibility, invitations
 from relay.edge.pages import sessions, setup, views
+from relay.store import db, queries
+from relay.upstreams import qonto
 
 logger = log.get(__name__)
 

@@ -1,6 +1,6 @@
 """**Create** (``POST /setup/create``): the whole connection or nothing, then the ready page.
 
-:func:`relay.connections.add` checks both sides, registers the webhook subscriptions and stores the
+:func:`relay.domain.connections.add` checks both sides, registers the webhook subscriptions and stores the
 connection, with the invitation marked used in the same transaction; a refusal by Loop or Qonto
 goes back to the step it belongs to, with what to do there (the Loop Hub action for a dossier).
 """
@@ -14,8 +14,11 @@ from typing import Final
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import connections, credentials, db, eligibility, errors, inputs, invitations, log, qonto
+from relay import errors, log
+from relay.domain import connections, credentials, eligibility, inputs, invitations
 from relay.edge.pages import sessions, setup, views
+from relay.store import db
+from relay.upstreams import qonto
 
 logger = log.get(__name__)
 

@@ -11,7 +11,7 @@ from typing import Final
 
 import asyncpg
 
-from relay import db, queries
+from relay.store import db, queries
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import config, crypto, db, queries
+from relay import config, crypto
+from relay.store import db, queries
 
 COOKIE: Final = "relay_session"
 IDLE: Final = dt.timedelta(hours=8)

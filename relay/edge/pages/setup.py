@@ -9,7 +9,7 @@
 3. The accountant's steps, in the guide's order: ``/setup/key`` (**API key**, **API secret**),
    ``/setup/dossier`` (**Code dossier**, **Domain**), ``/setup/hub`` (the Loop Hub declaration with
    its exact values, and **Create**). Create (``POST /setup/create``) makes the whole connection or
-   nothing (:func:`relay.connections.add`, with the invitation marked used in its transaction); a
+   nothing (:func:`relay.domain.connections.add`, with the invitation marked used in its transaction); a
    refusal by Loop or Qonto goes back to the step it belongs to, in a ``role="alert"`` element.
 4. ``/setup/ready``: **Your integration is ready**, and when the folder appears in Loop.
 
@@ -30,8 +30,11 @@ from typing import Any, Final
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay import crypto, db, invitations, log, qonto, queries
+from relay import crypto, log
+from relay.domain import invitations
 from relay.edge.pages import forms, ratelimit, sessions, views
+from relay.store import db, queries
+from relay.upstreams import qonto
 
 logger = log.get(__name__)
 

@@ -27,7 +27,9 @@ import httpx
 import pytest
 import uvicorn
 
-from relay import app, config, invitations
+from relay import config
+from relay.domain import invitations
+from relay.edge import app
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories, processes

@@ -19,7 +19,8 @@ import asyncpg
 import pytest
 
 from consumers import consume, flusher
-from relay import config, connections
+from relay import config
+from relay.domain import connections
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files
 from relay.sandbox import qonto as qonto_sandbox

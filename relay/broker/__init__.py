@@ -1,0 +1,1 @@
+"""RabbitMQ: the events queue's topology, confirmed publishing, dead letters."""

@@ -1,0 +1,1 @@
+"""The command line: `relay ...`, its commands and what they share."""

@@ -1,0 +1,1 @@
+"""The product's rules: connections, their credentials, documents and their fates."""

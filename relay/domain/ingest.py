@@ -1,0 +1,217 @@
+"""The one place where Qonto resource snapshots become documents (webhooks and the daily scan alike).
+
+Runs inside the caller's transaction, a whole batch in a handful of statements:
+1. each resource's newest snapshot is recorded in ``resources``, with its complete list of files
+   when it carries one; an older one (Qonto does not promise order) is reported stale;
+2. each file of an applied snapshot becomes a ``pending`` document, once per connection and
+   attachment (a document skipped as deleted comes back if its attachment reappears);
+3. for transactions, which list all their attachments, a pending document whose attachment is no
+   longer listed becomes ``skipped`` ("deleted before sync"); an uploaded one stays uploaded;
+4. every file the relay is told about is listed, whatever the batches and their order: a file
+   that only an older snapshot names (a stale one, or one the same batch superseded) becomes a
+   document too, ``skipped`` ("deleted before sync") when the newest snapshot lists its files and
+   leaves it out, ``pending`` otherwise; a document that exists keeps its state.
+
+:func:`apply` takes a whole batch (the consumer, the scanner's pages); :func:`apply_transaction`,
+:func:`apply_supplier_invoice` and :func:`apply_client_invoice` take one Qonto resource as the API
+shows it and say what became of it.
+
+A client invoice that was paid (or unpaid) and later becomes canceled keeps its document, even while
+it is still pending: it was an accounting document when it was issued, and a cancellation is booked
+as a credit note of its own in Qonto, not by deleting the invoice's file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any, Final
+
+import orjson
+
+from relay import errors, events, models
+from relay.store import db, queries
+
+APPLIED: Final = "applied"
+STALE: Final = "stale"
+NOT_A_DOCUMENT: Final = "not_a_document"
+
+
+class NeedsAttachment(errors.RelayError):
+    """An unpaid or paid client invoice given without ``attachment_id``: fetch it, apply it again."""
+
+    def __init__(self, invoice_id: str) -> None:
+        super().__init__(f"client invoice {invoice_id} has no attachment_id: fetch it from Qonto")
+        self.invoice_id = invoice_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Applied:
+    applied: frozenset[tuple[uuid.UUID, str, str]]  # (connection, source, resource id)
+    stale: frozenset[tuple[uuid.UUID, str, str]]
+    created: int
+    skipped: int
+    # "applied", or "stale" when every snapshot given was older than the one recorded; the
+    # one-resource functions also say "not_a_document" (a draft or canceled client invoice)
+    outcome: str = APPLIED
+
+
+async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]]) -> Applied:
+    """Apply snapshots in the caller's transaction; idempotent, and the same whatever the order
+    and the batches they come in."""
+    newest: dict[tuple[uuid.UUID, str, str], events.Snapshot] = {}
+    told: dict[tuple[uuid.UUID, str, str], list[events.Snapshot]] = {}
+    for connection_id, snapshot in items:
+        key = (connection_id, str(snapshot.source), snapshot.resource_id)
+        told.setdefault(key, []).append(snapshot)
+        held = newest.get(key)
+        if held is None or _newer_or_equal(snapshot, held):
+            newest[key] = snapshot
+    if not newest:
+        return Applied(frozenset(), frozenset(), 0, 0)
+    keys = list(newest)
+    with db.translate("apply snapshots"):
+        records = await conn.fetch(
+            queries.get("upsert_resources"),
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [newest[k].updated_at for k in keys],
+            [_listed(newest[k]) for k in keys],
+        )
+        applied = {(r["connection_id"], r["source"], r["resource_id"]) for r in records}
+        unique: dict[
+            tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]
+        ] = {}
+        for key in keys:
+            if key in applied:
+                for spec in newest[key].documents:
+                    unique.setdefault((key[0], spec.attachment_id), (key, spec))
+        rows = list(unique.values())
+        created = 0
+        if rows:
+            created = len(
+                await conn.fetch(
+                    queries.get("insert_documents"),
+                    [k[0] for k, _ in rows],
+                    [k[1] for k, _ in rows],
+                    [k[2] for k, _ in rows],
+                    [s.attachment_id for _, s in rows],
+                    [str(s.direction) for _, s in rows],
+                    [s.document_date for _, s in rows],
+                    [s.counterparty for _, s in rows],
+                    [s.amount for _, s in rows],
+                    [s.currency for _, s in rows],
+                    [s.file_name for _, s in rows],
+                    models.SKIP_DELETED,
+                )
+            )
+        complete = [k for k in keys if k in applied and newest[k].complete]
+        skipped = 0
+        if complete:
+            kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
+            status = await conn.execute(
+                queries.get("skip_removed_attachments"),
+                [k[0] for k in complete],
+                [k[1] for k in complete],
+                [k[2] for k in complete],
+                [c for c, _ in kept],
+                [a for _, a in kept],
+                models.SKIP_DELETED,
+            )
+            skipped = int(status.split()[-1])
+        # the files only older snapshots named, listed against the newest one now recorded
+        others: dict[
+            tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]
+        ] = {}
+        for key in keys:
+            for snapshot in told[key]:
+                if key in applied and snapshot is newest[key]:
+                    continue  # its files are the pending ones above
+                for spec in snapshot.documents:
+                    if (key[0], spec.attachment_id) not in unique:
+                        others.setdefault((key[0], spec.attachment_id), (key, spec))
+        if others:
+            named = list(others.values())
+            states = await conn.fetch(
+                queries.get("insert_named_documents"),
+                [k[0] for k, _ in named],
+                [k[1] for k, _ in named],
+                [k[2] for k, _ in named],
+                [s.attachment_id for _, s in named],
+                [str(s.direction) for _, s in named],
+                [s.document_date for _, s in named],
+                [s.counterparty for _, s in named],
+                [s.amount for _, s in named],
+                [s.currency for _, s in named],
+                [s.file_name for _, s in named],
+                models.SKIP_DELETED,
+            )
+            listed_skipped = sum(1 for r in states if r["state"] == models.DocumentState.SKIPPED)
+            created += len(states) - listed_skipped
+            skipped += listed_skipped
+    return Applied(
+        applied=frozenset(applied),
+        stale=frozenset(set(keys) - applied),
+        created=created,
+        skipped=skipped,
+        outcome=APPLIED if applied else STALE,
+    )
+
+
+async def apply_transaction(
+    conn: db.Conn,
+    connection_id: uuid.UUID,
+    tx: dict[str, Any],
+    *,
+    fallback: dt.datetime | None = None,
+) -> Applied:
+    """One transaction: a pending document per attachment, the ones it no longer lists skipped.
+
+    ``fallback`` (the webhook envelope's ``created_at``) orders snapshots without ``updated_at``.
+    """
+    snapshot = events.transaction_snapshot(tx, fallback=fallback)
+    return await apply(conn, [(connection_id, snapshot)])
+
+
+async def apply_supplier_invoice(
+    conn: db.Conn, connection_id: uuid.UUID, invoice: dict[str, Any]
+) -> Applied:
+    """One supplier invoice, whatever its status: a PURCHASE document for its file."""
+    return await apply(conn, [(connection_id, events.supplier_invoice_snapshot(invoice))])
+
+
+async def apply_client_invoice(
+    conn: db.Conn,
+    connection_id: uuid.UUID,
+    invoice: dict[str, Any],
+    *,
+    fallback: dt.datetime | None = None,
+) -> Applied:
+    """One client invoice: unpaid or paid is a SALE document; a draft or canceled one is none.
+
+    Raise NeedsAttachment when an unpaid or paid invoice comes without ``attachment_id`` (the
+    webhook payload omits it): the caller fetches the invoice and applies that.
+    """
+    if events.client_invoice_needs_fetch(invoice):
+        raise NeedsAttachment(str(invoice.get("id")))
+    snapshot = events.client_invoice_snapshot(invoice, fallback=fallback)
+    result = await apply(conn, [(connection_id, snapshot)])
+    if result.outcome == APPLIED and not snapshot.documents:
+        return dataclasses.replace(result, outcome=NOT_A_DOCUMENT)
+    return result
+
+
+def _listed(snapshot: events.Snapshot) -> str | None:
+    """A complete snapshot's attachment ids as a JSON array; None when it does not list them all."""
+    if not snapshot.complete:
+        return None
+    return orjson.dumps([s.attachment_id for s in snapshot.documents]).decode()
+
+
+def _newer_or_equal(candidate: events.Snapshot, held: events.Snapshot) -> bool:
+    if candidate.updated_at is None or held.updated_at is None:
+        return True
+    return candidate.updated_at >= held.updated_at

@@ -1,0 +1,110 @@
+"""`relay secrets rotate`: every stored secret re-sealed under the first key of ``RELAY_SECRET_KEY``.
+
+Key rotation, in three moves: put the new key first in ``RELAY_SECRET_KEY`` everywhere, the old one
+after it (every process then seals with the new key and opens with both); run `relay secrets rotate`;
+remove the old key. The rotation walks connections (Qonto and Loop credentials), webhook secrets and
+open invitations in batches, each row locked while it is re-sealed (a concurrent OAuth refresh waits
+for it, then writes under the first key too). Values already under the first key are left as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any, Final
+
+import asyncpg
+
+from relay import config, crypto, log
+from relay.store import db, queries
+
+logger = log.get(__name__)
+
+BATCH: Final = 200
+_NIL = uuid.UUID(int=0)
+
+
+@dataclasses.dataclass(slots=True)
+class Rotated:
+    """How many stored values were re-sealed, and how many already were under the first key."""
+
+    resealed: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"connections": 0, "webhook_secrets": 0, "invitations": 0}
+    )
+    unchanged: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"resealed": dict(self.resealed), "already_under_first_key": self.unchanged}
+
+
+def _reseal(box: crypto.Box, value: bytes | None, rotated: Rotated) -> tuple[bytes | None, bool]:
+    if value is None:
+        return None, False
+    token = bytes(value)
+    if box.sealed_by_first(token):
+        rotated.unchanged += 1
+        return token, False
+    return box.reseal(token), True
+
+
+async def rotate(settings: config.Settings, pool: asyncpg.Pool) -> Rotated:
+    """Re-seal every stored secret under the first key; raise ConfigurationError if one cannot be
+    opened with any key (nothing of that row changes; rows before it stay re-sealed)."""
+    box = crypto.Box(settings.secret_key.reveal())
+    rotated = Rotated()
+    await _walk(
+        pool,
+        box,
+        rotated,
+        "connections",
+        queries.get("rotation_connections"),
+        queries.get("rotation_update_connection"),
+        2,
+    )
+    await _walk(
+        pool,
+        box,
+        rotated,
+        "webhook_secrets",
+        queries.get("rotation_webhook_secrets"),
+        queries.get("rotation_update_webhook_secret"),
+        1,
+        first=0,
+    )
+    await _walk(
+        pool,
+        box,
+        rotated,
+        "invitations",
+        queries.get("rotation_invitations"),
+        queries.get("rotation_update_invitation"),
+        2,
+    )
+    logger.info("secrets_rotated", **rotated.resealed, unchanged=rotated.unchanged)
+    return rotated
+
+
+async def _walk(
+    pool: asyncpg.Pool,
+    box: crypto.Box,
+    rotated: Rotated,
+    kind: str,
+    select: str,
+    update: str,
+    columns: int,
+    *,
+    first: Any = _NIL,
+) -> None:
+    after = first
+    while True:
+        with db.translate(f"rotate {kind}"):
+            async with pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(select, after, BATCH)
+                for row in rows:
+                    values = [_reseal(box, row[i + 1], rotated) for i in range(columns)]
+                    if any(changed for _, changed in values):
+                        await conn.execute(update, row[0], *(v for v, _ in values))
+                        rotated.resealed[kind] += 1
+        if len(rows) < BATCH:
+            return
+        after = rows[-1][0]

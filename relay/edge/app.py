@@ -1,0 +1,115 @@
+"""The HTTP edge as a Starlette application: webhook intake, health, metrics, the admin API and the
+web pages (the client's setup: :mod:`relay.edge.pages`).
+
+The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache, the `serve`
+role's heartbeat) and puts them on ``app.state``: ``settings``, ``box``, ``pool``, ``amqp``,
+``publisher``, ``secrets``, ``metrics``, ``work`` (webhooks accepted, for the heartbeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from relay import config, crypto, errors, log
+from relay.broker import amqp
+from relay.domain import heartbeat, status
+from relay.edge import admin, metrics, webhook
+from relay.edge.pages import site
+from relay.store import db, queries
+
+logger = log.get(__name__)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(db.ping(state.pool), timeout=2)
+        checks["postgresql"] = "ok"
+    except (errors.DatabaseUnavailable, TimeoutError) as exc:
+        checks["postgresql"] = f"unavailable: {exc}"
+    try:
+        await asyncio.wait_for(amqp.ping(state.amqp), timeout=2)
+        checks["rabbitmq"] = "ok"
+    except (errors.BrokerUnavailable, TimeoutError) as exc:
+        checks["rabbitmq"] = f"unavailable: {exc}"
+    ok = all(value == "ok" for value in checks.values())
+    return JSONResponse(checks, status_code=200 if ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    state = request.app.state
+    stats: metrics.Metrics = state.metrics
+    with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
+        with db.translate("metrics"):
+            records = await asyncio.wait_for(
+                state.pool.fetch(queries.get("count_documents_by_state"), None), timeout=2
+            )
+        totals: dict[str, int] = {}
+        for record in records:
+            totals[record["state"]] = totals.get(record["state"], 0) + record["n"]
+        stats.set_documents(totals)
+    with contextlib.suppress(errors.RelayError, TimeoutError):
+        report = await asyncio.wait_for(
+            status.check(state.settings, state.pool, state.amqp, confirm=False), timeout=3
+        )
+        stats.set_status(report)
+    return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def create_app(settings: config.Settings, *, command: str = "serve") -> Starlette:
+    """The application; ``command`` is the relay command serving it (its heartbeat says so)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.box = crypto.Box(settings.secret_key.reveal())
+        app.state.metrics = metrics.create()
+        app.state.work = heartbeat.Work()
+        async with (
+            heartbeat.beating(settings, "serve", command=command, work=app.state.work),
+            db.pool_for(settings, min_size=1, max_size=4) as pool,
+        ):
+            app.state.pool = pool
+            async with amqp.connection(settings, name="relay-serve") as conn:
+                app.state.amqp = conn
+                channel = await conn.channel()
+                await amqp.declare(channel, settings)
+                await channel.close()
+                publisher = await amqp.Publisher.open(conn, settings)
+                app.state.publisher = publisher
+                cache = webhook.SecretCache(settings, pool)
+                await cache.start()
+                app.state.secrets = cache
+                logger.info("serve_started", host=settings.host, port=settings.port)
+                try:
+                    yield
+                finally:
+                    await cache.close()
+                    await publisher.close()
+                    logger.info("serve_stopped")
+
+    return Starlette(
+        routes=[
+            Route("/webhooks/qonto/{connection_id}", webhook.receive, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Mount("/admin", routes=admin.routes()),
+            *site.routes(settings),
+        ],
+        middleware=[Middleware(admin.Authenticate)],  # all of /admin, before routing
+        lifespan=lifespan,
+    )

@@ -1,0 +1,277 @@
+"""The webhook intake: verify Qonto's signature, queue the raw event durably, answer.
+
+``POST /webhooks/qonto/{connection_id}`` answers 202 only after RabbitMQ confirmed the persistent
+message; 404 for an unknown or stopped connection, 413 over 1 MiB, 401 for a bad or stale signature,
+400 for a body that is not an event, 503 when the event could not be queued (Qonto then retries).
+
+Secrets live in memory (:class:`SecretCache`), loaded at start and refreshed on PostgreSQL
+``NOTIFY relay_connections_changed`` (and every minute as a safety net): a known connection's webhook
+never queries the database. An unknown id is looked up once, then remembered as unknown for 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import OrderedDict
+from typing import Final
+
+import asyncpg
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from relay import config, crypto, errors, log
+from relay.broker import amqp
+from relay.domain import heartbeat
+from relay.edge import metrics, signature
+from relay.store import db, queries
+
+logger = log.get(__name__)
+
+MAX_BODY: Final = 1024 * 1024
+UNKNOWN_TTL_S: Final = 30.0
+UNKNOWN_MAX: Final = 10_000
+REFRESH_S: Final = 60.0
+RELISTEN_MAX_S: Final = 5.0  # longest pause between attempts to listen again after a lost LISTEN
+CHANNEL: Final = "relay_connections_changed"
+
+
+class SecretCache:
+    """Connection id → its currently valid webhook secrets (plaintext, in memory only)."""
+
+    def __init__(self, settings: config.Settings, pool: asyncpg.Pool) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._box = crypto.Box(settings.secret_key.reveal())
+        self._known: dict[uuid.UUID, tuple[str, ...]] = {}
+        self._unknown: OrderedDict[uuid.UUID, float] = OrderedDict()
+        self._pending: dict[uuid.UUID, asyncio.Future[tuple[str, ...]]] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+        self.lookups = 0  # single-id lookups in PostgreSQL (unknown ids)
+        self.reloads = 0  # full reloads
+        self.listens = 0  # LISTEN connections opened
+
+    async def start(self) -> None:
+        """Listen first, then load: a change committed in between is not missed."""
+        await self._listen()
+        await self.reload()
+        self._tasks.append(asyncio.create_task(self._refresher(), name="secret-cache-refresh"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+
+    async def reload(self) -> None:
+        with db.translate("load webhook secrets"):
+            records = await self._pool.fetch(queries.get("intake_secrets_all"))
+        known: dict[uuid.UUID, list[str]] = {}
+        for record in records:
+            known.setdefault(record["connection_id"], []).append(
+                self._box.open(bytes(record["secret"]))
+            )
+        self._known = {k: tuple(v) for k, v in known.items()}
+        self._unknown.clear()
+        self.reloads += 1
+
+    async def _listen(self) -> None:
+        try:
+            with db.translate("listen"):
+                self._listener = await db.connect(self._settings)
+                await self._listener.add_listener(CHANNEL, self._notified)
+                self._listener.add_termination_listener(self._lost)
+        except errors.DatabaseUnavailable:
+            self._listener = None
+            logger.warning("secret_cache_listen_failed")
+            return
+        self.listens += 1
+
+    def _notified(self, *_: object) -> None:
+        self._changed.set()
+
+    def _lost(self, *_: object) -> None:
+        self._listener = None
+        self._changed.set()
+
+    async def _refresher(self) -> None:
+        """Reload on NOTIFY, or every minute; re-listen with backoff while the listener is lost.
+
+        Whatever fails, the last known cache keeps serving.
+        """
+        backoff = 1.0
+        while True:
+            timeout = REFRESH_S if self._listener is not None else backoff
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+            self._changed.clear()
+            try:
+                if self._listener is None:
+                    await self._listen()
+                await self.reload()
+            except Exception as exc:  # the cache must outlive any failure
+                backoff = min(backoff * 2, RELISTEN_MAX_S)
+                logger.warning(
+                    "secret_cache_reload_failed", error=type(exc).__name__, retry_in_s=backoff
+                )
+                await asyncio.sleep(backoff)
+                self._changed.set()
+            else:
+                # still no listener: the next attempt waits longer (reloads keep the cache fresh)
+                backoff = 1.0 if self._listener is not None else min(backoff * 2, RELISTEN_MAX_S)
+
+    async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
+        """The connection's secrets; empty when it is unknown, disconnected or revoked."""
+        found = self._known.get(connection_id)
+        if found is not None:
+            return found
+        now = time.monotonic()
+        until = self._unknown.get(connection_id)
+        if until is not None and until > now:
+            return ()
+        # Concurrent requests for the same unknown id share one lookup.
+        pending = self._pending.get(connection_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(connection_id))
+            self._pending[connection_id] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(connection_id, None))
+        return await asyncio.shield(pending)
+
+    async def _look_up(self, connection_id: uuid.UUID) -> tuple[str, ...]:
+        self.lookups += 1
+        with db.translate("look up connection"):
+            records = await self._pool.fetch(queries.get("intake_secrets_one"), connection_id)
+        if records:
+            value = tuple(self._box.open(bytes(r["secret"])) for r in records)
+            self._known[connection_id] = value
+            return value
+        self._unknown[connection_id] = time.monotonic() + UNKNOWN_TTL_S
+        self._unknown.move_to_end(connection_id)
+        while len(self._unknown) > UNKNOWN_MAX:
+            self._unknown.popitem(last=False)
+        return ()
+
+
+def _answer(
+    status: int, payload: dict[str, object], headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ValueError("bad Content-Length")
+        if int(declared) > MAX_BODY:
+            raise TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def receive(request: Request) -> Response:
+    """The endpoint; a last-resort catch-all turns an unexpected error into a logged 503."""
+    try:
+        return await _receive(request)
+    except Exception:
+        logger.exception("webhook_failed", connection=request.path_params["connection_id"][:64])
+        return _answer(503, {"error": "temporarily unavailable, retry later"}, {"Retry-After": "5"})
+
+
+async def _receive(request: Request) -> Response:
+    started = time.perf_counter()
+    state = request.app.state
+    cache: SecretCache = state.secrets
+    publisher: amqp.Publisher = state.publisher
+    stats: metrics.Metrics = state.metrics
+    work: heartbeat.Work = state.work
+    raw_id = request.path_params["connection_id"]
+
+    def done(outcome: str, status: int, payload: dict[str, object], **context: object) -> Response:
+        elapsed = time.perf_counter() - started
+        stats.webhook(outcome, elapsed)
+        if status == 202:
+            work.add()
+        event = "webhook_accepted" if status == 202 else "webhook_rejected"
+        logger.info(
+            event,
+            connection=raw_id[:64],
+            outcome=outcome,
+            status=status,
+            duration_ms=round(elapsed * 1000, 2),
+            **context,
+        )
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return _answer(status, payload, headers)
+
+    try:
+        connection_id = uuid.UUID(raw_id)
+    except ValueError:
+        return done("unknown_connection", 404, {"error": "unknown connection"})
+    try:
+        secrets = await cache.secrets_for(connection_id)
+    except errors.DatabaseUnavailable:
+        return done("unavailable", 503, {"error": "temporarily unavailable, retry later"})
+    if not secrets:
+        return done("unknown_connection", 404, {"error": "unknown or disconnected connection"})
+    try:
+        body = await _read_body(request)
+    except TooLarge:
+        return done("too_large", 413, {"error": f"body larger than {MAX_BODY} bytes"})
+    except ValueError:
+        return done("bad_request", 400, {"error": "invalid Content-Length"})
+    except ClientDisconnect:
+        return done("client_disconnected", 400, {"error": "client disconnected"})
+    try:
+        signature.verify(request.headers.get("x-qonto-signature"), body, secrets, now=time.time())
+    except signature.Rejected as exc:
+        return done("bad_signature", 401, {"error": exc.reason})
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return done("not_json", 400, {"error": "body is not JSON"})
+    if (
+        not isinstance(event, dict)
+        or not isinstance(event.get("id"), str)
+        or not event["id"]
+        or len(event["id"]) > 200
+        or not isinstance(event.get("type"), str)
+    ):
+        return done("not_an_event", 400, {"error": "not a Qonto event (needs string id and type)"})
+    try:
+        await publisher.publish_event(body, connection_id=str(connection_id), event_id=event["id"])
+    except errors.BrokerUnavailable as exc:
+        return done(
+            "unavailable",
+            503,
+            {"error": "could not queue the event, retry later"},
+            event_id=event["id"],
+            reason=str(exc),
+        )
+    return done(
+        "queued",
+        202,
+        {"status": "queued", "event_id": event["id"]},
+        event_id=event["id"],
+        topic=event["type"],
+    )
