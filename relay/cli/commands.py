@@ -47,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = console.settings()
     log.configure(settings.log_level)
+    asyncio.run(console.check_secret_key(settings))
     serve.run(settings)  # raises when the start failed (exit 1, or 2 for configuration)
     return console.EXIT_OK
 
@@ -56,6 +57,7 @@ async def cmd_consume(args: argparse.Namespace) -> int:
 
     settings = console.settings()
     log.configure(settings.log_level)
+    await console.check_secret_key(settings)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
     progress = consume.Progress()
@@ -69,6 +71,7 @@ async def cmd_scheduler(args: argparse.Namespace) -> int:
 
     settings = console.settings(require_cegid_key=True)
     log.configure(settings.log_level)
+    await console.check_secret_key(settings)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
     work = heartbeat.Work()
@@ -106,6 +109,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     settings = console.settings(require_cegid_key=True)
     log.configure(settings.log_level)
+    await console.check_secret_key(settings)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
     server = Server(

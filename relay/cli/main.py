@@ -54,13 +54,19 @@ def _date(value: str) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(0, 0), tzinfo=dt.UTC)
 
 
+BIGINT_MAX = 2**63 - 1  # PostgreSQL's bigint: ids and limits beyond it are usage errors
+
+
 def _positive(value: str) -> int:
+    """A whole number from 1 to 2**63-1 (what PostgreSQL's bigint holds)."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError("expected a number of at least 1")
+    if number > BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"expected a number of at most {BIGINT_MAX}")
     return number
 
 

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, Router
 
 from relay import config, crypto, errors, log
 from relay.broker import amqp
@@ -101,15 +101,19 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
                     await publisher.close()
                     logger.info("serve_stopped")
 
-    return Starlette(
+    application = Starlette(
         routes=[
             Route("/webhooks/qonto/{connection_id}", webhook.receive, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Mount("/admin", routes=admin.routes()),
+            Mount("/admin", app=Router(routes=admin.routes(), redirect_slashes=False)),
             *site.routes(settings),
         ],
         middleware=[Middleware(admin.Authenticate)],  # all of /admin, before routing
         lifespan=lifespan,
     )
+    # A path with a trailing slash is 404, never a redirect: Starlette would build its Location from
+    # the request's Host header, which anyone can set.
+    application.router.redirect_slashes = False
+    return application

@@ -26,6 +26,7 @@ class Metrics:
     registry: prom.CollectorRegistry
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
+    admin_auth_failures: prom.Counter
     documents: prom.Gauge
     uploads: prom.Counter
     heartbeat_age: prom.Gauge
@@ -40,6 +41,10 @@ class Metrics:
         """One webhook answered: its outcome (queued, bad_signature, ...) and its duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
+
+    def admin_auth_failed(self, reason: str) -> None:
+        """A request to the admin API refused for its token (missing token, wrong token...)."""
+        self.admin_auth_failures.labels(reason).inc()
 
     def upload(self, outcome: str) -> None:
         """One upload attempt to Cegid Loop finished (uploaded, failed, in_doubt, retried...)."""
@@ -105,6 +110,12 @@ def create() -> Metrics:
             "relay_webhook_seconds",
             "Time to verify and durably queue a webhook",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        ),
+        admin_auth_failures=prom.Counter(
+            "relay_admin_auth_failures",
+            "Requests to the admin API refused for their bearer token, by reason",
+            ["reason"],
             registry=registry,
         ),
         documents=prom.Gauge(
