@@ -112,18 +112,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
     await console.check_secret_key(settings)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
-    server = Server(
-        uvicorn.Config(
-            app.create_app(settings, command="run"),
-            host=settings.host,
-            port=settings.port,
-            access_log=False,
-            log_level="warning",
-            log_config=None,  # uvicorn's records go through relay.log's handler (JSON when no TTY)
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
-    )
+    from relay.edge import serve
+
+    uv_options = {**serve.options(settings), "timeout_graceful_shutdown": 10}
+    server = Server(uvicorn.Config(app.create_app(settings, command="run"), **uv_options))
     progress, work = consume.Progress(), heartbeat.Work()
 
     async def consuming() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -21,7 +22,7 @@ from starlette.routing import Mount, Route, Router
 from relay import config, crypto, errors, log
 from relay.broker import amqp
 from relay.domain import heartbeat, status
-from relay.edge import admin, metrics, webhook
+from relay.edge import admin, guard, metrics, webhook
 from relay.edge.pages import site
 from relay.store import db, queries
 
@@ -52,6 +53,8 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     state = request.app.state
     stats: metrics.Metrics = state.metrics
+    limits: guard.Limits = state.connection_limits
+    stats.set_connections(limits.open, limits.refused)
     with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
         with db.translate("metrics"):
             records = await asyncio.wait_for(
@@ -73,11 +76,13 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
     """The application; ``command`` is the relay command serving it (its heartbeat says so)."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         app.state.settings = settings
         app.state.box = crypto.Box(settings.secret_key.reveal())
         app.state.metrics = metrics.create()
         app.state.work = heartbeat.Work()
+        app.state.connection_limits = guard.Limits.from_settings(settings)
+        app.state.bodies = webhook.BodyBudget(settings.body_buffer_bytes)
         async with (
             heartbeat.beating(settings, "serve", command=command, work=app.state.work),
             db.pool_for(settings, min_size=1, max_size=4) as pool,
@@ -95,7 +100,8 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
                 app.state.secrets = cache
                 logger.info("serve_started", host=settings.host, port=settings.port)
                 try:
-                    yield
+                    # the lifespan state: uvicorn hands it to each connection's protocol (guard)
+                    yield {guard.STATE_KEY: app.state.connection_limits}
                 finally:
                     await cache.close()
                     await publisher.close()

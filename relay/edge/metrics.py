@@ -27,6 +27,8 @@ class Metrics:
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
     admin_auth_failures: prom.Counter
+    connections_open: prom.Gauge
+    connections_cut: prom.Gauge
     documents: prom.Gauge
     uploads: prom.Counter
     heartbeat_age: prom.Gauge
@@ -45,6 +47,12 @@ class Metrics:
     def admin_auth_failed(self, reason: str) -> None:
         """A request to the admin API refused for its token (missing token, wrong token...)."""
         self.admin_auth_failures.labels(reason).inc()
+
+    def set_connections(self, open_now: int, cut: dict[str, int]) -> None:
+        """This worker's open HTTP connections, and those it cut off at a bound, by bound."""
+        self.connections_open.set(open_now)
+        for bound, count in cut.items():
+            self.connections_cut.labels(bound).set(count)
 
     def upload(self, outcome: str) -> None:
         """One upload attempt to Cegid Loop finished (uploaded, failed, in_doubt, retried...)."""
@@ -116,6 +124,18 @@ def create() -> Metrics:
             "relay_admin_auth_failures",
             "Requests to the admin API refused for their bearer token, by reason",
             ["reason"],
+            registry=registry,
+        ),
+        connections_open=prom.Gauge(
+            "relay_http_connections_open",
+            "HTTP connections this worker holds open",
+            registry=registry,
+        ),
+        connections_cut=prom.Gauge(
+            "relay_http_connections_cut",
+            "HTTP connections this worker cut off since it started, by bound (connections, "
+            "header_bytes, header_timeout, body_timeout)",
+            ["bound"],
             registry=registry,
         ),
         documents=prom.Gauge(
