@@ -92,7 +92,7 @@ def fast(event: str, **fields: str | int | float | None) -> None:
         return
     fields["event"] = event
     fields["level"] = "info"
-    fields["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat()[:-6] + "Z"
+    fields["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
     _fast.out.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE).decode())
 
 
