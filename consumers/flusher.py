@@ -52,9 +52,9 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery, scanner, upload
-from relay import config, crypto, errors, log, models
+from relay import config, crypto, errors, log, models, store
 from relay.domain import connections, credentials, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import cegid, qonto
 
 logger = log.get(__name__)
@@ -82,7 +82,11 @@ async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None
     except errors.Retryable as exc:  # not conclusive: deposit anyway, check again next run
         logger.info("dossier_check_unavailable", connection=str(connection.id), reason=str(exc))
         return
-    await upload.transition(ctx, "set_dossier_checked", connection.id)
+    await upload.transition(
+        ctx,
+        "set_dossier_checked",
+        functools.partial(store.connections.set_dossier_checked, ctx.pool, connection.id),
+    )
 
 
 async def _recheck(
@@ -113,36 +117,25 @@ async def _recheck(
 
 async def _claim(
     ctx: upload.Context, run: upload.ConnectionRun, wanted: int
-) -> list[asyncpg.Record]:
+) -> list[models.Document]:
     """Up to ``wanted`` documents for this worker. After a claim that failed with the database
     (its commit may have gone through), first what this worker holds without knowing it."""
     try:
         if ctx.lease.lost:  # a recovery could take this worker for dead: re-take it first
             raise errors.DatabaseUnavailable("claim documents: the worker lease was lost")
-        with db.translate("claim documents"):
-            if run.claim_unsure:
-                held = await ctx.pool.fetch(
-                    queries.get("held_documents"),
-                    run.connection.id,
-                    ctx.worker,
-                    list(run.seen),
-                    wanted,
-                )
-                if held:
-                    logger.warning(
-                        "documents_adopted", connection=str(run.connection.id), count=len(held)
-                    )
-                    return list(held)
-                run.claim_unsure = False
-            return list(
-                await ctx.pool.fetch(
-                    queries.get("claim_documents"),
-                    run.connection.id,
-                    ctx.worker,
-                    wanted,
-                    ctx.cutoff,
-                )
+        if run.claim_unsure:
+            held = await store.documents.held(
+                ctx.pool, run.connection.id, ctx.worker, sorted(run.seen), wanted
             )
+            if held:
+                logger.warning(
+                    "documents_adopted", connection=str(run.connection.id), count=len(held)
+                )
+                return held
+            run.claim_unsure = False
+        return await store.documents.claim(
+            ctx.pool, run.connection.id, ctx.worker, wanted, ctx.cutoff
+        )
     except errors.DatabaseUnavailable:
         run.claim_unsure = True
         raise
@@ -161,22 +154,20 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
             while wanted < CLAIM_BATCH and not ctx.slots.locked():
                 await ctx.slots.acquire()  # free: returns at once
                 wanted += 1
-            records: list[asyncpg.Record] = []
+            claimed: list[models.Document] = []
             try:
-                records = await ctx.guard.run(
+                claimed = await ctx.guard.run(
                     "claim documents", functools.partial(_claim, ctx, run, wanted)
                 )
             finally:
-                for _ in range(wanted - len(records)):
+                for _ in range(wanted - len(claimed)):
                     ctx.slots.release()
-            run.seen.update(int(r["id"]) for r in records)
-            for record in records:  # each task releases its slot
-                task = asyncio.create_task(
-                    upload.process(ctx, run, models.Document.from_record(record))
-                )
+            run.seen.update(document.id for document in claimed)
+            for document in claimed:  # each task releases its slot
+                task = asyncio.create_task(upload.process(ctx, run, document))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
-            if not records:
+            if not claimed:
                 break
     except asyncio.CancelledError:
         for task in inflight:
@@ -237,11 +228,10 @@ async def flush(
     started = dt.datetime.now(dt.UTC)
     clock = time.perf_counter()
     run_report = report.RunReport(kind=run_kind, started_at=started)
-    with db.translate("worker lease"):
-        if run_id is None:
-            run_id = int(await pool.fetchval(queries.get("insert_manual_run")))
-        since_previous = await pool.fetchval(queries.get("previous_run_start"), run_id)
-        lease = await recovery.Lease.take(pool)
+    if run_id is None:
+        run_id = await store.runs.insert_manual(pool)
+    since_previous = await store.runs.previous_start(pool, run_id)
+    lease = await recovery.Lease.take(pool)
     guard = patience.Guard(pool, settings.outage_limit_s, on_back=lease.keep)
     ctx: upload.Context | None = None
     try:
@@ -341,14 +331,11 @@ async def _settle_own(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> 
 
 
 async def _database_now(pool: asyncpg.Pool) -> dt.datetime:
-    with db.translate("database time"):
-        value: dt.datetime = await pool.fetchval(queries.get("database_now"))
-    return value
+    return await store.server.now(pool)
 
 
-async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, object]) -> None:
-    with db.translate("finish run"):
-        await pool.execute(queries.get("finish_run"), run_id, finished)
+async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, Any]) -> None:
+    await store.runs.finish(pool, run_id, finished)
 
 
 async def _save_tokens(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
@@ -425,16 +412,14 @@ async def _summarise(
 
         async def read(
             cid: uuid.UUID = run.connection.id, since: dt.datetime = since
-        ) -> tuple[dict[str, Any], list[asyncpg.Record]]:
+        ) -> tuple[dict[str, Any], list[store.documents.ReasonCount]]:
             description = await connections.describe(ctx.pool, cid)
-            with db.translate("skipped since"):
-                skipped = await ctx.pool.fetch(queries.get("skipped_since"), cid, since)
-            return description, list(skipped)
+            return description, await store.documents.skipped_since(ctx.pool, cid, since)
 
         description, skipped = await ctx.guard.run("summarise", read)
         run.report.skipped.clear()
-        for record in skipped:
-            run.report.skipped[report.reason_key(record["reason"])] += record["n"]
+        for count in skipped:
+            run.report.skipped[report.reason_key(count.reason)] += count.n
         by_state = description["documents"]
         run.report.in_doubt_total = int(by_state.get("in_doubt", 0))
         left = int(by_state.get("pending", 0)) - sum(run.report.pending.values())

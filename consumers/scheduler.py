@@ -29,9 +29,9 @@ import asyncpg
 import httpx
 
 from consumers import flusher, upload
-from relay import config, crypto, errors, log, models, outage
+from relay import config, crypto, errors, log, models, outage, store
 from relay.domain import connections, credentials, heartbeat, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import cegid
 
 logger = log.get(__name__)
@@ -72,37 +72,36 @@ async def run_due(
 ) -> bool:
     """Run the latest slot's scan + flush if no one has; True when this call ran it."""
     day = latest_slot(now, settings.flush_at).date()
-    with db.translate("scheduler"):
-        async with pool.acquire() as conn:
-            if not await conn.fetchval(queries.get("try_scheduler_lock"), *LOCK):
-                return False  # another scheduler is running a day right now
-            try:
-                run_id = await conn.fetchval(queries.get("claim_scheduled_run"), day)
-                if run_id is None:
-                    existing = await conn.fetchrow(queries.get("get_scheduled_run"), day)
-                    if existing is None or existing["finished_at"] is not None:
-                        return False
-                    run_id = existing["id"]
-                    logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
-                logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
-                started = time.monotonic()
-                result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
-                # the flush finished the run row already, riding out any outage; this lock's
-                # connection may have gone with one (its lock with it), so a failure here is moot
-                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("finish run"):
-                    await pool.execute(queries.get("finish_run"), run_id, result.to_json())
-                logger.info(
-                    "scheduled_run_finished",
-                    day=day.isoformat(),
-                    run=run_id,
-                    duration_ms=round((time.monotonic() - started) * 1000),
-                    **result.totals(),
-                )
-                return True
-            finally:
-                # a connection gone with an outage released its lock with it
-                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("unlock"):
-                    await conn.execute(queries.get("scheduler_unlock"), *LOCK)
+    async with db.connection(pool, "scheduler") as conn:
+        if not await store.server.try_scheduler_lock(conn, *LOCK):
+            return False  # another scheduler is running a day right now
+        try:
+            run_id = await store.runs.claim_scheduled(conn, day)
+            if run_id is None:
+                existing = await store.runs.get_scheduled(conn, day)
+                if existing is None or existing.finished_at is not None:
+                    return False
+                run_id = existing.id
+                logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
+            logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
+            started = time.monotonic()
+            result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
+            # the flush finished the run row already, riding out any outage; this lock's
+            # connection may have gone with one (its lock with it), so a failure here is moot
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.runs.finish(pool, run_id, result.to_json())
+            logger.info(
+                "scheduled_run_finished",
+                day=day.isoformat(),
+                run=run_id,
+                duration_ms=round((time.monotonic() - started) * 1000),
+                **result.totals(),
+            )
+            return True
+        finally:
+            # a connection gone with an outage released its lock with it
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.server.scheduler_unlock(conn, *LOCK)
 
 
 def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:
@@ -160,8 +159,7 @@ async def check_dossiers(
 
 
 async def _dossier_checked(pool: asyncpg.Pool, connection: models.Connection) -> None:
-    with db.translate("dossier checked"):
-        await pool.execute(queries.get("set_dossier_checked"), connection.id)
+    await store.connections.set_dossier_checked(pool, connection.id)
     if connection.state == models.ConnectionState.NEEDS_ATTENTION:
         await connections.clear_cegid_flag(pool, connection.id, CEGID_REASON)
 

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import pathlib
 import random
 import secrets
@@ -31,9 +32,9 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery
-from relay import config, crypto, errors, filetype, log, models, naming
+from relay import config, crypto, errors, filetype, log, models, naming, store
 from relay.domain import credentials, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import attachments, cegid, qonto
 
 logger = log.get(__name__)
@@ -106,14 +107,9 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
 # ------------------------------------------------------------------------------------ transitions
 
 
-async def transition(ctx: Context, name: str, *args: Any) -> None:
-    """One statement that may run twice (it sets a state), through the guard."""
-
-    async def write() -> None:
-        with db.translate(name):
-            await ctx.pool.execute(queries.get(name), *args)
-
-    await ctx.guard.run(name, write)
+async def transition(ctx: Context, what: str, write: Callable[[], Awaitable[None]]) -> None:
+    """Runs one write that may run twice (it sets a state) through the guard."""
+    await ctx.guard.run(what, write)
 
 
 async def _already(ctx: Context, document: models.Document, state: str) -> bool:
@@ -121,9 +117,7 @@ async def _already(ctx: Context, document: models.Document, state: str) -> bool:
     run had landed (its answer lost with the database) rather than a recovery taking it."""
 
     async def read() -> bool:
-        with db.translate("read document"):
-            found = await ctx.pool.fetchval(queries.get("document_state"), document.id)
-        return bool(found == state)
+        return await store.documents.state_of(ctx.pool, document.id) == state
 
     return await ctx.guard.run("read document", read)
 
@@ -144,28 +138,19 @@ async def _finish(
     """One transaction: the document's new state, its attempt's outcome, the dossier's content."""
     runs = 0
 
-    async def write() -> str:
+    async def write() -> bool:
         nonlocal runs
         runs += 1
-        with db.translate("finish document"):
-            async with ctx.pool.acquire() as conn, conn.transaction():
-                status: str = await conn.execute(
-                    queries.get("finish_document"), document.id, state, reason, ctx.worker
-                )
-                if upload_id is not None:
-                    await conn.execute(
-                        queries.get("finish_upload"),
-                        upload_id,
-                        outcome,
-                        http_status,
-                        answer,
-                        reason,
-                    )
-                if release_content:
-                    await conn.execute(queries.get("release_dossier_content"), document.id)
-        return status
+        async with db.transaction(ctx.pool, "finish document") as conn:
+            held = await store.documents.finish(conn, document.id, state, reason, ctx.worker)
+            if upload_id is not None:
+                assert outcome is not None
+                await store.uploads.finish(conn, upload_id, outcome, http_status, answer, reason)
+            if release_content:
+                await store.dossier_contents.release(conn, document.id)
+        return held
 
-    if await ctx.guard.run("finish document", write) == "UPDATE 0" and not (
+    if not await ctx.guard.run("finish document", write) and not (
         runs > 1 and await _already(ctx, document, str(state))
     ):
         _lost_hold(document, str(state))
@@ -216,24 +201,23 @@ async def _record_uploaded(
     then the connection's first deposit, once."""
     runs = 0
 
-    async def write() -> str:
+    async def write() -> bool:
         nonlocal runs
         runs += 1
-        with db.translate("document uploaded"):
-            status: str = await ctx.pool.execute(
-                queries.get("mark_uploaded"),
-                document.id,
-                stored.document_id,
-                ctx.worker,
-                upload_id,
-                stored.status,
-                stored.body,
-            )
-            if not run.first_upload_recorded:
-                await ctx.pool.execute(queries.get("set_first_upload"), run.connection.id)
-        return status
+        held = await store.documents.mark_uploaded(
+            ctx.pool,
+            document.id,
+            stored.document_id,
+            ctx.worker,
+            upload_id,
+            stored.status,
+            stored.body,
+        )
+        if not run.first_upload_recorded:
+            await store.connections.set_first_upload(ctx.pool, run.connection.id)
+        return held
 
-    if await ctx.guard.run("document uploaded", write) == "UPDATE 0" and not (
+    if not await ctx.guard.run("document uploaded", write) and not (
         runs > 1 and await _already(ctx, document, str(models.DocumentState.UPLOADED))
     ):
         _lost_hold(document, "uploaded")
@@ -392,31 +376,27 @@ async def _deposit(
     file_name = naming.file_name(document, kind.extension)
     connection = run.connection
 
-    async def claim_content() -> asyncpg.Record | None:
+    async def claim_content() -> store.dossier_contents.Holder | None:
         # a second run finds this document holding the content already: the same answer
-        with db.translate("start upload"):
-            holder = await ctx.pool.fetchrow(
-                queries.get("claim_dossier_content"),
-                connection.cegid_domain,
-                connection.cegid_dossier,
-                download.sha256,
-                document.id,
-                download.size,
-                kind.content_type,
-                file_name,
+        holder = await store.dossier_contents.claim(
+            ctx.pool,
+            connection.cegid_domain,
+            connection.cegid_dossier,
+            download.sha256,
+            document.id,
+            download.size,
+            kind.content_type,
+            file_name,
+        )
+        if holder is None:  # taken by a concurrent transaction, committed by now
+            holder = await store.dossier_contents.holder(
+                ctx.pool, connection.cegid_domain, connection.cegid_dossier, download.sha256
             )
-            if holder is None:  # taken by a concurrent transaction, committed by now
-                holder = await ctx.pool.fetchrow(
-                    queries.get("dossier_content_holder"),
-                    connection.cegid_domain,
-                    connection.cegid_dossier,
-                    download.sha256,
-                )
         return holder
 
     holder = await ctx.guard.run("start upload", claim_content)
-    if holder is None or holder["id"] != document.id:
-        if holder is not None and holder["state"] in (
+    if holder is None or holder.id != document.id:
+        if holder is not None and holder.state in (
             models.DocumentState.UPLOADED,
             models.DocumentState.IN_DOUBT,
         ):
@@ -425,10 +405,10 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.SKIPPED,
-                f"{models.SKIP_DUPLICATE}: document {holder['id']} has the same content",
+                f"{models.SKIP_DUPLICATE}: document {holder.id} has the same content",
             )
         else:  # the other copy is being sent now: whether it lands decides, next run
-            other = f"document {holder['id']}" if holder is not None else "another document"
+            other = f"document {holder.id}" if holder is not None else "another document"
             await _finish(
                 ctx,
                 run,
@@ -446,9 +426,7 @@ async def _deposit(
         # database took its answer away (nothing was sent under it)
         nonlocal starts
         starts += 1
-        with db.translate("record attempt"):
-            value = await ctx.pool.fetchval(queries.get("start_upload"), document.id, ctx.worker)
-        return int(value) if value is not None else None
+        return await store.uploads.start(ctx.pool, document.id, ctx.worker)
 
     for attempt in range(1, UPLOAD_ATTEMPTS + 1):
         if run.refused:  # refused for another document meanwhile
@@ -495,7 +473,10 @@ async def _deposit(
                     release_content=True,
                 )
                 return
-            await transition(ctx, "finish_upload", upload_id, "retry", None, None, str(stored))
+            retry = functools.partial(
+                store.uploads.finish, ctx.pool, upload_id, "retry", None, None, str(stored)
+            )
+            await transition(ctx, "finish_upload", retry)
             ctx.answers.pop(document.id, None)
             delay = _backoff(attempt, stored.retry_after)
             logger.info(

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from relay import config, crypto, errors, log
+from relay import config, crypto, errors, log, models
 from relay.domain import credentials
 from relay.store import db, queries
 
@@ -46,84 +46,7 @@ class Created:
         }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Invitation:
-    """An invitation and the setup's progress (its secrets stay sealed, out of ``repr``)."""
-
-    id: uuid.UUID
-    client_name: str
-    created_at: dt.datetime
-    expires_at: dt.datetime
-    used_at: dt.datetime | None
-    connection_id: uuid.UUID | None
-    qonto_organization_id: str | None
-    qonto_organization_name: str | None
-    qonto_role: str | None
-    qonto_plan: str | None
-    qonto_connected_at: dt.datetime | None
-    cegid_dossier: str | None
-    cegid_domain: str | None
-    problem_step: str | None
-    problem: str | None
-    qonto_tokens: bytes | None = dataclasses.field(default=None, repr=False)
-    cegid_credentials: bytes | None = dataclasses.field(default=None, repr=False)
-
-    @classmethod
-    def from_record(cls, record: Any) -> Invitation:
-        values = {f.name: record[f.name] for f in dataclasses.fields(cls)}
-        for name in ("qonto_tokens", "cegid_credentials"):
-            if values[name] is not None:
-                values[name] = bytes(values[name])
-        return cls(**values)
-
-    def usable(self, now: dt.datetime) -> bool:
-        return self.used_at is None and self.expires_at > now
-
-    @property
-    def state(self) -> str:
-        if self.used_at is not None:
-            return "used"
-        if self.expires_at <= dt.datetime.now(dt.UTC):
-            return "expired"
-        return "open"
-
-    @property
-    def qonto_done(self) -> bool:
-        return self.qonto_tokens is not None and self.qonto_organization_id is not None
-
-    @property
-    def key_done(self) -> bool:
-        return self.cegid_credentials is not None
-
-    @property
-    def dossier_done(self) -> bool:
-        return bool(self.cegid_dossier and self.cegid_domain)
-
-    def next_step(self) -> str:
-        """The first step still to do: qonto, key, dossier, then hub (the declaration and Create)."""
-        if not self.qonto_done:
-            return "qonto"
-        if not self.key_done:
-            return "key"
-        if not self.dossier_done:
-            return "dossier"
-        return "hub"
-
-    def problem_on(self, step: str) -> str | None:
-        return self.problem if self.problem_step == step else None
-
-    def to_json(self) -> dict[str, Any]:
-        """What an operator sees of an invitation (never its token or a secret)."""
-        return {
-            "id": str(self.id),
-            "client_name": self.client_name,
-            "state": self.state,
-            "created_at": self.created_at.isoformat(),
-            "expires_at": self.expires_at.isoformat(),
-            "used_at": self.used_at.isoformat() if self.used_at else None,
-            "connection_id": str(self.connection_id) if self.connection_id else None,
-            "next_step": None if self.used_at else self.next_step(),
-        }
+Invitation = models.Invitation
 
 
 def new_token() -> str:

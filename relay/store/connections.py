@@ -1,0 +1,195 @@
+"""The ``connections`` table: one Qonto organization linked to one Loop dossier, and its state."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from typing import Any
+
+from relay import errors, models
+from relay.store import db, queries
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewConnection:
+    id: uuid.UUID
+    client_name: str
+    qonto_organization_id: str
+    qonto_auth_kind: str
+    qonto_credentials: bytes  # sealed
+    cegid_credentials: bytes  # sealed
+    cegid_key_fingerprint: str
+    cegid_dossier: str
+    cegid_domain: str
+    scan_since: dt.datetime
+    dossier_checked_at: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FolderFacts:
+    """When the connection was (re)connected, and Loop's first deposit since then."""
+
+    connected_at: dt.datetime
+    first_deposit_at: dt.datetime | None
+
+
+def _connection(record: Any) -> models.Connection | None:
+    return None if record is None else models.Connection.from_record(record)
+
+
+async def insert(conn: db.Executor, new: NewConnection) -> models.Connection:
+    """Stores a new connection."""
+    with db.translate("add connection"):
+        record = await conn.fetchrow(
+            queries.get("insert_connection"),
+            new.id,
+            new.client_name,
+            new.qonto_organization_id,
+            new.qonto_auth_kind,
+            new.qonto_credentials,
+            new.cegid_credentials,
+            new.cegid_key_fingerprint,
+            new.cegid_dossier,
+            new.cegid_domain,
+            new.scan_since,
+            new.dossier_checked_at,
+        )
+    if record is None:
+        raise errors.DatabaseUnavailable("the new connection was not stored")
+    return models.Connection.from_record(record)
+
+
+async def list_all(conn: db.Executor) -> list[models.Connection]:
+    """Lists every connection, oldest first."""
+    with db.translate("list connections"):
+        records = await conn.fetch(queries.get("list_connections"))
+    return [models.Connection.from_record(r) for r in records]
+
+
+async def get(conn: db.Executor, connection_id: uuid.UUID) -> models.Connection | None:
+    """Reads one connection (None when there is no such id)."""
+    with db.translate("get connection"):
+        return _connection(await conn.fetchrow(queries.get("get_connection"), connection_id))
+
+
+async def sealed_credentials(
+    conn: db.Executor, connection_id: uuid.UUID
+) -> models.SealedCredentials | None:
+    """Reads one connection's sealed credentials (None when there is no such id)."""
+    with db.translate("load credentials"):
+        record = await conn.fetchrow(queries.get("get_sealed_credentials"), connection_id)
+    if record is None:
+        return None
+    return models.SealedCredentials(
+        connection_id=record["connection_id"],
+        qonto_auth_kind=record["qonto_auth_kind"],
+        qonto_credentials=bytes(record["qonto_credentials"]),
+        cegid_credentials=bytes(record["cegid_credentials"]),
+    )
+
+
+async def set_qonto_credentials(conn: db.Executor, connection_id: uuid.UUID, sealed: bytes) -> None:
+    """Stores rotated Qonto credentials (sealed)."""
+    with db.translate("store credentials"):
+        await conn.execute(queries.get("update_qonto_credentials"), connection_id, sealed)
+
+
+async def set_state(
+    conn: db.Executor, connection_id: uuid.UUID, state: str, reason: str | None
+) -> models.Connection | None:
+    """Sets a connection's state, whatever it was (an operator's decision)."""
+    with db.translate("set connection state"):
+        record = await conn.fetchrow(
+            queries.get("set_connection_state"), connection_id, state, reason
+        )
+    return _connection(record)
+
+
+async def flag(
+    conn: db.Executor, connection_id: uuid.UUID, state: str, reason: str | None
+) -> models.Connection | None:
+    """Sets an active or flagged connection's state (None when it is disconnected or revoked)."""
+    with db.translate("flag connection"):
+        return _connection(
+            await conn.fetchrow(queries.get("flag_connection"), connection_id, state, reason)
+        )
+
+
+async def clear_cegid_flag(
+    conn: db.Executor, connection_id: uuid.UUID, prefix: str
+) -> models.Connection | None:
+    """Clears the flag a Cegid refusal raised (its reason starts with ``prefix``), no other one."""
+    with db.translate("clear flag"):
+        return _connection(
+            await conn.fetchrow(queries.get("clear_cegid_flag"), connection_id, prefix)
+        )
+
+
+async def set_dossier_checked(conn: db.Executor, connection_id: uuid.UUID) -> None:
+    """Records that Loop answered a read of the connection's dossier now."""
+    with db.translate("dossier checked"):
+        await conn.execute(queries.get("set_dossier_checked"), connection_id)
+
+
+async def states(conn: db.Executor, connection_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Reads the state of each connection given that exists."""
+    with db.translate("connection states"):
+        records = await conn.fetch(queries.get("connection_states"), connection_ids)
+    return {r["id"]: r["state"] for r in records}
+
+
+async def revoke(conn: db.Executor, connection_id: uuid.UUID, reason: str) -> None:
+    """Marks a connection revoked (Qonto says its consent was withdrawn)."""
+    with db.translate("revoke connection"):
+        await conn.execute(queries.get("revoke_connection"), connection_id, reason)
+
+
+async def advance_watermark(
+    conn: db.Executor, connection_id: uuid.UUID, source: str, scanned_to: dt.datetime
+) -> None:
+    """Moves a source's scan watermark forward (never back)."""
+    with db.translate("advance watermark"):
+        await conn.execute(queries.get("advance_scan_watermark"), connection_id, source, scanned_to)
+
+
+async def set_first_upload(conn: db.Executor, connection_id: uuid.UUID) -> None:
+    """Records the connection's first deposit in Loop, once."""
+    with db.translate("first upload"):
+        await conn.execute(queries.get("set_first_upload"), connection_id)
+
+
+async def reconnect(
+    conn: db.Executor, connection_id: uuid.UUID, state: str, reason: str | None
+) -> models.Connection | None:
+    """Sets the state a reconnection's check found and restarts its clock (None when revoked)."""
+    with db.translate("reconnect connection"):
+        return _connection(
+            await conn.fetchrow(queries.get("reconnect_connection"), connection_id, state, reason)
+        )
+
+
+async def folder_facts(conn: db.Executor, connection_id: uuid.UUID) -> FolderFacts | None:
+    """Reads when the connection was (re)connected and its first deposit since."""
+    with db.translate("folder facts"):
+        record = await conn.fetchrow(queries.get("folder_facts"), connection_id)
+    return (
+        None if record is None else FolderFacts(record["connected_at"], record["first_deposit_at"])
+    )
+
+
+async def sealed_batch(
+    conn: db.Executor, after: uuid.UUID, limit: int
+) -> list[models.SealedValues]:
+    """Locks the next connections after ``after`` and reads their sealed credentials."""
+    with db.translate("rotate connections"):
+        records = await conn.fetch(queries.get("rotation_connections"), after, limit)
+    return [models.SealedValues.from_record(r) for r in records]
+
+
+async def reseal(
+    conn: db.Executor, connection_id: uuid.UUID, qonto: bytes | None, cegid: bytes | None
+) -> None:
+    """Stores a connection's re-sealed credentials."""
+    with db.translate("rotate connections"):
+        await conn.execute(queries.get("rotation_update_connection"), connection_id, qonto, cegid)
