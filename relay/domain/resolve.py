@@ -10,39 +10,38 @@ from __future__ import annotations
 
 import asyncpg
 
-from relay import errors, log, models
-from relay.store import db, queries
+from relay import errors, log, models, store
+from relay.store import db
 
 logger = log.get(__name__)
 
 
 async def resolve(pool: asyncpg.Pool, document_id: int, *, uploaded: bool) -> models.Document:
-    with db.translate("resolve document"):
-        async with pool.acquire() as conn, conn.transaction():
-            current = await conn.fetchrow(queries.get("get_document"), document_id)
-            if current is None:
-                raise errors.NotFound(f"no document {document_id}")
-            if current["state"] != models.DocumentState.IN_DOUBT:
-                raise errors.Refused(
-                    f"document {document_id} is {current['state']}, not in_doubt: only a document whose "
-                    "upload outcome is unknown can be resolved"
-                )
-            if uploaded:
-                record = await conn.fetchrow(
-                    queries.get("resolve_document"),
-                    document_id,
-                    models.DocumentState.UPLOADED,
-                    "confirmed in Loop by an operator",
-                )
-            else:
-                await conn.execute(queries.get("release_dossier_content"), document_id)
-                record = await conn.fetchrow(
-                    queries.get("resolve_document"),
-                    document_id,
-                    models.DocumentState.PENDING,
-                    "resend requested by an operator",
-                )
-    if record is None:  # another operator resolved it between our read and our update
+    async with db.transaction(pool, "resolve document") as conn:
+        current = await store.documents.get(conn, document_id)
+        if current is None:
+            raise errors.NotFound(f"no document {document_id}")
+        if current.state != models.DocumentState.IN_DOUBT:
+            raise errors.Refused(
+                f"document {document_id} is {current.state}, not in_doubt: only a document whose "
+                "upload outcome is unknown can be resolved"
+            )
+        if uploaded:
+            resolved = await store.documents.resolve(
+                conn,
+                document_id,
+                models.DocumentState.UPLOADED,
+                "confirmed in Loop by an operator",
+            )
+        else:
+            await store.dossier_contents.release(conn, document_id)
+            resolved = await store.documents.resolve(
+                conn,
+                document_id,
+                models.DocumentState.PENDING,
+                "resend requested by an operator",
+            )
+    if resolved is None:  # another operator resolved it between our read and our update
         raise errors.Refused(f"document {document_id} changed state meanwhile: try again")
     logger.info("document_resolved", document=document_id, uploaded=uploaded)
-    return models.Document.from_record(record)
+    return resolved
