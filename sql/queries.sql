@@ -125,6 +125,10 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $
 ON CONFLICT (connection_id, event_id) DO NOTHING
 RETURNING connection_id, event_id;
 
+-- name: count_events
+-- params: (none)
+SELECT count(*) FROM events;
+
 -- name: set_event_outcomes
 -- params: $1 connection ids, $2 event ids, $3 outcomes
 UPDATE events ev SET outcome = x.o

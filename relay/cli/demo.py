@@ -29,7 +29,7 @@ import orjson
 import uvicorn
 
 from consumers import consume, flusher
-from relay import config, crypto, log, models
+from relay import config, crypto, log, models, store
 from relay.broker import amqp
 from relay.cli import console
 from relay.domain import connections, credentials, documents, inputs, invitations
@@ -181,7 +181,7 @@ async def _deliver(client: httpx.AsyncClient, url: str, events: list[dict[str, A
 async def _wait_for_events(pool: Any, expected: int, within_s: float = 30) -> int:
     deadline = time.monotonic() + within_s
     while True:
-        count = int(await pool.fetchval("SELECT count(*) FROM events"))
+        count = await store.events.count(pool)
         if count >= expected or time.monotonic() > deadline:
             return count
         await asyncio.sleep(0.05)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -176,6 +176,24 @@ async def connect(settings: config.Settings) -> asyncpg.Connection:
     with translate("connect"):
         conn = await asyncpg.connect(settings.database_url.reveal(), timeout=10)
         await _init_connection(conn)
+    return conn
+
+
+async def listen(
+    settings: config.Settings,
+    channel: str,
+    on_notify: Callable[..., None],
+    on_lost: Callable[..., None],
+) -> asyncpg.Connection:
+    """Opens a connection that LISTENs on ``channel``; ``on_lost`` is called when it dies."""
+    conn = await connect(settings)
+    try:
+        with translate("listen"):
+            await conn.add_listener(channel, on_notify)
+            conn.add_termination_listener(on_lost)
+    except BaseException:
+        conn.terminate()
+        raise
     return conn
 
 

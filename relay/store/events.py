@@ -44,3 +44,9 @@ async def set_outcomes(conn: db.Executor, outcomes: Sequence[tuple[uuid.UUID, st
             [o[1] for o in outcomes],
             [o[2] for o in outcomes],
         )
+
+
+async def count(conn: db.Executor) -> int:
+    """Counts the events recorded, every connection together."""
+    with db.translate("count events"):
+        return int(await conn.fetchval(queries.get("count_events")))

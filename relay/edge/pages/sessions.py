@@ -21,8 +21,7 @@ import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import config, crypto
-from relay.store import db, queries
+from relay import config, crypto, store
 
 COOKIE: Final = "relay_session"
 IDLE: Final = dt.timedelta(hours=8)
@@ -68,17 +67,12 @@ async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
     if not session_id or len(session_id) > 100 or not session_id.isascii():
         return None
     now = dt.datetime.now(dt.UTC)
-    with db.translate("read session"):
-        record = await pool.fetchrow(
-            queries.get("get_web_session"),
-            crypto.token_digest(session_id),
-            now + IDLE,
-            now - ABSOLUTE,
-        )
-    if record is None:
+    stored = await store.web_sessions.touch(
+        pool, crypto.token_digest(session_id), now + IDLE, now - ABSOLUTE
+    )
+    if stored is None:
         return None
-    data = record["data"] if isinstance(record["data"], dict) else {}
-    return Session(session_id, dict(data), record["created_at"], is_new=False)
+    return Session(session_id, stored.data, stored.created_at, is_new=False)
 
 
 async def start(pool: asyncpg.Pool, request: Request) -> Session:
@@ -88,23 +82,18 @@ async def start(pool: asyncpg.Pool, request: Request) -> Session:
         return found
     session_id = secrets.token_urlsafe(32)
     now = dt.datetime.now(dt.UTC)
-    with db.translate("start session"):
-        await pool.execute(queries.get("delete_expired_web_sessions"))
-        await pool.execute(
-            queries.get("insert_web_session"), crypto.token_digest(session_id), {}, now + IDLE
-        )
+    await store.web_sessions.delete_expired(pool)
+    await store.web_sessions.insert(pool, crypto.token_digest(session_id), {}, now + IDLE)
     return Session(session_id, {}, now, is_new=True)
 
 
 async def save(pool: asyncpg.Pool, session: Session) -> None:
     """Store the session's data."""
-    with db.translate("save session"):
-        await pool.execute(queries.get("set_web_session_data"), session.id_hash, session.data)
+    await store.web_sessions.set_data(pool, session.id_hash, session.data)
 
 
 async def end(pool: asyncpg.Pool, session: Session) -> None:
-    with db.translate("end session"):
-        await pool.execute(queries.get("delete_web_session"), session.id_hash)
+    await store.web_sessions.delete(pool, session.id_hash)
 
 
 def attach(response: Response, session: Session, settings: config.Settings) -> Response:
