@@ -77,6 +77,7 @@ async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None
         await ctx.cegid.check_dossier(run.cegid_creds, connection.cegid_dossier)
     except errors.CegidAccessRefused as exc:
         run.refused = f"{upload.CEGID_REASON}{exc}"
+        run.refused_by = models.Refuser.CEGID
         logger.warning("dossier_check_refused", connection=str(connection.id))
         return
     except errors.Retryable as exc:  # not conclusive: deposit anyway, check again next run
@@ -105,9 +106,7 @@ async def _recheck(
         return connection
     cleared = await ctx.guard.run(
         "clear flag",
-        functools.partial(
-            connections.clear_cegid_flag, ctx.pool, connection.id, upload.CEGID_REASON
-        ),
+        functools.partial(connections.clear_cegid_flag, ctx.pool, connection.id),
     )
     if cleared is None:  # changed meanwhile (disconnected, revoked, flagged by Qonto)
         return connection
@@ -190,12 +189,16 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
             await asyncio.gather(*inflight, return_exceptions=True)
     if run.refused and not ctx.guard.gave_up:
         run.report.attention = run.refused
-        refused = run.refused
+        refused, refused_by = run.refused, run.refused_by
         with contextlib.suppress(errors.OutageTooLong):
             await ctx.guard.run(
                 "flag connection",
                 lambda: connections.flag(
-                    ctx.pool, run.connection.id, models.ConnectionState.NEEDS_ATTENTION, refused
+                    ctx.pool,
+                    run.connection.id,
+                    models.ConnectionState.NEEDS_ATTENTION,
+                    refused,
+                    () if refused_by is None else (refused_by,),
                 ),
             )
 
@@ -367,9 +370,9 @@ async def _prepare(
             "load credentials",
             functools.partial(credentials.load, ctx.pool, ctx.box, connection.id),
         )
-        if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
-            connection.state_reason or ""
-        ).startswith(upload.CEGID_REASON):
+        if connection.state == models.ConnectionState.NEEDS_ATTENTION and connection.refused_by == {
+            models.Refuser.CEGID
+        }:
             connection = await _recheck(ctx, connection, cegid_creds)
 
         async def store(
@@ -419,7 +422,7 @@ async def _summarise(
         description, skipped = await ctx.guard.run("summarise", read)
         run.report.skipped.clear()
         for count in skipped:
-            run.report.skipped[report.reason_key(count.reason)] += count.n
+            run.report.skipped[report.group(count.code, count.detail)] += count.n
         by_state = description["documents"]
         run.report.in_doubt_total = int(by_state.get("in_doubt", 0))
         left = int(by_state.get("pending", 0)) - sum(run.report.pending.values())

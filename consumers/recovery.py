@@ -31,14 +31,18 @@ IN_DOUBT_REASON: Final = (
     "`relay documents resolve {id} --uploaded` or `--resend`"
 )
 DIED_REASON: Final = "the flush worker stopped during the upload"
-DIED_UNSENT_REASON: Final = "the previous flush stopped before sending it"
+DIED_UNSENT: Final = models.Why(
+    models.Reason.FLUSH_STOPPED, "the previous flush stopped before sending it"
+)
 ERROR_SENT_REASON: Final = "an error stopped the flush before the outcome was recorded"
-ERROR_UNSENT_REASON: Final = "an error stopped the flush before sending it, retried next run"
+ERROR_UNSENT: Final = models.Why(
+    models.Reason.FLUSH_ERROR, "an error stopped the flush before sending it, retried next run"
+)
 
 
 async def _settle(
-    conn: db.Conn, worker: int, *, sent: str, unsent: str
-) -> list[tuple[uuid.UUID, models.DocumentState, str]]:
+    conn: db.Conn, worker: int, *, sent: str, unsent: models.Why
+) -> list[tuple[uuid.UUID, models.DocumentState, models.Why]]:
     """In the caller's transaction: the documents ``worker`` left uploading become in doubt when
     an attempt may have gone out (``sent`` says why), pending with reason ``unsent`` when provably
     not. Returns (connection, state, reason) for each."""
@@ -51,12 +55,14 @@ async def _settle(
         upload_id = attempts.get(document_id)
         if upload_id is not None:
             state = models.DocumentState.IN_DOUBT
-            reason = IN_DOUBT_REASON.format(detail=sent, id=document_id)
+            why = models.Why(
+                models.Reason.IN_DOUBT, IN_DOUBT_REASON.format(detail=sent, id=document_id)
+            )
             await store.uploads.finish(conn, upload_id, "in_doubt", None, None, sent)
         else:
-            state, reason = models.DocumentState.PENDING, unsent
-        await store.documents.finish(conn, document_id, state, reason, worker)
-        settled.append((connection_id, state, reason))
+            state, why = models.DocumentState.PENDING, unsent
+        await store.documents.finish(conn, document_id, state, why, worker)
+        settled.append((connection_id, state, why))
     return settled
 
 
@@ -70,7 +76,7 @@ async def recover(pool: asyncpg.Pool) -> dict[str, int]:
             try:
                 async with conn.transaction():
                     for _, state, _ in await _settle(
-                        conn, worker, sent=DIED_REASON, unsent=DIED_UNSENT_REASON
+                        conn, worker, sent=DIED_REASON, unsent=DIED_UNSENT
                     ):
                         result[str(state)] += 1
             finally:
@@ -87,16 +93,16 @@ async def settle_own(
     settled now, in one transaction, then counted into the report (DatabaseUnavailable when the
     database is gone: the caller waits for it, or leaves it to the next run's recovery)."""
     async with db.transaction(pool, "settle") as conn:
-        settled = await _settle(conn, worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT_REASON)
+        settled = await _settle(conn, worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT)
     by_connection = {r.connection_id: r for r in reports}
-    for connection_id, state, reason in settled:
+    for connection_id, state, why in settled:
         found = by_connection.get(connection_id)
         if found is None:
             continue
         if state == models.DocumentState.IN_DOUBT:
             found.in_doubt += 1
         else:
-            found.pending[report.reason_key(reason)] += 1
+            found.pending[report.group(why.code, why.detail)] += 1
 
 
 class Lease:

@@ -185,6 +185,7 @@ async def scan_connection(
                     connection.id,
                     models.ConnectionState.NEEDS_ATTENTION,
                     reason,
+                    (models.Refuser.QONTO,),
                 ),
             )
             result.errors.append(reason)

@@ -41,7 +41,7 @@ POLL_S: Final = 60.0
 PING_EVERY_S: Final = 5.0  # between polls, how often PostgreSQL is pinged
 PING_TIMEOUT_S: Final = 5.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
-CEGID_REASON: Final = upload.CEGID_REASON  # prefix of the reasons the dossier check may clear
+CEGID_REASON: Final = upload.CEGID_REASON  # how the reason shown for a Cegid refusal begins
 
 Clock = Callable[[], dt.datetime]
 Wait = Callable[[float], Awaitable[None]]
@@ -142,7 +142,11 @@ async def check_dossiers(
         except errors.CegidAccessRefused as exc:
             counts["refused"] += 1
             await connections.flag(
-                pool, connection.id, models.ConnectionState.NEEDS_ATTENTION, CEGID_REASON + str(exc)
+                pool,
+                connection.id,
+                models.ConnectionState.NEEDS_ATTENTION,
+                CEGID_REASON + str(exc),
+                (models.Refuser.CEGID,),
             )
             logger.warning("dossier_check_refused", connection=str(connection.id), reason=str(exc))
             continue
@@ -161,7 +165,7 @@ async def check_dossiers(
 async def _dossier_checked(pool: asyncpg.Pool, connection: models.Connection) -> None:
     await store.connections.set_dossier_checked(pool, connection.id)
     if connection.state == models.ConnectionState.NEEDS_ATTENTION:
-        await connections.clear_cegid_flag(pool, connection.id, CEGID_REASON)
+        await connections.clear_cegid_flag(pool, connection.id)
 
 
 async def run_forever(

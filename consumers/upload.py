@@ -42,7 +42,7 @@ logger = log.get(__name__)
 UPLOAD_ATTEMPTS: Final = 5
 BACKOFF_BASE_S: Final = 0.5
 BACKOFF_CAP_S: Final = 30.0
-CEGID_REASON: Final = "Cegid: "  # prefix of a Cegid refusal's reason (the daily check may clear it)
+CEGID_REASON: Final = "Cegid: "  # how the reason shown for a Cegid refusal begins
 STORED: Final = "stored in Loop"  # how an answer held in memory begins when Loop kept the file
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -90,7 +90,8 @@ class ConnectionRun:
     qonto: qonto.QontoClient
     cegid_creds: credentials.CegidCredentials
     report: report.ConnectionReport
-    refused: str | None = None
+    refused: str | None = None  # why the connection's access was refused (shown)
+    refused_by: models.Refuser | None = None
     first_upload_recorded: bool = False
     # every document this run has had in hand for the connection: a claim whose answer was lost
     # is made good by taking what the worker holds outside this set
@@ -127,7 +128,7 @@ async def _finish(
     run: ConnectionRun,
     document: models.Document,
     state: models.DocumentState,
-    reason: str | None,
+    why: models.Why,
     *,
     upload_id: int | None = None,
     outcome: str | None = None,
@@ -142,10 +143,10 @@ async def _finish(
         nonlocal runs
         runs += 1
         async with db.transaction(ctx.pool, "finish document") as conn:
-            held = await store.documents.finish(conn, document.id, state, reason, ctx.worker)
+            held = await store.documents.finish(conn, document.id, state, why, ctx.worker)
             if upload_id is not None:
                 assert outcome is not None
-                await store.uploads.finish(conn, upload_id, outcome, http_status, answer, reason)
+                await store.uploads.finish(conn, upload_id, outcome, http_status, answer, why.text)
             if release_content:
                 await store.dossier_contents.release(conn, document.id)
         return held
@@ -161,7 +162,7 @@ async def _finish(
         models.DocumentState.PENDING: run.report.pending,
     }
     if state in counts:
-        counts[state][report.reason_key(reason)] += 1
+        counts[state][report.group(why.code, why.detail)] += 1
     elif state == models.DocumentState.IN_DOUBT:
         run.report.in_doubt += 1
     logger.info(
@@ -169,7 +170,8 @@ async def _finish(
         document=document.id,
         connection=str(document.connection_id),
         state=str(state),
-        reason=reason,
+        reason=why.text,
+        code=str(why.code),
     )
 
 
@@ -183,7 +185,7 @@ async def _wait_for_access(
         run,
         document,
         models.DocumentState.PENDING,
-        f"waiting: {run.refused}",
+        _waiting(run),
         upload_id=upload_id,
         outcome="access_refused",
         release_content=True,
@@ -221,6 +223,15 @@ async def _record_uploaded(
         runs > 1 and await _already(ctx, document, str(models.DocumentState.UPLOADED))
     ):
         _lost_hold(document, "uploaded")
+
+
+def _waiting(run: ConnectionRun) -> models.Why:
+    """The reason a document waits while its connection's access is refused."""
+    return models.Why(
+        models.Reason.ACCESS_REFUSED,
+        f"waiting: {run.refused}",
+        None if run.refused_by is None else str(run.refused_by),
+    )
 
 
 def _answer(stored: cegid.Stored | errors.RelayError) -> str:
@@ -305,12 +316,12 @@ async def _download_and_upload(
     ctx: Context, run: ConnectionRun, document: models.Document, path: pathlib.Path
 ) -> None:
     if run.refused:
-        await _finish(ctx, run, document, models.DocumentState.PENDING, f"waiting: {run.refused}")
+        await _finish(ctx, run, document, models.DocumentState.PENDING, _waiting(run))
         return
     try:
         download = await run.qonto.download(document.qonto_attachment_id, path)
     except errors.QontoNotFound:
-        await _finish(ctx, run, document, models.DocumentState.SKIPPED, models.SKIP_DELETED)
+        await _finish(ctx, run, document, models.DocumentState.SKIPPED, models.DELETED)
         return
     except attachments.TooLarge:
         await _finish(
@@ -318,12 +329,16 @@ async def _download_and_upload(
             run,
             document,
             models.DocumentState.SKIPPED,
-            f"{models.SKIP_TOO_LARGE} (over {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB)",
+            models.Why(
+                models.Reason.TOO_LARGE,
+                f"{models.SKIP_TOO_LARGE} (over {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB)",
+            ),
         )
         return
     except errors.QontoAuthRejected as exc:
         run.refused = f"Qonto refused the credentials: reconnect the organization ({exc})"
-        await _finish(ctx, run, document, models.DocumentState.PENDING, f"waiting: {run.refused}")
+        run.refused_by = models.Refuser.QONTO
+        await _finish(ctx, run, document, models.DocumentState.PENDING, _waiting(run))
         return
     except (errors.Retryable, errors.QontoProtocolError, errors.ConfigurationError) as exc:
         await _finish(
@@ -331,7 +346,10 @@ async def _download_and_upload(
             run,
             document,
             models.DocumentState.PENDING,
-            f"Qonto download failed, retried next run ({exc})",
+            models.Why(
+                models.Reason.QONTO_DOWNLOAD_FAILED,
+                f"Qonto download failed, retried next run ({exc})",
+            ),
         )
         return
     kind = filetype.detect(download.head)
@@ -341,7 +359,9 @@ async def _download_and_upload(
             run,
             document,
             models.DocumentState.SKIPPED,
-            f"{models.SKIP_UNSUPPORTED}: {kind.name}",
+            models.Why(
+                models.Reason.UNSUPPORTED_TYPE, f"{models.SKIP_UNSUPPORTED}: {kind.name}", kind.name
+            ),
         )
         return
     key = (run.connection.cegid_domain, run.connection.cegid_dossier, download.sha256)
@@ -405,7 +425,10 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.SKIPPED,
-                f"{models.SKIP_DUPLICATE}: document {holder.id} has the same content",
+                models.Why(
+                    models.Reason.DUPLICATE_CONTENT,
+                    f"{models.SKIP_DUPLICATE}: document {holder.id} has the same content",
+                ),
             )
         else:  # the other copy is being sent now: whether it lands decides, next run
             other = f"document {holder.id}" if holder is not None else "another document"
@@ -414,7 +437,10 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.PENDING,
-                f"waiting: {other} with the same content is being sent, retried next run",
+                models.Why(
+                    models.Reason.COPY_BEING_SENT,
+                    f"waiting: {other} with the same content is being sent, retried next run",
+                ),
             )
         return
     upload_id: int | None = None
@@ -467,7 +493,10 @@ async def _deposit(
                     run,
                     document,
                     models.DocumentState.PENDING,
-                    f"Cegid Loop unavailable, retried next run ({stored})",
+                    models.Why(
+                        models.Reason.CEGID_UNAVAILABLE,
+                        f"Cegid Loop unavailable, retried next run ({stored})",
+                    ),
                     upload_id=upload_id,
                     outcome="retry",
                     release_content=True,
@@ -489,8 +518,9 @@ async def _deposit(
             await ctx.sleep(delay)
             continue
         if isinstance(stored, errors.CegidAccessRefused):
-            # the prefix lets the daily dossier check clear the flag once access is back
+            # the daily dossier check clears the flag once access is back
             run.refused = f"{CEGID_REASON}{stored}"
+            run.refused_by = models.Refuser.CEGID
             await _wait_for_access(ctx, run, document, upload_id)
             return
         if isinstance(stored, errors.CegidFileRejected):
@@ -499,7 +529,7 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.FAILED,
-                str(stored),
+                models.Why(models.Reason.FILE_REFUSED, str(stored)),
                 upload_id=upload_id,
                 outcome="failed",
                 http_status=stored.status,
@@ -512,7 +542,10 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.IN_DOUBT,
-                recovery.IN_DOUBT_REASON.format(detail=stored, id=document.id),
+                models.Why(
+                    models.Reason.IN_DOUBT,
+                    recovery.IN_DOUBT_REASON.format(detail=stored, id=document.id),
+                ),
                 upload_id=upload_id,
                 outcome="in_doubt",
             )

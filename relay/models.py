@@ -41,11 +41,48 @@ class ConnectionState(enum.StrEnum):
     DISCONNECTED = "disconnected"
 
 
-# Reasons a document is skipped: stable strings, shown to operators and counted in reports.
+class Refuser(enum.StrEnum):
+    """Who refused a connection's access: what decides which check may clear its flag."""
+
+    QONTO = "qonto"
+    CEGID = "cegid"
+
+
+class Reason(enum.StrEnum):
+    """Why a document is in its state (what reports group by); the prose beside it is for display."""
+
+    DELETED = "deleted"
+    UNSUPPORTED_TYPE = "unsupported_type"  # detail: the file kind
+    TOO_LARGE = "too_large"
+    DUPLICATE_CONTENT = "duplicate_content"
+    FILE_REFUSED = "file_refused"
+    QONTO_DOWNLOAD_FAILED = "qonto_download_failed"
+    CEGID_UNAVAILABLE = "cegid_unavailable"
+    ACCESS_REFUSED = "access_refused"  # detail: the Refuser
+    COPY_BEING_SENT = "copy_being_sent"
+    IN_DOUBT = "in_doubt"
+    FLUSH_STOPPED = "flush_stopped"
+    FLUSH_ERROR = "flush_error"
+    RESEND_REQUESTED = "resend_requested"
+    CONFIRMED_BY_OPERATOR = "confirmed_by_operator"
+    OTHER = "other"  # prose from before reasons were codes that matched none of them
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Why:
+    """A document's reason: its code, the value qualifying it, and the sentence shown."""
+
+    code: Reason
+    text: str
+    detail: str | None = None
+
+
+# How skipped documents' reasons begin: stable strings, shown to operators.
 SKIP_DELETED = "deleted before sync"
 SKIP_UNSUPPORTED = "unsupported type"
 SKIP_DUPLICATE = "duplicate content"
 SKIP_TOO_LARGE = "too large"
+DELETED = Why(Reason.DELETED, SKIP_DELETED)
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 
@@ -75,10 +112,13 @@ class Connection:
     first_upload_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    refused_by: frozenset[Refuser] = frozenset()
 
     @classmethod
     def from_record(cls, record: Row) -> Self:
-        return cls(**_fields(cls, record))
+        values = _fields(cls, record)
+        values["refused_by"] = frozenset(Refuser(r) for r in values.get("refused_by") or ())
+        return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +130,7 @@ class Connection:
             "cegid_domain": self.cegid_domain,
             "state": self.state,
             "state_reason": self.state_reason,
+            "refused_by": sorted(self.refused_by),
             "scan_since": _iso(self.scan_since),
             "transactions_scanned_to": _iso(self.transactions_scanned_to),
             "supplier_invoices_scanned_to": _iso(self.supplier_invoices_scanned_to),
@@ -135,6 +176,8 @@ class Document:
     uploaded_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    reason_code: str | None = None
+    reason_detail: str | None = None
 
     @classmethod
     def from_record(cls, record: Row) -> Self:
@@ -157,6 +200,7 @@ class Document:
             "sha256": self.sha256,
             "state": self.state,
             "reason": self.reason,
+            "reason_code": self.reason_code,
             "content_type": self.content_type,
             "size_bytes": self.size_bytes,
             "attempts": self.attempts,

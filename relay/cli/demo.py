@@ -300,8 +300,8 @@ async def _run(
         and not duplicates
         and len(stored) == len(eligible)
         and all(d.state in ("uploaded", "skipped") for d in docs)
-        and any(d.reason == models.SKIP_DELETED for d in docs)
-        and any((d.reason or "").startswith(models.SKIP_UNSUPPORTED) for d in docs)
+        and any(d.reason_code == models.Reason.DELETED for d in docs)
+        and any(d.reason_code == models.Reason.UNSUPPORTED_TYPE for d in docs)
         and any(d.source == "supplier_invoice" and d.state == "uploaded" for d in docs)
     )
     if json_output:

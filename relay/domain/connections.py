@@ -13,7 +13,7 @@ import dataclasses
 import datetime as dt
 import secrets as pysecrets
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -237,12 +237,13 @@ async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, An
 
 async def _verify(
     settings: config.Settings, pool: asyncpg.Pool, connection: models.Connection
-) -> tuple[list[str], list[str]]:
-    """Check both sides now: (problems, notices). Raise when a side cannot be checked at all
+) -> tuple[list[str], list[str], set[models.Refuser]]:
+    """Check both sides now: (problems, notices, who refused). Raise when a side cannot be checked at all
     (unavailable, misconfigured): then nothing is known, and nothing may change."""
     box = crypto.Box(settings.secret_key.reveal())
     qonto_creds, cegid_creds = await credentials.load(pool, box, connection.id)
     problems: list[str] = []
+    refused_by: set[models.Refuser] = set()
     notices: list[str] = []
 
     async def store_rotated(creds: credentials.QontoCredentials) -> None:
@@ -257,13 +258,15 @@ async def _verify(
             notices += [n for n in (eligibility.plan_notice(eligible.plan),) if n]
         except (errors.QontoAuthRejected, errors.Refused) as exc:
             problems.append(f"Qonto: {exc}")
+            refused_by.add(models.Refuser.QONTO)
         try:
             await cegid.CegidClient(settings, cegid_http).check_dossier(
                 cegid_creds, connection.cegid_dossier
             )
         except errors.CegidAccessRefused as exc:
             problems.append(f"Cegid: {exc}")
-    return problems, notices
+            refused_by.add(models.Refuser.CEGID)
+    return problems, notices, refused_by
 
 
 async def _checked(
@@ -283,9 +286,9 @@ async def check(
     """Re-check both sides now; flag the connection when one refuses, clear the flag when both pass
     (a disconnected or revoked connection keeps its state)."""
     connection = await get(pool, connection_id)
-    problems, notices = await _verify(settings, pool, connection)
+    problems, notices, refused_by = await _verify(settings, pool, connection)
     state = models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
-    await flag(pool, connection_id, state, "; ".join(problems) or None)
+    await flag(pool, connection_id, state, "; ".join(problems) or None, refused_by)
     return await _checked(pool, connection_id, problems, notices)
 
 
@@ -300,12 +303,16 @@ async def set_state(
 
 
 async def flag(
-    pool: asyncpg.Pool, connection_id: uuid.UUID, state: models.ConnectionState, reason: str | None
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    state: models.ConnectionState,
+    reason: str | None,
+    refused_by: Collection[models.Refuser] = (),
 ) -> bool:
-    """What the relay decides by itself (``needs_attention`` on a refusal, ``active`` when a check
-    passes): applied only to an active or flagged connection, never over a disconnect or a
-    revocation an operator or Qonto made meanwhile. True when applied."""
-    if await store.connections.flag(pool, connection_id, state, reason) is None:
+    """What the relay decides by itself (``needs_attention`` on a refusal by ``refused_by``,
+    ``active`` when a check passes): applied only to an active or flagged connection, never over a
+    disconnect or a revocation an operator or Qonto made meanwhile. True when applied."""
+    if await store.connections.flag(pool, connection_id, state, reason, refused_by) is None:
         logger.info("connection_flag_ignored", connection=str(connection_id), state=str(state))
         return False
     logger.info("connection_state_changed", connection=str(connection_id), state=str(state))
@@ -313,11 +320,11 @@ async def flag(
 
 
 async def clear_cegid_flag(
-    pool: asyncpg.Pool, connection_id: uuid.UUID, prefix: str
+    pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> models.Connection | None:
-    """A dossier read passed: clear the flag a Cegid refusal raised (its reason starts with
-    ``prefix``), and no other one. The connection as it is now, or None when it had no such flag."""
-    cleared = await store.connections.clear_cegid_flag(pool, connection_id, prefix)
+    """A dossier read passed: clear the flag a refusal by Cegid alone raised, and no other one.
+    The connection as it is now, or None when it had no such flag."""
+    cleared = await store.connections.clear_cegid_flag(pool, connection_id)
     if cleared is None:
         return None
     logger.info("connection_state_changed", connection=str(connection_id), state="active")
@@ -340,10 +347,12 @@ async def reconnect(
     connection = await get(pool, connection_id)
     if connection.state == models.ConnectionState.REVOKED:
         raise _revoked()
-    problems, notices = await _verify(settings, pool, connection)
+    problems, notices, refused_by = await _verify(settings, pool, connection)
     state = models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
     if (
-        await store.connections.reconnect(pool, connection_id, state, "; ".join(problems) or None)
+        await store.connections.reconnect(
+            pool, connection_id, state, "; ".join(problems) or None, refused_by
+        )
         is None
     ):
         raise _revoked()

@@ -84,13 +84,13 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
     created = 0
     if unique:
         created = await store.documents.insert_pending(
-            conn, [_new(k, s) for k, s in unique.values()], models.SKIP_DELETED
+            conn, [_new(k, s) for k, s in unique.values()]
         )
     complete = [k for k in keys if k in applied and newest[k].complete]
     skipped = 0
     if complete:
         kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
-        skipped = await store.documents.skip_removed(conn, complete, kept, models.SKIP_DELETED)
+        skipped = await store.documents.skip_removed(conn, complete, kept, models.DELETED)
     # the files only older snapshots named, listed against the newest one now recorded
     others: dict[tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]] = {}
     for key in keys:
@@ -102,7 +102,7 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
                     others.setdefault((key[0], spec.attachment_id), (key, spec))
     if others:
         states = await store.documents.insert_named(
-            conn, [_new(k, s) for k, s in others.values()], models.SKIP_DELETED
+            conn, [_new(k, s) for k, s in others.values()], models.DELETED
         )
         listed_skipped = sum(1 for state in states if state == models.DocumentState.SKIPPED)
         created += len(states) - listed_skipped

@@ -31,7 +31,7 @@ async def resolve(pool: asyncpg.Pool, document_id: int, *, uploaded: bool) -> mo
                 conn,
                 document_id,
                 models.DocumentState.UPLOADED,
-                "confirmed in Loop by an operator",
+                models.Why(models.Reason.CONFIRMED_BY_OPERATOR, "confirmed in Loop by an operator"),
             )
         else:
             await store.dossier_contents.release(conn, document_id)
@@ -39,7 +39,7 @@ async def resolve(pool: asyncpg.Pool, document_id: int, *, uploaded: bool) -> mo
                 conn,
                 document_id,
                 models.DocumentState.PENDING,
-                "resend requested by an operator",
+                models.Why(models.Reason.RESEND_REQUESTED, "resend requested by an operator"),
             )
     if resolved is None:  # another operator resolved it between our read and our update
         raise errors.Refused(f"document {document_id} changed state meanwhile: try again")

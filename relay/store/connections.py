@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from relay import errors, models
@@ -32,6 +33,10 @@ class FolderFacts:
 
     connected_at: dt.datetime
     first_deposit_at: dt.datetime | None
+
+
+def _refusers(refused_by: Collection[models.Refuser]) -> list[str]:
+    return sorted(str(r) for r in set(refused_by))
 
 
 def _connection(record: Any) -> models.Connection | None:
@@ -107,23 +112,26 @@ async def set_state(
 
 
 async def flag(
-    conn: db.Executor, connection_id: uuid.UUID, state: str, reason: str | None
+    conn: db.Executor,
+    connection_id: uuid.UUID,
+    state: str,
+    reason: str | None,
+    refused_by: Collection[models.Refuser],
 ) -> models.Connection | None:
-    """Sets an active or flagged connection's state (None when it is disconnected or revoked)."""
+    """Sets an active or flagged connection's state and who refused it (None when it is
+    disconnected or revoked)."""
     with db.translate("flag connection"):
         return _connection(
-            await conn.fetchrow(queries.get("flag_connection"), connection_id, state, reason)
+            await conn.fetchrow(
+                queries.get("flag_connection"), connection_id, state, reason, _refusers(refused_by)
+            )
         )
 
 
-async def clear_cegid_flag(
-    conn: db.Executor, connection_id: uuid.UUID, prefix: str
-) -> models.Connection | None:
-    """Clears the flag a Cegid refusal raised (its reason starts with ``prefix``), no other one."""
+async def clear_cegid_flag(conn: db.Executor, connection_id: uuid.UUID) -> models.Connection | None:
+    """Clears the flag a refusal by Cegid alone raised, no other one."""
     with db.translate("clear flag"):
-        return _connection(
-            await conn.fetchrow(queries.get("clear_cegid_flag"), connection_id, prefix)
-        )
+        return _connection(await conn.fetchrow(queries.get("clear_cegid_flag"), connection_id))
 
 
 async def set_dossier_checked(conn: db.Executor, connection_id: uuid.UUID) -> None:
@@ -160,12 +168,22 @@ async def set_first_upload(conn: db.Executor, connection_id: uuid.UUID) -> None:
 
 
 async def reconnect(
-    conn: db.Executor, connection_id: uuid.UUID, state: str, reason: str | None
+    conn: db.Executor,
+    connection_id: uuid.UUID,
+    state: str,
+    reason: str | None,
+    refused_by: Collection[models.Refuser],
 ) -> models.Connection | None:
     """Sets the state a reconnection's check found and restarts its clock (None when revoked)."""
     with db.translate("reconnect connection"):
         return _connection(
-            await conn.fetchrow(queries.get("reconnect_connection"), connection_id, state, reason)
+            await conn.fetchrow(
+                queries.get("reconnect_connection"),
+                connection_id,
+                state,
+                reason,
+                _refusers(refused_by),
+            )
         )
 
 

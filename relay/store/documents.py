@@ -36,7 +36,8 @@ class StateCount:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ReasonCount:
-    reason: str | None
+    code: models.Reason | None
+    detail: str | None
     n: int
 
 
@@ -93,23 +94,21 @@ async def count_by_state(conn: db.Executor, connection_id: uuid.UUID | None) -> 
     return [StateCount(r["connection_id"], r["state"], r["n"]) for r in records]
 
 
-async def insert_pending(
-    conn: db.Executor, rows: Sequence[NewDocument], deleted_reason: str
-) -> int:
+async def insert_pending(conn: db.Executor, rows: Sequence[NewDocument]) -> int:
     """Adds a pending document per new file (one skipped as deleted comes back); how many."""
     with db.translate("insert documents"):
-        records = await conn.fetch(queries.get("insert_documents"), *_columns(rows), deleted_reason)
+        records = await conn.fetch(queries.get("insert_documents"), *_columns(rows))
     return len(records)
 
 
 async def insert_named(
-    conn: db.Executor, rows: Sequence[NewDocument], deleted_reason: str
+    conn: db.Executor, rows: Sequence[NewDocument], deleted: models.Why
 ) -> list[str]:
     """Lists files only older snapshots named (skipped when the newest snapshot leaves them out);
     the states of the ones added."""
     with db.translate("insert named documents"):
         records = await conn.fetch(
-            queries.get("insert_named_documents"), *_columns(rows), deleted_reason
+            queries.get("insert_named_documents"), *_columns(rows), deleted.text, deleted.code
         )
     return [r["state"] for r in records]
 
@@ -118,7 +117,7 @@ async def skip_removed(
     conn: db.Executor,
     resources: Sequence[tuple[uuid.UUID, str, str]],
     kept: Sequence[tuple[uuid.UUID, str]],
-    reason: str,
+    why: models.Why,
 ) -> int:
     """Skips the pending documents of complete snapshots that no longer list them; how many."""
     with db.translate("skip removed attachments"):
@@ -129,7 +128,8 @@ async def skip_removed(
             [r[2] for r in resources],
             [k[0] for k in kept],
             [k[1] for k in kept],
-            reason,
+            why.text,
+            why.code,
         )
     return int(status.split()[-1])
 
@@ -157,12 +157,18 @@ async def held(
 
 
 async def finish(
-    conn: db.Executor, document_id: int, state: str, reason: str | None, worker: int
+    conn: db.Executor, document_id: int, state: str, why: models.Why, worker: int
 ) -> bool:
     """Settles a document ``worker`` holds; False when it no longer holds it."""
     with db.translate("finish document"):
         status: str = await conn.execute(
-            queries.get("finish_document"), document_id, state, reason, worker
+            queries.get("finish_document"),
+            document_id,
+            state,
+            why.text,
+            worker,
+            why.code,
+            why.detail,
         )
     return status != "UPDATE 0"
 
@@ -192,11 +198,13 @@ async def mark_uploaded(
 
 
 async def resolve(
-    conn: db.Executor, document_id: int, state: str, reason: str
+    conn: db.Executor, document_id: int, state: str, why: models.Why
 ) -> models.Document | None:
     """Settles an in-doubt document as an operator decided; None when it is no longer in doubt."""
     with db.translate("resolve document"):
-        record = await conn.fetchrow(queries.get("resolve_document"), document_id, state, reason)
+        record = await conn.fetchrow(
+            queries.get("resolve_document"), document_id, state, why.text, why.code
+        )
     return None if record is None else models.Document.from_record(record)
 
 
@@ -220,4 +228,11 @@ async def skipped_since(
     """Counts a connection's documents skipped since ``since``, per reason."""
     with db.translate("skipped since"):
         records = await conn.fetch(queries.get("skipped_since"), connection_id, since)
-    return [ReasonCount(r["reason"], r["n"]) for r in records]
+    return [
+        ReasonCount(
+            None if r["reason_code"] is None else models.Reason(r["reason_code"]),
+            r["reason_detail"],
+            r["n"],
+        )
+        for r in records
+    ]
