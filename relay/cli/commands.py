@@ -1,4 +1,4 @@
-"""The commands that run the relay: keygen, migrate, serve, consume, scheduler, run, flush, demo.
+"""The commands that run the relay (keygen, migrate, serve, consume, scheduler, run, flush, demo).
 
 ``relay run`` supervises the HTTP edge, the consumer and the scheduler in one process. What the
 commands share (exit codes, output, settings and pool) is in :mod:`relay.cli.console`.
@@ -97,8 +97,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from relay.edge import app
 
     class Server(uvicorn.Server):
-        """uvicorn without its own signal handlers: `relay run` handles SIGTERM/SIGINT for all roles
-        (uvicorn's would stop the intake alone, then re-raise the signal and kill the process)."""
+        """uvicorn without its own signal handlers, since ``relay run`` handles them for all roles.
+
+        uvicorn's SIGTERM/SIGINT handlers would stop the intake alone, then re-raise the signal and
+        kill the process.
+        """
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -1,5 +1,4 @@
-"""The operator's commands: `relay connections ...`, `relay documents ...`, `relay dlq ...`,
-`relay status`, `relay secrets rotate`.
+"""The operator's commands (``relay connections``, ``documents``, ``dlq``, ``status``, ``secrets``).
 
 What they share with every command (exit codes, output, settings and pool) is in :mod:`relay.cli.console`.
 """

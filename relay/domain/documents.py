@@ -1,4 +1,4 @@
-"""Documents as operators see them: `relay documents list` and the admin API."""
+"""Documents as operators see them, in ``relay documents list`` and the admin API."""
 
 from __future__ import annotations
 

@@ -20,13 +20,16 @@ Label = Callable[[str], str]
 
 
 def flag_name(field: str) -> str:
-    """The command line's name for a field: ``webhook_secret`` -> ``--webhook-secret``."""
+    """Name a field as the command line does (``webhook_secret`` -> ``--webhook-secret``)."""
     return "--" + field.replace("_", "-")
 
 
 class InvalidInput(errors.Refused):
-    """The values given are wrong by themselves (bad flags or fields): a usage error, caught before
-    anything is contacted (exit 2 on the command line, 400 from the admin API)."""
+    """The values given are wrong by themselves (bad flags or fields).
+
+    A usage error, caught before anything is contacted (exit 2 on the command line, 400 from the
+    admin API).
+    """
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ class NewConnection:
 def qonto_credentials(
     api_key: object, refresh_token: object, *, label: Label = flag_name
 ) -> credentials.QontoCredentials:
-    """The Qonto authentication: exactly one of an API key ``LOGIN:SECRET`` or a refresh token."""
+    """Read the Qonto authentication, one of an API key ``LOGIN:SECRET`` or a refresh token."""
     if bool(api_key) == bool(refresh_token):
         raise InvalidInput(
             f"give exactly one of {label('qonto_api_key')} LOGIN:SECRET or "
