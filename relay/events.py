@@ -1,11 +1,8 @@
 """Qonto events and resources, parsed tolerantly into what the relay uses.
 
 Payload shapes drift between Qonto's documentation versions (amounts as numbers or strings,
-``bank_account_id`` or a ``bank_account`` object): only the fields used here are required.
-
-JSON may carry NUL characters (``\\u0000``) that PostgreSQL cannot store, in ``text`` columns or in
-``jsonb``: :func:`loads` (and :func:`parse`, :func:`payload_text`) strip them from every string, keys
-included, at the boundary; when the bytes hold no such escape it costs no more than ``orjson.loads``.
+``bank_account_id`` or a ``bank_account`` object): only the fields used here are required. NUL
+characters PostgreSQL cannot store are stripped at this boundary (:func:`loads`).
 """
 
 from __future__ import annotations
@@ -61,7 +58,7 @@ class DocumentSpec:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The state of one Qonto resource at ``updated_at``: the files it carries now."""
+    """The state of one Qonto resource at ``updated_at``, with the files it carries then."""
 
     source: models.Source
     resource_id: str
@@ -110,6 +107,9 @@ def scrub(value: Any) -> Any:
 def loads(raw: bytes) -> Any:
     """``orjson.loads`` without NUL characters in any string (see :func:`scrub`).
 
+    JSON may carry NUL characters (``\\u0000``) that PostgreSQL cannot store, in ``text`` columns
+    or in ``jsonb``: this (and :func:`parse`, :func:`payload_text`) strips them from every string,
+    keys included, at the boundary.
     The scrub runs only when the raw JSON holds a ``\\u0000`` escape (a raw NUL byte is not valid
     JSON), so the common case costs one scan of the bytes. Raises ``orjson.JSONDecodeError``.
     """
@@ -118,8 +118,11 @@ def loads(raw: bytes) -> Any:
 
 
 def payload_text(body: bytes) -> str:
-    """A message body as the text to store in a ``jsonb`` column: the body as received, unless it
-    carries NUL characters, which are removed (the JSON is then re-serialized)."""
+    """Give a message body as the text to store in a ``jsonb`` column.
+
+    That is the body as received, unless it carries NUL characters, which are removed (the JSON is
+    then re-serialized).
+    """
     if _NUL_ESCAPE in body:
         with contextlib.suppress(orjson.JSONDecodeError):  # not JSON: PostgreSQL will say so
             return orjson.dumps(loads(body)).decode("utf-8")
@@ -146,7 +149,11 @@ def _date(value: Any) -> dt.date | None:
 
 
 def _amount(value: Any) -> tuple[str | None, str | None]:
-    """``84.0``, ``"84.00"`` or ``{"value": "84.00", "currency": "EUR"}`` → ("84.00", currency)."""
+    """Read an amount and its currency, from ``84.0``, ``"84.00"`` or an object.
+
+    The object form is ``{"value": "84.00", "currency": "EUR"}``; each one gives
+    ``("84.00", currency)``.
+    """
     currency = None
     if isinstance(value, dict):
         currency = value.get("currency") if isinstance(value.get("currency"), str) else None
@@ -282,7 +289,7 @@ def supplier_invoice_snapshot(invoice: dict[str, Any]) -> Snapshot:
 
 
 def client_invoice_needs_fetch(invoice: dict[str, Any]) -> bool:
-    """An exported status but no ``attachment_id`` in the payload: re-fetch the invoice."""
+    """Tell whether an invoice has an exported status but no ``attachment_id``, to re-fetch it."""
     return invoice.get("status") in EXPORTED_CLIENT_INVOICE_STATUSES and not _text(
         invoice.get("attachment_id")
     )

@@ -1,10 +1,6 @@
 """Prometheus metrics, one registry per application (tests and workers never share globals).
 
-Under several `relay serve` workers each process has its own registry and Prometheus scrapes whichever
-answers; counters are per process. The document gauges and the roles' and queues' gauges (what
-`relay status` shows) are read from PostgreSQL and RabbitMQ at scrape time, so they are the same
-whichever worker answers. The latter come from one look, without `relay status`'s second look at a
-queue that seems stalled: alert on them with a ``for:`` duration.
+Under several ``relay serve`` workers each process has its own registry (see :class:`Metrics`).
 """
 
 from __future__ import annotations
@@ -23,6 +19,15 @@ DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
+    """The metrics of one application, in a registry of their own.
+
+    Under several ``relay serve`` workers each process has its own registry and Prometheus scrapes
+    whichever answers; counters are per process. The document gauges and the roles' and queues'
+    gauges (what ``relay status`` shows) are read from PostgreSQL and RabbitMQ at scrape time, so
+    they are the same whichever worker answers. The latter come from one look, without ``relay
+    status``'s second look at a queue that seems stalled: alert on them with a ``for:`` duration.
+    """
+
     registry: prom.CollectorRegistry
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
@@ -37,7 +42,7 @@ class Metrics:
     oldest_age: prom.Gauge
 
     def webhook(self, outcome: str, seconds: float) -> None:
-        """One webhook answered: its outcome (queued, bad_signature, ...) and its duration."""
+        """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
 
@@ -94,7 +99,7 @@ class Metrics:
 
 
 def create() -> Metrics:
-    """A fresh registry with every metric the relay records (one per application)."""
+    """Create a fresh registry with every metric the relay records (one per application)."""
     registry = prom.CollectorRegistry()
     return Metrics(
         registry=registry,

@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 server for the sandboxes: asyncio streams + h11, in a thread of its own.
+"""A small HTTP/1.1 server for the sandboxes, on asyncio streams and h11 in a thread of its own.
 
 Not uvicorn, because the sandboxes must misbehave on purpose: drop a connection after reading a body,
 answer slowly, stream 20 MB without holding it. Handlers get the raw transport's abort as a fault.
@@ -19,7 +19,7 @@ CHUNK = 64 * 1024
 
 
 class Drop(Exception):
-    """Raised by a handler: abort the connection without answering."""
+    """Raised by a handler to abort the connection without answering."""
 
 
 @dataclasses.dataclass

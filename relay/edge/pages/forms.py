@@ -1,4 +1,4 @@
-"""Forms posted by the pages: URL-encoded, small, and carrying the session's CSRF token."""
+"""Forms posted by the pages, URL-encoded, small, and carrying the session's CSRF token."""
 
 from __future__ import annotations
 

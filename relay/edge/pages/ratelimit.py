@@ -1,4 +1,4 @@
-"""Rate limits kept in PostgreSQL (shared by every `relay serve` worker): fixed windows per key.
+"""Rate limits in fixed windows per key, kept in PostgreSQL for every ``relay serve`` worker.
 
 Used to limit guesses of setup links per client address; the console's sign-in can use the same.
 """

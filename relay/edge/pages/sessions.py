@@ -30,7 +30,7 @@ ABSOLUTE: Final = dt.timedelta(hours=24)
 
 
 class Session:
-    """One browser's session: its id (never shown), its data, and its CSRF token."""
+    """One browser's session, with its id (never shown), its data and its CSRF token."""
 
     __slots__ = ("_id", "created_at", "data", "is_new")
 

@@ -1,5 +1,7 @@
-"""The web pages mounted on the application: the setup under ``/setup`` and the stylesheet under
-``/static``, each behind the security headers."""
+"""The web pages mounted on the application, each behind the security headers.
+
+The setup is under ``/setup``, the stylesheet under ``/static``.
+"""
 
 from __future__ import annotations
 
