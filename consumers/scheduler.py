@@ -42,7 +42,7 @@ class Flush(Protocol):
 
 
 def latest_slot(now: dt.datetime, flush_at: dt.time) -> dt.datetime:
-    """The most recent scheduled moment at or before ``now``."""
+    """Return the most recent scheduled moment at or before ``now``."""
     today = dt.datetime.combine(now.date(), flush_at, tzinfo=dt.UTC)
     return today if today <= now else today - dt.timedelta(days=1)
 

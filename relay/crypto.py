@@ -71,7 +71,7 @@ class Box:
             ) from exc
 
     def sealed_by_first(self, token: bytes) -> bool:
-        """Whether the first key opens this value (nothing to re-seal)."""
+        """Tell whether the first key opens this value (nothing to re-seal)."""
         try:
             self._first.decrypt(bytes(token))
         except InvalidToken:

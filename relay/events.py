@@ -73,7 +73,7 @@ _NUL_ESCAPE: Final = b"\\u0000"
 
 
 def scrub(value: Any) -> Any:
-    """``value`` (decoded JSON) with every NUL character removed from its strings, keys included.
+    """Remove every NUL character from the strings of ``value`` (decoded JSON), keys included.
 
     PostgreSQL refuses NUL in ``text`` and ``jsonb``, and Qonto has no use for one. The input is left
     untouched (containers are copied), and the walk is iterative: the deepest JSON orjson decodes
@@ -105,11 +105,12 @@ def scrub(value: Any) -> Any:
 
 
 def loads(raw: bytes) -> Any:
-    """``orjson.loads`` without NUL characters in any string (see :func:`scrub`).
+    """Decode JSON as ``orjson.loads`` does, without NUL characters in any string.
 
     JSON may carry NUL characters (``\\u0000``) that PostgreSQL cannot store, in ``text`` columns
     or in ``jsonb``: this (and :func:`parse`, :func:`payload_text`) strips them from every string,
-    keys included, at the boundary.
+    keys included, at the boundary (see :func:`scrub`).
+
     The scrub runs only when the raw JSON holds a ``\\u0000`` escape (a raw NUL byte is not valid
     JSON), so the common case costs one scan of the bytes. Raises ``orjson.JSONDecodeError``.
     """
@@ -172,7 +173,7 @@ def _text(value: Any) -> str | None:
 
 
 def classify(topic: str) -> Kind:
-    """What the relay does with a topic; raise InvalidEvent for a used topic in an unknown version."""
+    """Say what the relay does with a topic; InvalidEvent for a used topic in an unknown version."""
     match = _TOPIC.match(topic)
     if match is None:
         raise errors.InvalidEvent(f"not a Qonto topic: {topic[:80]!r}")
@@ -191,7 +192,7 @@ def classify(topic: str) -> Kind:
 
 
 def parse(body: bytes) -> Event:
-    """A webhook body → Event; InvalidEvent when it is not a usable Qonto event."""
+    """Parse a webhook body into an Event; InvalidEvent when it is not a usable Qonto event."""
     try:
         value = loads(body)
     except orjson.JSONDecodeError as exc:
@@ -219,7 +220,7 @@ def parse(body: bytes) -> Event:
 
 
 def _attachment_list(tx: dict[str, Any]) -> tuple[list[str], bool]:
-    """The attachment ids a transaction names, and whether it names them all.
+    """Read the attachment ids a transaction names, and whether it names them all.
 
     Only a payload carrying the list (``attachment_ids``, or ``attachments`` objects with ids) is
     complete: one without it, or with entries this relay cannot read, says nothing about the
@@ -241,8 +242,11 @@ def _attachment_list(tx: dict[str, Any]) -> tuple[list[str], bool]:
 
 
 def transaction_snapshot(tx: dict[str, Any], *, fallback: dt.datetime | None = None) -> Snapshot:
-    """A transaction's files; complete (a file it no longer lists was deleted) only when the
-    payload carries its attachment list."""
+    """Take a snapshot of a transaction's files.
+
+    It is complete (a file it no longer lists was deleted) only when the payload carries its
+    attachment list.
+    """
     attachment_ids, complete = _attachment_list(tx)
     side = tx.get("side")
     direction = models.Direction.SALE if side == "credit" else models.Direction.PURCHASE
@@ -263,7 +267,7 @@ def transaction_snapshot(tx: dict[str, Any], *, fallback: dt.datetime | None = N
 
 
 def supplier_invoice_snapshot(invoice: dict[str, Any]) -> Snapshot:
-    """Every supplier invoice is an accounting document, whatever its status."""
+    """Take a snapshot of a supplier invoice, an accounting document whatever its status."""
     amount, currency = _amount(invoice.get("total_amount"))
     attachment_id = _text(invoice.get("attachment_id"))
     documents: tuple[DocumentSpec, ...] = ()

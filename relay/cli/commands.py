@@ -84,7 +84,7 @@ RUN_SHUTDOWN_S = 30.0  # how long `relay run` waits for its roles to stop before
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    """The HTTP edge, the consumer and the scheduler in one process (small deployments, demos).
+    """Run the HTTP edge, the consumer and the scheduler in one process (small deployments, demos).
 
     Supervised: SIGTERM/SIGINT stops the three roles; a role ending on its own (an error, a lost
     dependency it cannot survive) is logged as ``run_role_failed`` with the role and the error, the

@@ -234,7 +234,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    """Every role's heartbeat and the queues; exit 1 when something is stalled (see relay.status)."""
+    """Show every role's heartbeat and the queues; exit 1 when something is stalled."""
     import socket
 
     from relay import errors

@@ -115,7 +115,7 @@ class Invitation:
         return self.problem if self.problem_step == step else None
 
     def to_json(self) -> dict[str, Any]:
-        """What an operator sees of an invitation (never its token or a secret)."""
+        """Show what an operator sees of an invitation (never its token or a secret)."""
         return {
             "id": str(self.id),
             "client_name": self.client_name,
@@ -164,7 +164,7 @@ async def create(settings: config.Settings, pool: asyncpg.Pool, client_name: str
 
 
 async def find(pool: asyncpg.Pool, token: str) -> Invitation | None:
-    """The invitation of a setup token, whatever its state (None when no such token)."""
+    """Find the invitation of a setup token, whatever its state (None when no such token)."""
     with db.translate("find invitation"):
         record = await pool.fetchrow(
             queries.get("get_invitation_by_token"), crypto.token_digest(token)

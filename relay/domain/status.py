@@ -221,7 +221,7 @@ def judge(
     alive: Callable[[int], bool] = stalls.pid_alive,
     queues_error: str | None = None,
 ) -> Report:
-    """The report of one look (see :func:`relay.domain.stalls.judge`)."""
+    """Build the report of one look (see :func:`relay.domain.stalls.judge`)."""
     judgement = stalls.judge(
         rows,
         queues,

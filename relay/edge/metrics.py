@@ -47,7 +47,7 @@ class Metrics:
         self.webhook_seconds.observe(seconds)
 
     def upload(self, outcome: str) -> None:
-        """One upload attempt to Cegid Loop finished (uploaded, failed, in_doubt, retried...)."""
+        """Count a finished upload attempt to Loop (uploaded, failed, in_doubt, retried...)."""
         self.uploads.labels(outcome).inc()
 
     def set_documents(self, counts: dict[str, int]) -> None:
@@ -56,7 +56,10 @@ class Metrics:
             self.documents.labels(state).set(counts.get(state, 0))
 
     def set_status(self, report: status.Report) -> None:
-        """The roles (running ones by host and pid, all by state) and the queues, from one look."""
+        """Set the roles' and queues' gauges from one look.
+
+        Running roles are counted by host and pid, all of them by state.
+        """
         self.heartbeat_age.clear()
         self.work_age.clear()
         counts: dict[tuple[str, str], int] = {

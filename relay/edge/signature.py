@@ -25,7 +25,7 @@ class Rejected(Exception):
 
 
 def parse(header: str) -> tuple[int, list[str]]:
-    """``(timestamp, [v1 signatures])``; raise Rejected when the header is malformed."""
+    """Parse the header into ``(timestamp, [v1 signatures])``; raise Rejected when malformed."""
     timestamp: int | None = None
     signatures: list[str] = []
     for item in header.split(","):

@@ -209,7 +209,7 @@ class ServerThread:
 def json_error(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> Response:
-    """A JSON:API-style error, as Qonto answers them."""
+    """Build a JSON:API-style error, as Qonto answers them."""
     import orjson
 
     return Response(

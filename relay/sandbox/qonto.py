@@ -48,7 +48,7 @@ SCOPES = frozenset(
 
 
 def plan(name: str, code: str | None = None) -> dict[str, Any]:
-    """A ``GET /v2/subscription`` plan object as the contract shows it."""
+    """Build a ``GET /v2/subscription`` plan object as the contract shows it."""
     return {
         "code": code or f"team_{name.lower().replace(' ', '_')}",
         "name": name,
@@ -108,8 +108,10 @@ class QontoFaults:
             self._expire_next += count
 
     def random_plan(self, seed: int, rate: float) -> None:
-        """Each API or storage request fails at ``rate`` with 429, 500, 503, a slow answer or an
-        expired URL, chosen by ``random.Random(seed)``."""
+        """Fail each API or storage request at ``rate``, chosen by ``random.Random(seed)``.
+
+        A failure is a 429, 500, 503, a slow answer or an expired URL.
+        """
         with self._lock:
             self._random, self._rate = random.Random(seed), rate
 
@@ -232,7 +234,7 @@ class QontoSandbox:
         return time.time() + self.clock_offset_s
 
     def _stamp(self) -> str:
-        """A strictly increasing updated_at (one and the same inside :meth:`one_instant`)."""
+        """Hand out a strictly increasing updated_at (the same one inside :meth:`one_instant`)."""
         with self._lock:
             if self._instant is not None:
                 return self._instant
@@ -242,7 +244,7 @@ class QontoSandbox:
 
     @contextlib.contextmanager
     def one_instant(self) -> Iterator[str]:
-        """Every stamp handed out inside the block is the same instant (a bulk import or update)."""
+        """Make every stamp handed out inside the block one instant (a bulk import or update)."""
         stamp = self._stamp()
         with self._lock:
             self._instant = stamp
@@ -446,7 +448,7 @@ class QontoSandbox:
         )
 
     def subscriptions(self) -> list[dict[str, Any]]:
-        """Every webhook subscription, with its secret (as created)."""
+        """List every webhook subscription, with its secret (as created)."""
         with self._lock:
             return [copy.deepcopy(s) for s in self._subscriptions.values()]
 

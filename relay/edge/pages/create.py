@@ -32,7 +32,10 @@ CREATE_MARGIN: Final = dt.timedelta(minutes=10)
 def _refusal(
     exc: errors.RelayError, invitation: invitations.Invitation, ctx: views.Context, api_key: str
 ) -> tuple[str, str]:
-    """The step a refusal at Create belongs to, and what to tell there (with the Loop Hub action)."""
+    """Find the step a refusal at Create belongs to, and what to tell there.
+
+    What to tell includes the Loop Hub action when one is needed.
+    """
     dossier = invitation.cegid_dossier or ""
     app_name = ctx.settings.loop_application_name
     if isinstance(exc, errors.CegidKeyRefused):

@@ -38,7 +38,7 @@ SETUP_GUESSES: Final = Limit("setup-guess", 20, dt.timedelta(minutes=10))
 async def blocked(
     pool: asyncpg.Pool, limit: Limit, key: str, *, now: dt.datetime | None = None
 ) -> float | None:
-    """Seconds to wait when ``key`` used up its window, else None."""
+    """Return the seconds to wait when ``key`` used up its window, else None."""
     moment = now or dt.datetime.now(dt.UTC)
     start = limit.window_start(moment)
     with db.translate("read rate limit"):

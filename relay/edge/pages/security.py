@@ -19,7 +19,7 @@ def origin(url: str) -> str:
 
 
 def headers(settings: config.Settings) -> list[tuple[bytes, bytes]]:
-    """The headers added to every page's response.
+    """Build the headers added to every page's response.
 
     ``form-action`` names Qonto's OAuth origin too: the **Connect with Qonto** form posts here and
     is redirected there, and browsers check form redirects against it.

@@ -63,7 +63,7 @@ class Session:
 
 
 async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
-    """The request's live session (its expiry pushed back), or None."""
+    """Find the request's live session (its expiry pushed back), or None."""
     session_id = request.cookies.get(COOKIE, "")
     if not session_id or len(session_id) > 100 or not session_id.isascii():
         return None
@@ -82,7 +82,7 @@ async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
 
 
 async def start(pool: asyncpg.Pool, request: Request) -> Session:
-    """The request's live session, or a new one (stored now; its cookie set by :func:`attach`)."""
+    """Find the request's live session, or start one (stored now, its cookie set by ``attach``)."""
     found = await current(pool, request)
     if found is not None:
         return found

@@ -37,6 +37,6 @@ def render(
     headers: dict[str, str] | None = None,
     **context: Any,
 ) -> HTMLResponse:
-    """The template ``name`` as an HTML response."""
+    """Render the template ``name`` as an HTML response."""
     html = environment().get_template(name).render(csrf_token=csrf_token, **context)
     return HTMLResponse(html, status_code=status, headers=headers)

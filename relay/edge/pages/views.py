@@ -70,7 +70,7 @@ def problem(
     restart: bool = False,
     session: sessions.Session | None = None,
 ) -> Response:
-    """A page that says what went wrong and who can do what about it."""
+    """Render a page that says what went wrong and who can do what about it."""
     response = page(
         "problem.html",
         session,
