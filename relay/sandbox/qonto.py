@@ -61,8 +61,11 @@ def plan(name: str, code: str | None = None) -> dict[str, Any]:
 
 
 def _iso(moment: dt.datetime) -> str:
-    """Qonto shows milliseconds; the sandbox keeps microseconds so that stamps it hands out in a
-    burst stay strictly increasing without running ahead of the clock."""
+    """Format a moment as an ISO 8601 UTC stamp, to the microsecond.
+
+    Qonto shows milliseconds; the sandbox keeps microseconds so that stamps it hands out in a
+    burst stay strictly increasing without running ahead of the clock.
+    """
     return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 

@@ -1,11 +1,6 @@
 """Server-side browser sessions in PostgreSQL, and the CSRF token of each.
 
-The cookie holds only a random id (256 bits); the database holds its SHA-256 and the session's data
-(small JSON). A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began.
-The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is reached over https.
-
-The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it back,
-and another site, which cannot read the cookie, cannot forge it.
+A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began.
 """
 
 from __future__ import annotations
@@ -30,7 +25,15 @@ ABSOLUTE: Final = dt.timedelta(hours=24)
 
 
 class Session:
-    """One browser's session, with its id (never shown), its data and its CSRF token."""
+    """One browser's session, with its id (never shown), its data and its CSRF token.
+
+    The cookie holds only the random id (256 bits); the database holds its SHA-256 and the
+    session's data (small JSON). The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is
+    reached over https.
+
+    The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it
+    back, and another site, which cannot read the cookie, cannot forge it.
+    """
 
     __slots__ = ("_id", "created_at", "data", "is_new")
 
