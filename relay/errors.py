@@ -1,8 +1,9 @@
-"""What went wrong, classified by what the caller should do about it.
+"""The relay's errors, classified by what the caller should do about them.
 
-Foreign exceptions (asyncpg, aio-pika, httpx) are translated into these at exactly one boundary per
-dependency (`db`, `amqp`, `qonto`, `cegid`), chained with ``from exc``. Decisions (ack or dead-letter,
-retry or fail a document) are taken from the class alone.
+Foreign exceptions (asyncpg, aio-pika, httpx) are translated into these at exactly one boundary
+per dependency (``store.db``, ``broker.amqp``, ``upstreams.qonto``, ``upstreams.cegid``), chained
+with ``from exc``. Decisions (ack or dead-letter, retry or fail a document) are taken from the
+class alone.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@'\"]*
 _URL_QUERY = re.compile(r"(?P<url>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
 # Libraries that log every request's URL at info level (a presigned URL is a credential).
 _CHATTY = ("httpx", "httpcore")
-# Loggers uvicorn gives handlers of its own (plain text) unless told `log_config=None`.
+# Loggers uvicorn gives handlers of its own (plain text) unless told ``log_config=None``.
 _OWN_HANDLERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 

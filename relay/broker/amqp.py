@@ -39,7 +39,7 @@ HEADER_REASON: Final = "x-relay-reason"
 HEADER_DLQ_ID: Final = "x-relay-dlq-id"
 HEADER_FAILED_AT: Final = "x-relay-failed-at"
 # Classic queues have no delivery limit on any RabbitMQ version, whereas a quorum queue gets a
-# default limit of 20 from 4.0 on, and `relay dlq` browses by get and requeue, so every listing
+# default limit of 20 from 4.0 on, and ``relay dlq`` browses by get and requeue, so every listing
 # would count. (``x-delivery-limit: -1`` is no way out: 4.x reads it as "no limit", but 3.10
 # accepts it and drops a message at its first return.)
 DEAD_LETTER_QUEUE_TYPE: Final = "classic"

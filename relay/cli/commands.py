@@ -80,7 +80,7 @@ async def cmd_scheduler(args: argparse.Namespace) -> int:
     return console.EXIT_OK
 
 
-RUN_SHUTDOWN_S = 30.0  # how long `relay run` waits for its roles to stop before cancelling them
+RUN_SHUTDOWN_S = 30.0  # how long ``relay run`` waits for its roles to stop before cancelling them
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -163,7 +163,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 class RunRoleError(errors.RelayError):
-    """A role of `relay run` could not run."""
+    """A role of ``relay run`` could not run."""
 
 
 async def _serve(server: Any) -> None:

@@ -38,7 +38,7 @@ UNITS: Final[dict[str, str]] = {
 KEEP_S: Final = 7 * 24 * 3600
 PRUNE_EVERY_S: Final = 3600.0
 STOP_TIMEOUT_S: Final = 3.0  # the last beat of a stopping role gets this long
-# the `heartbeat` query's $1..$15
+# the ``heartbeat`` query's $1..$15
 _PARAMS: Final = (
     "id",
     "role",
