@@ -1,7 +1,8 @@
 """Encryption of stored secrets with ``RELAY_SECRET_KEY`` (Fernet), and digests of bearer tokens.
 
-``RELAY_SECRET_KEY`` may list several keys separated by commas (key rotation): the first seals, every
-one opens (``cryptography``'s MultiFernet); :meth:`Box.reseal` moves a sealed value under the first.
+``RELAY_SECRET_KEY`` may list several keys separated by commas (key rotation): the first seals,
+every one opens (``cryptography``'s MultiFernet); :meth:`Box.reseal` moves a sealed value under the
+first.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
-    """Bad flags or arguments, which exit 2 with the message."""
+    """Bad flags or arguments, for which the command exits 2 with the message."""
 
 
 def emit_json(value: Any) -> None:

@@ -1,8 +1,8 @@
 """The ``relay`` command line, with every command and flag of the product's outside, and main.
 
-See the README and ``relay --help``. The commands are in :mod:`relay.cli.commands` (the relay's roles and
-one-off runs) and :mod:`relay.cli.management` (connections, documents, the dead-letter queue); exit codes,
-``--json`` and what they share in :mod:`relay.cli.console`.
+See the README and ``relay --help``. The commands are in :mod:`relay.cli.commands` (the relay's
+roles and one-off runs) and :mod:`relay.cli.management` (connections, documents, the dead-letter
+queue); exit codes, ``--json`` and what they share in :mod:`relay.cli.console`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The operator's commands (``relay connections``, ``documents``, ``dlq``, ``status``, ``secrets``).
 
-What they share with every command (exit codes, output, settings and pool) is in :mod:`relay.cli.console`.
+What they share with every command (exit codes, output, settings and pool) is in
+:mod:`relay.cli.console`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The command line's flags and the admin API's JSON fields become a :class:`NewConnection` (with
 :func:`qonto_credentials` for the Qonto authentication), and :func:`validate` checks it before the
-configuration is read or any upstream is contacted: what is wrong is an :class:`InvalidInput`,
-named as the caller knows it (a ``Label``: ``--flag-name`` by default, a JSON key for the admin API).
+configuration is read or any upstream is contacted: what is wrong is an :class:`InvalidInput`, named
+as the caller knows it (a ``Label``: ``--flag-name`` by default, a JSON key for the admin API).
 """
 
 from __future__ import annotations

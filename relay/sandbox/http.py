@@ -1,7 +1,8 @@
 """A small HTTP/1.1 server for the sandboxes, on asyncio streams and h11 in a thread of its own.
 
-Not uvicorn, because the sandboxes must misbehave on purpose: drop a connection after reading a body,
-answer slowly, stream 20 MB without holding it. Handlers get the raw transport's abort as a fault.
+Not uvicorn, because the sandboxes must misbehave on purpose: drop a connection after reading a
+body, answer slowly, stream 20 MB without holding it. Handlers get the raw transport's abort as a
+fault.
 """
 
 from __future__ import annotations
