@@ -284,7 +284,7 @@ def _held(holders: Sequence[Role], in_hand: int) -> Events:
 
 
 def _nobody_consuming(waiting: int, subscribed: int) -> Events:
-    """Judge stalled the events queue whose ready messages no live consumer holds."""
+    """Mark the events queue stalled, its ready messages held by no live consumer."""
     why = (
         "no consumer is subscribed"
         if subscribed == 0
