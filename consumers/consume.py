@@ -53,7 +53,7 @@ class _Tuning:
 
 
 class _Lost(Exception):
-    """Signal that the session's broker side is gone; its messages in hand are dropped.
+    """The session's broker side is gone; its messages in hand are dropped.
 
     The message says how it went.
     """

@@ -1,4 +1,4 @@
-"""Patience for a flush that loses PostgreSQL, whose writes wait for the database to come back.
+"""A guard that makes a flush's writes wait out PostgreSQL outages instead of dropping them.
 
 The ledger's writes are what make a deposit safe, so a flush that loses PostgreSQL does not drop
 them: every write of the flush goes through :meth:`Guard.run`.

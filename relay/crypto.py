@@ -46,7 +46,7 @@ def invalid_keys(value: str) -> list[int]:
 
 
 class Box:
-    """The keys that seal and open small secrets, never shown by its ``repr``."""
+    """The keys that seal and open small secrets (its ``repr`` never shows them)."""
 
     __slots__ = ("_fernet", "_first")
 

@@ -17,7 +17,7 @@ class RelayError(Exception):
 
 
 class Retryable(RelayError):
-    """Work to try again later, since nothing about the work itself is wrong."""
+    """A failure to retry later; nothing about the work itself is wrong."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

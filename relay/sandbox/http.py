@@ -63,7 +63,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class ServerThread:
-    """Runs ``handler`` on 127.0.0.1 (ephemeral port) in a daemon thread with its own event loop."""
+    """A server running ``handler`` on 127.0.0.1 (ephemeral port) in a thread with its own loop."""
 
     def __init__(self, handler: Handler, *, name: str = "sandbox") -> None:
         self._handler = handler
