@@ -63,7 +63,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class ServerThread:
-    """A server running ``handler`` on 127.0.0.1 (ephemeral port) in a thread with its own loop."""
+    """A server running ``handler`` on 127.0.0.1 (ephemeral port) in a daemon thread.
+
+    The thread runs an event loop of its own.
+    """
 
     def __init__(self, handler: Handler, *, name: str = "sandbox") -> None:
         self._handler = handler
