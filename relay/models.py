@@ -1,4 +1,4 @@
-"""Rows as frozen dataclasses: what crosses the ``db`` boundary instead of ``asyncpg.Record``."""
+"""Rows as frozen dataclasses, which cross the ``db`` boundary instead of ``asyncpg.Record``."""
 
 from __future__ import annotations
 
@@ -234,7 +234,11 @@ class SealedValues:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Invitation:
-    """An invitation and the setup's progress (its secrets stay sealed, out of ``repr``)."""
+    """An invitation and the setup's progress (its secrets stay sealed, out of ``repr``).
+
+    The progress is the Qonto consent (tokens sealed), then the Loop key and secret (sealed), the
+    code dossier and domain, and a refusal met at Create, shown on the step it belongs to.
+    """
 
     id: uuid.UUID
     client_name: str
@@ -286,7 +290,7 @@ class Invitation:
         return bool(self.cegid_dossier and self.cegid_domain)
 
     def next_step(self) -> str:
-        """The first step still to do: qonto, key, dossier, then hub (the declaration and Create)."""
+        """Name the first step still to do, in the order qonto, key, dossier, hub (and Create)."""
         if not self.qonto_done:
             return "qonto"
         if not self.key_done:
@@ -299,7 +303,7 @@ class Invitation:
         return self.problem if self.problem_step == step else None
 
     def to_json(self) -> dict[str, Any]:
-        """What an operator sees of an invitation (never its token or a secret)."""
+        """Show what an operator sees of an invitation (never its token or a secret)."""
         return {
             "id": str(self.id),
             "client_name": self.client_name,

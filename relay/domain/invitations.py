@@ -1,10 +1,8 @@
-"""Invitations: single-use links with which a client's two people set up a connection in a browser.
+"""Invitations, the single-use links with which a client's two people set up a connection.
 
-`relay connections invite` (or the admin API) creates one: a token of 256 random bits, of which only
-the SHA-256 is stored, valid 7 days, used once (when **Create** stores the connection). The setup's
-progress lives here, server-side, so the link can be forwarded from the Qonto member to the
-accountant: the Qonto consent (tokens sealed), then the Loop key and secret (sealed), the code dossier
-and domain, and a refusal met at Create, shown on the step it belongs to.
+``relay connections invite`` (or the admin API) creates one (:func:`create`); the setup's
+progress lives here, server-side (:class:`Invitation`), so the link can be forwarded from the
+Qonto member to the accountant.
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ Invitation = models.Invitation
 
 
 def new_token() -> str:
-    """A setup token: 256 random bits, URL-safe."""
+    """Draw a setup token of 256 random bits, URL-safe."""
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
@@ -59,7 +57,11 @@ def setup_url(settings: config.Settings, token: str) -> str:
 
 
 async def create(settings: config.Settings, pool: asyncpg.Pool, client_name: str) -> Created:
-    """A new single-use setup link for ``client_name``, valid :data:`LIFETIME`."""
+    """Create a single-use setup link for ``client_name``, valid :data:`LIFETIME`.
+
+    Its token has 256 random bits, of which only the SHA-256 is stored; it is used once, when
+    **Create** stores the connection.
+    """
     name = client_name.strip()
     if not name:
         raise errors.Refused("the client name must not be empty")
@@ -76,7 +78,7 @@ async def create(settings: config.Settings, pool: asyncpg.Pool, client_name: str
 
 
 async def find(pool: asyncpg.Pool, token: str) -> Invitation | None:
-    """The invitation of a setup token, whatever its state (None when no such token)."""
+    """Find the invitation of a setup token, whatever its state (None when no such token)."""
     return await store.invitations.by_token(pool, crypto.token_digest(token))
 
 
@@ -99,7 +101,7 @@ async def record_qonto(
     plan: str | None,
     tokens: credentials.QontoOAuth,
 ) -> bool:
-    """An eligible member's consent: the tokens sealed. False if the invitation is no longer open."""
+    """Record an eligible member's consent, tokens sealed; False if the invitation is not open."""
     return await store.invitations.set_qonto(
         pool,
         invitation_id,
@@ -146,7 +148,7 @@ async def record_key(
     api_key: str,
     api_secret: str | None,
 ) -> None:
-    """The Loop API key, and the secret (None: keep the one already given)."""
+    """Record the Loop API key and the secret (None keeps the one already given)."""
     if api_secret is None:
         kept = cegid_credentials(box, invitation)
         if kept is None:

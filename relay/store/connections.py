@@ -44,7 +44,7 @@ def _connection(record: Any) -> models.Connection | None:
 
 
 async def insert(conn: db.Executor, new: NewConnection) -> models.Connection:
-    """Stores a new connection."""
+    """Store a new connection."""
     with db.translate("add connection"):
         record = await conn.fetchrow(
             queries.get("insert_connection"),
@@ -66,14 +66,14 @@ async def insert(conn: db.Executor, new: NewConnection) -> models.Connection:
 
 
 async def list_all(conn: db.Executor) -> list[models.Connection]:
-    """Lists every connection, oldest first."""
+    """List every connection, oldest first."""
     with db.translate("list connections"):
         records = await conn.fetch(queries.get("list_connections"))
     return [models.Connection.from_record(r) for r in records]
 
 
 async def get(conn: db.Executor, connection_id: uuid.UUID) -> models.Connection | None:
-    """Reads one connection (None when there is no such id)."""
+    """Read one connection (None when there is no such id)."""
     with db.translate("get connection"):
         return _connection(await conn.fetchrow(queries.get("get_connection"), connection_id))
 
@@ -81,7 +81,7 @@ async def get(conn: db.Executor, connection_id: uuid.UUID) -> models.Connection 
 async def sealed_credentials(
     conn: db.Executor, connection_id: uuid.UUID
 ) -> models.SealedCredentials | None:
-    """Reads one connection's sealed credentials (None when there is no such id)."""
+    """Read one connection's sealed credentials (None when there is no such id)."""
     with db.translate("load credentials"):
         record = await conn.fetchrow(queries.get("get_sealed_credentials"), connection_id)
     if record is None:
@@ -95,7 +95,7 @@ async def sealed_credentials(
 
 
 async def set_qonto_credentials(conn: db.Executor, connection_id: uuid.UUID, sealed: bytes) -> None:
-    """Stores rotated Qonto credentials (sealed)."""
+    """Store rotated Qonto credentials (sealed)."""
     with db.translate("store credentials"):
         await conn.execute(queries.get("update_qonto_credentials"), connection_id, sealed)
 
@@ -103,7 +103,7 @@ async def set_qonto_credentials(conn: db.Executor, connection_id: uuid.UUID, sea
 async def set_state(
     conn: db.Executor, connection_id: uuid.UUID, state: str, reason: str | None
 ) -> models.Connection | None:
-    """Sets a connection's state, whatever it was (an operator's decision)."""
+    """Set a connection's state, whatever it was (an operator's decision)."""
     with db.translate("set connection state"):
         record = await conn.fetchrow(
             queries.get("set_connection_state"), connection_id, state, reason
@@ -118,7 +118,7 @@ async def flag(
     reason: str | None,
     refused_by: Collection[models.Refuser],
 ) -> models.Connection | None:
-    """Sets an active or flagged connection's state and who refused it (None when it is
+    """Set an active or flagged connection's state and who refused it (None when it is
     disconnected or revoked)."""
     with db.translate("flag connection"):
         return _connection(
@@ -129,26 +129,26 @@ async def flag(
 
 
 async def clear_cegid_flag(conn: db.Executor, connection_id: uuid.UUID) -> models.Connection | None:
-    """Clears the flag a refusal by Cegid alone raised, no other one."""
+    """Clear the flag a refusal by Cegid alone raised, no other one."""
     with db.translate("clear flag"):
         return _connection(await conn.fetchrow(queries.get("clear_cegid_flag"), connection_id))
 
 
 async def set_dossier_checked(conn: db.Executor, connection_id: uuid.UUID) -> None:
-    """Records that Loop answered a read of the connection's dossier now."""
+    """Record that Loop answered a read of the connection's dossier now."""
     with db.translate("dossier checked"):
         await conn.execute(queries.get("set_dossier_checked"), connection_id)
 
 
 async def states(conn: db.Executor, connection_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    """Reads the state of each connection given that exists."""
+    """Read the state of each connection given that exists."""
     with db.translate("connection states"):
         records = await conn.fetch(queries.get("connection_states"), connection_ids)
     return {r["id"]: r["state"] for r in records}
 
 
 async def revoke(conn: db.Executor, connection_id: uuid.UUID, reason: str) -> None:
-    """Marks a connection revoked (Qonto says its consent was withdrawn)."""
+    """Mark a connection revoked (Qonto says its consent was withdrawn)."""
     with db.translate("revoke connection"):
         await conn.execute(queries.get("revoke_connection"), connection_id, reason)
 
@@ -156,13 +156,13 @@ async def revoke(conn: db.Executor, connection_id: uuid.UUID, reason: str) -> No
 async def advance_watermark(
     conn: db.Executor, connection_id: uuid.UUID, source: str, scanned_to: dt.datetime
 ) -> None:
-    """Moves a source's scan watermark forward (never back)."""
+    """Move a source's scan watermark forward (never back)."""
     with db.translate("advance watermark"):
         await conn.execute(queries.get("advance_scan_watermark"), connection_id, source, scanned_to)
 
 
 async def set_first_upload(conn: db.Executor, connection_id: uuid.UUID) -> None:
-    """Records the connection's first deposit in Loop, once."""
+    """Record the connection's first deposit in Loop, once."""
     with db.translate("first upload"):
         await conn.execute(queries.get("set_first_upload"), connection_id)
 
@@ -174,7 +174,7 @@ async def reconnect(
     reason: str | None,
     refused_by: Collection[models.Refuser],
 ) -> models.Connection | None:
-    """Sets the state a reconnection's check found and restarts its clock (None when revoked)."""
+    """Set the state a reconnection's check found and restart its clock (None when revoked)."""
     with db.translate("reconnect connection"):
         return _connection(
             await conn.fetchrow(
@@ -188,7 +188,7 @@ async def reconnect(
 
 
 async def folder_facts(conn: db.Executor, connection_id: uuid.UUID) -> FolderFacts | None:
-    """Reads when the connection was (re)connected and its first deposit since."""
+    """Read when the connection was (re)connected and its first deposit since."""
     with db.translate("folder facts"):
         record = await conn.fetchrow(queries.get("folder_facts"), connection_id)
     return (
@@ -199,7 +199,7 @@ async def folder_facts(conn: db.Executor, connection_id: uuid.UUID) -> FolderFac
 async def sealed_batch(
     conn: db.Executor, after: uuid.UUID, limit: int
 ) -> list[models.SealedValues]:
-    """Locks the next connections after ``after`` and reads their sealed credentials."""
+    """Lock the next connections after ``after`` and read their sealed credentials."""
     with db.translate("rotate connections"):
         records = await conn.fetch(queries.get("rotation_connections"), after, limit)
     return [models.SealedValues.from_record(r) for r in records]
@@ -208,6 +208,6 @@ async def sealed_batch(
 async def reseal(
     conn: db.Executor, connection_id: uuid.UUID, qonto: bytes | None, cegid: bytes | None
 ) -> None:
-    """Stores a connection's re-sealed credentials."""
+    """Store a connection's re-sealed credentials."""
     with db.translate("rotate connections"):
         await conn.execute(queries.get("rotation_update_connection"), connection_id, qonto, cegid)

@@ -101,20 +101,20 @@ def translate(what: str = "database") -> Any:
 
 
 async def acquire(pool: asyncpg.Pool, what: str) -> asyncpg.pool.PoolConnectionProxy:
-    """Takes a pool connection held beyond one block (a session's advisory lock); errors translated."""
+    """Take a pool connection held beyond one block (a session's advisory lock); errors translated."""
     with translate(what):
         return await pool.acquire()
 
 
 async def release(pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy, what: str) -> None:
-    """Gives back a connection :func:`acquire` took; errors translated."""
+    """Give back a connection :func:`acquire` took; errors translated."""
     with translate(what):
         await pool.release(conn)
 
 
 @contextlib.asynccontextmanager
 async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
-    """Lends a pool connection for several statements; errors in the block are translated."""
+    """Lend a pool connection for several statements; errors in the block are translated."""
     with translate(what):
         async with pool.acquire() as conn:
             yield conn
@@ -122,7 +122,7 @@ async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
 
 @contextlib.asynccontextmanager
 async def transaction(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
-    """Runs the block in one transaction on a pool connection; errors (the commit's too) translated."""
+    """Run the block in one transaction on a pool connection; errors (the commit's too) translated."""
     with translate(what):
         async with pool.acquire() as conn, conn.transaction():
             token = _BLOCK.set(what)
@@ -185,7 +185,7 @@ async def listen(
     on_notify: Callable[..., None],
     on_lost: Callable[..., None],
 ) -> asyncpg.Connection:
-    """Opens a connection that LISTENs on ``channel``; ``on_lost`` is called when it dies."""
+    """Open a connection that LISTENs on ``channel``; ``on_lost`` is called when it dies."""
     conn = await connect(settings)
     try:
         with translate("listen"):

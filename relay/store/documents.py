@@ -67,35 +67,35 @@ def _columns(rows: Sequence[NewDocument]) -> list[list[object]]:
 async def select(
     conn: db.Executor, connection_id: uuid.UUID | None, state: str | None, limit: int | None
 ) -> list[models.Document]:
-    """Lists documents in id order, of one connection and one state when given."""
+    """List documents in id order, of one connection and one state when given."""
     with db.translate("list documents"):
         records = await conn.fetch(queries.get("list_documents"), connection_id, state, limit)
     return [models.Document.from_record(r) for r in records]
 
 
 async def get(conn: db.Executor, document_id: int) -> models.Document | None:
-    """Reads one document (None when there is no such id)."""
+    """Read one document (None when there is no such id)."""
     with db.translate("get document"):
         record = await conn.fetchrow(queries.get("get_document"), document_id)
     return None if record is None else models.Document.from_record(record)
 
 
 async def state_of(conn: db.Executor, document_id: int) -> str | None:
-    """Reads one document's state (None when there is no such id)."""
+    """Read one document's state (None when there is no such id)."""
     with db.translate("read document"):
         value = await conn.fetchval(queries.get("document_state"), document_id)
     return None if value is None else str(value)
 
 
 async def count_by_state(conn: db.Executor, connection_id: uuid.UUID | None) -> list[StateCount]:
-    """Counts documents per connection and state (of one connection when given)."""
+    """Count documents per connection and state (of one connection when given)."""
     with db.translate("count documents"):
         records = await conn.fetch(queries.get("count_documents_by_state"), connection_id)
     return [StateCount(r["connection_id"], r["state"], r["n"]) for r in records]
 
 
 async def insert_pending(conn: db.Executor, rows: Sequence[NewDocument]) -> int:
-    """Adds a pending document per new file (one skipped as deleted comes back); how many."""
+    """Add a pending document per new file (one skipped as deleted comes back); how many."""
     with db.translate("insert documents"):
         records = await conn.fetch(queries.get("insert_documents"), *_columns(rows))
     return len(records)
@@ -104,7 +104,7 @@ async def insert_pending(conn: db.Executor, rows: Sequence[NewDocument]) -> int:
 async def insert_named(
     conn: db.Executor, rows: Sequence[NewDocument], deleted: models.Why
 ) -> list[str]:
-    """Lists files only older snapshots named (skipped when the newest snapshot leaves them out);
+    """List files only older snapshots named (skipped when the newest snapshot leaves them out);
     the states of the ones added."""
     with db.translate("insert named documents"):
         records = await conn.fetch(
@@ -119,7 +119,7 @@ async def skip_removed(
     kept: Sequence[tuple[uuid.UUID, str]],
     why: models.Why,
 ) -> int:
-    """Skips the pending documents of complete snapshots that no longer list them; how many."""
+    """Skip the pending documents of complete snapshots that no longer list them; how many."""
     with db.translate("skip removed attachments"):
         status: str = await conn.execute(
             queries.get("skip_removed_attachments"),
@@ -137,7 +137,7 @@ async def skip_removed(
 async def claim(
     conn: db.Executor, connection_id: uuid.UUID, worker: int, limit: int, cutoff: dt.datetime
 ) -> list[models.Document]:
-    """Takes up to ``limit`` pending documents of a connection for ``worker`` (uploading)."""
+    """Take up to ``limit`` pending documents of a connection for ``worker`` (uploading)."""
     with db.translate("claim documents"):
         records = await conn.fetch(
             queries.get("claim_documents"), connection_id, worker, limit, cutoff
@@ -148,7 +148,7 @@ async def claim(
 async def held(
     conn: db.Executor, connection_id: uuid.UUID, worker: int, seen: Sequence[int], limit: int
 ) -> list[models.Document]:
-    """Reads what ``worker`` holds of a connection outside ``seen`` (a claim whose answer was lost)."""
+    """Read what ``worker`` holds of a connection outside ``seen`` (a claim whose answer was lost)."""
     with db.translate("claim documents"):
         records = await conn.fetch(
             queries.get("held_documents"), connection_id, worker, list(seen), limit
@@ -159,7 +159,7 @@ async def held(
 async def finish(
     conn: db.Executor, document_id: int, state: str, why: models.Why, worker: int
 ) -> bool:
-    """Settles a document ``worker`` holds; False when it no longer holds it."""
+    """Settle a document ``worker`` holds; False when it no longer holds it."""
     with db.translate("finish document"):
         status: str = await conn.execute(
             queries.get("finish_document"),
@@ -182,7 +182,7 @@ async def mark_uploaded(
     http_status: int,
     answer: object,
 ) -> bool:
-    """Records Loop's 2xx: the attempt and the document uploaded; False when neither held nor in
+    """Record Loop's 2xx: the attempt and the document uploaded; False when neither held nor in
     doubt any more."""
     with db.translate("document uploaded"):
         status: str = await conn.execute(
@@ -200,7 +200,7 @@ async def mark_uploaded(
 async def resolve(
     conn: db.Executor, document_id: int, state: str, why: models.Why
 ) -> models.Document | None:
-    """Settles an in-doubt document as an operator decided; None when it is no longer in doubt."""
+    """Settle an in-doubt document as an operator decided; None when it is no longer in doubt."""
     with db.translate("resolve document"):
         record = await conn.fetchrow(
             queries.get("resolve_document"), document_id, state, why.text, why.code
@@ -209,14 +209,14 @@ async def resolve(
 
 
 async def uploading_workers(conn: db.Executor) -> list[int]:
-    """Lists the workers holding documents (uploading)."""
+    """List the workers holding documents (uploading)."""
     with db.translate("recover"):
         records = await conn.fetch(queries.get("uploading_workers"))
     return [int(r["claimed_by"]) for r in records]
 
 
 async def orphaned(conn: db.Executor, worker: int) -> list[Orphan]:
-    """Locks the documents ``worker`` left uploading (in the caller's transaction)."""
+    """Lock the documents ``worker`` left uploading (in the caller's transaction)."""
     with db.translate("recover"):
         records = await conn.fetch(queries.get("orphaned_documents"), worker)
     return [Orphan(r["id"], r["connection_id"]) for r in records]
@@ -225,7 +225,7 @@ async def orphaned(conn: db.Executor, worker: int) -> list[Orphan]:
 async def skipped_since(
     conn: db.Executor, connection_id: uuid.UUID, since: dt.datetime
 ) -> list[ReasonCount]:
-    """Counts a connection's documents skipped since ``since``, per reason."""
+    """Count a connection's documents skipped since ``since``, per reason."""
     with db.translate("skipped since"):
         records = await conn.fetch(queries.get("skipped_since"), connection_id, since)
     return [

@@ -25,8 +25,8 @@ async def claim(
     content_type: str,
     file_name: str,
 ) -> Holder | None:
-    """Takes the content for the document (unless a copy is in Loop, in doubt or being sent) and
-    records its file; the holder, or None when a concurrent transaction took it."""
+    """Take the content for the document (unless a copy is in Loop, in doubt or being sent) and
+    record its file; the holder, or None when a concurrent transaction took it."""
     with db.translate("start upload"):
         record = await conn.fetchrow(
             queries.get("claim_dossier_content"),
@@ -42,13 +42,13 @@ async def claim(
 
 
 async def holder(conn: db.Executor, domain: str, dossier: str, sha256: str) -> Holder | None:
-    """Reads who holds a content in a dossier."""
+    """Read who holds a content in a dossier."""
     with db.translate("start upload"):
         record = await conn.fetchrow(queries.get("dossier_content_holder"), domain, dossier, sha256)
     return None if record is None else Holder(record["id"], record["state"])
 
 
 async def release(conn: db.Executor, document_id: int) -> None:
-    """Gives up the document's content (it is not in Loop: another copy may be sent)."""
+    """Give up the document's content (it is not in Loop: another copy may be sent)."""
     with db.translate("release content"):
         await conn.execute(queries.get("release_dossier_content"), document_id)

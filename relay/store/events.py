@@ -21,7 +21,7 @@ class NewEvent:
 
 
 async def insert(conn: db.Executor, rows: Sequence[NewEvent]) -> set[tuple[uuid.UUID, str]]:
-    """Records events; the (connection, event id) of the ones not seen before."""
+    """Record events; the (connection, event id) of the ones not seen before."""
     with db.translate("insert events"):
         records = await conn.fetch(
             queries.get("insert_events"),
@@ -36,7 +36,7 @@ async def insert(conn: db.Executor, rows: Sequence[NewEvent]) -> set[tuple[uuid.
 
 
 async def set_outcomes(conn: db.Executor, outcomes: Sequence[tuple[uuid.UUID, str, str]]) -> None:
-    """Rewrites the outcome of events given as (connection, event id, outcome)."""
+    """Rewrite the outcome of events given as (connection, event id, outcome)."""
     with db.translate("set event outcomes"):
         await conn.execute(
             queries.get("set_event_outcomes"),
@@ -47,6 +47,6 @@ async def set_outcomes(conn: db.Executor, outcomes: Sequence[tuple[uuid.UUID, st
 
 
 async def count(conn: db.Executor) -> int:
-    """Counts the events recorded, every connection together."""
+    """Count the events recorded, every connection together."""
     with db.translate("count events"):
         return int(await conn.fetchval(queries.get("count_events")))

@@ -31,7 +31,7 @@ class Beat:
 
 
 async def beat(conn: db.Executor, row: Beat) -> None:
-    """Writes one beat (the row is created by the first)."""
+    """Write one beat (the row is created by the first)."""
     with db.translate("heartbeat"):
         await conn.execute(
             queries.get("heartbeat"), *(getattr(row, f.name) for f in dataclasses.fields(Beat))
@@ -39,13 +39,13 @@ async def beat(conn: db.Executor, row: Beat) -> None:
 
 
 async def prune(conn: db.Executor, older_than_s: float) -> None:
-    """Deletes the rows of roles stopped or dead for that long."""
+    """Delete the rows of roles stopped or dead for that long."""
     with db.translate("heartbeat"):
         await conn.execute(queries.get("prune_heartbeats"), older_than_s)
 
 
 async def recent(conn: db.Executor, within_s: float) -> list[stalls.Role]:
-    """Lists the rows that beat within ``within_s``, their ages on the database's clock."""
+    """List the rows that beat within ``within_s``, their ages on the database's clock."""
     with db.translate("status"):
         records = await conn.fetch(queries.get("list_heartbeats"), within_s)
     return [stalls.Role.from_record(r) for r in records]

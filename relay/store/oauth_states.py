@@ -26,7 +26,7 @@ async def insert(
     session_hash: bytes,
     expires_at: dt.datetime,
 ) -> None:
-    """Stores a consent's state."""
+    """Store a consent's state."""
     with db.translate("start consent"):
         await conn.execute(
             queries.get("insert_oauth_state"), state_hash, invitation_id, session_hash, expires_at
@@ -34,7 +34,7 @@ async def insert(
 
 
 async def use(conn: db.Executor, state_hash: bytes) -> Used | None:
-    """Marks a state used; None when there is no such state."""
+    """Mark a state used; None when there is no such state."""
     with db.translate("use consent state"):
         record = await conn.fetchrow(queries.get("use_oauth_state"), state_hash)
     if record is None:
@@ -48,6 +48,6 @@ async def use(conn: db.Executor, state_hash: bytes) -> Used | None:
 
 
 async def delete_old(conn: db.Executor) -> None:
-    """Deletes the states expired for a day."""
+    """Delete the states expired for a day."""
     with db.translate("start consent"):
         await conn.execute(queries.get("delete_old_oauth_states"))

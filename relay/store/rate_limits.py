@@ -8,18 +8,18 @@ from relay.store import db, queries
 
 
 async def hit(conn: db.Executor, bucket: str, window_start: dt.datetime) -> int:
-    """Counts one hit; the window's count."""
+    """Count one hit; the window's count."""
     with db.translate("count rate limit"):
         return int(await conn.fetchval(queries.get("hit_rate_limit"), bucket, window_start))
 
 
 async def hits(conn: db.Executor, bucket: str, window_start: dt.datetime) -> int:
-    """Reads the window's count."""
+    """Read the window's count."""
     with db.translate("read rate limit"):
         return int(await conn.fetchval(queries.get("rate_limit_hits"), bucket, window_start))
 
 
 async def delete_old(conn: db.Executor, before: dt.datetime) -> None:
-    """Deletes the windows that started before ``before``."""
+    """Delete the windows that started before ``before``."""
     with db.translate("count rate limit"):
         await conn.execute(queries.get("delete_old_rate_limits"), before)

@@ -17,14 +17,14 @@ class Run:
 
 
 async def claim_scheduled(conn: db.Executor, day: dt.date) -> int | None:
-    """Inserts the day's scheduled run; its id, or None when it exists already."""
+    """Insert the day's scheduled run; its id, or None when it exists already."""
     with db.translate("scheduler"):
         value = await conn.fetchval(queries.get("claim_scheduled_run"), day)
     return None if value is None else int(value)
 
 
 async def get_scheduled(conn: db.Executor, day: dt.date) -> Run | None:
-    """Reads the day's scheduled run."""
+    """Read the day's scheduled run."""
     with db.translate("scheduler"):
         record = await conn.fetchrow(queries.get("get_scheduled_run"), day)
     return (
@@ -33,19 +33,19 @@ async def get_scheduled(conn: db.Executor, day: dt.date) -> Run | None:
 
 
 async def insert_manual(conn: db.Executor) -> int:
-    """Inserts a manual run; its id."""
+    """Insert a manual run; its id."""
     with db.translate("insert run"):
         return int(await conn.fetchval(queries.get("insert_manual_run")))
 
 
 async def previous_start(conn: db.Executor, run_id: int) -> dt.datetime | None:
-    """Reads when the run before this one started (None for the first)."""
+    """Read when the run before this one started (None for the first)."""
     with db.translate("previous run"):
         value: dt.datetime | None = await conn.fetchval(queries.get("previous_run_start"), run_id)
     return value
 
 
 async def finish(conn: db.Executor, run_id: int, report: dict[str, Any]) -> None:
-    """Records a run's end and its report."""
+    """Record a run's end and its report."""
     with db.translate("finish run"):
         await conn.execute(queries.get("finish_run"), run_id, report)

@@ -9,14 +9,14 @@ from relay.store import db, queries
 
 
 async def now(conn: db.Executor) -> dt.datetime:
-    """Reads the database's clock."""
+    """Read the database's clock."""
     with db.translate("database time"):
         value: dt.datetime = await conn.fetchval(queries.get("database_now"))
     return value
 
 
 async def try_worker_lock(conn: db.Conn, space: int, worker: int) -> bool:
-    """Takes a flush worker's session lock if free (free means its worker is gone)."""
+    """Take a flush worker's session lock if free (free means its worker is gone)."""
     with db.translate("worker lock"):
         return bool(await conn.fetchval(queries.get("try_worker_lock"), space, worker))
 
@@ -30,25 +30,25 @@ async def worker_lock_held(conn: db.Conn, space: int, worker: int, *, timeout: f
 
 
 async def worker_unlock(conn: db.Conn, space: int, worker: int) -> None:
-    """Releases a flush worker's session lock."""
+    """Release a flush worker's session lock."""
     with db.translate("worker unlock"):
         await conn.execute(queries.get("worker_unlock"), space, worker)
 
 
 async def try_scheduler_lock(conn: db.Conn, space: int, key: int) -> bool:
-    """Takes the scheduler's session lock if no other scheduler holds it."""
+    """Take the scheduler's session lock if no other scheduler holds it."""
     with db.translate("scheduler lock"):
         return bool(await conn.fetchval(queries.get("try_scheduler_lock"), space, key))
 
 
 async def scheduler_unlock(conn: db.Conn, space: int, key: int) -> None:
-    """Releases the scheduler's session lock."""
+    """Release the scheduler's session lock."""
     with db.translate("unlock"):
         await conn.execute(queries.get("scheduler_unlock"), space, key)
 
 
 async def applied_migrations(conn: db.Executor) -> set[str]:
-    """Reads the schema versions applied."""
+    """Read the schema versions applied."""
     with db.translate("schema check"):
         records = await conn.fetch(queries.get("applied_migrations"))
     return {r["version"] for r in records}

@@ -8,7 +8,7 @@ from relay.store import db, queries
 
 
 async def start(conn: db.Executor, document_id: int, worker: int) -> int | None:
-    """Commits an attempt (``sending``) while ``worker`` holds the document; its id, or None when
+    """Commit an attempt (``sending``) while ``worker`` holds the document; its id, or None when
     the worker no longer holds it (not its to send)."""
     with db.translate("record attempt"):
         value = await conn.fetchval(queries.get("start_upload"), document_id, worker)
@@ -23,7 +23,7 @@ async def finish(
     answer: object,
     error: str | None,
 ) -> None:
-    """Records an attempt's outcome."""
+    """Record an attempt's outcome."""
     with db.translate("finish upload"):
         await conn.execute(
             queries.get("finish_upload"), upload_id, outcome, http_status, answer, error
@@ -31,7 +31,7 @@ async def finish(
 
 
 async def orphaned_attempts(conn: db.Executor, document_ids: Sequence[int]) -> dict[int, int]:
-    """Maps each document to its newest attempt still ``sending`` (it may have gone out)."""
+    """Map each document to its newest attempt still ``sending`` (it may have gone out)."""
     with db.translate("recover"):
         records = await conn.fetch(queries.get("orphaned_attempts"), list(document_ids))
     return {r["document_id"]: r["upload_id"] for r in records}

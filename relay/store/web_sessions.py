@@ -19,7 +19,7 @@ class Stored:
 async def insert(
     conn: db.Executor, id_hash: bytes, data: dict[str, Any], expires_at: dt.datetime
 ) -> None:
-    """Stores a new session."""
+    """Store a new session."""
     with db.translate("start session"):
         await conn.execute(queries.get("insert_web_session"), id_hash, data, expires_at)
 
@@ -27,7 +27,7 @@ async def insert(
 async def touch(
     conn: db.Executor, id_hash: bytes, expires_at: dt.datetime, created_after: dt.datetime
 ) -> Stored | None:
-    """Reads a live session and pushes its expiry back; None when it is gone or too old."""
+    """Read a live session and pushes its expiry back; None when it is gone or too old."""
     with db.translate("read session"):
         record = await conn.fetchrow(
             queries.get("get_web_session"), id_hash, expires_at, created_after
@@ -39,18 +39,18 @@ async def touch(
 
 
 async def set_data(conn: db.Executor, id_hash: bytes, data: dict[str, Any]) -> None:
-    """Stores a session's data."""
+    """Store a session's data."""
     with db.translate("save session"):
         await conn.execute(queries.get("set_web_session_data"), id_hash, data)
 
 
 async def delete(conn: db.Executor, id_hash: bytes) -> None:
-    """Ends a session."""
+    """End a session."""
     with db.translate("end session"):
         await conn.execute(queries.get("delete_web_session"), id_hash)
 
 
 async def delete_expired(conn: db.Executor) -> None:
-    """Deletes the expired sessions."""
+    """Delete the expired sessions."""
     with db.translate("start session"):
         await conn.execute(queries.get("delete_expired_web_sessions"))

@@ -34,7 +34,7 @@ async def insert(
     subscription_id: str | None,
     topics: list[str],
 ) -> int:
-    """Stores a connection's webhook secret (sealed); its id."""
+    """Store a connection's webhook secret (sealed); its id."""
     with db.translate("add webhook secret"):
         return int(
             await conn.fetchval(
@@ -44,7 +44,7 @@ async def insert(
 
 
 async def subscriptions(conn: db.Executor, connection_id: uuid.UUID) -> list[Subscription]:
-    """Lists a connection's webhook subscriptions (never their secrets)."""
+    """List a connection's webhook subscriptions (never their secrets)."""
     with db.translate("describe connection"):
         records = await conn.fetch(queries.get("list_webhook_secrets"), connection_id)
     return [
@@ -56,27 +56,27 @@ async def subscriptions(conn: db.Executor, connection_id: uuid.UUID) -> list[Sub
 
 
 async def intake_all(conn: db.Executor) -> list[IntakeSecret]:
-    """Reads the valid secrets of every connection that accepts webhooks."""
+    """Read the valid secrets of every connection that accepts webhooks."""
     with db.translate("load webhook secrets"):
         records = await conn.fetch(queries.get("intake_secrets_all"))
     return [IntakeSecret(r["connection_id"], bytes(r["secret"])) for r in records]
 
 
 async def intake_one(conn: db.Executor, connection_id: uuid.UUID) -> list[IntakeSecret]:
-    """Reads one connection's valid secrets (none when it does not accept webhooks)."""
+    """Read one connection's valid secrets (none when it does not accept webhooks)."""
     with db.translate("look up connection"):
         records = await conn.fetch(queries.get("intake_secrets_one"), connection_id)
     return [IntakeSecret(r["connection_id"], bytes(r["secret"])) for r in records]
 
 
 async def sealed_batch(conn: db.Executor, after: int, limit: int) -> list[models.SealedValues]:
-    """Locks the next secrets after ``after`` and reads them."""
+    """Lock the next secrets after ``after`` and read them."""
     with db.translate("rotate webhook_secrets"):
         records = await conn.fetch(queries.get("rotation_webhook_secrets"), after, limit)
     return [models.SealedValues.from_record(r) for r in records]
 
 
 async def reseal(conn: db.Executor, secret_id: int, sealed: bytes | None) -> None:
-    """Stores a re-sealed secret."""
+    """Store a re-sealed secret."""
     with db.translate("rotate webhook_secrets"):
         await conn.execute(queries.get("rotation_update_webhook_secret"), secret_id, sealed)
