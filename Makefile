@@ -60,7 +60,8 @@ check: lint typecheck compose-config
 
 chaos: $(STAMP) services
 	RELAY_CHAOS_SEEDS=$(SEEDS) RELAY_CHAOS_REPORT=chaos-results.json \
-		$(BIN)/python -m pytest -q -s -m chaos -p no:cacheprovider tests/integration/test_chaos.py
+		$(BIN)/python -m pytest -q -s -m chaos -p no:cacheprovider --basetemp=chaos-logs \
+		tests/integration/test_chaos.py
 
 bench: $(STAMP) services
 	bench/ensure-wrk
