@@ -1,11 +1,6 @@
 """Server-side browser sessions in PostgreSQL, and the CSRF token of each.
 
-The cookie holds only a random id (256 bits); the database holds its SHA-256 and the session's data
-(small JSON). A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began.
-The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is reached over https.
-
-The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it back,
-and another site, which cannot read the cookie, cannot forge it.
+A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began.
 """
 
 from __future__ import annotations
@@ -30,7 +25,15 @@ ABSOLUTE: Final = dt.timedelta(hours=24)
 
 
 class Session:
-    """One browser's session: its id (never shown), its data, and its CSRF token."""
+    """One browser's session, with its id (never shown), its data and its CSRF token.
+
+    The cookie holds only the random id (256 bits); the database holds its SHA-256 and the
+    session's data (small JSON). The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is
+    reached over https.
+
+    The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it
+    back, and another site, which cannot read the cookie, cannot forge it.
+    """
 
     __slots__ = ("_id", "created_at", "data", "is_new")
 
@@ -63,7 +66,7 @@ class Session:
 
 
 async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
-    """The request's live session (its expiry pushed back), or None."""
+    """Find the request's live session (its expiry pushed back), or None."""
     session_id = request.cookies.get(COOKIE, "")
     if not session_id or len(session_id) > 100 or not session_id.isascii():
         return None
@@ -82,7 +85,7 @@ async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
 
 
 async def start(pool: asyncpg.Pool, request: Request) -> Session:
-    """The request's live session, or a new one (stored now; its cookie set by :func:`attach`)."""
+    """Find the request's live session, or start one (stored now, its cookie set by ``attach``)."""
     found = await current(pool, request)
     if found is not None:
         return found
