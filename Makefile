@@ -31,9 +31,12 @@ services:
 demo: $(STAMP) services
 	$(BIN)/relay demo
 
-# Fault tests restart PostgreSQL and RabbitMQ: they run after the others, on their own.
+# The tests run in parallel (pytest-xdist; each has its own database and queue prefix), then the
+# fault tests, which restart PostgreSQL and RabbitMQ, after the others and one at a time.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) services
-	$(BIN)/python -m pytest -q --cov=relay --cov=consumers --cov-report=
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --cov=relay --cov=consumers --cov-report=
 	$(BIN)/python -m pytest -q -m fault --cov=relay --cov=consumers --cov-append \
 		--cov-report=term:skip-covered
 

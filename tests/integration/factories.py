@@ -151,11 +151,11 @@ async def until(
     condition: Callable[[], bool | Awaitable[bool]],
     *,
     within_s: float = 10,
-    what: str = "condition",
+    what: str | Callable[[], str] = "condition",
     every_s: float = 0.02,
 ) -> float:
     """Poll ``condition`` (a function, or a coroutine function) until it holds; the seconds it
-    took. Fail the test after ``within_s`` seconds."""
+    took. Fail the test after ``within_s`` seconds, saying ``what`` (or what it returns then)."""
     started = time.monotonic()
     while True:
         value = condition()
@@ -164,7 +164,8 @@ async def until(
         if value:
             return time.monotonic() - started
         if time.monotonic() - started > within_s:
-            raise AssertionError(f"{what} did not happen within {within_s} s")
+            said = what if isinstance(what, str) else what()
+            raise AssertionError(f"{said} did not happen within {within_s} s")
         await asyncio.sleep(every_s)
 
 
