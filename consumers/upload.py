@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import pathlib
-import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -31,16 +30,15 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery
-from relay import config, crypto, errors, filetype, log, models, naming
+from relay import config, crypto, errors, filetype, log, models, naming, retry
 from relay.domain import credentials, report
 from relay.store import db, queries
 from relay.upstreams import attachments, cegid, qonto
 
 logger = log.get(__name__)
 
-UPLOAD_ATTEMPTS: Final = 5
-BACKOFF_BASE_S: Final = 0.5
-BACKOFF_CAP_S: Final = 30.0
+# a deposit Loop did not keep (429, 5xx, refused connection): five tries, then the next run
+POLICY: Final = retry.Policy(first_s=0.5, cap_s=30.0, attempts=5)
 CEGID_REASON: Final = "Cegid: "  # prefix of a Cegid refusal's reason (the daily check may clear it)
 STORED: Final = "stored in Loop"  # how an answer held in memory begins when Loop kept the file
 
@@ -95,12 +93,6 @@ class ConnectionRun:
     # is made good by taking what the worker holds outside this set
     seen: set[int] = dataclasses.field(default_factory=set)
     claim_unsure: bool = False
-
-
-def _backoff(attempt: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), BACKOFF_CAP_S * 4)
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
 
 
 # ------------------------------------------------------------------------------------ transitions
@@ -450,7 +442,8 @@ async def _deposit(
             value = await ctx.pool.fetchval(queries.get("start_upload"), document.id, ctx.worker)
         return int(value) if value is not None else None
 
-    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+    tries = POLICY.tries()
+    while True:
         if run.refused:  # refused for another document meanwhile
             await _wait_for_access(ctx, run, document, upload_id)
             return
@@ -483,7 +476,8 @@ async def _deposit(
                 stored = exc
         ctx.answers[document.id] = _answer(stored)
         if isinstance(stored, errors.CegidUnavailable):  # includes CegidRateLimited
-            if attempt == UPLOAD_ATTEMPTS:
+            delay = tries.again(stored.retry_after)
+            if delay is None:
                 await _finish(
                     ctx,
                     run,
@@ -497,11 +491,10 @@ async def _deposit(
                 return
             await transition(ctx, "finish_upload", upload_id, "retry", None, None, str(stored))
             ctx.answers.pop(document.id, None)
-            delay = _backoff(attempt, stored.retry_after)
             logger.info(
                 "upload_retry",
                 document=document.id,
-                attempt=attempt,
+                attempt=tries.attempt - 1,
                 delay_s=round(delay, 2),
                 reason=str(stored),
             )
