@@ -1,19 +1,7 @@
-"""`relay scheduler`: the scan and the flush once a day at ``RELAY_FLUSH_AT`` UTC, whatever the replicas.
+"""The ``relay scheduler`` worker, running the scan and flush daily at ``RELAY_FLUSH_AT`` UTC.
 
-A day is claimed in PostgreSQL: under a session advisory lock, the run row ``(scheduled, day)`` is
-inserted once (its unique key refuses a second). Two schedulers started together produce one run; a
-day missed because every replica was down runs as soon as one starts (the latest slot without a
-finished run is due); a run whose scheduler died (row unfinished, lock free) is run again, which is
-safe because documents are claimed one by one. Only the latest slot is caught up: one flush sends
-everything pending, whatever day it arrived.
-
-Every six hours the scheduler also checks that each connection's Cegid key can still read its dossier,
-so that a dossier unlinked from the key is flagged (``needs_attention``) before the nightly flush.
-
-PostgreSQL going away: between polls the scheduler pings it every few seconds; a failed ping or
-poll makes it poll again with a capped, jittered backoff, so that the slot runs as soon as
-PostgreSQL answers. Unreachable for longer than ``RELAY_OUTAGE_LIMIT``, it raises
-:class:`errors.OutageTooLong` (exit 1, for its supervisor to restart it).
+One run per day whatever the replicas (:func:`run_due`); every six hours it also checks each
+connection's dossier access (:func:`check_dossiers`).
 """
 
 from __future__ import annotations
@@ -29,9 +17,9 @@ import asyncpg
 import httpx
 
 from consumers import flusher, upload
-from relay import config, crypto, errors, log, models, outage, retry
+from relay import config, crypto, errors, log, models, outage, retry, store
 from relay.domain import connections, credentials, heartbeat, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import cegid
 
 logger = log.get(__name__)
@@ -41,7 +29,7 @@ POLL_S: Final = 60.0
 PING_EVERY_S: Final = 5.0  # between polls, how often PostgreSQL is pinged
 PING_TIMEOUT_S: Final = 5.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
-CEGID_REASON: Final = upload.CEGID_REASON  # prefix of the reasons the dossier check may clear
+CEGID_REASON: Final = upload.CEGID_REASON  # how the reason shown for a Cegid refusal begins
 
 Clock = Callable[[], dt.datetime]
 Wait = Callable[[float], Awaitable[None]]
@@ -54,7 +42,7 @@ class Flush(Protocol):
 
 
 def latest_slot(now: dt.datetime, flush_at: dt.time) -> dt.datetime:
-    """The most recent scheduled moment at or before ``now``."""
+    """Return the most recent scheduled moment at or before ``now``."""
     today = dt.datetime.combine(now.date(), flush_at, tzinfo=dt.UTC)
     return today if today <= now else today - dt.timedelta(days=1)
 
@@ -70,43 +58,50 @@ async def run_due(
     *,
     flush: Flush = flusher.flush,
 ) -> bool:
-    """Run the latest slot's scan + flush if no one has; True when this call ran it."""
+    """Run the latest slot's scan and flush if no one has; True when this call ran it.
+
+    A day is claimed in PostgreSQL: under a session advisory lock, the run row ``(scheduled,
+    day)`` is inserted once (its unique key refuses a second). Two schedulers started together
+    produce one run; a day missed because every replica was down runs as soon as one starts (the
+    latest slot without a finished run is due); a run whose scheduler died (row unfinished, lock
+    free) is run again, which is safe because documents are claimed one by one. Only the latest
+    slot is caught up: one flush sends everything pending, whatever day it arrived.
+    """
     day = latest_slot(now, settings.flush_at).date()
-    with db.translate("scheduler"):
-        async with pool.acquire() as conn:
-            if not await conn.fetchval(queries.get("try_scheduler_lock"), *LOCK):
-                return False  # another scheduler is running a day right now
-            try:
-                run_id = await conn.fetchval(queries.get("claim_scheduled_run"), day)
-                if run_id is None:
-                    existing = await conn.fetchrow(queries.get("get_scheduled_run"), day)
-                    if existing is None or existing["finished_at"] is not None:
-                        return False
-                    run_id = existing["id"]
-                    logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
-                logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
-                started = time.monotonic()
-                result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
-                # the flush finished the run row already, riding out any outage; this lock's
-                # connection may have gone with one (its lock with it), so a failure here is moot
-                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("finish run"):
-                    await pool.execute(queries.get("finish_run"), run_id, result.to_json())
-                logger.info(
-                    "scheduled_run_finished",
-                    day=day.isoformat(),
-                    run=run_id,
-                    duration_ms=round((time.monotonic() - started) * 1000),
-                    **result.totals(),
-                )
-                return True
-            finally:
-                # a connection gone with an outage released its lock with it
-                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("unlock"):
-                    await conn.execute(queries.get("scheduler_unlock"), *LOCK)
+    async with db.connection(pool, "scheduler") as conn:
+        if not await store.server.try_scheduler_lock(conn, *LOCK):
+            return False  # another scheduler is running a day right now
+        try:
+            run_id = await store.runs.claim_scheduled(conn, day)
+            if run_id is None:
+                existing = await store.runs.get_scheduled(conn, day)
+                if existing is None or existing.finished_at is not None:
+                    return False
+                run_id = existing.id
+                logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
+            logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
+            started = time.monotonic()
+            result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
+            # the flush finished the run row already, riding out any outage; this lock's
+            # connection may have gone with one (its lock with it), so a failure here is moot
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.runs.finish(pool, run_id, result.to_json())
+            logger.info(
+                "scheduled_run_finished",
+                day=day.isoformat(),
+                run=run_id,
+                duration_ms=round((time.monotonic() - started) * 1000),
+                **result.totals(),
+            )
+            return True
+        finally:
+            # a connection gone with an outage released its lock with it
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.server.scheduler_unlock(conn, *LOCK)
 
 
 def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:
-    """How long to wait: until the next slot, but at most POLL_S (a crashed run is seen soon)."""
+    """Return the wait until the next slot, at most POLL_S (so a crashed run is seen soon)."""
     return max(0.0, min(POLL_S, (next_slot(now, flush_at) - now).total_seconds()))
 
 
@@ -120,6 +115,8 @@ async def check_dossiers(
 ) -> dict[str, int]:
     """Check the dossier access of every active connection not checked within ``every``.
 
+    The scheduler runs it every six hours, so that a dossier unlinked from its key is flagged
+    (``needs_attention``) before the nightly flush.
     Refused: the connection needs attention (its documents wait). Passed: ``dossier_checked_at`` is
     set, and a flag this check had raised is cleared. Cegid unavailable: tried again next time.
     """
@@ -143,7 +140,11 @@ async def check_dossiers(
         except errors.CegidAccessRefused as exc:
             counts["refused"] += 1
             await connections.flag(
-                pool, connection.id, models.ConnectionState.NEEDS_ATTENTION, CEGID_REASON + str(exc)
+                pool,
+                connection.id,
+                models.ConnectionState.NEEDS_ATTENTION,
+                CEGID_REASON + str(exc),
+                (models.Refuser.CEGID,),
             )
             logger.warning("dossier_check_refused", connection=str(connection.id), reason=str(exc))
             continue
@@ -160,10 +161,9 @@ async def check_dossiers(
 
 
 async def _dossier_checked(pool: asyncpg.Pool, connection: models.Connection) -> None:
-    with db.translate("dossier checked"):
-        await pool.execute(queries.get("set_dossier_checked"), connection.id)
+    await store.connections.set_dossier_checked(pool, connection.id)
     if connection.state == models.ConnectionState.NEEDS_ATTENTION:
-        await connections.clear_cegid_flag(pool, connection.id, CEGID_REASON)
+        await connections.clear_cegid_flag(pool, connection.id)
 
 
 async def run_forever(
@@ -179,10 +179,15 @@ async def run_forever(
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
+    PostgreSQL going away is ridden out: between polls the scheduler pings it every
+    ``PING_EVERY_S``; a failed ping or poll makes it poll again with a capped, jittered backoff,
+    so that the slot runs as soon as PostgreSQL answers.
+
     ``now`` and ``wait`` (default: wait on ``stop`` with a timeout, pinging PostgreSQL every
     PING_EVERY_S) are injectable for tests; ``dossier_check_every=None`` turns the periodic
     dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat).
-    Raises OutageTooLong when PostgreSQL stays unreachable past ``RELAY_OUTAGE_LIMIT``.
+    Raises OutageTooLong when PostgreSQL stays unreachable past ``RELAY_OUTAGE_LIMIT`` (exit 1, for
+    its supervisor to restart it).
     """
     stop = stop or asyncio.Event()
     stopping = stop
@@ -198,7 +203,7 @@ async def run_forever(
         return result
 
     async def wait_or_stop(seconds: float) -> None:
-        """Until ``stop`` or ``seconds``; early when a ping finds PostgreSQL gone (poll now)."""
+        """Wait until ``stop`` or ``seconds``, or until a ping finds PostgreSQL gone (poll now)."""
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()

@@ -1,14 +1,8 @@
-"""`relay demo`: a day of Qonto activity becoming documents in a Cegid Loop client file, in seconds.
+"""The ``relay demo`` command, a day of Qonto activity becoming documents in a Loop client file.
 
-Everything is real except Qonto and Cegid Loop, which are the project's own sandbox servers on
-loopback: a throwaway database on the local PostgreSQL, queues of their own on the local RabbitMQ, the
-webhook intake on a real socket, the consumer, the daily scan and the flush. The demo exits 0 only if
-Loop received every eligible file exactly once and every other document says why it was not sent.
-
-`relay demo --web` (:func:`run_web`) keeps the sandboxes, the relay's HTTP edge and the consumer
-running and prints a setup link: a newcomer walks the client's setup in a browser, both people's
-steps, on their own machine; once the connection exists, a signed webhook and a flush show its first
-file reaching Loop. It runs until interrupted.
+:func:`run` plays the day and checks what Loop received; :func:`run_web` (``relay demo --web``)
+lets a newcomer walk a client's setup in the browser instead. Qonto and Cegid Loop are the
+project's own sandbox servers on loopback; everything else is real.
 """
 
 from __future__ import annotations
@@ -21,18 +15,19 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import uvicorn
 
 from consumers import consume, flusher
-from relay import config, crypto, log, models
+from relay import config, crypto, log, models, store
 from relay.broker import amqp
 from relay.cli import console
-from relay.domain import connections, credentials, documents, inputs, invitations
+from relay.domain import connections, credentials, documents, inputs, invitations, report
 from relay.edge import app
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files, signing
@@ -93,8 +88,11 @@ async def _intake(settings: config.Settings, port: int) -> AsyncIterator[None]:
 def _seed_day(
     q: qonto_sandbox.QontoSandbox,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A realistic day: card receipts, a credit, a HEIC photo, a paid client invoice (morning), and
-    in the afternoon a wrong photo removed from its transaction before the flush."""
+    """Seed a realistic day in the Qonto sandbox and return its events.
+
+    Card receipts, a credit, a HEIC photo, a paid client invoice (morning), and in the afternoon a
+    wrong photo removed from its transaction before the flush.
+    """
     events: list[dict[str, Any]] = []
 
     def receipt(content: bytes, name: str, content_type: str) -> str:
@@ -181,13 +179,20 @@ async def _deliver(client: httpx.AsyncClient, url: str, events: list[dict[str, A
 async def _wait_for_events(pool: Any, expected: int, within_s: float = 30) -> int:
     deadline = time.monotonic() + within_s
     while True:
-        count = int(await pool.fetchval("SELECT count(*) FROM events"))
+        count = await store.events.count(pool)
         if count >= expected or time.monotonic() > deadline:
             return count
         await asyncio.sleep(0.05)
 
 
 async def run(*, json_output: bool = False, keep: bool = False) -> int:
+    """Play a day of Qonto activity through the whole relay and check what Loop received.
+
+    Everything is real except Qonto and Cegid Loop: a throwaway database on the local PostgreSQL,
+    queues of their own on the local RabbitMQ, the webhook intake on a real socket, the consumer,
+    the daily scan and the flush. The demo exits 0 only if Loop received every eligible file
+    exactly once and every other document says why it was not sent.
+    """
     log.configure("warning")
     progress = Progress(quiet=False)
     tag = uuid.uuid4().hex[:8]
@@ -240,57 +245,13 @@ async def _run(
         consumer = asyncio.create_task(consume.consume(settings, stop=stop))
         try:
             progress.step(f"webhook intake listening on http://127.0.0.1:{port}; consumer running")
-            login, _, secret = q.api_key_header.partition(":")
-            created = await connections.add(
-                settings,
-                pool,
-                inputs.NewConnection(
-                    client_name="Atelier Demo",
-                    qonto_organization_id=q.organization_id,
-                    qonto=credentials.QontoApiKey(login=login, secret=config.Secret(secret)),
-                    cegid=credentials.CegidCredentials(
-                        api_key=config.Secret(CEGID_KEY), api_secret=config.Secret(CEGID_SECRET)
-                    ),
-                    cegid_dossier=DOSSIER,
-                    cegid_domain="CABINET-DEMO",
-                    webhook_secrets=(WEBHOOK_SECRET,),
-                    since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
-                ),
-            )
-            progress.step(
-                f"connection {created.connection.id} checked against Qonto and Loop "
-                f"(dossier {DOSSIER}); webhook URL {created.webhook_url}"
-            )
-            events, afternoon = _seed_day(q)
-            q.add_supplier_invoice(
-                attachment_id=q.add_attachment(
-                    files.pdf(seed=9),
-                    file_name="OVH-FR51234567.pdf",
-                    content_type="application/pdf",
-                ),
-                supplier_name="OVH SAS",
-                total="71.88",
-            )
-            progress.step(
-                f"Qonto sends {len(events)} signed webhooks (one delivered twice); a supplier "
-                "invoice exists only in Qonto's list endpoint"
-            )
-            async with httpx.AsyncClient(timeout=5) as client:
-                statuses = await _deliver(client, created.webhook_url, events)
-                progress.step(f"intake answered {statuses}")
-                distinct = len({e["id"] for e in events})
-                seen = await _wait_for_events(pool, distinct)
-                progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
-                progress.step("afternoon: a wrong photo is removed from its transaction in Qonto")
-                statuses += await _deliver(client, created.webhook_url, afternoon)
-                distinct += len(afternoon)
-                seen = await _wait_for_events(pool, distinct)
-                progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
+            created = await _connect(settings, pool, q, progress)
+            statuses = await _send_the_day(pool, q, created.webhook_url, progress)
         finally:
             stop.set()
             await consumer
         progress.step("20:00 UTC: scan of Qonto's list endpoints, then the flush to Cegid Loop")
-        report = await flusher.flush(settings, pool)
+        run = await flusher.flush(settings, pool)
         docs = await documents.list_documents(pool)
     stored = loop.stored_by_dossier(DOSSIER)
     duplicates = loop.duplicates()
@@ -300,40 +261,122 @@ async def _run(
         and not duplicates
         and len(stored) == len(eligible)
         and all(d.state in ("uploaded", "skipped") for d in docs)
-        and any(d.reason == models.SKIP_DELETED for d in docs)
-        and any((d.reason or "").startswith(models.SKIP_UNSUPPORTED) for d in docs)
+        and any(d.reason_code == models.Reason.DELETED for d in docs)
+        and any(d.reason_code == models.Reason.UNSUPPORTED_TYPE for d in docs)
         and any(d.source == "supplier_invoice" and d.state == "uploaded" for d in docs)
     )
     if json_output:
-        print(
-            orjson.dumps(
-                {
-                    "ok": ok,
-                    "report": report.to_json(),
-                    "documents": [d.to_json() for d in docs],
-                    "loop_received": [
-                        {"filename": s.filename, "transaction": s.transaction, "sha256": s.sha256}
-                        for s in stored
-                    ],
-                },
-                option=orjson.OPT_INDENT_2,
-            ).decode()
-        )
+        _print_json(ok, run, docs, stored)
     else:
-        print(report.render())
-        print()
-        print(
-            f"Cegid Loop dossier {DOSSIER} received {len(stored)} file(s), duplicates: {len(duplicates)}"
-        )
-        for s in stored:
-            print(f"  {s.transaction:8} {s.content_type:16} {s.filename}")
-        print()
-        print("Documents (relay documents list):")
-        for d in docs:
-            print(f"  #{d.id:<3} {d.source:16} {d.direction:8} {d.state:9} {d.reason or ''}")
-        print()
-        print("demo: OK" if ok else "demo: FAILED (see above)")
+        _print_text(ok, run, docs, stored, duplicates)
     return 0 if ok else 1
+
+
+async def _connect(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    q: qonto_sandbox.QontoSandbox,
+    progress: Progress,
+) -> connections.Created:
+    """Add the demo's connection, checked against both sandboxes."""
+    login, _, secret = q.api_key_header.partition(":")
+    created = await connections.add(
+        settings,
+        pool,
+        inputs.NewConnection(
+            client_name="Atelier Demo",
+            qonto_organization_id=q.organization_id,
+            qonto=credentials.QontoApiKey(login=login, secret=config.Secret(secret)),
+            cegid=credentials.CegidCredentials(
+                api_key=config.Secret(CEGID_KEY), api_secret=config.Secret(CEGID_SECRET)
+            ),
+            cegid_dossier=DOSSIER,
+            cegid_domain="CABINET-DEMO",
+            webhook_secrets=(WEBHOOK_SECRET,),
+            since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+        ),
+    )
+    progress.step(
+        f"connection {created.connection.id} checked against Qonto and Loop "
+        f"(dossier {DOSSIER}); webhook URL {created.webhook_url}"
+    )
+    return created
+
+
+async def _send_the_day(
+    pool: asyncpg.Pool, q: qonto_sandbox.QontoSandbox, webhook_url: str, progress: Progress
+) -> list[int]:
+    """Deliver Qonto's day as webhooks for the consumer to buffer; a supplier invoice is listed."""
+    events, afternoon = _seed_day(q)
+    q.add_supplier_invoice(
+        attachment_id=q.add_attachment(
+            files.pdf(seed=9),
+            file_name="OVH-FR51234567.pdf",
+            content_type="application/pdf",
+        ),
+        supplier_name="OVH SAS",
+        total="71.88",
+    )
+    progress.step(
+        f"Qonto sends {len(events)} signed webhooks (one delivered twice); a supplier "
+        "invoice exists only in Qonto's list endpoint"
+    )
+    async with httpx.AsyncClient(timeout=5) as client:
+        statuses = await _deliver(client, webhook_url, events)
+        progress.step(f"intake answered {statuses}")
+        distinct = len({e["id"] for e in events})
+        seen = await _wait_for_events(pool, distinct)
+        progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
+        progress.step("afternoon: a wrong photo is removed from its transaction in Qonto")
+        statuses += await _deliver(client, webhook_url, afternoon)
+        distinct += len(afternoon)
+        seen = await _wait_for_events(pool, distinct)
+        progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
+    return statuses
+
+
+def _print_json(
+    ok: bool,
+    run: report.RunReport,
+    docs: Sequence[models.Document],
+    stored: Sequence[cegid_sandbox.StoredDocument],
+) -> None:
+    print(
+        orjson.dumps(
+            {
+                "ok": ok,
+                "report": run.to_json(),
+                "documents": [d.to_json() for d in docs],
+                "loop_received": [
+                    {"filename": s.filename, "transaction": s.transaction, "sha256": s.sha256}
+                    for s in stored
+                ],
+            },
+            option=orjson.OPT_INDENT_2,
+        ).decode()
+    )
+
+
+def _print_text(
+    ok: bool,
+    run: report.RunReport,
+    docs: Sequence[models.Document],
+    stored: Sequence[cegid_sandbox.StoredDocument],
+    duplicates: Sequence[str],
+) -> None:
+    print(run.render())
+    print()
+    print(
+        f"Cegid Loop dossier {DOSSIER} received {len(stored)} file(s), duplicates: {len(duplicates)}"
+    )
+    for s in stored:
+        print(f"  {s.transaction:8} {s.content_type:16} {s.filename}")
+    print()
+    print("Documents (relay documents list):")
+    for d in docs:
+        print(f"  #{d.id:<3} {d.source:16} {d.direction:8} {d.state:9} {d.reason or ''}")
+    print()
+    print("demo: OK" if ok else "demo: FAILED (see above)")
 
 
 async def _cleanup(settings: config.Settings) -> None:
@@ -373,7 +416,12 @@ def _web_settings(
 
 
 async def run_web(*, keep: bool = False) -> int:
-    """The setup in a browser against the sandboxes, until SIGINT/SIGTERM (exit 0)."""
+    """Serve the setup in a browser against the sandboxes, until SIGINT/SIGTERM (exit 0).
+
+    The sandboxes, the relay's HTTP edge and the consumer keep running and a setup link is printed:
+    a newcomer walks the client's setup in a browser, both people's steps, on their own machine;
+    once the connection exists, a signed webhook and a flush show its first file reaching Loop.
+    """
     log.configure("warning")
     progress = Progress(quiet=False)
     tag = uuid.uuid4().hex[:8]
@@ -464,9 +512,9 @@ async def _follow_setup(
             statuses = await asyncio.to_thread(q.deliver, q.transaction_event(tx))
             progress.step(f"Qonto delivered a signed webhook for a card receipt: {statuses}")
             await _wait_for_events(pool, 1)
-            report = await flusher.flush(settings, pool)
+            run = await flusher.flush(settings, pool)
             stored = loop.stored_by_dossier(connection.cegid_dossier)
-            uploaded = report.totals().get("uploaded", 0)
+            uploaded = run.totals().get("uploaded", 0)
             progress.step(
                 f"flush: {uploaded} document(s) uploaded; Loop dossier "
                 f"{connection.cegid_dossier} holds {len(stored)} file(s)"

@@ -1,22 +1,6 @@
-"""Which roles are stalled: the state of each heartbeat row and of the events queue, from the rows
-and the queues' depths (pure functions; :mod:`relay.domain.status` reads them and reports).
+"""Judgement of which roles are stalled, from the heartbeat rows and the queues' depths.
 
-A role is
-
-- ``stopped`` when its row says so (a clean stop, or a role that failed and left);
-- ``gone`` when it is not stopped and known dead: no heartbeat for ``GONE_AFTER_S``; or, on the host
-  running the check, no process with its pid; or a later process with the same host and pid (a
-  restarted container) started after its last beat;
-- ``stalled`` when it is not stopped and its heartbeat is more than ``STALE_BEATS`` beats old (hung,
-  or dead in a way that cannot be told yet); or a consumer that has held messages, or had no
-  subscription while messages wait, without settling any for ``stall_after_s``; or a live consumer
-  while messages are ready and no live consumer holds any;
-- ``ok`` otherwise.
-
-The events queue is ``stalled`` when messages are ready and no live consumer holds any: the age of
-its oldest message is then unknown, and the output says so. Otherwise its oldest message is the
-oldest one a live consumer holds (a quorum queue delivers in order), as of that consumer's last beat.
-Ready messages nobody holds may be an instant's view (``Judgement.suspect``): the reader looks again.
+Pure functions: :mod:`relay.domain.status` reads the rows and the queues and reports.
 """
 
 from __future__ import annotations
@@ -129,7 +113,7 @@ class Judged:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Events:
-    """The events queue judged: its state, and its oldest waiting message when it can be known."""
+    """The events queue judged, with its oldest waiting message when that can be known."""
 
     state: str  # ok, stalled, unknown (RabbitMQ not read, or the queue missing)
     reason: str | None
@@ -147,12 +131,12 @@ class Judgement:
 
 
 def round_s(value: float | None) -> float | None:
-    """Seconds as shown: a tenth."""
+    """Round seconds to a tenth, as shown."""
     return None if value is None else round(value, 1)
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (any user's)."""
+    """Tell whether a process with this pid exists on this host (any user's)."""
     if pid <= 0:
         return True  # not a process id: no conclusion
     try:
@@ -173,6 +157,20 @@ def _role_state(
     this_host: str,
     alive: Callable[[int], bool],
 ) -> tuple[str, str | None]:
+    """Judge one role's state, with the reason shown beside it.
+
+    A role is
+
+    - ``stopped`` when its row says so (a clean stop, or a role that failed and left);
+    - ``gone`` when it is not stopped and known dead: no heartbeat for ``GONE_AFTER_S``; or, on
+      the host running the check, no process with its pid; or a later process with the same host
+      and pid (a restarted container) started after its last beat;
+    - ``stalled`` when it is not stopped and its heartbeat is more than ``STALE_BEATS`` beats old
+      (hung, or dead in a way that cannot be told yet); or a consumer that has held messages, or
+      had no subscription while messages wait, without settling any for ``stall_after_s``; or
+      (in :func:`judge`) a live consumer while messages are ready and no live consumer holds any;
+    - ``ok`` otherwise.
+    """
     if row.stopped_at is not None:
         return STOPPED, row.stop_reason
     if row.stale:
@@ -214,7 +212,7 @@ def judge(
     alive: Callable[[int], bool] = pid_alive,
     queues_error: str | None = None,
 ) -> Judgement:
-    """Each role's state and the events queue's, from the rows and the queues' depths."""
+    """Judge each role's state and the events queue's, from the rows and the queues' depths."""
     ready = None if queues is None else queues.events.ready
     judged = [
         Judged(
@@ -229,45 +227,8 @@ def judge(
     silent = [
         j.role for j in judged if j.role.role == "consume" and j.state == STALLED and j.role.stale
     ]
-    holders = [r for r in consumers if r.in_hand]
-    in_hand = sum(r.in_hand or 0 for r in consumers)
-    suspect = False
-    if queues is None:
-        events = Events(
-            UNKNOWN, f"RabbitMQ could not be read ({queues_error})", in_hand, None, UNKNOWN
-        )
-    elif queues.events.ready is None:
-        events = Events(
-            UNKNOWN,
-            f"{queues.events.name} does not exist (no role declared it: RELAY_AMQP_PREFIX?)",
-            in_hand,
-            None,
-            UNKNOWN,
-        )
-    elif holders:
-        ages = [r.oldest_held_age_s for r in holders if r.oldest_held_age_s is not None]
-        if ages:
-            events = Events(OK, None, in_hand, max(ages), "held")
-        else:
-            why = f"the messages held carry no {amqp.HEADER_RECEIVED_AT} header"
-            events = Events(OK, why, in_hand, None, UNKNOWN)
-    elif queues.events.ready > 0:
-        waiting = queues.events.ready
-        subscribed = queues.events.consumers or 0
-        why = (
-            "no consumer is subscribed"
-            if subscribed == 0
-            else f"{subscribed} subscribed consumer(s) receive nothing"
-        )
-        events = Events(
-            STALLED,
-            f"{waiting} message(s) ready and no live consumer holds any ({why}); "
-            "the oldest one's age is unknown",
-            0,
-            None,
-            UNKNOWN,
-        )
-        suspect = True
+    events, suspect = _events_state(queues, queues_error, consumers, silent)
+    if suspect:
         live = {r.id for r in consumers}
         judged = [
             Judged(j.role, STALLED, "messages are ready and it holds none")
@@ -275,15 +236,65 @@ def judge(
             else j
             for j in judged
         ]
-    elif silent:
-        events = Events(
-            OK,
-            f"the oldest message's age is unknown: {silent[0].label} has no heartbeat and may "
-            "hold messages",
-            in_hand,
-            None,
-            UNKNOWN,
-        )
-    else:
-        events = Events(OK, None, in_hand, None, "none waiting")
     return Judgement(roles=tuple(judged), events=events, suspect=suspect)
+
+
+def _events_state(
+    queues: Queues | None,
+    queues_error: str | None,
+    consumers: Sequence[Role],
+    silent: Sequence[Role],
+) -> tuple[Events, bool]:
+    """Judge the events queue, and whether its live consumers are suspect (ready, none held).
+
+    The events queue is ``stalled`` when messages are ready and no live consumer holds any: the
+    age of its oldest message is then unknown, and the output says so. Otherwise its oldest
+    message is the oldest one a live consumer holds (a quorum queue delivers in order), as of
+    that consumer's last beat. Ready messages nobody holds may be an instant's view
+    (``Judgement.suspect``): the reader looks again.
+    """
+    in_hand = sum(r.in_hand or 0 for r in consumers)
+    if queues is None:
+        why = f"RabbitMQ could not be read ({queues_error})"
+        return Events(UNKNOWN, why, in_hand, None, UNKNOWN), False
+    if queues.events.ready is None:
+        why = f"{queues.events.name} does not exist (no role declared it: RELAY_AMQP_PREFIX?)"
+        return Events(UNKNOWN, why, in_hand, None, UNKNOWN), False
+    holders = [r for r in consumers if r.in_hand]
+    if holders:
+        return _held(holders, in_hand), False
+    if queues.events.ready > 0:
+        return _nobody_consuming(queues.events.ready, queues.events.consumers or 0), True
+    if silent:
+        why = (
+            f"the oldest message's age is unknown: {silent[0].label} has no heartbeat and may "
+            "hold messages"
+        )
+        return Events(OK, why, in_hand, None, UNKNOWN), False
+    return Events(OK, None, in_hand, None, "none waiting"), False
+
+
+def _held(holders: Sequence[Role], in_hand: int) -> Events:
+    """Judge the events queue while consumers hold messages, aged by the oldest one held."""
+    ages = [r.oldest_held_age_s for r in holders if r.oldest_held_age_s is not None]
+    if ages:
+        return Events(OK, None, in_hand, max(ages), "held")
+    why = f"the messages held carry no {amqp.HEADER_RECEIVED_AT} header"
+    return Events(OK, why, in_hand, None, UNKNOWN)
+
+
+def _nobody_consuming(waiting: int, subscribed: int) -> Events:
+    """Mark the events queue stalled, its ready messages held by no live consumer."""
+    why = (
+        "no consumer is subscribed"
+        if subscribed == 0
+        else f"{subscribed} subscribed consumer(s) receive nothing"
+    )
+    return Events(
+        STALLED,
+        f"{waiting} message(s) ready and no live consumer holds any ({why}); "
+        "the oldest one's age is unknown",
+        0,
+        None,
+        UNKNOWN,
+    )

@@ -23,11 +23,11 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from relay import config, crypto, errors, log, retry
+from relay import config, crypto, errors, log, retry, store
 from relay.broker import amqp
 from relay.domain import heartbeat
 from relay.edge import metrics, signature
-from relay.store import db, queries
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -74,23 +74,16 @@ class SecretCache:
                 await self._listener.close()
 
     async def reload(self) -> None:
-        with db.translate("load webhook secrets"):
-            records = await self._pool.fetch(queries.get("intake_secrets_all"))
         known: dict[uuid.UUID, list[str]] = {}
-        for record in records:
-            known.setdefault(record["connection_id"], []).append(
-                self._box.open(bytes(record["secret"]))
-            )
+        for row in await store.webhook_secrets.intake_all(self._pool):
+            known.setdefault(row.connection_id, []).append(self._box.open(row.secret))
         self._known = {k: tuple(v) for k, v in known.items()}
         self._unknown.clear()
         self.reloads += 1
 
     async def _listen(self) -> None:
         try:
-            with db.translate("listen"):
-                self._listener = await db.connect(self._settings)
-                await self._listener.add_listener(CHANNEL, self._notified)
-                self._listener.add_termination_listener(self._lost)
+            self._listener = await db.listen(self._settings, CHANNEL, self._notified, self._lost)
         except errors.DatabaseUnavailable:
             self._listener = None
             logger.warning("secret_cache_listen_failed")
@@ -154,10 +147,9 @@ class SecretCache:
 
     async def _look_up(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         self.lookups += 1
-        with db.translate("look up connection"):
-            records = await self._pool.fetch(queries.get("intake_secrets_one"), connection_id)
-        if records:
-            value = tuple(self._box.open(bytes(r["secret"])) for r in records)
+        rows = await store.webhook_secrets.intake_one(self._pool, connection_id)
+        if rows:
+            value = tuple(self._box.open(row.secret) for row in rows)
             self._known[connection_id] = value
             return value
         self._unknown[connection_id] = time.monotonic() + UNKNOWN_TTL_S

@@ -1,22 +1,7 @@
 """Qonto's Business API as Qonto's public documentation describes it, on a loopback socket.
 
-Authentication (``login:secret`` verbatim, or an OAuth bearer from its token endpoint), the staging
-token trap (an HTML page with status 200), pagination with ``meta.next_page`` and 422 past the end,
-presigned attachment URLs valid 30 minutes that refuse an ``Authorization`` header, 404 for deleted
-attachments, the 1,000 requests / 10 s limit, and injectable faults (429, 5xx, slow, expired URLs).
-
-Lists are computed afresh for every page, as offset pagination over a live table is: an item updated
-between two page requests moves, and the items after it shift. :meth:`QontoSandbox.after_page` runs
-a hook between two page requests to make that happen on purpose; :meth:`QontoSandbox.one_instant`
-gives many items the same ``updated_at``; ``list_totals = False`` leaves ``total_count`` and
-``total_pages`` out of ``meta`` (only ``next_page`` is documented).
-
-OAuth consent as the contract describes it: ``GET /oauth2/auth`` shows a consent page (buttons
-**Authorize** and **Deny**, no script) for a registered app, and sends the browser back to
-``redirect_uri`` with ``code`` and ``state``, or ``error=access_denied``; the code is valid 10 minutes,
-once, at the token endpoint with ``grant_type=authorization_code`` and the same ``redirect_uri``. The
-tokens it gives carry the scopes consented to: ``GET /v2/subscription`` needs ``subscription.read``.
-:meth:`QontoSandbox.deliver` posts a signed event to every subscription of its topic (what Qonto does).
+:class:`QontoSandbox` is one organization to seed and point the relay at, OAuth consent included;
+:class:`QontoFaults` injects faults (429, 5xx, slow answers, expired URLs).
 """
 
 from __future__ import annotations
@@ -31,6 +16,7 @@ import hashlib
 import hmac
 import html
 import random
+import re
 import secrets
 import threading
 import time
@@ -62,7 +48,7 @@ SCOPES = frozenset(
 
 
 def plan(name: str, code: str | None = None) -> dict[str, Any]:
-    """A ``GET /v2/subscription`` plan object as the contract shows it."""
+    """Build a ``GET /v2/subscription`` plan object as the contract shows it."""
     return {
         "code": code or f"team_{name.lower().replace(' ', '_')}",
         "name": name,
@@ -75,8 +61,11 @@ def plan(name: str, code: str | None = None) -> dict[str, Any]:
 
 
 def _iso(moment: dt.datetime) -> str:
-    """Qonto shows milliseconds; the sandbox keeps microseconds so that stamps it hands out in a
-    burst stay strictly increasing without running ahead of the clock."""
+    """Format a moment as an ISO 8601 UTC stamp, to the microsecond.
+
+    Qonto shows milliseconds; the sandbox keeps microseconds so that stamps it hands out in a
+    burst stay strictly increasing without running ahead of the clock.
+    """
     return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -122,8 +111,10 @@ class QontoFaults:
             self._expire_next += count
 
     def random_plan(self, seed: int, rate: float) -> None:
-        """Each API or storage request fails at ``rate`` with 429, 500, 503, a slow answer or an
-        expired URL, chosen by ``random.Random(seed)``."""
+        """Fail each API or storage request at ``rate``, chosen by ``random.Random(seed)``.
+
+        A failure is a 429, 500, 503, a slow answer or an expired URL.
+        """
         with self._lock:
             self._random, self._rate = random.Random(seed), rate
 
@@ -157,7 +148,15 @@ class QontoFaults:
 
 
 class QontoSandbox:
-    """One organization with one bank account; seed it, then point the relay at ``url``."""
+    """One organization with one bank account; seed it, then point the relay at ``url``.
+
+    It answers as the documentation says: authentication (``login:secret`` verbatim, or an OAuth
+    bearer from its token endpoint), the staging token trap (an HTML page with status 200),
+    pagination with ``meta.next_page`` and 422 past the end, presigned attachment URLs valid 30
+    minutes that refuse an ``Authorization`` header, 404 for deleted attachments, and the 1,000
+    requests / 10 s limit. :meth:`deliver` posts a signed event to every subscription of its topic
+    (what Qonto does).
+    """
 
     def __init__(
         self,
@@ -186,6 +185,7 @@ class QontoSandbox:
         self._instant: str | None = None
         self.subscription_id = str(uuid.uuid4())
         self._lock = threading.RLock()
+        self._route_table = self._routes()
         self._signing_key = secrets.token_bytes(32)
         self._attachments: dict[str, dict[str, Any]] = {}
         self._contents: dict[str, bytes | files.Synthetic] = {}
@@ -237,7 +237,7 @@ class QontoSandbox:
         return time.time() + self.clock_offset_s
 
     def _stamp(self) -> str:
-        """A strictly increasing updated_at (one and the same inside :meth:`one_instant`)."""
+        """Hand out a strictly increasing updated_at (the same one inside :meth:`one_instant`)."""
         with self._lock:
             if self._instant is not None:
                 return self._instant
@@ -247,7 +247,7 @@ class QontoSandbox:
 
     @contextlib.contextmanager
     def one_instant(self) -> Iterator[str]:
-        """Every stamp handed out inside the block is the same instant (a bulk import or update)."""
+        """Make every stamp handed out inside the block one instant (a bulk import or update)."""
         stamp = self._stamp()
         with self._lock:
             self._instant = stamp
@@ -258,8 +258,11 @@ class QontoSandbox:
                 self._instant = None
 
     def after_page(self, path: str, hook: Callable[[int], object]) -> None:
-        """Call ``hook(n)`` right after the n-th page of the list at ``path`` (counted from this
-        call) is answered, before the next request is read: to update items mid-walk."""
+        """Call ``hook(n)`` right after the n-th page of the list at ``path`` is answered.
+
+        Pages are counted from this call; the hook runs before the next request is read, to update
+        items mid-walk.
+        """
         with self._lock:
             self._page_hooks.append((path, hook, [0]))
 
@@ -448,12 +451,12 @@ class QontoSandbox:
         )
 
     def subscriptions(self) -> list[dict[str, Any]]:
-        """Every webhook subscription, with its secret (as created)."""
+        """List every webhook subscription, with its secret (as created)."""
         with self._lock:
             return [copy.deepcopy(s) for s in self._subscriptions.values()]
 
     def deliver(self, event: dict[str, Any], *, timeout: float = 5.0) -> list[int]:
-        """POST ``event``, signed, to every subscription of its topic, as Qonto does: the statuses."""
+        """POST ``event``, signed, to every subscription of its topic, and return the statuses."""
         body = orjson.dumps(event)
         statuses = []
         for subscription in self.subscriptions():
@@ -523,7 +526,10 @@ class QontoSandbox:
         return False
 
     def _scoped(self, header: str, scope: str) -> bool:
-        """An API key, or a token whose consent included ``scope`` (older tokens: all scopes)."""
+        """Tell whether the header is an API key, or a token whose consent included ``scope``.
+
+        Tokens issued without a consent (older ones) have all scopes.
+        """
         if not header.startswith("Bearer "):
             return True
         with self._lock:
@@ -531,7 +537,15 @@ class QontoSandbox:
         return scopes is None or scope in scopes
 
     async def _consent(self, request: Request) -> Response:
-        """The consent page (GET), and the member's answer to it (POST): back to redirect_uri."""
+        """Show the consent page (GET) and send the member's answer (POST) back to redirect_uri.
+
+        As the contract describes it: ``GET /oauth2/auth`` shows a consent page (buttons
+        **Authorize** and **Deny**, no script) for a registered app, and sends the browser back to
+        ``redirect_uri`` with ``code`` and ``state``, or ``error=access_denied``; the code is valid
+        10 minutes, once, at the token endpoint with ``grant_type=authorization_code`` and the same
+        ``redirect_uri``. The tokens it gives carry the scopes consented to: ``GET
+        /v2/subscription`` needs ``subscription.read``.
+        """
         if request.method == "POST":
             params = {
                 k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode()).items()
@@ -636,110 +650,134 @@ class QontoSandbox:
             ),
         )
 
+    def _routes(self) -> list[tuple[str, re.Pattern[str], Callable[..., Response]]]:
+        """List the API's routes as (method, path pattern, handler(request, body, *path groups))."""
+        table: list[tuple[str, str, Callable[..., Response]]] = [
+            ("GET", "/v2/membership", self._membership),
+            ("GET", "/v2/subscription", self._subscription_plan),
+            ("GET", "/v2/organization", self._organization),
+            ("GET", "/[^/]+/attachments/([^/]+)", lambda _r, _b, id_: self._attachment(id_)),
+            ("GET", "/v2/transactions", lambda request, _b: self._transactions_page(request)),
+            ("GET", "/[^/]+/transactions/([^/]+)/attachments", self._transaction_attachments),
+            ("GET", "/v2/supplier_invoices", self._supplier_invoices_page),
+            ("GET", "/v2/client_invoices", self._client_invoices_page),
+            ("GET", "/[^/]+/client_invoices/([^/]+)", self._client_invoice),
+            ("POST", "/v2/webhook_subscriptions", lambda _r, body: self._subscribe(body)),
+            ("GET", "/v2/webhook_subscriptions", self._subscriptions_list),
+            ("GET", "/[^/]+/webhook_subscriptions/([^/]+)", self._subscription_get),
+            ("DELETE", "/[^/]+/webhook_subscriptions/([^/]+)", self._subscription_delete),
+        ]
+        return [(method, re.compile(pattern), handler) for method, pattern, handler in table]
+
     def _route(self, request: Request, body: bytes) -> Response:
         path, method = request.path.rstrip("/"), request.method
-        parts = path.split("/")
-        if method == "GET" and path == "/v2/membership":
-            return self._json(
-                {
-                    "membership": {
-                        "id": self.membership_id,
-                        "first_name": "Claire",
-                        "last_name": "Martin",
-                        "role": self.membership_role,
-                        "status": "active",
-                        "organization_id": self.organization_id,
-                    }
-                }
-            )
-        if method == "GET" and path == "/v2/subscription":
-            if not self._scoped(request.headers.get("authorization", ""), "subscription.read"):
-                return json_error(403, "forbidden", "the token lacks the scope subscription.read")
-            return self._json({"plan": copy.deepcopy(self.plan)})
-        if method == "GET" and path == "/v2/organization":
-            return self._json(
-                {
-                    "organization": {
-                        "id": self.organization_id,
-                        "slug": "atelier-demo",
-                        "legal_name": self.legal_name,
-                        "bank_accounts": [
-                            {
-                                "id": self.bank_account_id,
-                                "slug": "atelier-demo-main",
-                                "iban": "FR7616958000019876543210987",
-                                "currency": "EUR",
-                            }
-                        ],
-                    }
-                }
-            )
-        if method == "GET" and len(parts) == 4 and parts[2] == "attachments":
-            return self._attachment(parts[3])
-        if method == "GET" and path == "/v2/transactions":
-            return self._transactions_page(request)
-        if (
-            method == "GET"
-            and len(parts) == 5
-            and parts[2] == "transactions"
-            and parts[4] == "attachments"
-        ):
-            with self._lock:
-                tx = self._transactions.get(parts[3])
-                if tx is None:
-                    return json_error(404, "not_found", "transaction not found")
-                found = [
-                    self._attachment_json(a) for a in tx["attachment_ids"] if a in self._attachments
-                ]
-            return self._json({"attachments": found})
-        if method == "GET" and path == "/v2/supplier_invoices":
-            return self._list(
-                request,
-                "supplier_invoices",
-                self._supplier_invoices,
-                "filter[updated_at_from]",
-                "filter[updated_at_to]",
-                None,
-            )
-        if method == "GET" and path == "/v2/client_invoices":
-            return self._list(
-                request,
-                "client_invoices",
-                self._client_invoices,
-                "filter[updated_at_from]",
-                "filter[updated_at_to]",
-                "filter[status]",
-            )
-        if method == "GET" and len(parts) == 4 and parts[2] == "client_invoices":
-            with self._lock:
-                invoice = self._client_invoices.get(parts[3])
-            if invoice is None:
-                return json_error(404, "not_found", "client invoice not found")
-            return self._json({"client_invoice": invoice})
-        if path == "/v2/webhook_subscriptions" and method == "POST":
-            return self._subscribe(body)
-        if path == "/v2/webhook_subscriptions" and method == "GET":
-            with self._lock:
-                items = [
-                    {k: v for k, v in s.items() if k != "secret"}
-                    for s in self._subscriptions.values()
-                ]
-            return self._json({"subscriptions": items})
-        if len(parts) == 4 and parts[2] == "webhook_subscriptions" and method == "GET":
-            with self._lock:
-                subscription = self._subscriptions.get(parts[3])
-            if subscription is None:
-                return json_error(404, "not_found", "subscription not found")
-            return self._json(
-                {"webhook_subscription": {k: v for k, v in subscription.items() if k != "secret"}}
-            )
-        if len(parts) == 4 and parts[2] == "webhook_subscriptions" and method == "DELETE":
-            with self._lock:
-                removed = self._subscriptions.pop(parts[3], None)
-            if removed is None:
-                return json_error(404, "not_found", "subscription not found")
-            return Response(204)
+        for route_method, pattern, handler in self._route_table:
+            match = pattern.fullmatch(path)
+            if match is not None and route_method == method:
+                return handler(request, body, *match.groups())
         return json_error(404, "not_found", f"no route {method} {path}")
+
+    def _membership(self, _request: Request, _body: bytes) -> Response:
+        return self._json(
+            {
+                "membership": {
+                    "id": self.membership_id,
+                    "first_name": "Claire",
+                    "last_name": "Martin",
+                    "role": self.membership_role,
+                    "status": "active",
+                    "organization_id": self.organization_id,
+                }
+            }
+        )
+
+    def _subscription_plan(self, request: Request, _body: bytes) -> Response:
+        if not self._scoped(request.headers.get("authorization", ""), "subscription.read"):
+            return json_error(403, "forbidden", "the token lacks the scope subscription.read")
+        return self._json({"plan": copy.deepcopy(self.plan)})
+
+    def _organization(self, _request: Request, _body: bytes) -> Response:
+        return self._json(
+            {
+                "organization": {
+                    "id": self.organization_id,
+                    "slug": "atelier-demo",
+                    "legal_name": self.legal_name,
+                    "bank_accounts": [
+                        {
+                            "id": self.bank_account_id,
+                            "slug": "atelier-demo-main",
+                            "iban": "FR7616958000019876543210987",
+                            "currency": "EUR",
+                        }
+                    ],
+                }
+            }
+        )
+
+    def _transaction_attachments(
+        self, _request: Request, _body: bytes, transaction_id: str
+    ) -> Response:
+        with self._lock:
+            tx = self._transactions.get(transaction_id)
+            if tx is None:
+                return json_error(404, "not_found", "transaction not found")
+            found = [
+                self._attachment_json(a) for a in tx["attachment_ids"] if a in self._attachments
+            ]
+        return self._json({"attachments": found})
+
+    def _supplier_invoices_page(self, request: Request, _body: bytes) -> Response:
+        return self._list(
+            request,
+            "supplier_invoices",
+            self._supplier_invoices,
+            "filter[updated_at_from]",
+            "filter[updated_at_to]",
+            None,
+        )
+
+    def _client_invoices_page(self, request: Request, _body: bytes) -> Response:
+        return self._list(
+            request,
+            "client_invoices",
+            self._client_invoices,
+            "filter[updated_at_from]",
+            "filter[updated_at_to]",
+            "filter[status]",
+        )
+
+    def _client_invoice(self, _request: Request, _body: bytes, invoice_id: str) -> Response:
+        with self._lock:
+            invoice = self._client_invoices.get(invoice_id)
+        if invoice is None:
+            return json_error(404, "not_found", "client invoice not found")
+        return self._json({"client_invoice": invoice})
+
+    def _subscriptions_list(self, _request: Request, _body: bytes) -> Response:
+        with self._lock:
+            items = [
+                {k: v for k, v in s.items() if k != "secret"} for s in self._subscriptions.values()
+            ]
+        return self._json({"subscriptions": items})
+
+    def _subscription_get(self, _request: Request, _body: bytes, subscription_id: str) -> Response:
+        with self._lock:
+            subscription = self._subscriptions.get(subscription_id)
+        if subscription is None:
+            return json_error(404, "not_found", "subscription not found")
+        return self._json(
+            {"webhook_subscription": {k: v for k, v in subscription.items() if k != "secret"}}
+        )
+
+    def _subscription_delete(
+        self, _request: Request, _body: bytes, subscription_id: str
+    ) -> Response:
+        with self._lock:
+            removed = self._subscriptions.pop(subscription_id, None)
+        if removed is None:
+            return json_error(404, "not_found", "subscription not found")
+        return Response(204)
 
     def _json(self, value: Any, status: int = 200) -> Response:
         return Response(status, orjson.dumps(value))
@@ -828,6 +866,14 @@ class QontoSandbox:
         return sorted(found, key=lambda i: i["updated_at"])
 
     def _page(self, request: Request, key: str, items: list[dict[str, Any]]) -> Response:
+        """Answer one page of ``items``, computed afresh for every page.
+
+        That is how offset pagination over a live table behaves: an item updated between two page
+        requests moves, and the items after it shift. :meth:`after_page` runs a hook between two
+        page requests to make that happen on purpose; :meth:`one_instant` gives many items the same
+        ``updated_at``; ``list_totals = False`` leaves ``total_count`` and ``total_pages`` out of
+        ``meta`` (only ``next_page`` is documented).
+        """
         page_text, per_page_text = (
             request.arg("page", "1") or "1",
             request.arg("per_page", "100") or "100",
