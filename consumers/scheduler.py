@@ -7,6 +7,11 @@ finished run is due); a run whose scheduler died (row unfinished, lock free) is 
 safe because documents are claimed one by one. Only the latest slot is caught up: one flush sends
 everything pending, whatever day it arrived.
 
+Flushes asked for over HTTP (``POST /admin/flush``, the console's **Flush now**) are rows of
+``flush_requests``: the scheduler looks for one every second between polls and runs it as a manual
+run under the same lock as the day's run (so never two at once), linking the run to the request;
+requests that ask for the same thing before the run starts are served by it.
+
 Every six hours the scheduler also checks that each connection's Cegid key can still read its dossier,
 so that a dossier unlinked from the key is flagged (``needs_attention``) before the nightly flush.
 
@@ -22,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
@@ -31,14 +37,14 @@ import httpx
 from consumers import flusher, upload
 from relay import config, crypto, errors, log, models, outage
 from relay.domain import connections, credentials, heartbeat, report
-from relay.store import db, queries
+from relay.store import db, flush_requests, queries, runs
 from relay.upstreams import cegid
 
 logger = log.get(__name__)
 
 LOCK: Final = (0x52454C59 + 1, 1)  # advisory lock of the scheduler (namespace, key)
 POLL_S: Final = 60.0
-PING_EVERY_S: Final = 5.0  # between polls, how often PostgreSQL is pinged
+PING_EVERY_S: Final = 1.0  # between polls, how often PostgreSQL is asked for flush requests
 PING_TIMEOUT_S: Final = 5.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
 CEGID_REASON: Final = upload.CEGID_REASON  # prefix of the reasons the dossier check may clear
@@ -51,6 +57,28 @@ class Flush(Protocol):
     def __call__(
         self, settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
     ) -> Awaitable[report.RunReport]: ...
+
+
+class RequestedFlush(Protocol):
+    def __call__(
+        self,
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        *,
+        connection_id: uuid.UUID | None,
+        since: dt.datetime | None,
+        run_kind: str,
+        run_id: int | None,
+    ) -> Awaitable[report.RunReport]: ...
+
+
+# What makes a requested run fail for good (said on the request) rather than wait for the next poll.
+REQUEST_REFUSED: Final = (
+    errors.Refused,
+    errors.NotFound,
+    errors.Permanent,
+    errors.ConfigurationError,
+)
 
 
 def latest_slot(now: dt.datetime, flush_at: dt.time) -> dt.datetime:
@@ -103,6 +131,60 @@ async def run_due(
                 # a connection gone with an outage released its lock with it
                 with contextlib.suppress(errors.DatabaseUnavailable), db.translate("unlock"):
                     await conn.execute(queries.get("scheduler_unlock"), *LOCK)
+
+
+async def run_requested(
+    settings: config.Settings, pool: asyncpg.Pool, *, flush: RequestedFlush = flusher.flush
+) -> bool:
+    """Run the oldest flush asked for, under the scheduler's lock; True when this call ran one.
+
+    A request that cannot run (its connection gone, disconnected or revoked) is failed with the
+    reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers."""
+    with db.translate("scheduler"):
+        async with pool.acquire() as conn:
+            if not await conn.fetchval(queries.get("try_scheduler_lock"), *LOCK):
+                return False  # a run is going on: the request waits for it to end
+            try:
+                request = await flush_requests.next_open(conn)
+                if request is None:
+                    return False
+                run_id = await runs.insert_manual(conn)
+                served = await flush_requests.start(conn, request.id, run_id)
+                logger.info("requested_run_started", run=run_id, requests=served)
+                await _run_request(settings, pool, request, run_id, flush)
+                return True
+            finally:
+                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("unlock"):
+                    await conn.execute(queries.get("scheduler_unlock"), *LOCK)
+
+
+async def _run_request(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    request: flush_requests.FlushRequest,
+    run_id: int,
+    flush: RequestedFlush,
+) -> None:
+    """The requested flush as run ``run_id``; the requests it serves finished or failed."""
+    try:
+        result = await flush(
+            settings,
+            pool,
+            connection_id=request.connection_id,
+            since=request.since,
+            run_kind="manual",
+            run_id=run_id,
+        )
+    except REQUEST_REFUSED as exc:
+        logger.warning("requested_run_refused", run=run_id, reason=str(exc))
+        with db.translate("finish run"):
+            await pool.execute(
+                queries.get("finish_run"), run_id, {"kind": "manual", "error": str(exc)}
+            )
+        await flush_requests.finish(pool, run_id, error=str(exc))
+        return
+    await flush_requests.finish(pool, run_id, error=None)
+    logger.info("requested_run_finished", run=run_id, **result.totals())
 
 
 def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:
@@ -176,12 +258,14 @@ async def run_forever(
     wait: Wait | None = None,
     dossier_check_every: dt.timedelta | None = DOSSIER_CHECK_EVERY,
     progress: heartbeat.Work | None = None,
+    flush_requested: RequestedFlush = flusher.flush,
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
     ``now`` and ``wait`` (default: wait on ``stop`` with a timeout, pinging PostgreSQL every
     PING_EVERY_S) are injectable for tests; ``dossier_check_every=None`` turns the periodic
-    dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat).
+    dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat);
+    ``flush_requested`` runs the flushes asked for over HTTP.
     Raises OutageTooLong when PostgreSQL stays unreachable past ``RELAY_OUTAGE_LIMIT``.
     """
     stop = stop or asyncio.Event()
@@ -197,8 +281,30 @@ async def run_forever(
             progress.add(result.totals()["uploaded"])
         return result
 
+    async def requested_and_count(
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        *,
+        connection_id: uuid.UUID | None,
+        since: dt.datetime | None,
+        run_kind: str,
+        run_id: int | None,
+    ) -> report.RunReport:
+        result = await flush_requested(
+            settings,
+            pool,
+            connection_id=connection_id,
+            since=since,
+            run_kind=run_kind,
+            run_id=run_id,
+        )
+        if progress is not None:
+            progress.add(result.totals()["uploaded"])
+        return result
+
     async def wait_or_stop(seconds: float) -> None:
-        """Until ``stop`` or ``seconds``; early when a ping finds PostgreSQL gone (poll now)."""
+        """Until ``stop`` or ``seconds``; early when a flush was asked for, or when PostgreSQL is
+        found gone (poll now)."""
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()
@@ -207,7 +313,8 @@ async def run_forever(
             if stopping.is_set() or time.monotonic() >= deadline:
                 return
             try:
-                await asyncio.wait_for(db.ping(pool), timeout=PING_TIMEOUT_S)
+                if await asyncio.wait_for(flush_requests.any_open(pool), timeout=PING_TIMEOUT_S):
+                    return
             except (errors.DatabaseUnavailable, TimeoutError):
                 return
 
@@ -217,6 +324,7 @@ async def run_forever(
     while not stop.is_set():
         try:
             await run_due(settings, pool, now(), flush=flush_and_count)
+            await run_requested(settings, pool, flush=requested_and_count)
             database.recovered()
             backoff.reset()
             if dossier_check_every is not None and (

@@ -1,4 +1,5 @@
-"""`relay documents resolve ID --uploaded|--resend`: an operator's decision on an in-doubt document.
+"""Operators' decisions on a document: `relay documents resolve ID --uploaded|--resend` for one in
+doubt, `relay documents retry ID` for a failed one.
 
 Only an operator can know whether a file whose upload got no answer is in the client's Loop inbox.
 ``--uploaded``: it is there; the document is uploaded. ``--resend``: it is not; the document goes back
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncpg
 
 from relay import errors, log, models
-from relay.store import db, queries
+from relay.store import db, overview, queries
 
 logger = log.get(__name__)
 
@@ -46,3 +47,23 @@ async def resolve(pool: asyncpg.Pool, document_id: int, *, uploaded: bool) -> mo
         raise errors.Refused(f"document {document_id} changed state meanwhile: try again")
     logger.info("document_resolved", document=document_id, uploaded=uploaded)
     return models.Document.from_record(record)
+
+
+RETRY_REASON = "retry requested by an operator"
+
+
+async def retry(pool: asyncpg.Pool, document_id: int) -> models.Document:
+    """`relay documents retry ID`: a failed document goes back to pending for the next flush (the
+    operator fixed what made Loop refuse it). Only a failed document can be retried."""
+    document = await overview.retry_document(pool, document_id, RETRY_REASON)
+    if document is None:
+        with db.translate("retry document"):
+            state = await pool.fetchval(queries.get("document_state"), document_id)
+        if state is None:
+            raise errors.NotFound(f"no document {document_id}")
+        raise errors.Refused(
+            f"document {document_id} is {state}, not failed: only a document Loop refused can be "
+            "retried"
+        )
+    logger.info("document_retried", document=document_id)
+    return document

@@ -34,7 +34,8 @@ def test_an_installed_wheel_finds_every_migration_query_and_page(tmp_path: pathl
         names = archive.namelist()
         archive.extractall(site)
     migrations = sorted(p.name for p in (ROOT / "sql" / "migrations").glob("*.sql"))
-    assert migrations and all(f"relay/store/sql/migrations/{m}" in names for m in migrations)
+    assert migrations
+    assert all(f"relay/store/sql/migrations/{m}" in names for m in migrations)
     assert "relay/store/sql/queries.sql" in names
     assert any(n.startswith("relay/edge/pages/templates/") for n in names)
     assert any(n.startswith("relay/edge/pages/static/") for n in names)
