@@ -751,3 +751,10 @@ FROM runs r WHERE r.id = $1;
 -- name: last_scheduled_run
 -- params: (none)
 SELECT * FROM runs WHERE kind = 'scheduled' ORDER BY scheduled_for DESC NULLS LAST, id DESC LIMIT 1;
+
+-- name: revoke_invitation
+-- params: $1 invitation id
+-- The console's Revoke: an open invitation expires now (its link stops working); NULL otherwise.
+UPDATE invitations SET expires_at = now(), updated_at = now()
+WHERE id = $1 AND used_at IS NULL AND expires_at > now()
+RETURNING client_name;

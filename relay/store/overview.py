@@ -121,3 +121,10 @@ async def retry_document(
     with db.translate("retry document"):
         record = await pool.fetchrow(queries.get("retry_document"), document_id, reason)
     return None if record is None else models.Document.from_record(record)
+
+
+async def revoke_invitation(pool: asyncpg.Pool, invitation_id: uuid.UUID) -> str | None:
+    """An open invitation expires now; its client's name, or None when it was not open."""
+    with db.translate("revoke invitation"):
+        name = await pool.fetchval(queries.get("revoke_invitation"), invitation_id)
+    return None if name is None else str(name)

@@ -1,7 +1,8 @@
 """Server-side browser sessions in PostgreSQL, and the CSRF token of each.
 
 The cookie holds only a random id (256 bits); the database holds its SHA-256 and the session's data
-(small JSON). A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began.
+(small JSON). A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began
+(the console's, after a day without use: its own limits are passed in).
 The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is reached over https.
 
 The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it back,
@@ -62,8 +63,14 @@ class Session:
         return self._id
 
 
-async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
-    """The request's live session (its expiry pushed back), or None."""
+async def current(
+    pool: asyncpg.Pool,
+    request: Request,
+    *,
+    idle: dt.timedelta = IDLE,
+    absolute: dt.timedelta = ABSOLUTE,
+) -> Session | None:
+    """The request's live session (its expiry pushed back by ``idle``), or None."""
     session_id = request.cookies.get(COOKIE, "")
     if not session_id or len(session_id) > 100 or not session_id.isascii():
         return None
@@ -72,8 +79,8 @@ async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
         record = await pool.fetchrow(
             queries.get("get_web_session"),
             crypto.token_digest(session_id),
-            now + IDLE,
-            now - ABSOLUTE,
+            now + idle,
+            now - absolute,
         )
     if record is None:
         return None
@@ -81,9 +88,12 @@ async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
     return Session(session_id, dict(data), record["created_at"], is_new=False)
 
 
-async def start(pool: asyncpg.Pool, request: Request) -> Session:
-    """The request's live session, or a new one (stored now; its cookie set by :func:`attach`)."""
-    found = await current(pool, request)
+async def start(
+    pool: asyncpg.Pool, request: Request, *, fresh: bool = False, idle: dt.timedelta = IDLE
+) -> Session:
+    """The request's live session, or a new one (stored now; its cookie set by :func:`attach`);
+    ``fresh``: always a new one (a sign-in never keeps the id a browser had before)."""
+    found = None if fresh else await current(pool, request, idle=idle)
     if found is not None:
         return found
     session_id = secrets.token_urlsafe(32)
@@ -91,7 +101,7 @@ async def start(pool: asyncpg.Pool, request: Request) -> Session:
     with db.translate("start session"):
         await pool.execute(queries.get("delete_expired_web_sessions"))
         await pool.execute(
-            queries.get("insert_web_session"), crypto.token_digest(session_id), {}, now + IDLE
+            queries.get("insert_web_session"), crypto.token_digest(session_id), {}, now + idle
         )
     return Session(session_id, {}, now, is_new=True)
 
@@ -107,12 +117,18 @@ async def end(pool: asyncpg.Pool, session: Session) -> None:
         await pool.execute(queries.get("delete_web_session"), session.id_hash)
 
 
-def attach(response: Response, session: Session, settings: config.Settings) -> Response:
+def attach(
+    response: Response,
+    session: Session,
+    settings: config.Settings,
+    *,
+    absolute: dt.timedelta = ABSOLUTE,
+) -> Response:
     """Set the session's cookie on ``response`` (HttpOnly, SameSite=Lax, Secure under https)."""
     response.set_cookie(
         COOKIE,
         session.cookie_value,
-        max_age=int(ABSOLUTE.total_seconds()),
+        max_age=int(absolute.total_seconds()),
         path="/",
         secure=settings.https,
         httponly=True,

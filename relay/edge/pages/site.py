@@ -1,5 +1,5 @@
-"""The web pages mounted on the application: the setup under ``/setup`` and the stylesheet under
-``/static``, each behind the security headers."""
+"""The web pages mounted on the application: the setup under ``/setup``, the operators' console
+under ``/console`` and the stylesheet under ``/static``, each behind the security headers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from relay import config
+from relay.edge.console import routes as console
 from relay.edge.pages import consent, create, security, setup, templates, views
 
 
@@ -31,6 +32,7 @@ def setup_routes() -> list[BaseRoute]:
 def routes(settings: config.Settings) -> list[BaseRoute]:
     return [
         Mount("/setup", app=security.Headers(Router(routes=setup_routes()), settings)),
+        Mount("/console", app=security.Headers(Router(routes=console.routes()), settings)),
         Mount(
             "/static",
             app=security.Headers(StaticFiles(directory=templates.STATIC), settings),
