@@ -10,8 +10,8 @@ import dataclasses
 import datetime as dt
 import os
 import re
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from relay import crypto, errors
@@ -69,103 +69,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-DEFAULTS: Final[Mapping[str, str]] = {
-    "RELAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/relay",
-    "RELAY_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/",
-    "RELAY_QONTO_API_URL": "https://thirdparty.qonto.com",
-    "RELAY_QONTO_OAUTH_URL": "https://oauth.qonto.com",
-    "RELAY_CEGID_API_URL": "https://api.cegid.com/loop-api-publiques",
-    "RELAY_PUBLIC_URL": "http://127.0.0.1:8000",
-    "RELAY_FLUSH_AT": "20:00",
-    "RELAY_HOST": "127.0.0.1",
-    "RELAY_PORT": "8000",
-    "RELAY_WORKERS": "2",
-    "RELAY_UPLOAD_CONCURRENCY": "16",
-    "RELAY_UPLOAD_CONCURRENCY_PER_FIRM": "4",
-    "RELAY_QONTO_REQUESTS_PER_10S": "900",
-    "RELAY_AMQP_PREFIX": "relay",
-    "RELAY_LOG_LEVEL": "info",
-    "RELAY_OUTAGE_LIMIT": "300",
-    "RELAY_HEARTBEAT_INTERVAL": "5",
-    "RELAY_STALL_AFTER": "60",
-    "RELAY_LOOP_APPLICATION_NAME": "Qonto",
-}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the relay can be configured with. Tests build it directly."""
-
-    secret_key: Secret
-    database_url: Secret = Secret(DEFAULTS["RELAY_DATABASE_URL"])
-    amqp_url: Secret = Secret(DEFAULTS["RELAY_AMQP_URL"])
-    qonto_api_url: str = DEFAULTS["RELAY_QONTO_API_URL"]
-    qonto_oauth_url: str = DEFAULTS["RELAY_QONTO_OAUTH_URL"]
-    qonto_client_id: str | None = None
-    qonto_client_secret: Secret | None = None
-    qonto_staging_token: Secret | None = None
-    cegid_api_url: str = DEFAULTS["RELAY_CEGID_API_URL"]
-    cegid_subscription_key: Secret | None = None
-    admin_token: Secret | None = None
-    public_url: str = DEFAULTS["RELAY_PUBLIC_URL"]
-    flush_at: dt.time = dt.time(20, 0)
-    host: str = DEFAULTS["RELAY_HOST"]
-    port: int = 8000
-    workers: int = 2
-    upload_concurrency: int = 16
-    upload_concurrency_per_firm: int = 4
-    qonto_requests_per_10s: int = 900  # Qonto allows 1,000 per 10 s per IP: keep headroom
-    amqp_prefix: str = DEFAULTS["RELAY_AMQP_PREFIX"]
-    log_level: str = DEFAULTS["RELAY_LOG_LEVEL"]
-    # how long a role waits for PostgreSQL or RabbitMQ to answer again before it gives up (exit 1)
-    outage_limit_s: int = 300
-    # every role records its heartbeat this often; `relay status` calls a role stalled when its
-    # heartbeat is three beats old, or when it holds work without finishing any for stall_after_s
-    heartbeat_interval_s: int = 5
-    stall_after_s: int = 60
-    # what the accountant types in Loop Hub when declaring the partner (the setup pages show them)
-    loop_application_name: str = DEFAULTS["RELAY_LOOP_APPLICATION_NAME"]
-    loop_provider_email_local_part: str | None = None
-
-    @property
-    def events_queue(self) -> str:
-        return f"{self.amqp_prefix}.events"
-
-    @property
-    def retry_queue(self) -> str:
-        return f"{self.amqp_prefix}.events.retry"
-
-    @property
-    def dead_letter_exchange(self) -> str:
-        return f"{self.amqp_prefix}.dlx"
-
-    @property
-    def dead_letter_queue(self) -> str:
-        return f"{self.amqp_prefix}.events.dlq"
-
-    def webhook_path(self, connection_id: str) -> str:
-        return f"/webhooks/qonto/{connection_id}"
-
-    def webhook_url(self, connection_id: str) -> str:
-        return self.public_url.rstrip("/") + self.webhook_path(connection_id)
-
-    @property
-    def https(self) -> bool:
-        """Whether the relay is reached over HTTPS (its cookies are then ``Secure``)."""
-        return self.public_url.lower().startswith("https://")
-
-    def provider_email(self, domain: str) -> str | None:
-        """Loop Hub's "Email prestataire" for a firm's domain, when the operator set the local part."""
-        if not self.loop_provider_email_local_part:
-            return None
-        return f"{self.loop_provider_email_local_part}@{domain}.onmicrosoft.com"
-
-
-_FLUSH_AT = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-_EMAIL_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
 def _url(name: str, value: str, schemes: tuple[str, ...], bad: list[str]) -> str:
     """Check a URL; a problem is described without the value (a typo'd URL may hold a password)."""
     expected = " or ".join(f"{scheme}://" for scheme in schemes)
@@ -204,6 +107,204 @@ def _int(name: str, value: str, low: int, high: int, bad: list[str]) -> int:
     return number
 
 
+Parse = Callable[[str, str, list[str]], Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Variable:
+    """A ``RELAY_*`` setting with a default: its Settings field, its default and how it is read."""
+
+    name: str
+    field: str
+    default: str
+    parse: Parse
+
+    def value(self, raw: str, bad: list[str]) -> Any:
+        """The setting read from ``raw`` (the default when empty); problems are added to ``bad``."""
+        return self.parse(self.name, raw.strip() or self.default, bad)
+
+
+def _urls(*schemes: str, secret: bool = False) -> Parse:
+    def parse(name: str, value: str, bad: list[str]) -> Any:
+        checked = _url(name, value, schemes, bad)
+        return Secret(checked) if secret else checked.rstrip("/")
+
+    return parse
+
+
+def _integer(low: int, high: int) -> Parse:
+    return lambda name, value, bad: _int(name, value, low, high, bad)
+
+
+def _clock(name: str, value: str, bad: list[str]) -> dt.time:
+    match = _FLUSH_AT.match(value)
+    if match is None:
+        bad.append(f"{name}: expected HH:MM in UTC, got {value!r}")
+        return dt.time(20, 0)
+    return dt.time(int(match.group(1)), int(match.group(2)))
+
+
+def _prefix(name: str, value: str, bad: list[str]) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", value):
+        bad.append(f"{name}: expected letters, digits, '.', '_' or '-', got {value!r}")
+    return value
+
+
+def _log_level(name: str, value: str, bad: list[str]) -> str:
+    level = value.lower()
+    if level not in _LOG_LEVELS:
+        bad.append(f"{name}: expected one of {', '.join(_LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def _text(longest: int) -> Parse:
+    def parse(name: str, value: str, bad: list[str]) -> str:
+        if len(value) > longest:
+            bad.append(f"{name}: at most {longest} characters")
+        return value
+
+    return parse
+
+
+_FLUSH_AT = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_EMAIL_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Every setting that has a default, each default written here only (README's table is checked
+# against it by tests/unit/test_config.py).
+VARIABLES: Final[tuple[Variable, ...]] = (
+    Variable(
+        "RELAY_DATABASE_URL",
+        "database_url",
+        "postgresql://postgres@127.0.0.1:5432/relay",
+        _urls("postgresql", "postgres", secret=True),
+    ),
+    Variable(
+        "RELAY_AMQP_URL",
+        "amqp_url",
+        "amqp://guest:guest@127.0.0.1:5672/",
+        _urls("amqp", "amqps", secret=True),
+    ),
+    Variable(
+        "RELAY_QONTO_API_URL",
+        "qonto_api_url",
+        "https://thirdparty.qonto.com",
+        _urls("http", "https"),
+    ),
+    Variable(
+        "RELAY_QONTO_OAUTH_URL",
+        "qonto_oauth_url",
+        "https://oauth.qonto.com",
+        _urls("http", "https"),
+    ),
+    Variable(
+        "RELAY_CEGID_API_URL",
+        "cegid_api_url",
+        "https://api.cegid.com/loop-api-publiques",
+        _urls("http", "https"),
+    ),
+    Variable("RELAY_PUBLIC_URL", "public_url", "http://127.0.0.1:8000", _urls("http", "https")),
+    Variable("RELAY_FLUSH_AT", "flush_at", "20:00", _clock),
+    Variable("RELAY_HOST", "host", "127.0.0.1", lambda _name, value, _bad: value),
+    Variable("RELAY_PORT", "port", "8000", _integer(0, 65535)),
+    Variable("RELAY_WORKERS", "workers", "2", _integer(1, 64)),
+    Variable("RELAY_UPLOAD_CONCURRENCY", "upload_concurrency", "16", _integer(1, 1024)),
+    Variable(
+        "RELAY_UPLOAD_CONCURRENCY_PER_FIRM", "upload_concurrency_per_firm", "4", _integer(1, 1024)
+    ),
+    # Qonto allows 1,000 requests per 10 s per IP: keep headroom
+    Variable(
+        "RELAY_QONTO_REQUESTS_PER_10S", "qonto_requests_per_10s", "900", _integer(1, 1_000_000)
+    ),
+    Variable("RELAY_AMQP_PREFIX", "amqp_prefix", "relay", _prefix),
+    Variable("RELAY_LOG_LEVEL", "log_level", "info", _log_level),
+    # how long a role waits for PostgreSQL or RabbitMQ to answer again before it gives up (exit 1)
+    Variable("RELAY_OUTAGE_LIMIT", "outage_limit_s", "300", _integer(1, 86_400)),
+    # every role records its heartbeat this often; `relay status` calls a role stalled when its
+    # heartbeat is three beats old, or when it holds work without finishing any for stall_after_s
+    Variable("RELAY_HEARTBEAT_INTERVAL", "heartbeat_interval_s", "5", _integer(1, 300)),
+    Variable("RELAY_STALL_AFTER", "stall_after_s", "60", _integer(1, 86_400)),
+    # what the accountant types in Loop Hub when declaring the partner (the setup pages show it)
+    Variable("RELAY_LOOP_APPLICATION_NAME", "loop_application_name", "Qonto", _text(100)),
+)
+DEFAULTS: Final[Mapping[str, str]] = {v.name: v.default for v in VARIABLES}
+
+
+def _default(field: str) -> Any:
+    """A field's default, read from its variable's default text like any other value."""
+    (variable,) = (v for v in VARIABLES if v.field == field)
+    bad: list[str] = []
+    value = variable.value("", bad)
+    if bad:
+        raise errors.ConfigurationError("; ".join(bad))
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the relay can be configured with. Tests build it directly."""
+
+    secret_key: Secret
+    database_url: Secret = _default("database_url")
+    amqp_url: Secret = _default("amqp_url")
+    qonto_api_url: str = _default("qonto_api_url")
+    qonto_oauth_url: str = _default("qonto_oauth_url")
+    qonto_client_id: str | None = None
+    qonto_client_secret: Secret | None = None
+    qonto_staging_token: Secret | None = None
+    cegid_api_url: str = _default("cegid_api_url")
+    cegid_subscription_key: Secret | None = None
+    admin_token: Secret | None = None
+    public_url: str = _default("public_url")
+    flush_at: dt.time = _default("flush_at")
+    host: str = _default("host")
+    port: int = _default("port")
+    workers: int = _default("workers")
+    upload_concurrency: int = _default("upload_concurrency")
+    upload_concurrency_per_firm: int = _default("upload_concurrency_per_firm")
+    qonto_requests_per_10s: int = _default("qonto_requests_per_10s")
+    amqp_prefix: str = _default("amqp_prefix")
+    log_level: str = _default("log_level")
+    outage_limit_s: int = _default("outage_limit_s")
+    heartbeat_interval_s: int = _default("heartbeat_interval_s")
+    stall_after_s: int = _default("stall_after_s")
+    loop_application_name: str = _default("loop_application_name")
+    loop_provider_email_local_part: str | None = None
+
+    @property
+    def events_queue(self) -> str:
+        return f"{self.amqp_prefix}.events"
+
+    @property
+    def retry_queue(self) -> str:
+        return f"{self.amqp_prefix}.events.retry"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.amqp_prefix}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.amqp_prefix}.events.dlq"
+
+    def webhook_path(self, connection_id: str) -> str:
+        return f"/webhooks/qonto/{connection_id}"
+
+    def webhook_url(self, connection_id: str) -> str:
+        return self.public_url.rstrip("/") + self.webhook_path(connection_id)
+
+    @property
+    def https(self) -> bool:
+        """Whether the relay is reached over HTTPS (its cookies are then ``Secure``)."""
+        return self.public_url.lower().startswith("https://")
+
+    def provider_email(self, domain: str) -> str | None:
+        """Loop Hub's "Email prestataire" for a firm's domain, when the operator set the local part."""
+        if not self.loop_provider_email_local_part:
+            return None
+        return f"{self.loop_provider_email_local_part}@{domain}.onmicrosoft.com"
+
+
 def from_env(
     environ: Mapping[str, str] | None = None,
     *,
@@ -213,23 +314,41 @@ def from_env(
 ) -> Settings:
     """Build Settings from the environment; raise ConfigurationError naming every bad variable."""
     env = dict(os.environ if environ is None else environ)
-
-    def get(name: str) -> str:
-        value = env.get(name, "").strip()
-        return value or DEFAULTS.get(name, "")
-
-    def optional_secret(name: str) -> Secret | None:
-        value = env.get(name, "").strip()
-        return Secret(value) if value else None
-
     bad: list[str] = []
+    key = _secret_key(env, bad, required=require_secret_key)
+    values = {v.field: v.value(env.get(v.name, ""), bad) for v in VARIABLES}
+    client_id, client_secret = _oauth_app(env, bad)
+    admin_token = _admin_token(env, bad, required=require_admin_token)
+    subscription_key = _subscription_key(env, bad, required=require_cegid_subscription_key)
+    local_part = _provider_local_part(env, bad)
+    if bad:
+        raise errors.ConfigurationError(
+            "invalid configuration:\n" + "\n".join(f"  - {line}" for line in bad)
+        )
+    return Settings(
+        secret_key=Secret(key),
+        qonto_client_id=client_id,
+        qonto_client_secret=client_secret,
+        qonto_staging_token=_optional_secret(env, "RELAY_QONTO_STAGING_TOKEN"),
+        cegid_subscription_key=subscription_key,
+        admin_token=admin_token,
+        loop_provider_email_local_part=local_part,
+        **values,
+    )
 
+
+def _optional_secret(env: Mapping[str, str], name: str) -> Secret | None:
+    value = env.get(name, "").strip()
+    return Secret(value) if value else None
+
+
+def _secret_key(env: Mapping[str, str], bad: list[str], *, required: bool) -> str:
     key = env.get("RELAY_SECRET_KEY", "").strip()
     if not key:
-        if require_secret_key:
+        if required:
             bad.append("RELAY_SECRET_KEY: required (generate one with `relay keygen`)")
-        key = crypto.generate_key()
-    elif bad_keys := crypto.invalid_keys(key):
+        return crypto.generate_key()
+    if bad_keys := crypto.invalid_keys(key):
         which = (
             ""
             if bad_keys == [0] or len(crypto.split_keys(key)) == 1
@@ -239,72 +358,40 @@ def from_env(
             f"RELAY_SECRET_KEY: expected 32 bytes in URL-safe base64{which} (a Fernet key; "
             "`relay keygen` prints one; several keys are separated by commas)"
         )
+    return key
 
-    database_url = _url(
-        "RELAY_DATABASE_URL", get("RELAY_DATABASE_URL"), ("postgresql", "postgres"), bad
-    )
-    amqp_url = _url("RELAY_AMQP_URL", get("RELAY_AMQP_URL"), ("amqp", "amqps"), bad)
-    qonto_api_url = _url("RELAY_QONTO_API_URL", get("RELAY_QONTO_API_URL"), ("http", "https"), bad)
-    qonto_oauth_url = _url(
-        "RELAY_QONTO_OAUTH_URL", get("RELAY_QONTO_OAUTH_URL"), ("http", "https"), bad
-    )
-    cegid_api_url = _url("RELAY_CEGID_API_URL", get("RELAY_CEGID_API_URL"), ("http", "https"), bad)
-    public_url = _url("RELAY_PUBLIC_URL", get("RELAY_PUBLIC_URL"), ("http", "https"), bad)
 
-    flush_at = dt.time(20, 0)
-    match = _FLUSH_AT.match(get("RELAY_FLUSH_AT"))
-    if match:
-        flush_at = dt.time(int(match.group(1)), int(match.group(2)))
-    else:
-        bad.append(f"RELAY_FLUSH_AT: expected HH:MM in UTC, got {get('RELAY_FLUSH_AT')!r}")
-
-    port = _int("RELAY_PORT", get("RELAY_PORT"), 0, 65535, bad)
-    workers = _int("RELAY_WORKERS", get("RELAY_WORKERS"), 1, 64, bad)
-    upload_concurrency = _int(
-        "RELAY_UPLOAD_CONCURRENCY", get("RELAY_UPLOAD_CONCURRENCY"), 1, 1024, bad
-    )
-    per_firm = _int(
-        "RELAY_UPLOAD_CONCURRENCY_PER_FIRM", get("RELAY_UPLOAD_CONCURRENCY_PER_FIRM"), 1, 1024, bad
-    )
-    qonto_budget = _int(
-        "RELAY_QONTO_REQUESTS_PER_10S", get("RELAY_QONTO_REQUESTS_PER_10S"), 1, 1_000_000, bad
-    )
-    outage_limit = _int("RELAY_OUTAGE_LIMIT", get("RELAY_OUTAGE_LIMIT"), 1, 86_400, bad)
-    heartbeat_interval = _int(
-        "RELAY_HEARTBEAT_INTERVAL", get("RELAY_HEARTBEAT_INTERVAL"), 1, 300, bad
-    )
-    stall_after = _int("RELAY_STALL_AFTER", get("RELAY_STALL_AFTER"), 1, 86_400, bad)
-    prefix = get("RELAY_AMQP_PREFIX")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", prefix):
-        bad.append(f"RELAY_AMQP_PREFIX: expected letters, digits, '.', '_' or '-', got {prefix!r}")
-    log_level = get("RELAY_LOG_LEVEL").lower()
-    if log_level not in _LOG_LEVELS:
-        bad.append(f"RELAY_LOG_LEVEL: expected one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
-
+def _oauth_app(env: Mapping[str, str], bad: list[str]) -> tuple[str | None, Secret | None]:
     client_id = env.get("RELAY_QONTO_CLIENT_ID", "").strip() or None
-    client_secret = optional_secret("RELAY_QONTO_CLIENT_SECRET")
+    client_secret = _optional_secret(env, "RELAY_QONTO_CLIENT_SECRET")
     if bool(client_id) != bool(client_secret):
         bad.append(
             "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: set both or neither "
             "(they are the OAuth app's credentials)"
         )
+    return client_id, client_secret
 
-    admin_token = optional_secret("RELAY_ADMIN_TOKEN")
-    if require_admin_token and admin_token is None:
+
+def _admin_token(env: Mapping[str, str], bad: list[str], *, required: bool) -> Secret | None:
+    admin_token = _optional_secret(env, "RELAY_ADMIN_TOKEN")
+    if required and admin_token is None:
         bad.append("RELAY_ADMIN_TOKEN: required for the admin API")
     elif admin_token is not None and len(admin_token.reveal()) < 16:
         bad.append("RELAY_ADMIN_TOKEN: must be at least 16 characters")
+    return admin_token
 
-    cegid_subscription_key = optional_secret("RELAY_CEGID_SUBSCRIPTION_KEY")
-    if require_cegid_subscription_key and cegid_subscription_key is None:
+
+def _subscription_key(env: Mapping[str, str], bad: list[str], *, required: bool) -> Secret | None:
+    key = _optional_secret(env, "RELAY_CEGID_SUBSCRIPTION_KEY")
+    if required and key is None:
         bad.append(
             "RELAY_CEGID_SUBSCRIPTION_KEY: required to call Cegid Loop (the partner's "
             "Ocp-Apim-Subscription-Key, issued by Cegid; without it Loop answers 401 to every call)"
         )
+    return key
 
-    application_name = get("RELAY_LOOP_APPLICATION_NAME")
-    if len(application_name) > 100:
-        bad.append("RELAY_LOOP_APPLICATION_NAME: at most 100 characters")
+
+def _provider_local_part(env: Mapping[str, str], bad: list[str]) -> str | None:
     local_part = env.get("RELAY_LOOP_PROVIDER_EMAIL_LOCAL_PART", "").strip() or None
     if local_part is not None and (
         not _EMAIL_LOCAL_PART.fullmatch(local_part) or "@" in local_part
@@ -313,40 +400,7 @@ def from_env(
             "RELAY_LOOP_PROVIDER_EMAIL_LOCAL_PART: expected the part of an email address before "
             f"the @ (letters, digits, '.', '_', '-', '+'), got {local_part!r}"
         )
-
-    if bad:
-        raise errors.ConfigurationError(
-            "invalid configuration:\n" + "\n".join(f"  - {line}" for line in bad)
-        )
-
-    return Settings(
-        secret_key=Secret(key),
-        database_url=Secret(database_url),
-        amqp_url=Secret(amqp_url),
-        qonto_api_url=qonto_api_url.rstrip("/"),
-        qonto_oauth_url=qonto_oauth_url.rstrip("/"),
-        qonto_client_id=client_id,
-        qonto_client_secret=client_secret,
-        qonto_staging_token=optional_secret("RELAY_QONTO_STAGING_TOKEN"),
-        cegid_api_url=cegid_api_url.rstrip("/"),
-        cegid_subscription_key=cegid_subscription_key,
-        admin_token=admin_token,
-        public_url=public_url.rstrip("/"),
-        flush_at=flush_at,
-        host=get("RELAY_HOST"),
-        port=port,
-        workers=workers,
-        upload_concurrency=upload_concurrency,
-        upload_concurrency_per_firm=per_firm,
-        qonto_requests_per_10s=qonto_budget,
-        amqp_prefix=prefix,
-        log_level=log_level,
-        outage_limit_s=outage_limit,
-        heartbeat_interval_s=heartbeat_interval,
-        stall_after_s=stall_after,
-        loop_application_name=application_name,
-        loop_provider_email_local_part=local_part,
-    )
+    return local_part
 
 
 def debug_requested(environ: Mapping[str, str] | None = None) -> bool:

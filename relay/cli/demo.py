@@ -21,9 +21,10 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import uvicorn
@@ -32,7 +33,7 @@ from consumers import consume, flusher
 from relay import config, crypto, log, models
 from relay.broker import amqp
 from relay.cli import console
-from relay.domain import connections, credentials, documents, inputs, invitations
+from relay.domain import connections, credentials, documents, inputs, invitations, report
 from relay.edge import app
 from relay.sandbox import cegid as cegid_sandbox
 from relay.sandbox import files, signing
@@ -240,57 +241,13 @@ async def _run(
         consumer = asyncio.create_task(consume.consume(settings, stop=stop))
         try:
             progress.step(f"webhook intake listening on http://127.0.0.1:{port}; consumer running")
-            login, _, secret = q.api_key_header.partition(":")
-            created = await connections.add(
-                settings,
-                pool,
-                inputs.NewConnection(
-                    client_name="Atelier Demo",
-                    qonto_organization_id=q.organization_id,
-                    qonto=credentials.QontoApiKey(login=login, secret=config.Secret(secret)),
-                    cegid=credentials.CegidCredentials(
-                        api_key=config.Secret(CEGID_KEY), api_secret=config.Secret(CEGID_SECRET)
-                    ),
-                    cegid_dossier=DOSSIER,
-                    cegid_domain="CABINET-DEMO",
-                    webhook_secrets=(WEBHOOK_SECRET,),
-                    since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
-                ),
-            )
-            progress.step(
-                f"connection {created.connection.id} checked against Qonto and Loop "
-                f"(dossier {DOSSIER}); webhook URL {created.webhook_url}"
-            )
-            events, afternoon = _seed_day(q)
-            q.add_supplier_invoice(
-                attachment_id=q.add_attachment(
-                    files.pdf(seed=9),
-                    file_name="OVH-FR51234567.pdf",
-                    content_type="application/pdf",
-                ),
-                supplier_name="OVH SAS",
-                total="71.88",
-            )
-            progress.step(
-                f"Qonto sends {len(events)} signed webhooks (one delivered twice); a supplier "
-                "invoice exists only in Qonto's list endpoint"
-            )
-            async with httpx.AsyncClient(timeout=5) as client:
-                statuses = await _deliver(client, created.webhook_url, events)
-                progress.step(f"intake answered {statuses}")
-                distinct = len({e["id"] for e in events})
-                seen = await _wait_for_events(pool, distinct)
-                progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
-                progress.step("afternoon: a wrong photo is removed from its transaction in Qonto")
-                statuses += await _deliver(client, created.webhook_url, afternoon)
-                distinct += len(afternoon)
-                seen = await _wait_for_events(pool, distinct)
-                progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
+            created = await _connect(settings, pool, q, progress)
+            statuses = await _send_the_day(pool, q, created.webhook_url, progress)
         finally:
             stop.set()
             await consumer
         progress.step("20:00 UTC: scan of Qonto's list endpoints, then the flush to Cegid Loop")
-        report = await flusher.flush(settings, pool)
+        run = await flusher.flush(settings, pool)
         docs = await documents.list_documents(pool)
     stored = loop.stored_by_dossier(DOSSIER)
     duplicates = loop.duplicates()
@@ -305,35 +262,117 @@ async def _run(
         and any(d.source == "supplier_invoice" and d.state == "uploaded" for d in docs)
     )
     if json_output:
-        print(
-            orjson.dumps(
-                {
-                    "ok": ok,
-                    "report": report.to_json(),
-                    "documents": [d.to_json() for d in docs],
-                    "loop_received": [
-                        {"filename": s.filename, "transaction": s.transaction, "sha256": s.sha256}
-                        for s in stored
-                    ],
-                },
-                option=orjson.OPT_INDENT_2,
-            ).decode()
-        )
+        _print_json(ok, run, docs, stored)
     else:
-        print(report.render())
-        print()
-        print(
-            f"Cegid Loop dossier {DOSSIER} received {len(stored)} file(s), duplicates: {len(duplicates)}"
-        )
-        for s in stored:
-            print(f"  {s.transaction:8} {s.content_type:16} {s.filename}")
-        print()
-        print("Documents (relay documents list):")
-        for d in docs:
-            print(f"  #{d.id:<3} {d.source:16} {d.direction:8} {d.state:9} {d.reason or ''}")
-        print()
-        print("demo: OK" if ok else "demo: FAILED (see above)")
+        _print_text(ok, run, docs, stored, duplicates)
     return 0 if ok else 1
+
+
+async def _connect(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    q: qonto_sandbox.QontoSandbox,
+    progress: Progress,
+) -> connections.Created:
+    """Adds the demo's connection, checked against both sandboxes."""
+    login, _, secret = q.api_key_header.partition(":")
+    created = await connections.add(
+        settings,
+        pool,
+        inputs.NewConnection(
+            client_name="Atelier Demo",
+            qonto_organization_id=q.organization_id,
+            qonto=credentials.QontoApiKey(login=login, secret=config.Secret(secret)),
+            cegid=credentials.CegidCredentials(
+                api_key=config.Secret(CEGID_KEY), api_secret=config.Secret(CEGID_SECRET)
+            ),
+            cegid_dossier=DOSSIER,
+            cegid_domain="CABINET-DEMO",
+            webhook_secrets=(WEBHOOK_SECRET,),
+            since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+        ),
+    )
+    progress.step(
+        f"connection {created.connection.id} checked against Qonto and Loop "
+        f"(dossier {DOSSIER}); webhook URL {created.webhook_url}"
+    )
+    return created
+
+
+async def _send_the_day(
+    pool: asyncpg.Pool, q: qonto_sandbox.QontoSandbox, webhook_url: str, progress: Progress
+) -> list[int]:
+    """Qonto's day: its webhooks delivered and buffered, a supplier invoice only listed."""
+    events, afternoon = _seed_day(q)
+    q.add_supplier_invoice(
+        attachment_id=q.add_attachment(
+            files.pdf(seed=9),
+            file_name="OVH-FR51234567.pdf",
+            content_type="application/pdf",
+        ),
+        supplier_name="OVH SAS",
+        total="71.88",
+    )
+    progress.step(
+        f"Qonto sends {len(events)} signed webhooks (one delivered twice); a supplier "
+        "invoice exists only in Qonto's list endpoint"
+    )
+    async with httpx.AsyncClient(timeout=5) as client:
+        statuses = await _deliver(client, webhook_url, events)
+        progress.step(f"intake answered {statuses}")
+        distinct = len({e["id"] for e in events})
+        seen = await _wait_for_events(pool, distinct)
+        progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
+        progress.step("afternoon: a wrong photo is removed from its transaction in Qonto")
+        statuses += await _deliver(client, webhook_url, afternoon)
+        distinct += len(afternoon)
+        seen = await _wait_for_events(pool, distinct)
+        progress.step(f"consumer buffered {seen}/{distinct} distinct events in PostgreSQL")
+    return statuses
+
+
+def _print_json(
+    ok: bool,
+    run: report.RunReport,
+    docs: Sequence[models.Document],
+    stored: Sequence[cegid_sandbox.StoredDocument],
+) -> None:
+    print(
+        orjson.dumps(
+            {
+                "ok": ok,
+                "report": run.to_json(),
+                "documents": [d.to_json() for d in docs],
+                "loop_received": [
+                    {"filename": s.filename, "transaction": s.transaction, "sha256": s.sha256}
+                    for s in stored
+                ],
+            },
+            option=orjson.OPT_INDENT_2,
+        ).decode()
+    )
+
+
+def _print_text(
+    ok: bool,
+    run: report.RunReport,
+    docs: Sequence[models.Document],
+    stored: Sequence[cegid_sandbox.StoredDocument],
+    duplicates: Sequence[str],
+) -> None:
+    print(run.render())
+    print()
+    print(
+        f"Cegid Loop dossier {DOSSIER} received {len(stored)} file(s), duplicates: {len(duplicates)}"
+    )
+    for s in stored:
+        print(f"  {s.transaction:8} {s.content_type:16} {s.filename}")
+    print()
+    print("Documents (relay documents list):")
+    for d in docs:
+        print(f"  #{d.id:<3} {d.source:16} {d.direction:8} {d.state:9} {d.reason or ''}")
+    print()
+    print("demo: OK" if ok else "demo: FAILED (see above)")
 
 
 async def _cleanup(settings: config.Settings) -> None:
@@ -464,9 +503,9 @@ async def _follow_setup(
             statuses = await asyncio.to_thread(q.deliver, q.transaction_event(tx))
             progress.step(f"Qonto delivered a signed webhook for a card receipt: {statuses}")
             await _wait_for_events(pool, 1)
-            report = await flusher.flush(settings, pool)
+            run = await flusher.flush(settings, pool)
             stored = loop.stored_by_dossier(connection.cegid_dossier)
-            uploaded = report.totals().get("uploaded", 0)
+            uploaded = run.totals().get("uploaded", 0)
             progress.step(
                 f"flush: {uploaded} document(s) uploaded; Loop dossier "
                 f"{connection.cegid_dossier} holds {len(stored)} file(s)"

@@ -229,45 +229,8 @@ def judge(
     silent = [
         j.role for j in judged if j.role.role == "consume" and j.state == STALLED and j.role.stale
     ]
-    holders = [r for r in consumers if r.in_hand]
-    in_hand = sum(r.in_hand or 0 for r in consumers)
-    suspect = False
-    if queues is None:
-        events = Events(
-            UNKNOWN, f"RabbitMQ could not be read ({queues_error})", in_hand, None, UNKNOWN
-        )
-    elif queues.events.ready is None:
-        events = Events(
-            UNKNOWN,
-            f"{queues.events.name} does not exist (no role declared it: RELAY_AMQP_PREFIX?)",
-            in_hand,
-            None,
-            UNKNOWN,
-        )
-    elif holders:
-        ages = [r.oldest_held_age_s for r in holders if r.oldest_held_age_s is not None]
-        if ages:
-            events = Events(OK, None, in_hand, max(ages), "held")
-        else:
-            why = f"the messages held carry no {amqp.HEADER_RECEIVED_AT} header"
-            events = Events(OK, why, in_hand, None, UNKNOWN)
-    elif queues.events.ready > 0:
-        waiting = queues.events.ready
-        subscribed = queues.events.consumers or 0
-        why = (
-            "no consumer is subscribed"
-            if subscribed == 0
-            else f"{subscribed} subscribed consumer(s) receive nothing"
-        )
-        events = Events(
-            STALLED,
-            f"{waiting} message(s) ready and no live consumer holds any ({why}); "
-            "the oldest one's age is unknown",
-            0,
-            None,
-            UNKNOWN,
-        )
-        suspect = True
+    events, suspect = _events_state(queues, queues_error, consumers, silent)
+    if suspect:
         live = {r.id for r in consumers}
         judged = [
             Judged(j.role, STALLED, "messages are ready and it holds none")
@@ -275,15 +238,58 @@ def judge(
             else j
             for j in judged
         ]
-    elif silent:
-        events = Events(
-            OK,
-            f"the oldest message's age is unknown: {silent[0].label} has no heartbeat and may "
-            "hold messages",
-            in_hand,
-            None,
-            UNKNOWN,
-        )
-    else:
-        events = Events(OK, None, in_hand, None, "none waiting")
     return Judgement(roles=tuple(judged), events=events, suspect=suspect)
+
+
+def _events_state(
+    queues: Queues | None,
+    queues_error: str | None,
+    consumers: Sequence[Role],
+    silent: Sequence[Role],
+) -> tuple[Events, bool]:
+    """The events queue's state, and whether its live consumers are suspect (ready, none held)."""
+    in_hand = sum(r.in_hand or 0 for r in consumers)
+    if queues is None:
+        why = f"RabbitMQ could not be read ({queues_error})"
+        return Events(UNKNOWN, why, in_hand, None, UNKNOWN), False
+    if queues.events.ready is None:
+        why = f"{queues.events.name} does not exist (no role declared it: RELAY_AMQP_PREFIX?)"
+        return Events(UNKNOWN, why, in_hand, None, UNKNOWN), False
+    holders = [r for r in consumers if r.in_hand]
+    if holders:
+        return _held(holders, in_hand), False
+    if queues.events.ready > 0:
+        return _nobody_consuming(queues.events.ready, queues.events.consumers or 0), True
+    if silent:
+        why = (
+            f"the oldest message's age is unknown: {silent[0].label} has no heartbeat and may "
+            "hold messages"
+        )
+        return Events(OK, why, in_hand, None, UNKNOWN), False
+    return Events(OK, None, in_hand, None, "none waiting"), False
+
+
+def _held(holders: Sequence[Role], in_hand: int) -> Events:
+    """The events queue while consumers hold messages: aged by the oldest one held."""
+    ages = [r.oldest_held_age_s for r in holders if r.oldest_held_age_s is not None]
+    if ages:
+        return Events(OK, None, in_hand, max(ages), "held")
+    why = f"the messages held carry no {amqp.HEADER_RECEIVED_AT} header"
+    return Events(OK, why, in_hand, None, UNKNOWN)
+
+
+def _nobody_consuming(waiting: int, subscribed: int) -> Events:
+    """The events queue with messages ready that no live consumer holds: stalled."""
+    why = (
+        "no consumer is subscribed"
+        if subscribed == 0
+        else f"{subscribed} subscribed consumer(s) receive nothing"
+    )
+    return Events(
+        STALLED,
+        f"{waiting} message(s) ready and no live consumer holds any ({why}); "
+        "the oldest one's age is unknown",
+        0,
+        None,
+        UNKNOWN,
+    )

@@ -186,26 +186,25 @@ class CegidSandbox:
             with self._lock:
                 self.in_flight -= 1
 
-    async def _store_counted(self, request: Request, firm: Firm) -> Response:
-        fault = self.faults.take()
-        if fault is not None and fault.isdigit():  # an HTTP status: 429, 5xx or a 4xx refusal
-            await request.body()
-            headers = {"Retry-After": self.faults.retry_after} if fault == "429" else {}
-            return self._error(int(fault), f"injected fault {fault}", headers)
-        dossier = request.arg("context", "") or ""
-        filename = request.arg("filename", "") or ""
-        transaction = request.arg("transaction", "") or ""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        digest, size = hashlib.sha256(), 0
-        async for chunk in request.stream():
-            digest.update(chunk)
-            size += len(chunk)
+    async def _delay(self, fault: str | None) -> None:
+        """Applies a dropped connection or a slow answer the faults asked for, then the latency."""
         if fault == "drop_before_store":
             raise Drop
         if fault and fault.startswith("slow:"):
             await asyncio.sleep(float(fault.split(":")[1]))
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+
+    def _refusal(
+        self,
+        firm: Firm,
+        dossier: str,
+        filename: str,
+        transaction: str,
+        content_type: str,
+        size: int,
+    ) -> Response | None:
+        """Loop's answer to a deposit it refuses, or None when it stores it."""
         if content_type not in TYPES:
             return self._error(415, f"Unsupported media type {content_type!r}")
         if size > MAX_BYTES:
@@ -220,6 +219,28 @@ class CegidSandbox:
             return self._error(
                 403, f"the collaborator {firm.api_key} has no access to the folder {dossier}"
             )
+        return None
+
+    async def _store_counted(self, request: Request, firm: Firm) -> Response:
+        fault = self.faults.take()
+        if fault is not None and fault.isdigit():  # an HTTP status: 429, 5xx or a 4xx refusal
+            await request.body()
+            headers = {"Retry-After": self.faults.retry_after} if fault == "429" else {}
+            return self._error(int(fault), f"injected fault {fault}", headers)
+        dossier = request.arg("context", "") or ""
+        filename = request.arg("filename", "") or ""
+        transaction = request.arg("transaction", "") or ""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.stream():
+            digest.update(chunk)
+            size += len(chunk)
+        await self._delay(fault)
+        refusal = self._refusal(firm, dossier, filename, transaction, content_type, size)
+        if refusal is not None:
+            return refusal
+        with self._lock:
+            known = self._all_dossiers()
         document = StoredDocument(
             dossier=dossier,
             filename=filename,

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import html
 import random
+import re
 import secrets
 import threading
 import time
@@ -186,6 +187,7 @@ class QontoSandbox:
         self._instant: str | None = None
         self.subscription_id = str(uuid.uuid4())
         self._lock = threading.RLock()
+        self._route_table = self._routes()
         self._signing_key = secrets.token_bytes(32)
         self._attachments: dict[str, dict[str, Any]] = {}
         self._contents: dict[str, bytes | files.Synthetic] = {}
@@ -636,110 +638,134 @@ class QontoSandbox:
             ),
         )
 
+    def _routes(self) -> list[tuple[str, re.Pattern[str], Callable[..., Response]]]:
+        """The API's routes: method, path pattern, handler(request, body, *path groups)."""
+        table: list[tuple[str, str, Callable[..., Response]]] = [
+            ("GET", "/v2/membership", self._membership),
+            ("GET", "/v2/subscription", self._subscription_plan),
+            ("GET", "/v2/organization", self._organization),
+            ("GET", "/[^/]+/attachments/([^/]+)", lambda _r, _b, id_: self._attachment(id_)),
+            ("GET", "/v2/transactions", lambda request, _b: self._transactions_page(request)),
+            ("GET", "/[^/]+/transactions/([^/]+)/attachments", self._transaction_attachments),
+            ("GET", "/v2/supplier_invoices", self._supplier_invoices_page),
+            ("GET", "/v2/client_invoices", self._client_invoices_page),
+            ("GET", "/[^/]+/client_invoices/([^/]+)", self._client_invoice),
+            ("POST", "/v2/webhook_subscriptions", lambda _r, body: self._subscribe(body)),
+            ("GET", "/v2/webhook_subscriptions", self._subscriptions_list),
+            ("GET", "/[^/]+/webhook_subscriptions/([^/]+)", self._subscription_get),
+            ("DELETE", "/[^/]+/webhook_subscriptions/([^/]+)", self._subscription_delete),
+        ]
+        return [(method, re.compile(pattern), handler) for method, pattern, handler in table]
+
     def _route(self, request: Request, body: bytes) -> Response:
         path, method = request.path.rstrip("/"), request.method
-        parts = path.split("/")
-        if method == "GET" and path == "/v2/membership":
-            return self._json(
-                {
-                    "membership": {
-                        "id": self.membership_id,
-                        "first_name": "Claire",
-                        "last_name": "Martin",
-                        "role": self.membership_role,
-                        "status": "active",
-                        "organization_id": self.organization_id,
-                    }
-                }
-            )
-        if method == "GET" and path == "/v2/subscription":
-            if not self._scoped(request.headers.get("authorization", ""), "subscription.read"):
-                return json_error(403, "forbidden", "the token lacks the scope subscription.read")
-            return self._json({"plan": copy.deepcopy(self.plan)})
-        if method == "GET" and path == "/v2/organization":
-            return self._json(
-                {
-                    "organization": {
-                        "id": self.organization_id,
-                        "slug": "atelier-demo",
-                        "legal_name": self.legal_name,
-                        "bank_accounts": [
-                            {
-                                "id": self.bank_account_id,
-                                "slug": "atelier-demo-main",
-                                "iban": "FR7616958000019876543210987",
-                                "currency": "EUR",
-                            }
-                        ],
-                    }
-                }
-            )
-        if method == "GET" and len(parts) == 4 and parts[2] == "attachments":
-            return self._attachment(parts[3])
-        if method == "GET" and path == "/v2/transactions":
-            return self._transactions_page(request)
-        if (
-            method == "GET"
-            and len(parts) == 5
-            and parts[2] == "transactions"
-            and parts[4] == "attachments"
-        ):
-            with self._lock:
-                tx = self._transactions.get(parts[3])
-                if tx is None:
-                    return json_error(404, "not_found", "transaction not found")
-                found = [
-                    self._attachment_json(a) for a in tx["attachment_ids"] if a in self._attachments
-                ]
-            return self._json({"attachments": found})
-        if method == "GET" and path == "/v2/supplier_invoices":
-            return self._list(
-                request,
-                "supplier_invoices",
-                self._supplier_invoices,
-                "filter[updated_at_from]",
-                "filter[updated_at_to]",
-                None,
-            )
-        if method == "GET" and path == "/v2/client_invoices":
-            return self._list(
-                request,
-                "client_invoices",
-                self._client_invoices,
-                "filter[updated_at_from]",
-                "filter[updated_at_to]",
-                "filter[status]",
-            )
-        if method == "GET" and len(parts) == 4 and parts[2] == "client_invoices":
-            with self._lock:
-                invoice = self._client_invoices.get(parts[3])
-            if invoice is None:
-                return json_error(404, "not_found", "client invoice not found")
-            return self._json({"client_invoice": invoice})
-        if path == "/v2/webhook_subscriptions" and method == "POST":
-            return self._subscribe(body)
-        if path == "/v2/webhook_subscriptions" and method == "GET":
-            with self._lock:
-                items = [
-                    {k: v for k, v in s.items() if k != "secret"}
-                    for s in self._subscriptions.values()
-                ]
-            return self._json({"subscriptions": items})
-        if len(parts) == 4 and parts[2] == "webhook_subscriptions" and method == "GET":
-            with self._lock:
-                subscription = self._subscriptions.get(parts[3])
-            if subscription is None:
-                return json_error(404, "not_found", "subscription not found")
-            return self._json(
-                {"webhook_subscription": {k: v for k, v in subscription.items() if k != "secret"}}
-            )
-        if len(parts) == 4 and parts[2] == "webhook_subscriptions" and method == "DELETE":
-            with self._lock:
-                removed = self._subscriptions.pop(parts[3], None)
-            if removed is None:
-                return json_error(404, "not_found", "subscription not found")
-            return Response(204)
+        for route_method, pattern, handler in self._route_table:
+            match = pattern.fullmatch(path)
+            if match is not None and route_method == method:
+                return handler(request, body, *match.groups())
         return json_error(404, "not_found", f"no route {method} {path}")
+
+    def _membership(self, _request: Request, _body: bytes) -> Response:
+        return self._json(
+            {
+                "membership": {
+                    "id": self.membership_id,
+                    "first_name": "Claire",
+                    "last_name": "Martin",
+                    "role": self.membership_role,
+                    "status": "active",
+                    "organization_id": self.organization_id,
+                }
+            }
+        )
+
+    def _subscription_plan(self, request: Request, _body: bytes) -> Response:
+        if not self._scoped(request.headers.get("authorization", ""), "subscription.read"):
+            return json_error(403, "forbidden", "the token lacks the scope subscription.read")
+        return self._json({"plan": copy.deepcopy(self.plan)})
+
+    def _organization(self, _request: Request, _body: bytes) -> Response:
+        return self._json(
+            {
+                "organization": {
+                    "id": self.organization_id,
+                    "slug": "atelier-demo",
+                    "legal_name": self.legal_name,
+                    "bank_accounts": [
+                        {
+                            "id": self.bank_account_id,
+                            "slug": "atelier-demo-main",
+                            "iban": "FR7616958000019876543210987",
+                            "currency": "EUR",
+                        }
+                    ],
+                }
+            }
+        )
+
+    def _transaction_attachments(
+        self, _request: Request, _body: bytes, transaction_id: str
+    ) -> Response:
+        with self._lock:
+            tx = self._transactions.get(transaction_id)
+            if tx is None:
+                return json_error(404, "not_found", "transaction not found")
+            found = [
+                self._attachment_json(a) for a in tx["attachment_ids"] if a in self._attachments
+            ]
+        return self._json({"attachments": found})
+
+    def _supplier_invoices_page(self, request: Request, _body: bytes) -> Response:
+        return self._list(
+            request,
+            "supplier_invoices",
+            self._supplier_invoices,
+            "filter[updated_at_from]",
+            "filter[updated_at_to]",
+            None,
+        )
+
+    def _client_invoices_page(self, request: Request, _body: bytes) -> Response:
+        return self._list(
+            request,
+            "client_invoices",
+            self._client_invoices,
+            "filter[updated_at_from]",
+            "filter[updated_at_to]",
+            "filter[status]",
+        )
+
+    def _client_invoice(self, _request: Request, _body: bytes, invoice_id: str) -> Response:
+        with self._lock:
+            invoice = self._client_invoices.get(invoice_id)
+        if invoice is None:
+            return json_error(404, "not_found", "client invoice not found")
+        return self._json({"client_invoice": invoice})
+
+    def _subscriptions_list(self, _request: Request, _body: bytes) -> Response:
+        with self._lock:
+            items = [
+                {k: v for k, v in s.items() if k != "secret"} for s in self._subscriptions.values()
+            ]
+        return self._json({"subscriptions": items})
+
+    def _subscription_get(self, _request: Request, _body: bytes, subscription_id: str) -> Response:
+        with self._lock:
+            subscription = self._subscriptions.get(subscription_id)
+        if subscription is None:
+            return json_error(404, "not_found", "subscription not found")
+        return self._json(
+            {"webhook_subscription": {k: v for k, v in subscription.items() if k != "secret"}}
+        )
+
+    def _subscription_delete(
+        self, _request: Request, _body: bytes, subscription_id: str
+    ) -> Response:
+        with self._lock:
+            removed = self._subscriptions.pop(subscription_id, None)
+        if removed is None:
+            return json_error(404, "not_found", "subscription not found")
+        return Response(204)
 
     def _json(self, value: Any, status: int = 200) -> Response:
         return Response(status, orjson.dumps(value))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import pathlib
+import re
 
 import pytest
 
@@ -148,3 +150,26 @@ def test_the_cegid_subscription_key_is_required_when_cegid_is_called() -> None:
         {**env, "RELAY_CEGID_SUBSCRIPTION_KEY": "partner-key"}, require_cegid_subscription_key=True
     )
     assert settings.cegid_subscription_key is not None
+
+
+def test_readme_states_each_default_as_the_settings_table_does() -> None:
+    """README's configuration table gives every default exactly as relay/config.py's table."""
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    stated: dict[str, str] = {}
+    for line in readme.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`RELAY_"):
+            continue
+        names = re.findall(r"`(RELAY_[A-Z0-9_]+)`", cells[0])
+        defaults = re.findall(r"`([^`]*)`", cells[1])
+        if len(defaults) == len(names):
+            stated.update(zip(names, defaults, strict=True))
+    for variable in config.VARIABLES:
+        assert stated.get(variable.name) == variable.default, variable.name
+
+
+def test_settings_built_directly_have_the_defaults_the_environment_gives() -> None:
+    direct = config.Settings(secret_key=config.Secret("k"))
+    from_env = config.from_env({"RELAY_SECRET_KEY": crypto.generate_key()})
+    for variable in config.VARIABLES:
+        assert getattr(direct, variable.field) == getattr(from_env, variable.field), variable.name

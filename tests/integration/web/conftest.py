@@ -46,6 +46,8 @@ CHROMIUM_ARGS = [
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 ARTIFACTS = pathlib.Path(os.environ.get("RELAY_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 SCREENSHOTS = ARTIFACTS / "screenshots"
+# Screenshots newer than this were taken by this run.
+_STARTED = time.time()
 OAUTH_ID, OAUTH_SECRET = "relay-test-app", "relay-test-oauth-client-secret-0123"
 API_KEY, API_SECRET = factories.FIRM_KEY, factories.FIRM_SECRET
 T = TypeVar("T")
@@ -253,5 +255,8 @@ def shoot(page: Any, name: str) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if SCREENSHOTS.exists() and any(SCREENSHOTS.glob("*.png")):
-        terminalreporter.write_line(f"screenshots of the setup pages: {SCREENSHOTS}")
+    """Says where this run's screenshots are, when it took any (xdist workers included)."""
+    if SCREENSHOTS.exists() and any(
+        shot.stat().st_mtime >= _STARTED for shot in SCREENSHOTS.glob("*.png")
+    ):
+        terminalreporter.write_line(f"screenshots of the web pages: {SCREENSHOTS}")
