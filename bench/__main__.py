@@ -1,6 +1,6 @@
 """`make bench`: every figure beside its ceiling measured in the same run; writes bench/results.json.
 
-python -m bench [intake] [consumer] [flush] [memory] [client]    (all when none is named)
+python -m bench [intake] [consumer] [flush] [memory] [client] [console]    (all when none is named)
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import sys
 import tempfile
 import time
 
-from bench import client, common, consumer, flush, intake
+from bench import client, common, console, consumer, flush, intake
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results.json"
 
 
 async def main(selected: list[str]) -> int:
-    names = selected or ["intake", "consumer", "flush", "memory", "client"]
+    names = selected or ["intake", "consumer", "flush", "memory", "client", "console"]
     figures: list[common.Figure] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmpdir:
@@ -36,6 +36,8 @@ async def main(selected: list[str]) -> int:
                 batch = await flush.run_memory()
             elif name == "client":
                 batch = await client.run()
+            elif name == "console":
+                batch = await console.run()
             else:
                 print(f"unknown benchmark {name!r}", file=sys.stderr)
                 return 2
