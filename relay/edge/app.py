@@ -23,7 +23,7 @@ from relay.broker import amqp
 from relay.domain import heartbeat, status
 from relay.edge import admin, metrics, webhook
 from relay.edge.pages import site
-from relay.store import db, queries
+from relay.store import db, queries, runs
 
 logger = log.get(__name__)
 
@@ -66,6 +66,8 @@ async def metrics_endpoint(request: Request) -> Response:
             status.check(state.settings, state.pool, state.amqp, confirm=False), timeout=3
         )
         stats.set_status(report)
+    with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
+        stats.set_last_scheduled_run(await asyncio.wait_for(runs.last_scheduled(state.pool), 2))
     return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 

@@ -206,3 +206,20 @@ async def test_documents_are_listed_newest_first_a_page_at_a_time_and_filtered(
     assert sorted(re.findall(r"<td>(receipt-\d+\.pdf)</td>", found.text)) == sorted(
         ["receipt-11.pdf", *(f"receipt-{n}.pdf" for n in range(110, 120))]
     )
+
+
+async def test_health_and_metrics_show_the_last_scheduled_run(
+    client: httpx.AsyncClient, web_settings: config.Settings, pool: asyncpg.Pool
+) -> None:
+    """The last scheduled run: on the health page and in /metrics (start and finish, Unix time)."""
+    run_id = await pool.fetchval(
+        "INSERT INTO runs (kind, scheduled_for, started_at, finished_at) VALUES ('scheduled', "
+        "'2026-11-24', '2026-11-24 20:00:00+00', '2026-11-24 20:03:00+00') RETURNING id"
+    )
+    await sign_in(client, web_settings)
+    health = await client.get("/console/health")
+    assert f"Run {run_id}</a> for 2026-11-24" in health.text
+    assert "finished 2026-11-24 20:03 UTC" in health.text
+    scraped = (await client.get("/metrics")).text
+    assert "relay_last_scheduled_run_started_timestamp_seconds 1.7955504e+09" in scraped
+    assert "relay_last_scheduled_run_finished_timestamp_seconds 1.79555058e+09" in scraped
