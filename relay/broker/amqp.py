@@ -53,6 +53,7 @@ HEADER_ATTEMPTS: Final = "x-relay-attempts"
 HEADER_REASON: Final = "x-relay-reason"
 HEADER_DLQ_ID: Final = "x-relay-dlq-id"
 HEADER_FAILED_AT: Final = "x-relay-failed-at"
+HEADER_FIRST_FAILED_AT: Final = "x-relay-first-failed-at"  # kept through the retries
 # Classic: no delivery limit on any RabbitMQ version (see the module docstring).
 DEAD_LETTER_QUEUE_TYPE: Final = "classic"
 
