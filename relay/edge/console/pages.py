@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import urllib.parse
 import uuid
 from typing import Any, Final
 
@@ -40,6 +41,12 @@ def render(
     )
     response.status_code = status_code
     return response
+
+
+def _query(values: dict[str, Any]) -> str:
+    """``?k=v&...`` of the values that are set (empty when none is)."""
+    kept = {k: v for k, v in values.items() if v is not None}
+    return "?" + urllib.parse.urlencode(kept) if kept else ""
 
 
 def _number(raw: str | None) -> int | None:
@@ -185,7 +192,7 @@ async def connection(request: Request, ctx: views.Context, session: sessions.Ses
         older={**query, "before": documents[-1].document.id} if more else None,
         newest=query if before is not None else None,
         which=which,
-        here=request.url.path + ("?" + request.url.query if request.url.query else ""),
+        here=request.url.path + _query({**query, "before": before}),
         states=[s.value for s in models.DocumentState],
         sources=[s.value for s in models.Source],
         **await notice_and_entries(request, ctx, "connection", str(connection_id)),

@@ -52,8 +52,17 @@ RETRY_EXPLANATION: Final = (
 URGENT, TODAY, LATER, FINE = 0, 1, 2, 3
 
 
-def when(value: dt.datetime | None, *, never: str = "never") -> str:
-    return never if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+def when(value: dt.datetime | str | None, *, never: str = "never") -> str:
+    """A moment as the console shows it (minutes, UTC); an ISO text is read first."""
+    moment = value
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if not isinstance(moment, dt.datetime):
+        return never
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def document_reason(document: models.Document) -> str:
