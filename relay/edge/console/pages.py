@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from relay import errors, log, models
 from relay.broker import dlq
-from relay.domain import folders, invitations, status
+from relay.domain import folders, invitations, stalls, status
 from relay.edge.console import auth, words
 from relay.edge.pages import sessions, views
 from relay.store import audit, flush_requests, overview, runs
@@ -207,6 +207,8 @@ async def runs_page(request: Request, ctx: views.Context, session: sessions.Sess
     before = _number(request.query_params.get("before"))
     found = await runs.page(ctx.pool, before=before, limit=RUNS_PAGE + 1)
     shown, more = found[:RUNS_PAGE], len(found) > RUNS_PAGE
+    report, _ = await _health(ctx, request)
+    schedulers = report.matching(role="scheduler") if report is not None else []
     return render(
         ctx,
         session,
@@ -215,6 +217,7 @@ async def runs_page(request: Request, ctx: views.Context, session: sessions.Sess
         runs=shown,
         older=shown[-1].id if more else None,
         requests=await flush_requests.list_open(ctx.pool),
+        scheduler_running=any(j.state == stalls.OK for j in schedulers),
         **await notice_and_entries(request, ctx, "run", None),
     )
 

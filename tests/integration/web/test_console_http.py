@@ -4,6 +4,7 @@ audit of each change, and a connection's documents paginated by keyset."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from relay import config
+from relay.domain import heartbeat
 from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
 from tests.integration.web import conftest as web
@@ -223,3 +225,16 @@ async def test_health_and_metrics_show_the_last_scheduled_run(
     scraped = (await client.get("/metrics")).text
     assert "relay_last_scheduled_run_started_timestamp_seconds 1.7955504e+09" in scraped
     assert "relay_last_scheduled_run_finished_timestamp_seconds 1.79555058e+09" in scraped
+
+
+async def test_the_runs_page_says_when_no_scheduler_would_run_a_flush_asked_for(
+    client: httpx.AsyncClient, web_settings: config.Settings
+) -> None:
+    """No live scheduler: Flush now would wait, and the page says so; with one beating, it does not."""
+    await sign_in(client, web_settings)
+    assert "No scheduler is running" in (await client.get("/console/runs")).text
+    async with heartbeat.beating(web_settings, "scheduler", work=heartbeat.Work()):
+        deadline = asyncio.get_running_loop().time() + 10  # its first beat is on its way
+        while "No scheduler is running" in (await client.get("/console/runs")).text:
+            assert asyncio.get_running_loop().time() < deadline, "the scheduler is not seen"
+            await asyncio.sleep(0.1)
