@@ -1,39 +1,11 @@
-"""The flush: every pending document to Cegid Loop, exactly once. One transaction per transition.
+"""The flush of every pending document to Cegid Loop, exactly once, one transaction per transition.
 
     pending ──claim──▶ uploading ──download, type, dedupe──▶ (commit the attempt: "sending")
         ──POST /storeDocument──▶ uploaded | pending (retry next run) | failed | in_doubt
 
-Loop has no idempotency key and no way to list what it holds, so this ledger is the only guard
-against a duplicate in the accountant's inbox:
-- the attempt row (``uploads``, outcome ``sending``) is committed before the first byte is sent;
-- a document left ``uploading`` by a dead worker becomes ``in_doubt`` if its attempt row exists (the
-  request may have gone out) and ``pending`` if not (it provably never left); a worker is dead when
-  the PostgreSQL advisory lock it holds for the whole flush is free;
-- a request fully sent without an answer is ``in_doubt`` and is never re-sent without an operator;
-- the attempt row is written only while the worker still holds the document, under the same row
-  lock a recovery takes, so a worker taken for dead cannot send a document someone else recovered;
-- content is deduplicated per dossier against a copy that is in Loop, in doubt or being sent; a
-  copy that never reached Loop (pending, skipped, failed) gives the content up to the next one.
-
-PostgreSQL lost mid-run (stopped, restarted, backends terminated) does not make doubt: every write
-of the run goes through a :class:`consumers.patience.Guard`, so the flush stops claiming, lets the
-deposits already out finish, records their answers once the database is back (its worker lease
-re-taken first), and claims the rest. Past ``RELAY_OUTAGE_LIMIT`` it stops with one line saying
-what it leaves: the documents it could not settle are settled by the next run's recovery (in doubt
-when an attempt was committed, pending when not). A document is left in doubt by a run only when
-no answer came, or when the process itself dies.
-
-One document's error (a bug, a statement that keeps failing) stops that document only: it stays
-``uploading`` under this worker and is settled at the end of the run like a dead worker's. One
-connection's error stops that connection only; the others go on.
-
-Documents are claimed with ``FOR UPDATE SKIP LOCKED``, so several flush processes share a night.
-Uploads are capped globally (``RELAY_UPLOAD_CONCURRENCY``) and per firm
-(``RELAY_UPLOAD_CONCURRENCY_PER_FIRM``); files go from Qonto to a temporary file and from it to Loop,
-never whole in memory.
-
 This module holds the run and each connection's claims; one document's way is in
-:mod:`consumers.upload`, the settling of what a worker left ``uploading`` in :mod:`consumers.recovery`.
+:mod:`consumers.upload`, the settling of what a worker left ``uploading`` in
+:mod:`consumers.recovery`.
 """
 
 from __future__ import annotations
@@ -68,7 +40,11 @@ DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=24)
 
 
 async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None:
-    """The periodic dossier check (a wrong or dissociated dossier code loses deposits silently)."""
+    """Check the connection's Cegid dossier once a day; a refusal flags the connection.
+
+    A wrong or dissociated dossier code loses deposits silently; an unavailable Cegid is not
+    conclusive, so the run deposits anyway and checks again next run.
+    """
     connection = run.connection
     checked = connection.dossier_checked_at
     if checked is not None and ctx.cutoff - checked < DOSSIER_CHECK_EVERY:
@@ -88,9 +64,11 @@ async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None
 async def _recheck(
     ctx: upload.Context, connection: models.Connection, creds: credentials.CegidCredentials
 ) -> models.Connection:
-    """A connection flagged because Cegid refused its key or dossier: one dossier read (as the
-    daily check) before its documents are left waiting. Accepted: the flag is cleared and the
-    connection goes in this run. Refused or unavailable: it stays flagged."""
+    """Read the dossier of a connection Cegid refused once more before its documents wait.
+
+    The connection was flagged because Cegid refused its key or dossier. Accepted, the flag is
+    cleared and the connection goes in this run; refused or unavailable, it stays flagged.
+    """
     try:
         await ctx.cegid.check_dossier(creds, connection.cegid_dossier)
     except errors.CegidAccessRefused as exc:
@@ -114,8 +92,12 @@ async def _recheck(
 async def _claim(
     ctx: upload.Context, run: upload.ConnectionRun, wanted: int
 ) -> list[asyncpg.Record]:
-    """Up to ``wanted`` documents for this worker. After a claim that failed with the database
-    (its commit may have gone through), first what this worker holds without knowing it."""
+    """Claim up to ``wanted`` of the connection's pending documents for this worker.
+
+    Documents are claimed with ``FOR UPDATE SKIP LOCKED``, so several flush processes share a
+    night. After a claim that failed with the database (its commit may have gone through), this
+    first takes back what the worker holds without knowing it.
+    """
     try:
         if ctx.lease.lost:  # a recovery could take this worker for dead: re-take it first
             raise errors.DatabaseUnavailable("claim documents: the worker lease was lost")
@@ -149,9 +131,12 @@ async def _claim(
 
 
 async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> None:
-    """Claim this connection's pending documents as slots free up, until none is left (or access
-    is refused). An error here stops this connection only; documents in hand finish first. While
-    the database is gone nothing is claimed; when the flush gives up on it, claiming stops."""
+    """Claim and upload the connection's pending documents as slots free up, until none is left.
+
+    A refused access stops it too. An error here stops this connection only (the others go on,
+    and documents in hand finish first). While the database is gone nothing is claimed; when the
+    flush gives up on it, claiming stops.
+    """
     inflight: set[asyncio.Task[None]] = set()
     try:
         await _check_dossier(ctx, run)
@@ -225,9 +210,17 @@ async def flush(
 ) -> report.RunReport:
     """Recover, scan Qonto, then upload every pending document; returns the run's report.
 
-    ``connection_id``: that connection only (NotFound when there is none, Refused when it is
-    disconnected or revoked). PostgreSQL lost mid-run is waited for; past ``RELAY_OUTAGE_LIMIT``
-    the run raises OutageTooLong, whose one line says what it leaves to the next run."""
+    With ``connection_id``, that connection only (NotFound when there is none, Refused when it is
+    disconnected or revoked).
+
+    PostgreSQL lost mid-run (stopped, restarted, backends terminated) does not make doubt: every
+    write of the run goes through a :class:`consumers.patience.Guard`, so the flush stops claiming,
+    lets the deposits already out finish, records their answers once the database is back (its
+    worker lease re-taken first), and claims the rest. Past ``RELAY_OUTAGE_LIMIT`` the run raises
+    OutageTooLong, whose one line says what it leaves: the documents it could not settle are
+    settled by the next run's recovery (in doubt when an attempt was committed, pending when not).
+    A document is left in doubt by a run only when no answer came, or when the process itself dies.
+    """
     if connection_id is not None:
         only = await connections.get(pool, connection_id)
         if only.state in (models.ConnectionState.DISCONNECTED, models.ConnectionState.REVOKED):
@@ -259,6 +252,9 @@ async def flush(
                 now=now,
                 guard=guard,
             )
+            # files go from Qonto to a temporary file and from it to Loop, never whole in memory;
+            # uploads are capped globally (RELAY_UPLOAD_CONCURRENCY, below) and per firm
+            # (RELAY_UPLOAD_CONCURRENCY_PER_FIRM, in ``firms``)
             with tempfile.TemporaryDirectory(prefix="relay-flush-") as tmp:
                 ctx = upload.Context(
                     settings=settings,
@@ -306,7 +302,7 @@ async def flush(
 
 
 def _stopped(exc: errors.OutageTooLong, ctx: upload.Context | None) -> str:
-    """The one line a flush that gave up on PostgreSQL ends with: what it leaves, and what next."""
+    """Write the closing line of a flush that gave up on PostgreSQL (what it leaves, what next)."""
     left = ctx.left if ctx is not None else collections.Counter[str]()
     parts = [f"{exc}: the flush stopped"]
     sent = left["stored"] + left["sent"]
@@ -329,8 +325,12 @@ def _stopped(exc: errors.OutageTooLong, ctx: upload.Context | None) -> str:
 
 
 async def _settle_own(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
-    """What this worker still holds after an error is settled now, into the report; if the
-    database keeps failing, the next run's recovery does it."""
+    """Settle what this worker still holds after an error, into the report.
+
+    One document's error (a bug, a statement that keeps failing) stops that document only: it
+    stays ``uploading`` under this worker and is settled here like a dead worker's. If the
+    database keeps failing, the next run's recovery does it.
+    """
     reports = [r.report for r in runs]
     try:
         await ctx.guard.run("settle", lambda: recovery.settle_own(ctx.pool, ctx.worker, reports))
@@ -352,8 +352,10 @@ async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, objec
 
 
 async def _save_tokens(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
-    """A Qonto refresh token rotated during the uploads and not stored yet is stored now (the old
-    one is dead: without it the next run is refused)."""
+    """Store each Qonto refresh token rotated during the uploads and not stored yet.
+
+    The old token is dead, so without the new one the next run is refused.
+    """
     for run in runs:
         if run.qonto.tokens_unsaved and not await run.qonto.save_tokens():
             run.report.warnings.append(
@@ -457,7 +459,7 @@ async def run_once(
     connection_id: uuid.UUID | None = None,
     since: dt.datetime | None = None,
 ) -> report.RunReport:
-    """`relay flush --now`: its own pool, one run, the report."""
+    """Run one flush on a pool of its own and return the report (``relay flush --now``)."""
     async with db.pool_for(settings, min_size=2, max_size=8) as pool:
         return await flush(
             settings, pool, connection_id=connection_id, since=since, run_kind="manual"

@@ -1,12 +1,9 @@
-"""Recovery: documents a flush worker left ``uploading``, settled by the ledger's one rule.
+"""Recovery of the documents a flush worker left ``uploading``, settled by the ledger's one rule.
 
 Such a document becomes ``in_doubt`` if its attempt row exists (the request may have gone out) and
-``pending`` if not (it provably never left). A flush worker holds a PostgreSQL advisory lock in
-``WORKER_LOCK_SPACE`` for its whole run (:class:`Lease`), so a worker is dead when its lock is
-free: before each run, :func:`recover` settles what dead workers left; at the end of a run,
-:func:`settle_own` settles what this worker still holds after an error, into the run's report.
-A recovery settles a document under the row lock the worker takes to record an attempt, so a worker
-taken for dead cannot send a document someone else recovered.
+``pending`` if not (it provably never left). :func:`recover` settles what dead workers left before
+each run, :func:`settle_own` what this worker still holds after an error; :class:`Lease` says who
+is alive.
 """
 
 from __future__ import annotations
@@ -39,9 +36,11 @@ ERROR_UNSENT_REASON: Final = "an error stopped the flush before sending it, retr
 async def _settle(
     conn: asyncpg.pool.PoolConnectionProxy, worker: int, *, sent: str, unsent: str
 ) -> list[tuple[uuid.UUID, models.DocumentState, str]]:
-    """In the caller's transaction: the documents ``worker`` left uploading become in doubt when
-    an attempt may have gone out (``sent`` says why), pending with reason ``unsent`` when provably
-    not. Returns (connection, state, reason) for each."""
+    """Settle the documents ``worker`` left uploading, in the caller's transaction.
+
+    Each becomes in doubt when an attempt may have gone out (``sent`` says why), pending with
+    reason ``unsent`` when provably not. Returns (connection, state, reason) for each.
+    """
     records = await conn.fetch(queries.get("orphaned_documents"), worker)
     held = {r["id"]: r["connection_id"] for r in records}
     if not held:
@@ -67,7 +66,11 @@ async def _settle(
 
 
 async def recover(pool: asyncpg.Pool) -> dict[str, int]:
-    """Settle documents left ``uploading`` by workers that died (their advisory lock is free)."""
+    """Settle documents left ``uploading`` by workers that died (their advisory lock is free).
+
+    A recovery settles a document under the row lock the worker takes to record an attempt, so a
+    worker taken for dead cannot send a document someone else recovered.
+    """
     result = {"in_doubt": 0, "pending": 0}
     with db.translate("recover"):
         workers = [r["claimed_by"] for r in await pool.fetch(queries.get("uploading_workers"))]
@@ -94,9 +97,12 @@ async def recover(pool: asyncpg.Pool) -> dict[str, int]:
 async def settle_own(
     pool: asyncpg.Pool, worker: int, reports: Sequence[report.ConnectionReport]
 ) -> None:
-    """End of run: what this worker still holds (documents whose processing hit an error) is
-    settled now, in one transaction, then counted into the report (DatabaseUnavailable when the
-    database is gone: the caller waits for it, or leaves it to the next run's recovery)."""
+    """Settle at the end of a run what this worker still holds, and count it into the report.
+
+    What it holds are documents whose processing hit an error; they are settled in one
+    transaction. DatabaseUnavailable when the database is gone: the caller waits for it, or
+    leaves it to the next run's recovery.
+    """
     with db.translate("settle"):
         async with pool.acquire() as conn, conn.transaction():
             settled = await _settle(
@@ -114,11 +120,14 @@ async def settle_own(
 
 
 class Lease:
-    """This worker's id and the advisory lock that says it is alive, held by a connection of its
-    own for the whole run. A PostgreSQL restart or a terminated backend frees the lock: another
-    flush may then take this worker for dead, so :meth:`keep` re-takes it as soon as it can (the
+    """This worker's id and the advisory lock that says it is alive, held for the whole run.
+
+    The lock is in ``WORKER_LOCK_SPACE``, held by a connection of its own: a worker is dead when
+    its lock is free. A PostgreSQL restart or a terminated backend frees the lock: another flush
+    may then take this worker for dead, so :meth:`keep` re-takes it as soon as it can (the
     documents a recovery settled meanwhile are not this worker's any more: its writes to them do
-    not land)."""
+    not land).
+    """
 
     def __init__(self, pool: asyncpg.Pool, worker: int, conn: asyncpg.pool.PoolConnectionProxy):
         self._pool = pool
@@ -127,7 +136,7 @@ class Lease:
 
     @classmethod
     async def take(cls, pool: asyncpg.Pool) -> Lease:
-        """A new worker id whose lock this process holds."""
+        """Take a new worker id whose lock this process holds."""
         conn = await pool.acquire()
         try:
             while True:
@@ -140,13 +149,16 @@ class Lease:
 
     @property
     def lost(self) -> bool:
-        """The connection holding the lock is known to be gone (no round trip)."""
+        """Whether the connection holding the lock is known to be gone (no round trip)."""
         return not _alive(self._conn)
 
     async def keep(self) -> None:
-        """Make sure the lock is held: on a live connection that holds it, nothing to do; else
-        re-take it on a new connection. DatabaseUnavailable when it cannot be held now (the
-        database is gone, or a recovery holds it for a moment while it settles this worker)."""
+        """Make sure the lock is held, re-taking it on a new connection if need be.
+
+        On a live connection that holds it, there is nothing to do. DatabaseUnavailable when it
+        cannot be held now (the database is gone, or a recovery holds it for a moment while it
+        settles this worker).
+        """
         if _alive(self._conn):
             assert self._conn is not None
             held = False
@@ -192,7 +204,10 @@ class Lease:
 
 
 def _alive(conn: asyncpg.pool.PoolConnectionProxy | None) -> bool:
-    """Not known to be closed (a closed pool connection's proxy is detached: it says nothing)."""
+    """Tell whether a connection is not known to be closed.
+
+    A closed pool connection's proxy is detached, and says nothing.
+    """
     if conn is None:
         return False
     try:

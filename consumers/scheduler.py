@@ -1,24 +1,8 @@
-"""`relay scheduler`: the scan and the flush once a day at ``RELAY_FLUSH_AT`` UTC, whatever the replicas.
+"""The ``relay scheduler`` worker, running the scan and flush daily at ``RELAY_FLUSH_AT`` UTC.
 
-A day is claimed in PostgreSQL: under a session advisory lock, the run row ``(scheduled, day)`` is
-inserted once (its unique key refuses a second). Two schedulers started together produce one run; a
-day missed because every replica was down runs as soon as one starts (the latest slot without a
-finished run is due); a run whose scheduler died (row unfinished, lock free) is run again, which is
-safe because documents are claimed one by one. Only the latest slot is caught up: one flush sends
-everything pending, whatever day it arrived.
-
-Flushes asked for over HTTP (``POST /admin/flush``, the console's **Flush now**) are rows of
-``flush_requests``: the scheduler looks for one every second between polls and runs it as a manual
-run under the same lock as the day's run (so never two at once), linking the run to the request;
-requests that ask for the same thing before the run starts are served by it.
-
-Every six hours the scheduler also checks that each connection's Cegid key can still read its dossier,
-so that a dossier unlinked from the key is flagged (``needs_attention``) before the nightly flush.
-
-PostgreSQL going away: between polls the scheduler pings it every few seconds; a failed ping or
-poll makes it poll again with a capped, jittered backoff, so that the slot runs as soon as
-PostgreSQL answers. Unreachable for longer than ``RELAY_OUTAGE_LIMIT``, it raises
-:class:`errors.OutageTooLong` (exit 1, for its supervisor to restart it).
+One run per day whatever the replicas (:func:`run_due`), and the flushes asked for over HTTP
+(:func:`run_requested`) under the same lock; every six hours it also checks each connection's
+dossier access (:func:`check_dossiers`).
 """
 
 from __future__ import annotations
@@ -82,7 +66,7 @@ REQUEST_REFUSED: Final = (
 
 
 def latest_slot(now: dt.datetime, flush_at: dt.time) -> dt.datetime:
-    """The most recent scheduled moment at or before ``now``."""
+    """Return the most recent scheduled moment at or before ``now``."""
     today = dt.datetime.combine(now.date(), flush_at, tzinfo=dt.UTC)
     return today if today <= now else today - dt.timedelta(days=1)
 
@@ -98,7 +82,15 @@ async def run_due(
     *,
     flush: Flush = flusher.flush,
 ) -> bool:
-    """Run the latest slot's scan + flush if no one has; True when this call ran it."""
+    """Run the latest slot's scan and flush if no one has; True when this call ran it.
+
+    A day is claimed in PostgreSQL: under a session advisory lock, the run row ``(scheduled,
+    day)`` is inserted once (its unique key refuses a second). Two schedulers started together
+    produce one run; a day missed because every replica was down runs as soon as one starts (the
+    latest slot without a finished run is due); a run whose scheduler died (row unfinished, lock
+    free) is run again, which is safe because documents are claimed one by one. Only the latest
+    slot is caught up: one flush sends everything pending, whatever day it arrived.
+    """
     day = latest_slot(now, settings.flush_at).date()
     with db.translate("scheduler"):
         async with pool.acquire() as conn:
@@ -188,7 +180,7 @@ async def _run_request(
 
 
 def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:
-    """How long to wait: until the next slot, but at most POLL_S (a crashed run is seen soon)."""
+    """Return the wait until the next slot, at most POLL_S (so a crashed run is seen soon)."""
     return max(0.0, min(POLL_S, (next_slot(now, flush_at) - now).total_seconds()))
 
 
@@ -202,6 +194,8 @@ async def check_dossiers(
 ) -> dict[str, int]:
     """Check the dossier access of every active connection not checked within ``every``.
 
+    The scheduler runs it every six hours, so that a dossier unlinked from its key is flagged
+    (``needs_attention``) before the nightly flush.
     Refused: the connection needs attention (its documents wait). Passed: ``dossier_checked_at`` is
     set, and a flag this check had raised is cleared. Cegid unavailable: tried again next time.
     """
@@ -262,11 +256,15 @@ async def run_forever(
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
+    PostgreSQL going away is ridden out: between polls the scheduler pings it every
+    ``PING_EVERY_S``; a failed ping or poll makes it poll again with a capped, jittered backoff,
+    so that the slot runs as soon as PostgreSQL answers.
+
     ``now`` and ``wait`` (default: wait on ``stop`` with a timeout, pinging PostgreSQL every
     PING_EVERY_S) are injectable for tests; ``dossier_check_every=None`` turns the periodic
     dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat);
-    ``flush_requested`` runs the flushes asked for over HTTP.
-    Raises OutageTooLong when PostgreSQL stays unreachable past ``RELAY_OUTAGE_LIMIT``.
+    ``flush_requested`` runs the flushes asked for over HTTP. Raises OutageTooLong when PostgreSQL
+    stays unreachable past ``RELAY_OUTAGE_LIMIT`` (exit 1, for its supervisor to restart it).
     """
     stop = stop or asyncio.Event()
     stopping = stop
@@ -303,8 +301,8 @@ async def run_forever(
         return result
 
     async def wait_or_stop(seconds: float) -> None:
-        """Until ``stop`` or ``seconds``; early when a flush was asked for, or when PostgreSQL is
-        found gone (poll now)."""
+        """Wait until ``stop`` or ``seconds``, or until a flush is asked for or PostgreSQL is found
+        gone (poll now)."""
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()

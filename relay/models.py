@@ -1,4 +1,4 @@
-"""Rows as frozen dataclasses: what crosses the ``db`` boundary instead of ``asyncpg.Record``."""
+"""Rows as frozen dataclasses, which cross the ``db`` boundary instead of ``asyncpg.Record``."""
 
 from __future__ import annotations
 

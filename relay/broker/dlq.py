@@ -1,11 +1,4 @@
-"""The dead-letter queue, for operators: list, show, replay, purge.
-
-RabbitMQ cannot fetch a message by id, so each operation reads the whole queue with ``basic.get``
-(unacknowledged), acts on the matching messages and returns the others with a requeue; the
-queue's order may change, which does not matter to a dead-letter queue. Each return is a delivery,
-which is why the dead-letter queue is a classic queue (no delivery limit: see ``relay.broker.amqp``). A replayed message is
-published back to the events queue (confirmed) before it is removed from the dead-letter queue, so a
-crash in between duplicates it (a no-op for the consumer) and never loses it.
+"""Operators' commands on the dead-letter queue (list, show, replay, purge).
 
 A message's id is ``x-relay-dlq-id`` when the consumer dead-lettered it, else its message id (the
 Qonto event id) for messages the broker dead-lettered after the delivery limit.
@@ -108,7 +101,14 @@ Action = Callable[[aio_pika.abc.AbstractIncomingMessage, DeadLetter], Awaitable[
 async def _walk(
     settings: config.Settings, conn: aio_pika.abc.AbstractConnection, action: Action
 ) -> None:
-    """Get every message; ``action`` returns True when it settled (acked) the message itself."""
+    """Get every message and hand it to ``action``, then return the ones it left to the queue.
+
+    ``action`` returns True when it settled (acked) the message itself. RabbitMQ cannot fetch a
+    message by id, so each operation reads the whole queue with ``basic.get`` (unacknowledged),
+    acts on the matching messages and returns the others with a requeue; the queue's order may
+    change, which does not matter to a dead-letter queue. Each return is a delivery, which is why
+    the dead-letter queue is a classic queue (no delivery limit: see ``relay.broker.amqp``).
+    """
     with amqp.translate("dead-letter queue"):
         channel = await conn.channel()
         try:
@@ -152,7 +152,11 @@ async def show(
 async def replay(
     settings: config.Settings, conn: aio_pika.abc.AbstractConnection, ids: list[str] | None
 ) -> int:
-    """Send the matching messages (all when ``ids`` is None) back to the events queue."""
+    """Send the matching messages (all when ``ids`` is None) back to the events queue.
+
+    Each one is published (confirmed) before it is removed from the dead-letter queue, so a crash
+    in between duplicates it (a no-op for the consumer) and never loses it.
+    """
     publisher = await amqp.Publisher.open(conn, settings)
     wanted = None if ids is None else set(ids)
     replayed = 0

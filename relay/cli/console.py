@@ -1,4 +1,4 @@
-"""What every `relay` command shares: exit codes, usage errors, what it prints, what it runs with.
+"""What every ``relay`` command shares (exit codes, usage errors, output, settings and pool).
 
 Exit codes: 0 success, 1 the work failed (the output says what), 2 bad usage or configuration.
 Every command that reports something takes ``--json`` and then prints exactly one JSON document
@@ -24,7 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
-    """Bad flags or arguments: exit 2 with the message."""
+    """Bad flags or arguments, for which the command exits 2 with the message."""
 
 
 def emit_json(value: Any) -> None:
@@ -44,7 +44,7 @@ def settings(
     require_admin_token: bool = False,
     require_cegid_key: bool = False,
 ) -> config.Settings:
-    """The settings; ``require_cegid_key`` for the commands that call Cegid Loop."""
+    """Read the settings; ``require_cegid_key`` for the commands that call Cegid Loop."""
     return config.from_env(
         require_secret_key=require_secret_key,
         require_admin_token=require_admin_token,

@@ -1,8 +1,8 @@
-"""`relay ...`: the command line, every command and flag of the product's outside, and main.
+"""The ``relay`` command line, with every command and flag of the product's outside, and main.
 
-See the README and ``relay --help``. The commands are in :mod:`relay.cli.commands` (the relay's roles and
-one-off runs) and :mod:`relay.cli.management` (connections, documents, the dead-letter queue); exit codes,
-``--json`` and what they share in :mod:`relay.cli.console`.
+See the README and ``relay --help``. The commands are in :mod:`relay.cli.commands` (the relay's
+roles and one-off runs) and :mod:`relay.cli.management` (connections, documents, the dead-letter
+queue); exit codes, ``--json`` and what they share in :mod:`relay.cli.console`.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int, *, as_json: bool) -> int:
-    """A failed command: its message on stderr and, with ``--json``, one JSON document on stdout."""
+    """Report a failed command on stderr and, with ``--json``, as one JSON document on stdout."""
     print(f"relay: {message}", file=sys.stderr)
     if as_json:
         console.emit_json({"error": message, "exit_code": code})

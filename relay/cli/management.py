@@ -1,7 +1,7 @@
-"""The operator's commands: `relay connections ...`, `relay documents ...`, `relay dlq ...`,
-`relay status`, `relay secrets rotate`.
+"""The operator's commands (``relay connections``, ``documents``, ``dlq``, ``status``, ``secrets``).
 
-What they share with every command (exit codes, output, settings and pool) is in :mod:`relay.cli.console`.
+What they share with every command (exit codes, output, settings and pool) is in
+:mod:`relay.cli.console`.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    """Every role's heartbeat and the queues; exit 1 when something is stalled (see relay.status)."""
+    """Show every role's heartbeat and the queues; exit 1 when something is stalled."""
     import socket
 
     from relay import errors

@@ -1,10 +1,7 @@
-"""Connections: one Qonto organization linked to one Cegid Loop client file (dossier) of one firm.
+"""Connections, each linking one Qonto organization to one Cegid Loop dossier of one firm.
 
-What `relay connections ...` and the admin API do. Setup is checked against both upstreams before
-anything is stored: the Qonto credentials must belong to the organization and to a member allowed to
-set up the export (owner, admin or reporting: see :mod:`relay.domain.eligibility`), and the firm's Loop key
-must be able to read the dossier (Loop accepts deposits into a dossier that does not exist and
-silently drops them, so this is the only place a wrong code dossier can be caught).
+What ``relay connections ...`` and the admin API do; setup is checked against both upstreams
+before anything is stored (:func:`add`).
 """
 
 from __future__ import annotations
@@ -62,6 +59,11 @@ async def add(
     within: Within | None = None,
 ) -> Created:
     """Validate against Qonto and Cegid, then store the connection with its sealed secrets.
+
+    The Qonto credentials must belong to the organization and to a member allowed to set up the
+    export (owner, admin or reporting: see :mod:`relay.domain.eligibility`), and the firm's Loop
+    key must be able to read the dossier (Loop accepts deposits into a dossier that does not exist
+    and silently drops them, so this is the only place a wrong code dossier can be caught).
 
     With ``subscribe``, the webhook subscriptions are created in Qonto before the connection is
     stored; if a later step fails they are deleted again (Qonto would otherwise call, for days, a
@@ -210,7 +212,10 @@ async def get(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection
 
 
 async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, Any]:
-    """`connections show`: the connection, its webhook secrets (never their values), its documents."""
+    """Describe the connection, its webhook secrets (never their values) and its documents.
+
+    This is what ``relay connections show`` prints.
+    """
     connection = await get(pool, connection_id)
     with db.translate("describe connection"):
         secrets_rows = await pool.fetch(queries.get("list_webhook_secrets"), connection_id)
@@ -247,8 +252,11 @@ async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, An
 async def _verify(
     settings: config.Settings, pool: asyncpg.Pool, connection: models.Connection
 ) -> tuple[list[str], list[str]]:
-    """Check both sides now: (problems, notices). Raise when a side cannot be checked at all
-    (unavailable, misconfigured): then nothing is known, and nothing may change."""
+    """Check both sides now and return (problems, notices).
+
+    Raise when a side cannot be checked at all (unavailable, misconfigured): then nothing is
+    known, and nothing may change.
+    """
     box = crypto.Box(settings.secret_key.reveal())
     qonto_creds, cegid_creds = await credentials.load(pool, box, connection.id)
     problems: list[str] = []
@@ -290,8 +298,10 @@ async def _checked(
 async def check(
     settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Re-check both sides now; flag the connection when one refuses, clear the flag when both pass
-    (a disconnected or revoked connection keeps its state)."""
+    """Re-check both sides now; flag the connection when one refuses, clear the flag when both pass.
+
+    A disconnected or revoked connection keeps its state.
+    """
     connection = await get(pool, connection_id)
     problems, notices = await _verify(settings, pool, connection)
     state = models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
@@ -315,9 +325,12 @@ async def set_state(
 async def flag(
     pool: asyncpg.Pool, connection_id: uuid.UUID, state: models.ConnectionState, reason: str | None
 ) -> bool:
-    """What the relay decides by itself (``needs_attention`` on a refusal, ``active`` when a check
-    passes): applied only to an active or flagged connection, never over a disconnect or a
-    revocation an operator or Qonto made meanwhile. True when applied."""
+    """Set a state the relay decides by itself; True when applied.
+
+    That is ``needs_attention`` on a refusal, ``active`` when a check passes. It applies only to an
+    active or flagged connection, never over a disconnect or a revocation an operator or Qonto made
+    meanwhile.
+    """
     with db.translate("flag connection"):
         record = await pool.fetchrow(queries.get("flag_connection"), connection_id, state, reason)
     if record is None:
@@ -330,8 +343,11 @@ async def flag(
 async def clear_cegid_flag(
     pool: asyncpg.Pool, connection_id: uuid.UUID, prefix: str
 ) -> models.Connection | None:
-    """A dossier read passed: clear the flag a Cegid refusal raised (its reason starts with
-    ``prefix``), and no other one. The connection as it is now, or None when it had no such flag."""
+    """Clear the flag a Cegid refusal raised, and no other one, after a dossier read passed.
+
+    The flag's reason starts with ``prefix``. Returns the connection as it is now, or None when it
+    had no such flag.
+    """
     with db.translate("clear flag"):
         record = await pool.fetchrow(queries.get("clear_cegid_flag"), connection_id, prefix)
     if record is None:
@@ -350,9 +366,11 @@ async def disconnect(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Con
 async def reconnect(
     settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Resume a disconnected (or flagged) connection: check both sides first, then set its state
-    from the outcome (active, or needs_attention with the problems) and its reconnection time. When
-    the check cannot run, nothing changes."""
+    """Resume a disconnected (or flagged) connection once both sides are checked.
+
+    Its state is set from the outcome (active, or needs_attention with the problems), with its
+    reconnection time. When the check cannot run, nothing changes.
+    """
     connection = await get(pool, connection_id)
     if connection.state == models.ConnectionState.REVOKED:
         raise _revoked()

@@ -1,4 +1,4 @@
-"""The secrets of a connection: typed, masked in ``repr``, sealed at rest with ``RELAY_SECRET_KEY``."""
+"""A connection's secrets, typed, masked in ``repr``, sealed at rest with ``RELAY_SECRET_KEY``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ Secret = config.Secret
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QontoApiKey:
-    """One organization's API key: sent as ``Authorization: {login}:{secret}``."""
+    """One organization's API key, sent in the ``Authorization`` header as ``{login}:{secret}``."""
 
     login: str
     secret: Secret
@@ -45,7 +45,7 @@ QontoCredentials = QontoApiKey | QontoOAuth
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CegidCredentials:
-    """The firm's Loop API key and secret: sent as ``x-apikey: {key}:{secret}``."""
+    """The firm's Loop API key and secret, sent in the ``x-apikey`` header as ``{key}:{secret}``."""
 
     api_key: Secret
     api_secret: Secret

@@ -1,4 +1,4 @@
-"""Documents as operators see them: `relay documents list` and the admin API."""
+"""Documents as operators see them, in ``relay documents list`` and the admin API."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ async def list_documents(
     state: str | None = None,
     limit: int | None = None,
 ) -> list[models.Document]:
-    """Every matching document, oldest first; no silent limit (``limit`` only when asked)."""
+    """List every matching document, oldest first; no silent limit (``limit`` only when asked)."""
     if state is not None and state not in set(models.DocumentState):
         raise errors.Refused(
             f"unknown state {state!r}: expected one of {', '.join(models.DocumentState)}"

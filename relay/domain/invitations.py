@@ -1,10 +1,8 @@
-"""Invitations: single-use links with which a client's two people set up a connection in a browser.
+"""Invitations, the single-use links with which a client's two people set up a connection.
 
-`relay connections invite` (or the admin API) creates one: a token of 256 random bits, of which only
-the SHA-256 is stored, valid 7 days, used once (when **Create** stores the connection). The setup's
-progress lives here, server-side, so the link can be forwarded from the Qonto member to the
-accountant: the Qonto consent (tokens sealed), then the Loop key and secret (sealed), the code dossier
-and domain, and a refusal met at Create, shown on the step it belongs to.
+``relay connections invite`` (or the admin API) creates one (:func:`create`); the setup's
+progress lives here, server-side (:class:`Invitation`), so the link can be forwarded from the
+Qonto member to the accountant.
 """
 
 from __future__ import annotations
@@ -48,7 +46,11 @@ class Created:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Invitation:
-    """An invitation and the setup's progress (its secrets stay sealed, out of ``repr``)."""
+    """An invitation and the setup's progress (its secrets stay sealed, out of ``repr``).
+
+    The progress is the Qonto consent (tokens sealed), then the Loop key and secret (sealed), the
+    code dossier and domain, and a refusal met at Create, shown on the step it belongs to.
+    """
 
     id: uuid.UUID
     client_name: str
@@ -100,7 +102,7 @@ class Invitation:
         return bool(self.cegid_dossier and self.cegid_domain)
 
     def next_step(self) -> str:
-        """The first step still to do: qonto, key, dossier, then hub (the declaration and Create)."""
+        """Name the first step still to do, in the order qonto, key, dossier, hub (and Create)."""
         if not self.qonto_done:
             return "qonto"
         if not self.key_done:
@@ -113,7 +115,7 @@ class Invitation:
         return self.problem if self.problem_step == step else None
 
     def to_json(self) -> dict[str, Any]:
-        """What an operator sees of an invitation (never its token or a secret)."""
+        """Show what an operator sees of an invitation (never its token or a secret)."""
         return {
             "id": str(self.id),
             "client_name": self.client_name,
@@ -127,7 +129,7 @@ class Invitation:
 
 
 def new_token() -> str:
-    """A setup token: 256 random bits, URL-safe."""
+    """Draw a setup token of 256 random bits, URL-safe."""
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
@@ -136,7 +138,11 @@ def setup_url(settings: config.Settings, token: str) -> str:
 
 
 async def create(settings: config.Settings, pool: asyncpg.Pool, client_name: str) -> Created:
-    """A new single-use setup link for ``client_name``, valid :data:`LIFETIME`."""
+    """Create a single-use setup link for ``client_name``, valid :data:`LIFETIME`.
+
+    Its token has 256 random bits, of which only the SHA-256 is stored; it is used once, when
+    **Create** stores the connection.
+    """
     name = client_name.strip()
     if not name:
         raise errors.Refused("the client name must not be empty")
@@ -158,7 +164,7 @@ async def create(settings: config.Settings, pool: asyncpg.Pool, client_name: str
 
 
 async def find(pool: asyncpg.Pool, token: str) -> Invitation | None:
-    """The invitation of a setup token, whatever its state (None when no such token)."""
+    """Find the invitation of a setup token, whatever its state (None when no such token)."""
     with db.translate("find invitation"):
         record = await pool.fetchrow(
             queries.get("get_invitation_by_token"), crypto.token_digest(token)
@@ -189,7 +195,7 @@ async def record_qonto(
     plan: str | None,
     tokens: credentials.QontoOAuth,
 ) -> bool:
-    """An eligible member's consent: the tokens sealed. False if the invitation is no longer open."""
+    """Record an eligible member's consent, tokens sealed; False if the invitation is not open."""
     with db.translate("record Qonto consent"):
         record = await pool.fetchrow(
             queries.get("set_invitation_qonto"),
@@ -242,7 +248,7 @@ async def record_key(
     api_key: str,
     api_secret: str | None,
 ) -> None:
-    """The Loop API key, and the secret (None: keep the one already given)."""
+    """Record the Loop API key and the secret (None keeps the one already given)."""
     if api_secret is None:
         kept = cegid_credentials(box, invitation)
         if kept is None:

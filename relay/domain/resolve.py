@@ -1,10 +1,7 @@
-"""Operators' decisions on a document: `relay documents resolve ID --uploaded|--resend` for one in
-doubt, `relay documents retry ID` for a failed one.
+"""An operator's decision on a document: ``relay documents resolve ID`` for one in doubt,
+``relay documents retry ID`` for a failed one.
 
 Only an operator can know whether a file whose upload got no answer is in the client's Loop inbox.
-``--uploaded``: it is there; the document is uploaded. ``--resend``: it is not; the document goes back
-to pending (and its content is no longer counted as in the dossier) for the next flush. The attempt
-history is kept either way.
 """
 
 from __future__ import annotations
@@ -18,6 +15,12 @@ logger = log.get(__name__)
 
 
 async def resolve(pool: asyncpg.Pool, document_id: int, *, uploaded: bool) -> models.Document:
+    """Settle an in-doubt document as the operator decided (``--uploaded`` or ``--resend``).
+
+    ``--uploaded``: the file is in the client's Loop inbox; the document is uploaded.
+    ``--resend``: it is not; the document goes back to pending (and its content is no longer
+    counted as in the dossier) for the next flush. The attempt history is kept either way.
+    """
     with db.translate("resolve document"):
         async with pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(queries.get("get_document"), document_id)

@@ -1,10 +1,6 @@
-"""`relay secrets rotate`: every stored secret re-sealed under the first key of ``RELAY_SECRET_KEY``.
+"""Re-sealing of every stored secret under the first key of ``RELAY_SECRET_KEY``.
 
-Key rotation, in three moves: put the new key first in ``RELAY_SECRET_KEY`` everywhere, the old one
-after it (every process then seals with the new key and opens with both); run `relay secrets rotate`;
-remove the old key. The rotation walks connections (Qonto and Loop credentials), webhook secrets and
-open invitations in batches, each row locked while it is re-sealed (a concurrent OAuth refresh waits
-for it, then writes under the first key too). Values already under the first key are left as they are.
+What ``relay secrets rotate`` does; :func:`rotate` says how a key rotation goes.
 """
 
 from __future__ import annotations
@@ -48,8 +44,18 @@ def _reseal(box: crypto.Box, value: bytes | None, rotated: Rotated) -> tuple[byt
 
 
 async def rotate(settings: config.Settings, pool: asyncpg.Pool) -> Rotated:
-    """Re-seal every stored secret under the first key; raise ConfigurationError if one cannot be
-    opened with any key (nothing of that row changes; rows before it stay re-sealed)."""
+    """Re-seal every stored secret under the first key of ``RELAY_SECRET_KEY``.
+
+    Key rotation, in three moves: put the new key first in ``RELAY_SECRET_KEY`` everywhere, the
+    old one after it (every process then seals with the new key and opens with both); run ``relay
+    secrets rotate``; remove the old key. The rotation walks connections (Qonto and Loop
+    credentials), webhook secrets and open invitations in batches, each row locked while it is
+    re-sealed (a concurrent OAuth refresh waits for it, then writes under the first key too).
+    Values already under the first key are left as they are.
+
+    Raise ConfigurationError if a value cannot be opened with any key (nothing of that row
+    changes; rows before it stay re-sealed).
+    """
     box = crypto.Box(settings.secret_key.reveal())
     rotated = Rotated()
     await _walk(

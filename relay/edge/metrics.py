@@ -1,10 +1,6 @@
 """Prometheus metrics, one registry per application (tests and workers never share globals).
 
-Under several `relay serve` workers each process has its own registry and Prometheus scrapes whichever
-answers; counters are per process. The document gauges and the roles' and queues' gauges (what
-`relay status` shows) are read from PostgreSQL and RabbitMQ at scrape time, so they are the same
-whichever worker answers. The latter come from one look, without `relay status`'s second look at a
-queue that seems stalled: alert on them with a ``for:`` duration.
+Under several ``relay serve`` workers each process has its own registry (see :class:`Metrics`).
 """
 
 from __future__ import annotations
@@ -24,6 +20,15 @@ DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
+    """The metrics of one application, in a registry of their own.
+
+    Under several ``relay serve`` workers each process has its own registry and Prometheus scrapes
+    whichever answers; counters are per process. The document gauges and the roles' and queues'
+    gauges (what ``relay status`` shows) are read from PostgreSQL and RabbitMQ at scrape time, so
+    they are the same whichever worker answers. The latter come from one look, without ``relay
+    status``'s second look at a queue that seems stalled: alert on them with a ``for:`` duration.
+    """
+
     registry: prom.CollectorRegistry
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
@@ -40,12 +45,12 @@ class Metrics:
     last_run_finished: prom.Gauge
 
     def webhook(self, outcome: str, seconds: float) -> None:
-        """One webhook answered: its outcome (queued, bad_signature, ...) and its duration."""
+        """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
 
     def upload(self, outcome: str) -> None:
-        """One upload attempt to Cegid Loop finished (uploaded, failed, in_doubt, retried...)."""
+        """Count a finished upload attempt to Loop (uploaded, failed, in_doubt, retried...)."""
         self.uploads.labels(outcome).inc()
 
     def set_documents(self, counts: dict[str, int]) -> None:
@@ -54,7 +59,10 @@ class Metrics:
             self.documents.labels(state).set(counts.get(state, 0))
 
     def set_status(self, report: status.Report) -> None:
-        """The roles (running ones by host and pid, all by state) and the queues, from one look."""
+        """Set the roles' and queues' gauges from one look.
+
+        Running roles are counted by host and pid, all of them by state.
+        """
         self.heartbeat_age.clear()
         self.work_age.clear()
         counts: dict[tuple[str, str], int] = {
@@ -104,7 +112,7 @@ class Metrics:
 
 
 def create() -> Metrics:
-    """A fresh registry with every metric the relay records (one per application)."""
+    """Create a fresh registry with every metric the relay records (one per application)."""
     registry = prom.CollectorRegistry()
     return Metrics(
         registry=registry,

@@ -1,4 +1,4 @@
-"""``/setup/oauth/callback``: Qonto's answer to the consent.
+"""The page that receives Qonto's answer to the consent (``/setup/oauth/callback``).
 
 The state must be known, unused, fresh and from the browser that started the consent; then the code
 is exchanged, the member's role and the plan read. A refusal is a page saying why and who can do it,
@@ -26,7 +26,7 @@ def _consent_refused(ctx: views.Context, title: str, message: str, action: str) 
 
 
 async def callback(request: Request) -> Response:
-    """``/setup/oauth/callback``: Qonto's answer to the consent; nothing is stored on a refusal."""
+    """Receive Qonto's answer to the consent; a refusal stores nothing."""
     ctx = views.context(request)
     params = request.query_params
     state = params.get("state", "")

@@ -1,4 +1,4 @@
-"""Rate limits kept in PostgreSQL (shared by every `relay serve` worker): fixed windows per key.
+"""Rate limits in fixed windows per key, kept in PostgreSQL for every ``relay serve`` worker.
 
 Used to limit guesses of setup links per client address; the console's sign-in can use the same.
 """
@@ -38,7 +38,7 @@ SETUP_GUESSES: Final = Limit("setup-guess", 20, dt.timedelta(minutes=10))
 async def blocked(
     pool: asyncpg.Pool, limit: Limit, key: str, *, now: dt.datetime | None = None
 ) -> float | None:
-    """Seconds to wait when ``key`` used up its window, else None."""
+    """Return the seconds to wait when ``key`` used up its window, else None."""
     moment = now or dt.datetime.now(dt.UTC)
     start = limit.window_start(moment)
     with db.translate("read rate limit"):

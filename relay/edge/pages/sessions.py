@@ -1,12 +1,7 @@
 """Server-side browser sessions in PostgreSQL, and the CSRF token of each.
 
-The cookie holds only a random id (256 bits); the database holds its SHA-256 and the session's data
-(small JSON). A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began
-(the console's, after a day without use: its own limits are passed in).
-The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is reached over https.
-
-The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it back,
-and another site, which cannot read the cookie, cannot forge it.
+A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began, unless its
+caller passes limits of its own (the console: a day without use).
 """
 
 from __future__ import annotations
@@ -31,7 +26,15 @@ ABSOLUTE: Final = dt.timedelta(hours=24)
 
 
 class Session:
-    """One browser's session: its id (never shown), its data, and its CSRF token."""
+    """One browser's session, with its id (never shown), its data and its CSRF token.
+
+    The cookie holds only the random id (256 bits); the database holds its SHA-256 and the
+    session's data (small JSON). The cookie is HttpOnly, SameSite=Lax, and Secure when the relay is
+    reached over https.
+
+    The CSRF token of a session is an HMAC of its id: a page can render it, a form must send it
+    back, and another site, which cannot read the cookie, cannot forge it.
+    """
 
     __slots__ = ("_id", "created_at", "data", "is_new")
 
@@ -70,7 +73,7 @@ async def current(
     idle: dt.timedelta = IDLE,
     absolute: dt.timedelta = ABSOLUTE,
 ) -> Session | None:
-    """The request's live session (its expiry pushed back by ``idle``), or None."""
+    """Find the request's live session (its expiry pushed back by ``idle``), or None."""
     session_id = request.cookies.get(COOKIE, "")
     if not session_id or len(session_id) > 100 or not session_id.isascii():
         return None
@@ -91,8 +94,10 @@ async def current(
 async def start(
     pool: asyncpg.Pool, request: Request, *, fresh: bool = False, idle: dt.timedelta = IDLE
 ) -> Session:
-    """The request's live session, or a new one (stored now; its cookie set by :func:`attach`);
-    ``fresh``: always a new one (a sign-in never keeps the id a browser had before)."""
+    """Find the request's live session, or start one (stored now, its cookie set by ``attach``).
+
+    ``fresh``: always a new one (a sign-in never keeps the id a browser had before).
+    """
     found = None if fresh else await current(pool, request, idle=idle)
     if found is not None:
         return found

@@ -1,5 +1,8 @@
-"""The web pages mounted on the application: the setup under ``/setup``, the operators' console
-under ``/console`` and the stylesheet under ``/static``, each behind the security headers."""
+"""The web pages mounted on the application, each behind the security headers.
+
+The setup is under ``/setup``, the operators' console under ``/console``, the stylesheet under
+``/static``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from relay.edge.pages import consent, create, security, setup, templates, views
 
 
 def setup_routes() -> list[BaseRoute]:
-    """The setup pages' routes (under ``/setup``; fixed paths before the link's token)."""
+    """List the setup pages' routes (under ``/setup``; fixed paths before the link's token)."""
     guarded = views.guarded
     return [
         Route("/oauth/callback", guarded(consent.callback), methods=["GET"]),
