@@ -39,7 +39,7 @@ _CSRF: Final = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 async def _fill(pool: Any, settings: config.Settings) -> list[uuid.UUID]:
-    """200 connections, 100,000 documents (mostly uploaded; some pending, skipped, failed, in doubt,
+    """Fill the database: 200 connections, 100,000 documents (mostly uploaded; some pending, skipped, failed, in doubt,
     with their attempts), 30 runs whose reports name every connection, 20 invitations."""
     ids = [await common.insert_connection(pool, settings) for _ in range(CONNECTIONS)]
     await pool.execute(
@@ -174,7 +174,7 @@ async def _latency(client: httpx.AsyncClient, path: str) -> dict[str, Any]:
 
 
 def _documents_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """The plan's nodes that read the documents table or its indexes."""
+    """Find the plan's nodes that read the documents table or its indexes."""
     found = []
     if plan.get("Relation Name") == "documents":
         found.append(plan)
@@ -184,7 +184,7 @@ def _documents_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def _read_by(pool: Any, name: str, *args: Any) -> dict[str, Any]:
-    """Rows the statement returns, and documents rows (or index entries) its plan reads."""
+    """Count the rows the statement returns, and the documents rows or index entries it reads."""
     async with pool.acquire() as conn:
         raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {queries.get(name)}", *args)
     plan = (orjson.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]

@@ -157,7 +157,7 @@ async def _run_request(
     run_id: int,
     flush: RequestedFlush,
 ) -> None:
-    """The requested flush as run ``run_id``; the requests it serves finished or failed."""
+    """Run the requested flush as run ``run_id``; finish or fail the requests it serves."""
     try:
         result = await flush(
             settings,

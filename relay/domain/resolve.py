@@ -56,7 +56,7 @@ RETRY_REASON = "retry requested by an operator"
 
 
 async def retry(pool: asyncpg.Pool, document_id: int) -> models.Document:
-    """`relay documents retry ID`: a failed document goes back to pending for the next flush (the
+    """Put a failed document back to pending for the next flush (``relay documents retry ID``; the
     operator fixed what made Loop refuse it). Only a failed document can be retried."""
     document = await overview.retry_document(pool, document_id, RETRY_REASON)
     if document is None:

@@ -324,7 +324,7 @@ def flush_request_url(settings: config.Settings, request_id: int) -> str:
 
 
 async def show_flush_request(request: Request) -> Any:
-    """A flush request: waiting, running, finished or failed, with its run's report once there."""
+    """Show a flush request: waiting, running, finished or failed, with its run's report."""
     raw_id = request.path_params["request_id"]
     if not raw_id.isdigit() or len(raw_id) > 18:
         raise errors.NotFound("no such flush request")

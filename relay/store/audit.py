@@ -52,7 +52,7 @@ async def record(
 async def for_target(
     pool: asyncpg.Pool, target_kind: str, target: str | None, *, limit: int = 20
 ) -> list[Entry]:
-    """The newest entries about one target (``target`` None: every target of that kind)."""
+    """Read the newest entries about one target (``target`` None: every target of that kind)."""
     with db.translate("read audit"):
         rows = await pool.fetch(queries.get("audit_for_target"), target_kind, target, limit)
     return [Entry.from_record(r) for r in rows]

@@ -36,7 +36,7 @@ class FlushRequest:
 
     @property
     def state(self) -> str:
-        """``waiting``, ``running``, ``finished`` or ``failed``."""
+        """Say where the request is: ``waiting``, ``running``, ``finished`` or ``failed``."""
         if self.finished_at is not None:
             return self.outcome or "finished"
         return "running" if self.started_at is not None else "waiting"
@@ -79,7 +79,7 @@ async def get(source: Source, request_id: int) -> FlushRequest | None:
 
 
 async def next_open(source: Source) -> FlushRequest | None:
-    """The oldest request not finished (read under the scheduler's lock)."""
+    """Read the oldest request not finished (under the scheduler's lock)."""
     with db.translate("next flush request"):
         record = await source.fetchrow(queries.get("next_flush_request"))
     return None if record is None else FlushRequest.from_record(record)
@@ -98,7 +98,7 @@ async def start(source: Source, request_id: int, run_id: int) -> list[int]:
 
 
 async def finish(source: Source, run_id: int, *, error: str | None) -> None:
-    """The requests served by ``run_id`` are done: finished, or failed with ``error``."""
+    """Finish the requests served by ``run_id``: finished, or failed with ``error``."""
     with db.translate("finish flush requests"):
         await source.execute(
             queries.get("finish_flush_requests"),

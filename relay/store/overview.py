@@ -61,7 +61,7 @@ class DocumentFilter:
     search: str | None = None
 
     def pattern(self) -> str | None:
-        """The ILIKE pattern of the search (its wildcards taken literally)."""
+        """Return the ILIKE pattern of the search (its wildcards taken literally)."""
         if not self.search:
             return None
         escaped = self.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -83,7 +83,7 @@ async def connection(pool: asyncpg.Pool, connection_id: uuid.UUID) -> Connection
 async def counts(
     pool: asyncpg.Pool, connection_id: uuid.UUID | None = None
 ) -> dict[uuid.UUID, dict[str, int]]:
-    """Documents by state for each connection (one counted aggregate, no document loaded)."""
+    """Count documents by state for each connection (one aggregate, no document loaded)."""
     with db.translate("count documents"):
         records = await pool.fetch(queries.get("count_documents_by_state"), connection_id)
     found: dict[uuid.UUID, dict[str, int]] = {}
@@ -100,7 +100,7 @@ async def documents_page(
     before: int | None,
     limit: int,
 ) -> list[DocumentRow]:
-    """Up to ``limit`` documents, newest first, with ids below ``before`` when given."""
+    """Read up to ``limit`` documents, newest first, with ids below ``before`` when given."""
     with db.translate("list documents"):
         records = await pool.fetch(
             queries.get("console_documents_page"),
@@ -117,14 +117,14 @@ async def documents_page(
 async def retry_document(
     pool: asyncpg.Pool, document_id: int, reason: str
 ) -> models.Document | None:
-    """A failed document back to pending; None when it is not (or no longer) failed."""
+    """Put a failed document back to pending; None when it is not (or no longer) failed."""
     with db.translate("retry document"):
         record = await pool.fetchrow(queries.get("retry_document"), document_id, reason)
     return None if record is None else models.Document.from_record(record)
 
 
 async def revoke_invitation(pool: asyncpg.Pool, invitation_id: uuid.UUID) -> str | None:
-    """An open invitation expires now; its client's name, or None when it was not open."""
+    """Expire an open invitation now; its client's name, or None when it was not open."""
     with db.translate("revoke invitation"):
         name = await pool.fetchval(queries.get("revoke_invitation"), invitation_id)
     return None if name is None else str(name)

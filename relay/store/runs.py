@@ -63,13 +63,13 @@ class Run:
 
 
 async def insert_manual(source: Source) -> int:
-    """A new manual run's row; its id."""
+    """Insert a manual run's row; return its id."""
     with db.translate("insert run"):
         return int(await source.fetchval(queries.get("insert_manual_run")))
 
 
 async def page(source: Source, *, before: int | None, limit: int) -> list[RunSummary]:
-    """Up to ``limit`` runs newest first, below the id ``before`` when given."""
+    """Read up to ``limit`` runs newest first, below the id ``before`` when given."""
     with db.translate("list runs"):
         records = await source.fetch(queries.get("console_runs"), before, limit)
     return [RunSummary.from_record(r) for r in records]

@@ -23,7 +23,7 @@ logger = log.get(__name__)
 
 
 async def sign_in(request: Request) -> Response:
-    """**Sign in** with the admin token: a new session (never the one the browser had), a day idle."""
+    """Sign in with the admin token: a new session (never the one the browser had), a day idle."""
     ctx = views.context(request)
     address = views.client_address(request)
     try:
@@ -83,7 +83,7 @@ async def sign_in(request: Request) -> Response:
 
 
 async def sign_out(request: Request) -> Response:
-    """**Sign out**: the session ends here and now."""
+    """Sign out: end the session here and now."""
     ctx = views.context(request)
     checked = await auth.posted(request, ctx)
     if isinstance(checked, Response):
@@ -120,7 +120,7 @@ def _not_found(ctx: views.Context, session: sessions.Session, what: str) -> Resp
 async def connection_action(
     request: Request, ctx: views.Context, session: sessions.Session, fields: dict[str, str]
 ) -> auth.Plan | Response:
-    """**Check now**, **Disconnect**, **Reconnect** (which ``what`` names)."""
+    """Plan **Check now**, **Disconnect** or **Reconnect** (which ``what`` names)."""
     connection_id = _connection_id(request)
     what = request.path_params["what"]
     if connection_id is None or what not in ("check", "disconnect", "reconnect"):
@@ -150,7 +150,7 @@ async def connection_action(
 async def document_action(
     request: Request, ctx: views.Context, session: sessions.Session, fields: dict[str, str]
 ) -> auth.Plan | Response:
-    """**Mark as uploaded**, **Send again** (in doubt) and **Retry** (failed), on one document."""
+    """Plan **Mark as uploaded**, **Send again** (in doubt) or **Retry** (failed) on a document."""
     document_id = pages._number(request.path_params["document_id"])
     what = request.path_params["what"]
     if document_id is None or what not in ("uploaded", "resend", "retry"):
@@ -189,7 +189,7 @@ async def document_action(
 async def flush_now(
     request: Request, ctx: views.Context, session: sessions.Session, fields: dict[str, str]
 ) -> auth.Plan | Response:
-    """**Flush now**: asks a scheduler for a run (this process never runs one)."""
+    """Plan **Flush now**: ask a scheduler for a run (this process never runs one)."""
     pool = ctx.pool
 
     async def run() -> str:
@@ -207,7 +207,7 @@ async def flush_now(
 async def letter_action(
     request: Request, ctx: views.Context, session: sessions.Session, fields: dict[str, str]
 ) -> auth.Plan | Response:
-    """**Replay**, **Purge** (one message) and **Replay all** (those matching a filter)."""
+    """Plan **Replay**, **Purge** (one message) or **Replay all** (those matching a filter)."""
     what = request.path_params["what"]
     settings, broker = ctx.settings, request.app.state.amqp
     if what == "replay-all":
@@ -243,7 +243,7 @@ async def letter_action(
 
 
 async def create_invitation(request: Request) -> Response:
-    """**Create invitation** (field **Client name**): the page shows its setup link, once."""
+    """Create an invitation (field **Client name**) and show its setup link, once."""
     ctx = views.context(request)
     checked = await auth.posted(request, ctx)
     if isinstance(checked, Response):
@@ -286,7 +286,7 @@ async def create_invitation(request: Request) -> Response:
 async def revoke_invitation(
     request: Request, ctx: views.Context, session: sessions.Session, fields: dict[str, str]
 ) -> auth.Plan | Response:
-    """**Revoke**: the link stops working now."""
+    """Plan **Revoke**: the invitation's link stops working now."""
     try:
         invitation_id = uuid.UUID(fields.get("id", ""))
     except ValueError:

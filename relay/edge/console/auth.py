@@ -25,12 +25,12 @@ LOGIN: Final = "/console/login"
 
 
 def who(session: sessions.Session) -> str:
-    """How the audit names an operator: the session, by a short fingerprint of its id's hash."""
+    """Name an operator for the audit: the session, by a short fingerprint of its id's hash."""
     return f"session {session.id_hash.hex()[:12]}"
 
 
 async def operator(request: Request, ctx: views.Context) -> sessions.Session | None:
-    """The signed-in operator's session (its expiry pushed back a day), or None."""
+    """Find the signed-in operator's session (its expiry pushed back a day), or None."""
     session = await sessions.current(ctx.pool, request, idle=IDLE, absolute=ABSOLUTE)
     if session is None or session.data.get("console") is not True:
         return None
@@ -50,7 +50,7 @@ PageHandler = Callable[[Request, views.Context, sessions.Session], Awaitable[Res
 
 
 def page(handler: PageHandler) -> views.Handler:
-    """A console page: signed-in operators only (others go to the sign-in page)."""
+    """Guard a console page: signed-in operators only (others go to the sign-in page)."""
 
     async def wrapped(request: Request) -> Response:
         ctx = views.context(request)
@@ -82,7 +82,7 @@ ActionHandler = Callable[
 async def posted(
     request: Request, ctx: views.Context
 ) -> tuple[sessions.Session, dict[str, str]] | Response:
-    """The form of a POST by a signed-in operator with the page's CSRF token, or the refusal
+    """Read the form of a POST by a signed-in operator with the page's CSRF token, or refuse it
     (the sign-in page without a session, 403 without the token); nothing is changed either way."""
     try:
         fields = await forms.read(request)
@@ -99,8 +99,11 @@ async def posted(
 
 
 def action(handler: ActionHandler) -> views.Handler:
-    """A console action: a POST with the CSRF token, run and recorded in the audit (who, what, when,
-    outcome) whatever its outcome; then back to the page it changed, which shows the entry."""
+    """Guard, run and audit a console action (who, what, when, outcome), whatever its outcome.
+
+    The action is a POST with the CSRF token; afterwards the browser goes back to the page it
+    changed, which shows the entry.
+    """
 
     async def wrapped(request: Request) -> Response:
         ctx = views.context(request)

@@ -44,7 +44,7 @@ def render(
 
 
 def _query(values: dict[str, Any]) -> str:
-    """``?k=v&...`` of the values that are set (empty when none is)."""
+    """Return ``?k=v&...`` of the values that are set (empty when none is)."""
     kept = {k: v for k, v in values.items() if v is not None}
     return "?" + urllib.parse.urlencode(kept) if kept else ""
 
@@ -58,7 +58,7 @@ def _number(raw: str | None) -> int | None:
 async def notice_and_entries(
     request: Request, ctx: views.Context, kind: str, target: str | None
 ) -> dict[str, Any]:
-    """The page's recent changes (the audit of what it shows) and the one just made, if any."""
+    """Read the page's recent changes (the audit of what it shows) and the one just made, if any."""
     entries = await audit.for_target(ctx.pool, kind, target)
     wanted = _number(request.query_params.get("notice"))
     notice = next((e for e in entries if e.id == wanted), None)
@@ -69,7 +69,7 @@ async def notice_and_entries(
 
 
 async def login(request: Request) -> Response:
-    """``/console/login``: the field **Admin token** and **Sign in** (already signed in: Today)."""
+    """Show ``/console/login``: the field **Admin token** and **Sign in** (signed in: Today)."""
     ctx = views.context(request)
     if await auth.operator(request, ctx) is not None:
         return views.see("/console/")
@@ -81,7 +81,7 @@ async def login(request: Request) -> Response:
 
 
 async def _health(ctx: views.Context, request: Request) -> tuple[status.Report | None, str | None]:
-    """One look at the roles and queues (no second look: a page must answer at once)."""
+    """Look once at the roles and queues (no second look: a page must answer at once)."""
     try:
         report = await status.check(ctx.settings, ctx.pool, request.app.state.amqp, confirm=False)
     except errors.DatabaseUnavailable:
@@ -101,7 +101,7 @@ class Item:
 
 
 async def today(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """``/console/``: every connection, those needing someone first, with the next action."""
+    """Show ``/console/``: every connection, those needing someone first, with the next action."""
     rows = await overview.connections(ctx.pool)
     counts = await overview.counts(ctx.pool)
     now = dt.datetime.now(dt.UTC)
@@ -149,7 +149,7 @@ def _filter(request: Request) -> overview.DocumentFilter:
 
 
 async def connection(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """A connection: state, warnings, its actions, and one page of its documents (newest first)."""
+    """Show a connection: state, warnings, actions, and one page of its documents (newest first)."""
     try:
         connection_id = uuid.UUID(request.path_params["connection_id"])
     except ValueError:
@@ -203,7 +203,7 @@ async def connection(request: Request, ctx: views.Context, session: sessions.Ses
 
 
 async def runs_page(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """Every flush run, newest first (a page at a time), and the flushes asked for."""
+    """Show every flush run, newest first (a page at a time), and the flushes asked for."""
     before = _number(request.query_params.get("before"))
     found = await runs.page(ctx.pool, before=before, limit=RUNS_PAGE + 1)
     shown, more = found[:RUNS_PAGE], len(found) > RUNS_PAGE
@@ -223,7 +223,7 @@ async def runs_page(request: Request, ctx: views.Context, session: sessions.Sess
 
 
 async def run_page(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """One run's report, per connection."""
+    """Show one run's report, per connection."""
     run_id = _number(request.path_params["run_id"])
     run = await runs.get(ctx.pool, run_id) if run_id is not None else None
     if run is None:
@@ -244,7 +244,7 @@ async def run_page(request: Request, ctx: views.Context, session: sessions.Sessi
 
 
 def letter_filter(values: Any) -> tuple[str | None, str | None]:
-    """The dead letters' filter: (reason, connection id), each None when not given."""
+    """Read the dead letters' filter: (reason, connection id), each None when not given."""
     return (values.get("reason") or None), (values.get("connection") or None)
 
 
@@ -260,7 +260,7 @@ def matching(
 
 
 async def dead_letters(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """The dead-letter queue: each message's reason, topic, connection and failure time."""
+    """Show the dead-letter queue: each message's reason, topic, connection and failures."""
     letters = await dlq.list_messages(ctx.settings, request.app.state.amqp)
     reason, connection_id = letter_filter(request.query_params)
     names = {
@@ -283,7 +283,7 @@ async def dead_letters(request: Request, ctx: views.Context, session: sessions.S
 
 
 async def dead_letter(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """One dead-lettered message, its secrets masked."""
+    """Show one dead-lettered message, its secrets masked."""
     letter_id = request.path_params["letter_id"]
     try:
         letter = await dlq.show(ctx.settings, request.app.state.amqp, letter_id)
@@ -317,7 +317,7 @@ async def invitations_page(
     error: str | None = None,
     status_code: int = 200,
 ) -> Response:
-    """Pending invitations with their expiry (revocable), and **Create invitation**."""
+    """Show the pending invitations with their expiry (revocable), and **Create invitation**."""
     now = dt.datetime.now(dt.UTC)
     pending = [i for i in await invitations.list_all(ctx.pool) if i.usable(now)]
     pending.sort(key=lambda i: i.expires_at)
@@ -345,7 +345,7 @@ async def invitations_get(
 
 
 async def health(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """Health at a glance: the queues, each role's last heartbeat, the last scheduled run."""
+    """Show health at a glance: the queues, each role's last heartbeat, the last scheduled run."""
     report, error = await _health(ctx, request)
     last = await runs.last_scheduled(ctx.pool)
     queues = None

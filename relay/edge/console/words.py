@@ -53,7 +53,7 @@ URGENT, TODAY, LATER, FINE = 0, 1, 2, 3
 
 
 def when(value: dt.datetime | str | None, *, never: str = "never") -> str:
-    """A moment as the console shows it (minutes, UTC); an ISO text is read first."""
+    """Say a moment as the console shows it (minutes, UTC); an ISO text is read first."""
     moment = value
     if isinstance(value, str):
         try:
@@ -66,7 +66,7 @@ def when(value: dt.datetime | str | None, *, never: str = "never") -> str:
 
 
 def document_reason(document: models.Document) -> str:
-    """What happened to a document, said for an operator."""
+    """Say what happened to a document, for an operator."""
     state, reason = document.state, document.reason
     if state == models.DocumentState.PENDING:
         return f"waiting for the next flush ({reason})" if reason else "waiting for the next flush"
@@ -82,7 +82,7 @@ def document_reason(document: models.Document) -> str:
 
 
 def cegid_answer(row: overview.DocumentRow) -> str:
-    """The last attempt's answer from Loop, short."""
+    """Say the last attempt's answer from Loop, short."""
     parts = []
     if row.last_http_status is not None:
         parts.append(f"HTTP {row.last_http_status}")
@@ -106,7 +106,7 @@ class Attention:
 def attention(
     row: overview.ConnectionRow, counts: dict[str, int], folder_warning: str | None
 ) -> Attention:
-    """The first thing someone should do about a connection, most urgent first."""
+    """Decide the first thing someone should do about a connection, most urgent first."""
     connection = row.connection
     state = connection.state
     if state == models.ConnectionState.NEEDS_ATTENTION:
@@ -166,7 +166,7 @@ def _masked(value: Any) -> Any:
 
 
 def masked_body(body: bytes) -> str:
-    """A dead-lettered message for an operator's eyes: secrets, tokens and the query strings of URLs
+    """Render a dead-lettered message for an operator's eyes: secrets, tokens and the query strings of URLs
     (presigned links) masked; pretty-printed when it is JSON."""
     try:
         value = orjson.loads(body)
