@@ -257,10 +257,14 @@ class Buffer:
     # ------------------------------------------------------------------ settle (after the commit)
 
     async def _dead_letter(self, item: Item, reason: str) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat()
         headers = {
             **_headers(item.message),
             amqp.HEADER_REASON: reason[:500],
-            amqp.HEADER_FAILED_AT: dt.datetime.now(dt.UTC).isoformat(),
+            amqp.HEADER_FAILED_AT: now,
+            amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                amqp.HEADER_FIRST_FAILED_AT, now
+            ),
             amqp.HEADER_DLQ_ID: str(uuid.uuid4()),
         }
         await self._publisher.publish(
@@ -295,6 +299,9 @@ class Buffer:
                     **_headers(item.message),
                     amqp.HEADER_ATTEMPTS: attempt,
                     amqp.HEADER_REASON: item.retry[:500],
+                    amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                        amqp.HEADER_FIRST_FAILED_AT, dt.datetime.now(dt.UTC).isoformat()
+                    ),
                 }
                 await self._publisher.publish(
                     amqp.retry_queue_name(self._settings, delay),

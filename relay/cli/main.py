@@ -193,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     decision = resolve.add_mutually_exclusive_group(required=True)
     decision.add_argument("--uploaded", action="store_true", help="it is in Loop: mark uploaded")
     decision.add_argument("--resend", action="store_true", help="it is not in Loop: send it again")
+    retry = command(
+        "retry",
+        "send a failed document again at the next flush (after its cause was fixed)",
+        management.cmd_documents_retry,
+        json=True,
+        parent=docs_sub,
+    )
+    retry.add_argument("id", type=_positive)
 
     dlq = command("dlq", "the dead-letter queue", lambda a: None)
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)

@@ -193,6 +193,19 @@ async def cmd_documents_resolve(args: argparse.Namespace) -> int:
     return console.EXIT_OK
 
 
+async def cmd_documents_retry(args: argparse.Namespace) -> int:
+    from relay.domain import resolve
+
+    settings = console.settings()
+    async with console.pool(settings) as pool:
+        document = await resolve.retry(pool, args.id)
+    if args.json:
+        console.emit_json(document.to_json())
+    else:
+        print(f"document {document.id}: {document.state} ({document.reason})")
+    return console.EXIT_OK
+
+
 async def _with_amqp(settings: config.Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
     from relay.broker import amqp
 

@@ -63,6 +63,10 @@ async def metrics_endpoint(request: Request) -> Response:
             status.check(state.settings, state.pool, state.amqp, confirm=False), timeout=3
         )
         stats.set_status(report)
+    with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
+        stats.set_last_scheduled_run(
+            await asyncio.wait_for(store.runs.last_scheduled(state.pool), 2)
+        )
     return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 

@@ -12,6 +12,7 @@ import prometheus_client as prom
 
 from relay import models
 from relay.domain import stalls, status
+from relay.store import runs
 
 CONTENT_TYPE = prom.CONTENT_TYPE_LATEST
 DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
@@ -39,6 +40,8 @@ class Metrics:
     queue_ready: prom.Gauge
     queue_consumers: prom.Gauge
     oldest_age: prom.Gauge
+    last_run_started: prom.Gauge
+    last_run_finished: prom.Gauge
 
     def webhook(self, outcome: str, seconds: float) -> None:
         """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
@@ -91,6 +94,13 @@ class Metrics:
             if events.oldest == "none waiting"
             else math.nan
         )
+
+    def set_last_scheduled_run(self, run: runs.Run | None) -> None:
+        """Set when the last scheduled run started and finished (0: none yet, or not finished)."""
+        started = run.started_at.timestamp() if run is not None else 0.0
+        finished = run.finished_at.timestamp() if run is not None and run.finished_at else 0.0
+        self.last_run_started.set(started)
+        self.last_run_finished.set(finished)
 
     def render(self) -> bytes:
         return prom.generate_latest(self.registry)
@@ -154,6 +164,16 @@ def create() -> Metrics:
         oldest_age=prom.Gauge(
             "relay_events_oldest_message_age_seconds",
             "Age of the oldest waiting event (0: none waits; NaN: unknown, nobody holds one)",
+            registry=registry,
+        ),
+        last_run_started=prom.Gauge(
+            "relay_last_scheduled_run_started_timestamp_seconds",
+            "When the last scheduled run started (Unix time; 0: none yet)",
+            registry=registry,
+        ),
+        last_run_finished=prom.Gauge(
+            "relay_last_scheduled_run_finished_timestamp_seconds",
+            "When the last scheduled run finished (Unix time; 0: none yet, or not finished)",
             registry=registry,
         ),
     )
