@@ -158,6 +158,15 @@ class Buffer:
                 elif item.event is not None and item.event.kind is events.Kind.IGNORED:
                     item.outcome = "ignored_topic"
             live = [i for i in live if not i.dead]
+            # the same event id twice in one batch: the first copy is the event, the rest are
+            # duplicates (as they would be in a later batch)
+            seen: set[tuple[uuid.UUID | None, str]] = set()
+            for item in live:
+                event_key = (item.connection_id, item.event.id if item.event else "")
+                if event_key in seen:
+                    item.outcome = "duplicate"
+                seen.add(event_key)
+            live = [i for i in live if i.outcome != "duplicate"]
             if not live:
                 return
             new = await store.events.insert(

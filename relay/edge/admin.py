@@ -27,8 +27,22 @@ logger = log.get(__name__)
 Handler = Callable[[Request], Awaitable[Any]]
 
 
+BIGINT_MAX = 2**63 - 1  # PostgreSQL's bigint: ids and limits beyond it are bad requests
+
+
 class BadRequest(Exception):
     pass
+
+
+def _whole_number(text: str, what: str) -> int:
+    """A whole number from 1 to BIGINT_MAX, else BadRequest naming ``what``."""
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text) > 19
+        or not 1 <= int(text) <= BIGINT_MAX
+    ):
+        raise BadRequest(f"{what}: a whole number from 1 to {BIGINT_MAX}")
+    return int(text)
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -37,14 +51,21 @@ def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) 
     )
 
 
-def _authorized(request: Request) -> bool:
+def _refusal(request: Request) -> str | None:
+    """Why the request may not use the admin API (``None``: it may)."""
     settings: config.Settings = request.app.state.settings
-    if settings.admin_token is None:
-        return False
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and crypto.constant_time_equal(
-        token.strip(), settings.admin_token.reveal()
-    )
+    if settings.admin_token is None:
+        return "admin API disabled"
+    if scheme.lower() != "bearer" or not token.strip():
+        return "missing token"
+    if not crypto.constant_time_equal(token.strip(), settings.admin_token.reveal()):
+        return "wrong token"
+    return None
+
+
+def _authorized(request: Request) -> bool:
+    return _refusal(request) is None
 
 
 def _unauthorized() -> Response:
@@ -68,9 +89,21 @@ class Authenticate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admin = scope["type"] == "http" and is_admin_path(scope["path"])
-        if admin and not _authorized(Request(scope)):
-            await _unauthorized()(scope, receive, send)
-            return
+        if admin:
+            request = Request(scope)
+            reason = _refusal(request)
+            if reason is not None:
+                # never the token: the path, the client's address and why
+                logger.warning(
+                    "admin_auth_failed",
+                    path=scope["path"][:200],
+                    method=scope["method"],
+                    client=request.client.host if request.client else None,
+                    reason=reason,
+                )
+                request.app.state.metrics.admin_auth_failed(reason)
+                await _unauthorized()(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -199,11 +232,7 @@ async def list_documents(request: Request) -> Any:
             connection_id = uuid.UUID(params["connection"])
         except ValueError:
             raise BadRequest("connection: not a UUID") from None
-    limit = None
-    if params.get("limit"):
-        if not params["limit"].isdigit() or int(params["limit"]) < 1:
-            raise BadRequest("limit: a whole number of at least 1")
-        limit = int(params["limit"])
+    limit = _whole_number(params["limit"], "limit") if params.get("limit") else None
     state = params.get("state")
     if state is not None and state not in set(models.DocumentState):
         raise BadRequest(
@@ -222,11 +251,9 @@ async def resolve_document(request: Request) -> Any:
     decision = body.get("decision")
     if decision not in ("uploaded", "resend"):
         raise BadRequest('decision: "uploaded" or "resend"')
-    raw_id = request.path_params["document_id"]
-    if not raw_id.isdigit():
-        raise errors.NotFound("no such document")
+    document_id = _whole_number(request.path_params["document_id"], "document id")
     document = await resolve.resolve(
-        request.app.state.pool, int(raw_id), uploaded=decision == "uploaded"
+        request.app.state.pool, document_id, uploaded=decision == "uploaded"
     )
     return document.to_json()
 

@@ -32,6 +32,9 @@ class Metrics:
     registry: prom.CollectorRegistry
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
+    admin_auth_failures: prom.Counter
+    connections_open: prom.Gauge
+    connections_cut: prom.Gauge
     documents: prom.Gauge
     heartbeat_age: prom.Gauge
     work_age: prom.Gauge
@@ -47,6 +50,16 @@ class Metrics:
         """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
+
+    def admin_auth_failed(self, reason: str) -> None:
+        """A request to the admin API refused for its token (missing token, wrong token...)."""
+        self.admin_auth_failures.labels(reason).inc()
+
+    def set_connections(self, open_now: int, cut: dict[str, int]) -> None:
+        """This worker's open HTTP connections, and those it cut off at a bound, by bound."""
+        self.connections_open.set(open_now)
+        for bound, count in cut.items():
+            self.connections_cut.labels(bound).set(count)
 
     def set_documents(self, counts: dict[str, int]) -> None:
         """Documents by state (every state present, zero when none); ``in_doubt`` needs an operator."""
@@ -118,6 +131,24 @@ def create() -> Metrics:
             "relay_webhook_seconds",
             "Time to verify and durably queue a webhook",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        ),
+        admin_auth_failures=prom.Counter(
+            "relay_admin_auth_failures",
+            "Requests to the admin API refused for their bearer token, by reason",
+            ["reason"],
+            registry=registry,
+        ),
+        connections_open=prom.Gauge(
+            "relay_http_connections_open",
+            "HTTP connections this worker holds open",
+            registry=registry,
+        ),
+        connections_cut=prom.Gauge(
+            "relay_http_connections_cut",
+            "HTTP connections this worker cut off since it started, by bound (connections, "
+            "header_bytes, header_timeout, body_timeout)",
+            ["bound"],
             registry=registry,
         ),
         documents=prom.Gauge(

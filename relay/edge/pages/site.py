@@ -34,8 +34,14 @@ def setup_routes() -> list[BaseRoute]:
 
 def routes(settings: config.Settings) -> list[BaseRoute]:
     return [
-        Mount("/setup", app=security.Headers(Router(routes=setup_routes()), settings)),
-        Mount("/console", app=security.Headers(Router(routes=console.routes()), settings)),
+        Mount(
+            "/setup",
+            app=security.Headers(Router(routes=setup_routes(), redirect_slashes=False), settings),
+        ),
+        Mount(
+            "/console",
+            app=security.Headers(Router(routes=console.routes(), redirect_slashes=False), settings),
+        ),
         Mount(
             "/static",
             app=security.Headers(StaticFiles(directory=templates.STATIC), settings),
