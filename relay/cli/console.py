@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config, crypto, errors
-from relay.store import db, queries
+from relay import config, crypto, errors, store
+from relay.store import db
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -64,15 +64,14 @@ async def check_secret_key(settings: config.Settings) -> None:
     except errors.RelayError:
         return
     try:
-        with db.translate("check RELAY_SECRET_KEY"):
-            sealed = await conn.fetch(queries.get("intake_secrets_all"))
+        sealed = await store.webhook_secrets.intake_all(conn)
     except errors.RelayError:
         return
     finally:
         await conn.close()
     box = crypto.Box(settings.secret_key.reveal())
-    for record in sealed:
-        box.open(bytes(record["secret"]))  # ConfigurationError naming RELAY_SECRET_KEY
+    for row in sealed:
+        box.open(row.secret)  # ConfigurationError naming RELAY_SECRET_KEY
 
 
 @contextlib.asynccontextmanager
