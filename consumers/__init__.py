@@ -1,1 +1,1 @@
-"""The long-running workers: buffer consumer, scanner, flusher, scheduler."""
+"""The long-running workers (buffer consumer, scanner, flusher, scheduler)."""

@@ -1,30 +1,8 @@
-"""`relay consume`: Qonto events from RabbitMQ into the PostgreSQL buffer, in batches.
+"""The ``relay consume`` worker, moving Qonto events from RabbitMQ to the PostgreSQL buffer.
 
 The events queue's deliveries are gathered into batches (up to ``batch_size`` or
 ``batch_window_s``) for :class:`consumers.buffer.Buffer`, which applies and settles them.
-
-The consumer owns its subscription. A supervision loop runs one session after another: connect,
-declare the topology, set the prefetch, subscribe, then batches. A session ends when RabbitMQ goes
-away (its connection or a channel closes, or the broker cancels the subscription: queue deleted,
-leader moved) or when the check of the events queue every few seconds (a passive declare) goes
-unanswered (a network pause) or finds the subscription gone: no consumer on the queue, or messages
-ready at two checks in a row while this consumer had room and nothing was delivered to it. The
-messages in hand are then dropped (a dead channel cannot acknowledge them; RabbitMQ delivers them
-again and the events table makes them no-ops) and a new session starts after a capped, jittered
-backoff. (aio-pika's robust connection is not used: it restores a channel's consumers only for the
-queues it declared on that channel, so the consumer of a queue got with ``get_queue`` was never
-restored after a reconnection, leaving the process alive and idle.)
-
-PostgreSQL unavailable: the batch stays in hand, unacknowledged, and is applied again once
-PostgreSQL answers (probed with backoff); the retry queues are left to failures of one message.
-RabbitMQ or PostgreSQL unavailable for longer than ``RELAY_OUTAGE_LIMIT`` ends the consumer with
-:class:`errors.OutageTooLong` (exit 1, for its supervisor to restart it); what it held goes back to
-the queue.
-
-A graceful stop lets the deliveries in flight arrive, cancels the subscription and processes the
-messages already delivered (within ``drain_s``) instead of handing them back: RabbitMQ counts every
-hand-back toward the events queue's delivery limit, and ten restarts during a backlog would
-dead-letter good events.
+:class:`_Consumer` runs one :class:`_Session` (connection, subscription, batches) after another.
 """
 
 from __future__ import annotations
@@ -41,7 +19,7 @@ import asyncpg
 import pamqp.commands
 
 from consumers import buffer
-from relay import config, errors, log, outage
+from relay import config, errors, log, outage, retry
 from relay.broker import amqp
 from relay.store import db
 from relay.upstreams import qonto
@@ -51,6 +29,8 @@ logger = log.get(__name__)
 CHECK_EVERY_S: Final = 2.0  # how often the subscription and PostgreSQL are checked
 CHECK_TIMEOUT_S: Final = 5.0  # a check unanswered for this long: the connection is taken as lost
 CLOSE_TIMEOUT_S: Final = 5.0
+# PostgreSQL probed while a batch is held: from half a second, as the roles' outage policy
+HOLD_PROBES: Final = retry.Policy(first_s=0.5, cap_s=4.0, floor=0.5)
 
 
 @dataclasses.dataclass
@@ -75,7 +55,10 @@ class _Tuning:
 
 
 class _Lost(Exception):
-    """The session's broker side is gone (the message says how): its messages in hand are dropped."""
+    """The session's broker side is gone; its messages in hand are dropped.
+
+    The message says how it went.
+    """
 
 
 async def consume(
@@ -90,16 +73,19 @@ async def consume(
     drain_s: float = 5.0,
     check_every_s: float = CHECK_EVERY_S,
 ) -> None:
-    """Run until ``stop`` is set; then cancel the subscription, process the messages already
-    delivered (for at most ``drain_s`` seconds) and leave.
+    """Consume events until ``stop`` is set, then drain what was delivered and leave.
 
-    Only the messages still unprocessed after ``drain_s`` are handed back to the queue, which
-    counts toward its delivery limit. ``retry_delays`` (seconds, each one of the declared delay
-    queues) is the wait before each retry of a message failing transiently; after the last one it
-    is dead-lettered. Tests shorten it. ``progress`` is kept up to date for a heartbeat.
+    On ``stop`` it cancels the subscription and processes the messages already delivered (for at
+    most ``drain_s`` seconds); only those still unprocessed then are handed back to the queue,
+    which counts toward its delivery limit.
+
+    ``retry_delays`` (seconds, each one of the declared delay queues) is the wait before each
+    retry of a message failing transiently; after the last one it is dead-lettered. Tests shorten
+    it. ``progress`` is kept up to date for a heartbeat.
 
     Raises BrokerUnavailable or DatabaseUnavailable when the first connection fails (a start that
-    cannot succeed), and OutageTooLong when either stays unavailable past ``RELAY_OUTAGE_LIMIT``.
+    cannot succeed), and OutageTooLong when either stays unavailable past ``RELAY_OUTAGE_LIMIT``
+    (exit 1, for its supervisor to restart it); what it held goes back to the queue.
     """
     tuning = _Tuning(prefetch, batch_size, batch_window_s, retry_delays, drain_s, check_every_s)
     async with (
@@ -118,7 +104,19 @@ async def consume(
 
 
 class _Consumer:
-    """The supervision loop: one session after another, until stopped or an outage lasts too long."""
+    """Supervisor running one session after another, until stopped or an outage outlasts its limit.
+
+    A session connects, declares the topology, sets the prefetch, subscribes, then runs batches.
+    It ends when RabbitMQ goes away (its connection or a channel closes, or the broker cancels the
+    subscription: queue deleted, leader moved) or when the check of the events queue
+    (:meth:`_Session._watch`) goes unanswered or finds the subscription gone. The messages in hand
+    are then dropped (a dead channel cannot acknowledge them; RabbitMQ delivers them again and the
+    events table makes them no-ops) and a new session starts after a capped, jittered backoff.
+
+    aio-pika's robust connection is not used: it restores a channel's consumers only for the
+    queues it declared on that channel, so the consumer of a queue got with ``get_queue`` was
+    never restored after a reconnection, leaving the process alive and idle.
+    """
 
     def __init__(
         self,
@@ -141,7 +139,7 @@ class _Consumer:
         self.processed = 0
 
     async def run(self) -> None:
-        backoff = outage.Backoff()
+        backoff = retry.Backoff(retry.OUTAGE)
         sessions = 0
         returned = 0
         while not self.stop.is_set():
@@ -176,8 +174,7 @@ class _Consumer:
 
 
 class _Session:
-    """One connection to RabbitMQ: its channel, subscription and publisher, and the messages it
-    delivered that are not settled yet."""
+    """One connection to RabbitMQ with its channel, subscription, publisher and messages in hand."""
 
     def __init__(self, consumer: _Consumer) -> None:
         self._c = consumer
@@ -216,7 +213,7 @@ class _Session:
         c.progress.subscribed = True
 
     async def close(self) -> int:
-        """Close the connection: RabbitMQ takes back what was not settled; how many that was."""
+        """Close the connection and return how many unsettled messages RabbitMQ takes back."""
         c = self._c
         c.progress.subscribed = False
         returned = len(self._held)
@@ -269,7 +266,10 @@ class _Session:
     # ------------------------------------------------------------------ batches
 
     async def run(self) -> None:
-        """Batches until ``stop``, then the graceful stop; raises _Lost when the session is lost."""
+        """Apply batches until ``stop``, then stop gracefully.
+
+        Raises _Lost when the session is lost.
+        """
         c = self._c
         watch = asyncio.create_task(self._watch(), name="consume-watch")
         watch.add_done_callback(self._watch_ended)
@@ -292,8 +292,10 @@ class _Session:
         await self._stop_gracefully()
 
     def _watch_ended(self, watch: asyncio.Task[None]) -> None:
-        """The check ended by itself: it found the session lost, or it failed (no session goes on
-        unchecked)."""
+        """Mark the session lost when its check ended by itself, so no session goes on unchecked.
+
+        The check ends by itself when it found the session lost, or when it failed.
+        """
         failure = None if watch.cancelled() else watch.exception()
         if failure is not None:
             logger.error("consume_check_failed", error=f"{type(failure).__name__}: {failure}")
@@ -302,12 +304,16 @@ class _Session:
     async def _apply(
         self, batch: list[aio_pika.abc.AbstractIncomingMessage], *, until: float | None = None
     ) -> bool:
-        """Apply and settle the batch. While PostgreSQL is unavailable the batch stays in hand and
-        PostgreSQL is probed with backoff; False when the stop's deadline (``until``, or
-        ``drain_s`` after the stop) passed first. _Lost when RabbitMQ went away meanwhile."""
+        """Apply and settle the batch, holding it while PostgreSQL is unavailable.
+
+        While PostgreSQL is unavailable the batch stays in hand, unacknowledged, and PostgreSQL is
+        probed with backoff; the retry queues are left to failures of one message. Returns False
+        when the stop's deadline (``until``, or ``drain_s`` after the stop) passed first; raises
+        _Lost when RabbitMQ went away meanwhile.
+        """
         c = self._c
         assert self._worker is not None
-        backoff = outage.Backoff(first_s=0.5, cap_s=4.0)
+        backoff = retry.Backoff(HOLD_PROBES)
         holding = False
         while True:
             try:
@@ -360,7 +366,12 @@ class _Session:
     # ------------------------------------------------------------------ checks
 
     async def _watch(self) -> None:
-        """Every ``check_every_s``: is the subscription still there, does PostgreSQL answer?"""
+        """Check every ``check_every_s`` that the subscription is there and PostgreSQL answers.
+
+        The events queue is checked with a passive declare. The session is lost when the check
+        goes unanswered (a network pause), when no consumer is on the queue, or when messages were
+        ready at two checks in a row while this consumer had room and nothing was delivered to it.
+        """
         c = self._c
         every = c.tuning.check_every_s
         was_ready, seen, had_room = 0, self._delivered, True
@@ -401,6 +412,14 @@ class _Session:
     # ------------------------------------------------------------------ graceful stop
 
     async def _stop_gracefully(self) -> None:
+        """Let the deliveries in flight arrive, unsubscribe, then process what was delivered.
+
+        Processing lasts at most ``drain_s``.
+
+        They are processed instead of handed back because RabbitMQ counts every hand-back toward
+        the events queue's delivery limit, and ten restarts during a backlog would dead-letter good
+        events.
+        """
         c = self._c
         await _until_window_full(self._inbox, c.tuning.prefetch)
         assert self._queue is not None
@@ -429,7 +448,7 @@ def _received_at(message: aio_pika.abc.AbstractIncomingMessage) -> int | None:
 
 
 async def _ping(pool: asyncpg.Pool) -> None:
-    """DatabaseUnavailable unless PostgreSQL answers within a few seconds."""
+    """Raise DatabaseUnavailable unless PostgreSQL answers within a few seconds."""
     try:
         await asyncio.wait_for(db.ping(pool), timeout=CHECK_TIMEOUT_S)
     except TimeoutError as exc:
@@ -437,7 +456,7 @@ async def _ping(pool: asyncpg.Pool) -> None:
 
 
 async def _wait(events: Sequence[asyncio.Event], timeout: float) -> None:  # noqa: ASYNC109
-    """Until one of ``events`` is set, or ``timeout`` seconds."""
+    """Wait until one of ``events`` is set, or ``timeout`` seconds."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
         if waiters:
@@ -456,12 +475,12 @@ async def _until_window_full(
     quiet_s: float = 0.1,
     within_s: float = 2.0,
 ) -> None:
-    """Wait until no delivery is on its way: the inbox holds ``prefetch`` messages (everything
-    unacknowledged, so RabbitMQ sends nothing more) or none arrived for ``quiet_s``.
+    """Wait until no delivery is on its way.
 
-    Measured on RabbitMQ 3.10: a quorum queue consumer cancelled while deliveries are in flight gets
-    them returned to the queue by the broker, each counted as a delivery (classic queues deliver
-    them before the cancel-ok).
+    That is when the inbox holds ``prefetch`` messages (everything unacknowledged, so RabbitMQ
+    sends nothing more) or none arrived for ``quiet_s``. As seen on RabbitMQ 3.10, a quorum queue
+    consumer cancelled while deliveries are in flight gets them returned to the queue by the
+    broker, each counted as a delivery (classic queues deliver them before the cancel-ok).
     """
     deadline = time.monotonic() + within_s
     size, since = inbox.qsize(), time.monotonic()
@@ -474,7 +493,7 @@ async def _until_window_full(
 
 
 async def _unsubscribe(queue: aio_pika.abc.AbstractQueue, tag: str) -> bool:
-    """Cancel the subscription: RabbitMQ delivers nothing more after its cancel-ok."""
+    """Cancel the subscription, after whose cancel-ok RabbitMQ delivers nothing more."""
     try:
         with amqp.translate("cancel consumer"):
             await asyncio.wait_for(queue.cancel(tag), timeout=5)
@@ -492,8 +511,11 @@ async def _gather(
     *,
     idle_s: float = 1.0,
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Up to ``size`` messages: wait ``idle_s`` for the first (or until one of ``wake`` is set),
-    then at most ``window`` seconds for more."""
+    """Gather up to ``size`` messages from the inbox.
+
+    It waits ``idle_s`` for the first (or until one of ``wake`` is set), then at most ``window``
+    seconds for more.
+    """
     getting = asyncio.ensure_future(inbox.get())
     waiting: set[asyncio.Future[Any]] = {getting}
     woken = [asyncio.ensure_future(event.wait()) for event in wake]

@@ -1,39 +1,11 @@
-"""The flush: every pending document to Cegid Loop, exactly once. One transaction per transition.
+"""The flush of every pending document to Cegid Loop, exactly once, one transaction per transition.
 
     pending ──claim──▶ uploading ──download, type, dedupe──▶ (commit the attempt: "sending")
         ──POST /storeDocument──▶ uploaded | pending (retry next run) | failed | in_doubt
 
-Loop has no idempotency key and no way to list what it holds, so this ledger is the only guard
-against a duplicate in the accountant's inbox:
-- the attempt row (``uploads``, outcome ``sending``) is committed before the first byte is sent;
-- a document left ``uploading`` by a dead worker becomes ``in_doubt`` if its attempt row exists (the
-  request may have gone out) and ``pending`` if not (it provably never left); a worker is dead when
-  the PostgreSQL advisory lock it holds for the whole flush is free;
-- a request fully sent without an answer is ``in_doubt`` and is never re-sent without an operator;
-- the attempt row is written only while the worker still holds the document, under the same row
-  lock a recovery takes, so a worker taken for dead cannot send a document someone else recovered;
-- content is deduplicated per dossier against a copy that is in Loop, in doubt or being sent; a
-  copy that never reached Loop (pending, skipped, failed) gives the content up to the next one.
-
-PostgreSQL lost mid-run (stopped, restarted, backends terminated) does not make doubt: every write
-of the run goes through a :class:`consumers.patience.Guard`, so the flush stops claiming, lets the
-deposits already out finish, records their answers once the database is back (its worker lease
-re-taken first), and claims the rest. Past ``RELAY_OUTAGE_LIMIT`` it stops with one line saying
-what it leaves: the documents it could not settle are settled by the next run's recovery (in doubt
-when an attempt was committed, pending when not). A document is left in doubt by a run only when
-no answer came, or when the process itself dies.
-
-One document's error (a bug, a statement that keeps failing) stops that document only: it stays
-``uploading`` under this worker and is settled at the end of the run like a dead worker's. One
-connection's error stops that connection only; the others go on.
-
-Documents are claimed with ``FOR UPDATE SKIP LOCKED``, so several flush processes share a night.
-Uploads are capped globally (``RELAY_UPLOAD_CONCURRENCY``) and per firm
-(``RELAY_UPLOAD_CONCURRENCY_PER_FIRM``); files go from Qonto to a temporary file and from it to Loop,
-never whole in memory.
-
 This module holds the run and each connection's claims; one document's way is in
-:mod:`consumers.upload`, the settling of what a worker left ``uploading`` in :mod:`consumers.recovery`.
+:mod:`consumers.upload`, the settling of what a worker left ``uploading`` in
+:mod:`consumers.recovery`.
 """
 
 from __future__ import annotations
@@ -52,9 +24,9 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery, scanner, upload
-from relay import config, crypto, errors, log, models
+from relay import config, crypto, errors, log, models, store
 from relay.domain import connections, credentials, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import cegid, qonto
 
 logger = log.get(__name__)
@@ -68,7 +40,11 @@ DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=24)
 
 
 async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None:
-    """The periodic dossier check (a wrong or dissociated dossier code loses deposits silently)."""
+    """Check the connection's Cegid dossier once a day; a refusal flags the connection.
+
+    A wrong or dissociated dossier code loses deposits silently; an unavailable Cegid is not
+    conclusive, so the run deposits anyway and checks again next run.
+    """
     connection = run.connection
     checked = connection.dossier_checked_at
     if checked is not None and ctx.cutoff - checked < DOSSIER_CHECK_EVERY:
@@ -77,20 +53,27 @@ async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None
         await ctx.cegid.check_dossier(run.cegid_creds, connection.cegid_dossier)
     except errors.CegidAccessRefused as exc:
         run.refused = f"{upload.CEGID_REASON}{exc}"
+        run.refused_by = models.Refuser.CEGID
         logger.warning("dossier_check_refused", connection=str(connection.id))
         return
     except errors.Retryable as exc:  # not conclusive: deposit anyway, check again next run
         logger.info("dossier_check_unavailable", connection=str(connection.id), reason=str(exc))
         return
-    await upload.transition(ctx, "set_dossier_checked", connection.id)
+    await upload.transition(
+        ctx,
+        "set_dossier_checked",
+        functools.partial(store.connections.set_dossier_checked, ctx.pool, connection.id),
+    )
 
 
 async def _recheck(
     ctx: upload.Context, connection: models.Connection, creds: credentials.CegidCredentials
 ) -> models.Connection:
-    """A connection flagged because Cegid refused its key or dossier: one dossier read (as the
-    daily check) before its documents are left waiting. Accepted: the flag is cleared and the
-    connection goes in this run. Refused or unavailable: it stays flagged."""
+    """Read the dossier of a connection Cegid refused once more before its documents wait.
+
+    The connection was flagged because Cegid refused its key or dossier. Accepted, the flag is
+    cleared and the connection goes in this run; refused or unavailable, it stays flagged.
+    """
     try:
         await ctx.cegid.check_dossier(creds, connection.cegid_dossier)
     except errors.CegidAccessRefused as exc:
@@ -101,9 +84,7 @@ async def _recheck(
         return connection
     cleared = await ctx.guard.run(
         "clear flag",
-        functools.partial(
-            connections.clear_cegid_flag, ctx.pool, connection.id, upload.CEGID_REASON
-        ),
+        functools.partial(connections.clear_cegid_flag, ctx.pool, connection.id),
     )
     if cleared is None:  # changed meanwhile (disconnected, revoked, flagged by Qonto)
         return connection
@@ -113,45 +94,41 @@ async def _recheck(
 
 async def _claim(
     ctx: upload.Context, run: upload.ConnectionRun, wanted: int
-) -> list[asyncpg.Record]:
-    """Up to ``wanted`` documents for this worker. After a claim that failed with the database
-    (its commit may have gone through), first what this worker holds without knowing it."""
+) -> list[models.Document]:
+    """Claim up to ``wanted`` of the connection's pending documents for this worker.
+
+    Documents are claimed with ``FOR UPDATE SKIP LOCKED``, so several flush processes share a
+    night. After a claim that failed with the database (its commit may have gone through), this
+    first takes back what the worker holds without knowing it.
+    """
     try:
         if ctx.lease.lost:  # a recovery could take this worker for dead: re-take it first
             raise errors.DatabaseUnavailable("claim documents: the worker lease was lost")
-        with db.translate("claim documents"):
-            if run.claim_unsure:
-                held = await ctx.pool.fetch(
-                    queries.get("held_documents"),
-                    run.connection.id,
-                    ctx.worker,
-                    list(run.seen),
-                    wanted,
-                )
-                if held:
-                    logger.warning(
-                        "documents_adopted", connection=str(run.connection.id), count=len(held)
-                    )
-                    return list(held)
-                run.claim_unsure = False
-            return list(
-                await ctx.pool.fetch(
-                    queries.get("claim_documents"),
-                    run.connection.id,
-                    ctx.worker,
-                    wanted,
-                    ctx.cutoff,
-                )
+        if run.claim_unsure:
+            held = await store.documents.held(
+                ctx.pool, run.connection.id, ctx.worker, sorted(run.seen), wanted
             )
+            if held:
+                logger.warning(
+                    "documents_adopted", connection=str(run.connection.id), count=len(held)
+                )
+                return held
+            run.claim_unsure = False
+        return await store.documents.claim(
+            ctx.pool, run.connection.id, ctx.worker, wanted, ctx.cutoff
+        )
     except errors.DatabaseUnavailable:
         run.claim_unsure = True
         raise
 
 
 async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> None:
-    """Claim this connection's pending documents as slots free up, until none is left (or access
-    is refused). An error here stops this connection only; documents in hand finish first. While
-    the database is gone nothing is claimed; when the flush gives up on it, claiming stops."""
+    """Claim and upload the connection's pending documents as slots free up, until none is left.
+
+    A refused access stops it too. An error here stops this connection only (the others go on,
+    and documents in hand finish first). While the database is gone nothing is claimed; when the
+    flush gives up on it, claiming stops.
+    """
     inflight: set[asyncio.Task[None]] = set()
     try:
         await _check_dossier(ctx, run)
@@ -161,22 +138,20 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
             while wanted < CLAIM_BATCH and not ctx.slots.locked():
                 await ctx.slots.acquire()  # free: returns at once
                 wanted += 1
-            records: list[asyncpg.Record] = []
+            claimed: list[models.Document] = []
             try:
-                records = await ctx.guard.run(
+                claimed = await ctx.guard.run(
                     "claim documents", functools.partial(_claim, ctx, run, wanted)
                 )
             finally:
-                for _ in range(wanted - len(records)):
+                for _ in range(wanted - len(claimed)):
                     ctx.slots.release()
-            run.seen.update(int(r["id"]) for r in records)
-            for record in records:  # each task releases its slot
-                task = asyncio.create_task(
-                    upload.process(ctx, run, models.Document.from_record(record))
-                )
+            run.seen.update(document.id for document in claimed)
+            for document in claimed:  # each task releases its slot
+                task = asyncio.create_task(upload.process(ctx, run, document))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
-            if not records:
+            if not claimed:
                 break
     except asyncio.CancelledError:
         for task in inflight:
@@ -199,12 +174,16 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
             await asyncio.gather(*inflight, return_exceptions=True)
     if run.refused and not ctx.guard.gave_up:
         run.report.attention = run.refused
-        refused = run.refused
+        refused, refused_by = run.refused, run.refused_by
         with contextlib.suppress(errors.OutageTooLong):
             await ctx.guard.run(
                 "flag connection",
                 lambda: connections.flag(
-                    ctx.pool, run.connection.id, models.ConnectionState.NEEDS_ATTENTION, refused
+                    ctx.pool,
+                    run.connection.id,
+                    models.ConnectionState.NEEDS_ATTENTION,
+                    refused,
+                    () if refused_by is None else (refused_by,),
                 ),
             )
 
@@ -225,9 +204,17 @@ async def flush(
 ) -> report.RunReport:
     """Recover, scan Qonto, then upload every pending document; returns the run's report.
 
-    ``connection_id``: that connection only (NotFound when there is none, Refused when it is
-    disconnected or revoked). PostgreSQL lost mid-run is waited for; past ``RELAY_OUTAGE_LIMIT``
-    the run raises OutageTooLong, whose one line says what it leaves to the next run."""
+    With ``connection_id``, that connection only (NotFound when there is none, Refused when it is
+    disconnected or revoked).
+
+    PostgreSQL lost mid-run (stopped, restarted, backends terminated) does not make doubt: every
+    write of the run goes through a :class:`consumers.patience.Guard`, so the flush stops claiming,
+    lets the deposits already out finish, records their answers once the database is back (its
+    worker lease re-taken first), and claims the rest. Past ``RELAY_OUTAGE_LIMIT`` the run raises
+    OutageTooLong, whose one line says what it leaves: the documents it could not settle are
+    settled by the next run's recovery (in doubt when an attempt was committed, pending when not).
+    A document is left in doubt by a run only when no answer came, or when the process itself dies.
+    """
     if connection_id is not None:
         only = await connections.get(pool, connection_id)
         if only.state in (models.ConnectionState.DISCONNECTED, models.ConnectionState.REVOKED):
@@ -237,11 +224,10 @@ async def flush(
     started = dt.datetime.now(dt.UTC)
     clock = time.perf_counter()
     run_report = report.RunReport(kind=run_kind, started_at=started)
-    with db.translate("worker lease"):
-        if run_id is None:
-            run_id = int(await pool.fetchval(queries.get("insert_manual_run")))
-        since_previous = await pool.fetchval(queries.get("previous_run_start"), run_id)
-        lease = await recovery.Lease.take(pool)
+    if run_id is None:
+        run_id = await store.runs.insert_manual(pool)
+    since_previous = await store.runs.previous_start(pool, run_id)
+    lease = await recovery.Lease.take(pool)
     guard = patience.Guard(pool, settings.outage_limit_s, on_back=lease.keep)
     ctx: upload.Context | None = None
     try:
@@ -259,6 +245,9 @@ async def flush(
                 now=now,
                 guard=guard,
             )
+            # files go from Qonto to a temporary file and from it to Loop, never whole in memory;
+            # uploads are capped globally (RELAY_UPLOAD_CONCURRENCY, below) and per firm
+            # (RELAY_UPLOAD_CONCURRENCY_PER_FIRM, in ``firms``)
             with tempfile.TemporaryDirectory(prefix="relay-flush-") as tmp:
                 ctx = upload.Context(
                     settings=settings,
@@ -306,7 +295,7 @@ async def flush(
 
 
 def _stopped(exc: errors.OutageTooLong, ctx: upload.Context | None) -> str:
-    """The one line a flush that gave up on PostgreSQL ends with: what it leaves, and what next."""
+    """Write the closing line of a flush that gave up on PostgreSQL (what it leaves, what next)."""
     left = ctx.left if ctx is not None else collections.Counter[str]()
     parts = [f"{exc}: the flush stopped"]
     sent = left["stored"] + left["sent"]
@@ -329,8 +318,12 @@ def _stopped(exc: errors.OutageTooLong, ctx: upload.Context | None) -> str:
 
 
 async def _settle_own(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
-    """What this worker still holds after an error is settled now, into the report; if the
-    database keeps failing, the next run's recovery does it."""
+    """Settle what this worker still holds after an error, into the report.
+
+    One document's error (a bug, a statement that keeps failing) stops that document only: it
+    stays ``uploading`` under this worker and is settled here like a dead worker's. If the
+    database keeps failing, the next run's recovery does it.
+    """
     reports = [r.report for r in runs]
     try:
         await ctx.guard.run("settle", lambda: recovery.settle_own(ctx.pool, ctx.worker, reports))
@@ -341,19 +334,18 @@ async def _settle_own(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> 
 
 
 async def _database_now(pool: asyncpg.Pool) -> dt.datetime:
-    with db.translate("database time"):
-        value: dt.datetime = await pool.fetchval(queries.get("database_now"))
-    return value
+    return await store.server.now(pool)
 
 
-async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, object]) -> None:
-    with db.translate("finish run"):
-        await pool.execute(queries.get("finish_run"), run_id, finished)
+async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, Any]) -> None:
+    await store.runs.finish(pool, run_id, finished)
 
 
 async def _save_tokens(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
-    """A Qonto refresh token rotated during the uploads and not stored yet is stored now (the old
-    one is dead: without it the next run is refused)."""
+    """Store each Qonto refresh token rotated during the uploads and not stored yet.
+
+    The old token is dead, so without the new one the next run is refused.
+    """
     for run in runs:
         if run.qonto.tokens_unsaved and not await run.qonto.save_tokens():
             run.report.warnings.append(
@@ -380,9 +372,9 @@ async def _prepare(
             "load credentials",
             functools.partial(credentials.load, ctx.pool, ctx.box, connection.id),
         )
-        if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
-            connection.state_reason or ""
-        ).startswith(upload.CEGID_REASON):
+        if connection.state == models.ConnectionState.NEEDS_ATTENTION and connection.refused_by == {
+            models.Refuser.CEGID
+        }:
             connection = await _recheck(ctx, connection, cegid_creds)
 
         async def store(
@@ -425,16 +417,14 @@ async def _summarise(
 
         async def read(
             cid: uuid.UUID = run.connection.id, since: dt.datetime = since
-        ) -> tuple[dict[str, Any], list[asyncpg.Record]]:
+        ) -> tuple[dict[str, Any], list[store.documents.ReasonCount]]:
             description = await connections.describe(ctx.pool, cid)
-            with db.translate("skipped since"):
-                skipped = await ctx.pool.fetch(queries.get("skipped_since"), cid, since)
-            return description, list(skipped)
+            return description, await store.documents.skipped_since(ctx.pool, cid, since)
 
         description, skipped = await ctx.guard.run("summarise", read)
         run.report.skipped.clear()
-        for record in skipped:
-            run.report.skipped[report.reason_key(record["reason"])] += record["n"]
+        for count in skipped:
+            run.report.skipped[report.group(count.code, count.detail)] += count.n
         by_state = description["documents"]
         run.report.in_doubt_total = int(by_state.get("in_doubt", 0))
         left = int(by_state.get("pending", 0)) - sum(run.report.pending.values())
@@ -457,7 +447,7 @@ async def run_once(
     connection_id: uuid.UUID | None = None,
     since: dt.datetime | None = None,
 ) -> report.RunReport:
-    """`relay flush --now`: its own pool, one run, the report."""
+    """Run one flush on a pool of its own and return the report (``relay flush --now``)."""
     async with db.pool_for(settings, min_size=2, max_size=8) as pool:
         return await flush(
             settings, pool, connection_id=connection_id, since=since, run_kind="manual"

@@ -1,20 +1,7 @@
-"""A flush riding out PostgreSQL outages: its writes wait for the database instead of being dropped.
+"""A guard that makes a flush's writes wait out PostgreSQL outages instead of dropping them.
 
 The ledger's writes are what make a deposit safe, so a flush that loses PostgreSQL does not drop
-them: an operation handed to :meth:`Guard.run` that finds the database gone
-(:class:`errors.DatabaseUnavailable`) waits until it answers again, then runs once more. One watcher
-probes PostgreSQL with capped backoff; when it answers, ``on_back`` runs first (the flush re-takes
-its worker lease, which a restart or a terminated backend frees), then every waiting operation goes
-on. While the database is gone nothing new starts that needs it (claims, attempt rows), and what
-needs no database (a deposit already out, a download) finishes.
-
-Past ``RELAY_OUTAGE_LIMIT`` seconds from the loss the watcher gives up: every waiting operation, and
-every later one, raises :class:`errors.OutageTooLong`, and the flush stops saying what it leaves.
-
-Only operations that may run twice are handed over: one transaction, or statements whose second run
-changes nothing (the claim, whose answer can be lost after its commit, adopts on its next run what
-it had claimed: see :mod:`consumers.flusher`). An operation that keeps failing while the database
-answers (a statement timing out every time) is given up after ``OPERATION_TRIES`` runs.
+them: every write of the flush goes through :meth:`Guard.run`.
 """
 
 from __future__ import annotations
@@ -27,20 +14,33 @@ from typing import Final, TypeVar
 
 import asyncpg
 
-from relay import errors, log
+from relay import errors, log, retry
 from relay.store import db
 
 logger = log.get(__name__)
 
 T = TypeVar("T")
 
-PROBE_FIRST_S: Final = 0.1
-PROBE_CAP_S: Final = 2.0
+# PostgreSQL probed after a loss: soon at first (a restart is back within a second or two)
+PROBES: Final = retry.Policy(first_s=0.1, cap_s=2.0, floor=0.5)
 OPERATION_TRIES: Final = 10
 
 
 class Guard:
-    """One flush's view of PostgreSQL: up, lost since a moment, or given up on."""
+    """One flush's view of PostgreSQL, which is up, lost since a moment, or given up on.
+
+    An operation handed to :meth:`run` that finds the database gone
+    (:class:`errors.DatabaseUnavailable`) waits until it answers again, then runs once more. One
+    watcher probes PostgreSQL with capped backoff; when it answers, ``on_back`` runs first (the
+    flush re-takes its worker lease, which a restart or a terminated backend frees), then every
+    waiting operation goes on. While the database is gone nothing new starts that needs it
+    (claims, attempt rows), and what needs no database (a deposit already out, a download)
+    finishes.
+
+    Past ``limit_s`` (``RELAY_OUTAGE_LIMIT``) from the loss the watcher gives up: every waiting
+    operation, and every later one, raises :class:`errors.OutageTooLong`, and the flush stops
+    saying what it leaves.
+    """
 
     def __init__(
         self,
@@ -71,7 +71,14 @@ class Guard:
             raise self.gave_up
 
     async def run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """``operation()``, run again after each outage until it goes through."""
+        """Run ``operation()``, and again after each outage, until it goes through.
+
+        Only operations that may run twice are handed over: one transaction, or statements whose
+        second run changes nothing (the claim, whose answer can be lost after its commit, adopts on
+        its next run what it had claimed: see :mod:`consumers.flusher`). An operation that keeps
+        failing while the database answers (a statement timing out every time) is given up after
+        ``OPERATION_TRIES`` runs.
+        """
         tries = 0
         while True:
             await self.wait_up()
@@ -100,19 +107,18 @@ class Guard:
     async def _watch(self) -> None:
         lost_at = self._lost_at
         assert lost_at is not None
-        delay = PROBE_FIRST_S
+        tries = PROBES.tries(deadline=lost_at + self.limit_s)
         reason = ""
         while True:
-            left = self.limit_s - (time.monotonic() - lost_at)
-            if left <= 0:
+            delay = tries.again()
+            if delay is None:
                 self.gave_up = errors.OutageTooLong(
                     f"PostgreSQL unavailable for more than {self.limit_s:g} s (RELAY_OUTAGE_LIMIT)"
                 )
                 logger.error("flush_database_gone", limit_s=self.limit_s, reason=reason)
                 self._up.set()  # the waiting operations raise gave_up
                 return
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, PROBE_CAP_S)
+            await asyncio.sleep(delay)
             try:
                 await db.ping(self._pool)
                 if self._on_back is not None:
@@ -140,7 +146,7 @@ class Guard:
 
 
 async def run(guard: Guard | None, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-    """Through ``guard`` when there is one (a flush), else once (a scan on its own, tests)."""
+    """Run ``operation`` through ``guard`` when there is one (a flush), else once (a lone scan)."""
     if guard is None:
         return await operation()
     return await guard.run(what, operation)

@@ -1,19 +1,8 @@
-"""The daily scan: what webhooks cannot bring (Qonto has no supplier-invoice topic and never replays).
+"""The daily scan, which lists from Qonto what webhooks cannot bring.
 
-Per connection and per source (supplier invoices, client invoices, transactions with attachments),
-walk the list endpoint for everything updated since the source's watermark, minus a 10-minute
-overlap that dedupe makes harmless, and apply each page in its own transaction through
-:mod:`relay.domain.ingest`, the same path webhooks take. A source's watermark advances only when its whole
-walk succeeded; a failure leaves it for the next run and says so in the report.
-
-Advancing the watermark to the scan's start is safe only because a walk lists every item updated in
-its window even when items change while it runs (:mod:`relay.upstreams.qonto` walks by ``updated_at`` cursor,
-or re-walks until a pass is settled): whatever changes mid-walk gets a later ``updated_at`` and falls
-in the next window. A rotated OAuth token the walk could not store is stored at the end, or reported.
-
-Within a flush every write (a page, a watermark, a rotated token) goes through the flush's
-:class:`consumers.patience.Guard`: a PostgreSQL outage makes the walk wait for the database instead
-of dropping a page or a token (a page is one idempotent transaction, a watermark never moves back).
+Qonto has no supplier-invoice topic and never replays a missed event. :func:`scan` walks each
+connection's list endpoints (:func:`scan_connection`) and applies what it finds through
+:mod:`relay.domain.ingest`, the same path webhooks take.
 """
 
 from __future__ import annotations
@@ -29,9 +18,9 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience
-from relay import config, crypto, errors, events, log, models
+from relay import config, crypto, errors, events, log, models, store
 from relay.domain import connections, credentials, ingest
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import qonto
 
 logger = log.get(__name__)
@@ -70,7 +59,7 @@ class ScanReport:
 async def _client_invoices(
     client: qonto.QontoClient, start: dt.datetime, end: dt.datetime
 ) -> AsyncIterator[dict[str, Any]]:
-    """Unpaid and paid client invoices; one listed without its ``attachment_id`` is re-fetched."""
+    """Walk unpaid and paid client invoices, re-reading one listed without ``attachment_id``."""
     async for item in client.client_invoices(start, end):
         if events.client_invoice_needs_fetch(item):
             try:
@@ -112,9 +101,8 @@ async def _apply(
     snapshots: list[events.Snapshot],
 ) -> int:
     async def write() -> int:
-        with db.translate("scan page"):
-            async with pool.acquire() as conn, conn.transaction():
-                applied = await ingest.apply(conn, [(connection_id, s) for s in snapshots])
+        async with db.transaction(pool, "scan page") as conn:
+            applied = await ingest.apply(conn, [(connection_id, s) for s in snapshots])
         return applied.created
 
     return await patience.run(guard, "scan page", write)
@@ -128,8 +116,7 @@ async def _advance(
     now: dt.datetime,
 ) -> None:
     async def write() -> None:
-        with db.translate("advance watermark"):
-            await pool.execute(queries.get("advance_scan_watermark"), connection_id, source, now)
+        await store.connections.advance_watermark(pool, connection_id, source, now)
 
     await patience.run(guard, "advance watermark", write)
 
@@ -144,6 +131,20 @@ async def scan_connection(
     now: dt.datetime,
     guard: patience.Guard | None = None,
 ) -> ConnectionScan:
+    """Walk each source of one connection from its watermark and apply what it lists.
+
+    Per source (supplier invoices, client invoices, transactions with attachments), it walks the
+    list endpoint for everything updated since the source's watermark, minus a 10-minute overlap
+    that dedupe makes harmless, and applies each page in its own transaction. A source's
+    watermark advances only when its whole walk succeeded; a failure leaves it for the next run
+    and says so in the report.
+
+    Advancing the watermark to the scan's start is safe only because a walk lists every item
+    updated in its window even when items change while it runs (:mod:`relay.upstreams.qonto`
+    walks by ``updated_at`` cursor, or re-walks until a pass is settled): whatever changes
+    mid-walk gets a later ``updated_at`` and falls in the next window. A rotated OAuth token the
+    walk could not store is stored at the end, or reported.
+    """
     started = time.monotonic()
     result = ConnectionScan(connection.id)
     box = crypto.Box(settings.secret_key.reveal())
@@ -187,6 +188,7 @@ async def scan_connection(
                     connection.id,
                     models.ConnectionState.NEEDS_ATTENTION,
                     reason,
+                    (models.Refuser.QONTO,),
                 ),
             )
             result.errors.append(reason)
@@ -231,8 +233,13 @@ async def scan(
     now: dt.datetime | None = None,
     guard: patience.Guard | None = None,
 ) -> ScanReport:
-    """Scan every active (or flagged) connection, or only ``connection_id``; ``guard``: the
-    flush's, which makes every write wait out a PostgreSQL outage."""
+    """Scan every active (or flagged) connection, or only ``connection_id``.
+
+    Within a flush, ``guard`` is the flush's: every write (a page, a watermark, a rotated token)
+    goes through it, so a PostgreSQL outage makes the walk wait for the database instead of
+    dropping a page or a token (a page is one idempotent transaction, a watermark never moves
+    back).
+    """
     moment = now or dt.datetime.now(dt.UTC)
     report = ScanReport()
     for connection in await patience.run(

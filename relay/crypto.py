@@ -1,7 +1,8 @@
 """Encryption of stored secrets with ``RELAY_SECRET_KEY`` (Fernet), and digests of bearer tokens.
 
-``RELAY_SECRET_KEY`` may list several keys separated by commas (key rotation): the first seals, every
-one opens (``cryptography``'s MultiFernet); :meth:`Box.reseal` moves a sealed value under the first.
+``RELAY_SECRET_KEY`` may list several keys separated by commas (key rotation): the first seals,
+every one opens (``cryptography``'s MultiFernet); :meth:`Box.reseal` moves a sealed value under the
+first.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from relay import errors
 
 
 def generate_key() -> str:
-    """A new key for ``RELAY_SECRET_KEY``: 32 random bytes, URL-safe base64."""
+    """Generate a key for ``RELAY_SECRET_KEY``, 32 random bytes in URL-safe base64."""
     return Fernet.generate_key().decode("ascii")
 
 
 def split_keys(value: str) -> list[str]:
-    """The keys of a ``RELAY_SECRET_KEY`` value, in order (comma-separated, blanks ignored)."""
+    """Split a comma-separated ``RELAY_SECRET_KEY`` into its keys, in order, blanks ignored."""
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def is_valid_key(key: str) -> bool:
-    """One Fernet key: 32 bytes in URL-safe base64."""
+    """Tell whether ``key`` is one Fernet key, 32 bytes in URL-safe base64."""
     try:
         Fernet(key.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
@@ -34,7 +35,10 @@ def is_valid_key(key: str) -> bool:
 
 
 def invalid_keys(value: str) -> list[int]:
-    """The 1-based positions of the keys in ``value`` that are not Fernet keys ([0] when none)."""
+    """Find the 1-based positions of the keys in ``value`` that are not Fernet keys.
+
+    ``[0]`` when ``value`` holds no key at all.
+    """
     keys = split_keys(value)
     if not keys:
         return [0]
@@ -42,7 +46,7 @@ def invalid_keys(value: str) -> list[int]:
 
 
 class Box:
-    """Seals and opens small secrets. Holds the keys; its ``repr`` never shows them."""
+    """The keys that seal and open small secrets (its ``repr`` never shows them)."""
 
     __slots__ = ("_fernet", "_first")
 
@@ -68,7 +72,7 @@ class Box:
             ) from exc
 
     def sealed_by_first(self, token: bytes) -> bool:
-        """Whether the first key opens this value (nothing to re-seal)."""
+        """Tell whether the first key opens this value (nothing to re-seal)."""
         try:
             self._first.decrypt(bytes(token))
         except InvalidToken:
@@ -76,7 +80,7 @@ class Box:
         return True
 
     def reseal(self, token: bytes) -> bytes:
-        """The same secret sealed under the first key (opened with whichever key sealed it)."""
+        """Seal the same secret under the first key (opened with whichever key sealed it)."""
         try:
             return self._fernet.rotate(bytes(token))
         except InvalidToken as exc:
@@ -90,12 +94,12 @@ def constant_time_equal(a: str, b: str) -> bool:
 
 
 def fingerprint(value: str) -> str:
-    """A short, non-reversible label for a secret (for display and grouping, never for auth)."""
+    """Label a secret shortly and irreversibly (for display and grouping, never for auth)."""
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
 
 
 def token_digest(token: str) -> bytes:
-    """What is stored of a random bearer token (setup link, session id, OAuth state): its SHA-256.
+    """Digest a random bearer token (setup link, session id, OAuth state) to the SHA-256 stored.
 
     These tokens carry 256 random bits, so a plain hash cannot be reversed by guessing; the database
     never holds one in clear.

@@ -1,8 +1,9 @@
-"""What went wrong, classified by what the caller should do about it.
+"""The relay's errors, classified by what the caller should do about them.
 
-Foreign exceptions (asyncpg, aio-pika, httpx) are translated into these at exactly one boundary per
-dependency (`db`, `amqp`, `qonto`, `cegid`), chained with ``from exc``. Decisions (ack or dead-letter,
-retry or fail a document) are taken from the class alone.
+Foreign exceptions (asyncpg, aio-pika, httpx) are translated into these at exactly one boundary
+per dependency (``store.db``, ``broker.amqp``, ``upstreams.qonto``, ``upstreams.cegid``), chained
+with ``from exc``. Decisions (ack or dead-letter, retry or fail a document) are taken from the
+class alone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ class RelayError(Exception):
 
 
 class Retryable(RelayError):
-    """Try again later: nothing about the work itself is wrong."""
+    """A failure to retry later; nothing about the work itself is wrong."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -36,7 +37,7 @@ class QontoUnavailable(Retryable):
 
 
 class CegidUnavailable(Retryable):
-    """Cegid Loop did not keep the file: connection refused, DNS/TLS failure, 5xx (nothing ambiguous)."""
+    """Cegid Loop certainly did not keep the file (connection refused, DNS/TLS failure, 5xx)."""
 
 
 class RateLimited(Retryable):
@@ -63,8 +64,10 @@ class ConfigurationError(Permanent):
 
 
 class InvalidData(Permanent):
-    """PostgreSQL refused the data itself (a character it cannot store, a number out of range...):
-    the same record fails the same way every time, so the consumer dead-letters its message."""
+    """PostgreSQL refused the data itself (a character it cannot store, a number out of range...).
+
+    The same record fails the same way every time, so the consumer dead-letters its message.
+    """
 
 
 class InvalidEvent(Permanent):
@@ -76,11 +79,11 @@ class QontoAuthRejected(Permanent):
 
 
 class QontoNotFound(Permanent):
-    """Qonto answered 404: the resource (typically an attachment) no longer exists."""
+    """Qonto answered 404, so the resource (typically an attachment) no longer exists."""
 
 
 class QontoProtocolError(Permanent):
-    """Qonto answered something unusable: non-JSON 200 (e.g. the sandbox login page), bad shape."""
+    """Qonto answered something unusable (a non-JSON 200 like the sandbox login, a bad shape)."""
 
 
 class CegidAccessRefused(Permanent):
@@ -92,7 +95,7 @@ class CegidKeyRefused(CegidAccessRefused):
 
 
 class CegidDossierNotAssociated(CegidAccessRefused):
-    """The key is valid but may not read the dossier (403): it is not associated in Loop Hub."""
+    """The key is valid but may not read the dossier (403), which is not associated in Loop Hub."""
 
 
 class CegidDossierUnknown(CegidAccessRefused):
@@ -100,7 +103,7 @@ class CegidDossierUnknown(CegidAccessRefused):
 
 
 class CegidFileRejected(Permanent):
-    """Cegid refused the file itself (400/413/415): the document fails with this reason."""
+    """Cegid refused the file itself (400/413/415), so the document fails with this reason."""
 
     def __init__(self, message: str, *, status: int, body: str) -> None:
         super().__init__(message)
@@ -119,14 +122,12 @@ class Refused(Permanent):
 # --- Outcomes that are neither success nor plain failure ---------------------------------------------
 
 
-class AlreadyRecorded(RelayError):
-    """The event or document was already recorded: processing it again is a no-op."""
-
-
 class OutageTooLong(RelayError):
-    """PostgreSQL or RabbitMQ stayed unavailable past RELAY_OUTAGE_LIMIT: the role exits 1, for its
-    supervisor to restart it (alive and idle, it would hide the outage)."""
+    """PostgreSQL or RabbitMQ stayed unavailable past RELAY_OUTAGE_LIMIT.
+
+    The role exits 1, for its supervisor to restart it (alive and idle, it would hide the outage).
+    """
 
 
 class OutcomeUnknown(RelayError):
-    """The request was fully sent but no answer came back: the upstream may or may not have kept it."""
+    """The request was fully sent but no answer came; the upstream may or may not have kept it."""

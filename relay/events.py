@@ -1,11 +1,8 @@
 """Qonto events and resources, parsed tolerantly into what the relay uses.
 
 Payload shapes drift between Qonto's documentation versions (amounts as numbers or strings,
-``bank_account_id`` or a ``bank_account`` object): only the fields used here are required.
-
-JSON may carry NUL characters (``\\u0000``) that PostgreSQL cannot store, in ``text`` columns or in
-``jsonb``: :func:`loads` (and :func:`parse`, :func:`payload_text`) strip them from every string, keys
-included, at the boundary; when the bytes hold no such escape it costs no more than ``orjson.loads``.
+``bank_account_id`` or a ``bank_account`` object): only the fields used here are required. NUL
+characters PostgreSQL cannot store are stripped at this boundary (:func:`loads`).
 """
 
 from __future__ import annotations
@@ -61,7 +58,7 @@ class DocumentSpec:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The state of one Qonto resource at ``updated_at``: the files it carries now."""
+    """The state of one Qonto resource at ``updated_at``, with the files it carries then."""
 
     source: models.Source
     resource_id: str
@@ -76,7 +73,7 @@ _NUL_ESCAPE: Final = b"\\u0000"
 
 
 def scrub(value: Any) -> Any:
-    """``value`` (decoded JSON) with every NUL character removed from its strings, keys included.
+    """Remove every NUL character from the strings of ``value`` (decoded JSON), keys included.
 
     PostgreSQL refuses NUL in ``text`` and ``jsonb``, and Qonto has no use for one. The input is left
     untouched (containers are copied), and the walk is iterative: the deepest JSON orjson decodes
@@ -108,7 +105,11 @@ def scrub(value: Any) -> Any:
 
 
 def loads(raw: bytes) -> Any:
-    """``orjson.loads`` without NUL characters in any string (see :func:`scrub`).
+    """Decode JSON as ``orjson.loads`` does, without NUL characters in any string.
+
+    JSON may carry NUL characters (``\\u0000``) that PostgreSQL cannot store, in ``text`` columns
+    or in ``jsonb``: this (and :func:`parse`, :func:`payload_text`) strips them from every string,
+    keys included, at the boundary (see :func:`scrub`).
 
     The scrub runs only when the raw JSON holds a ``\\u0000`` escape (a raw NUL byte is not valid
     JSON), so the common case costs one scan of the bytes. Raises ``orjson.JSONDecodeError``.
@@ -118,8 +119,11 @@ def loads(raw: bytes) -> Any:
 
 
 def payload_text(body: bytes) -> str:
-    """A message body as the text to store in a ``jsonb`` column: the body as received, unless it
-    carries NUL characters, which are removed (the JSON is then re-serialized)."""
+    """Give a message body as the text to store in a ``jsonb`` column.
+
+    That is the body as received, unless it carries NUL characters, which are removed (the JSON is
+    then re-serialized).
+    """
     if _NUL_ESCAPE in body:
         with contextlib.suppress(orjson.JSONDecodeError):  # not JSON: PostgreSQL will say so
             return orjson.dumps(loads(body)).decode("utf-8")
@@ -146,7 +150,11 @@ def _date(value: Any) -> dt.date | None:
 
 
 def _amount(value: Any) -> tuple[str | None, str | None]:
-    """``84.0``, ``"84.00"`` or ``{"value": "84.00", "currency": "EUR"}`` → ("84.00", currency)."""
+    """Read an amount and its currency, from ``84.0``, ``"84.00"`` or an object.
+
+    The object form is ``{"value": "84.00", "currency": "EUR"}``; each one gives
+    ``("84.00", currency)``.
+    """
     currency = None
     if isinstance(value, dict):
         currency = value.get("currency") if isinstance(value.get("currency"), str) else None
@@ -165,7 +173,7 @@ def _text(value: Any) -> str | None:
 
 
 def classify(topic: str) -> Kind:
-    """What the relay does with a topic; raise InvalidEvent for a used topic in an unknown version."""
+    """Say what the relay does with a topic; InvalidEvent for a used topic in an unknown version."""
     match = _TOPIC.match(topic)
     if match is None:
         raise errors.InvalidEvent(f"not a Qonto topic: {topic[:80]!r}")
@@ -184,7 +192,7 @@ def classify(topic: str) -> Kind:
 
 
 def parse(body: bytes) -> Event:
-    """A webhook body → Event; InvalidEvent when it is not a usable Qonto event."""
+    """Parse a webhook body into an Event; InvalidEvent when it is not a usable Qonto event."""
     try:
         value = loads(body)
     except orjson.JSONDecodeError as exc:
@@ -212,7 +220,7 @@ def parse(body: bytes) -> Event:
 
 
 def _attachment_list(tx: dict[str, Any]) -> tuple[list[str], bool]:
-    """The attachment ids a transaction names, and whether it names them all.
+    """Read the attachment ids a transaction names, and whether it names them all.
 
     Only a payload carrying the list (``attachment_ids``, or ``attachments`` objects with ids) is
     complete: one without it, or with entries this relay cannot read, says nothing about the
@@ -234,8 +242,11 @@ def _attachment_list(tx: dict[str, Any]) -> tuple[list[str], bool]:
 
 
 def transaction_snapshot(tx: dict[str, Any], *, fallback: dt.datetime | None = None) -> Snapshot:
-    """A transaction's files; complete (a file it no longer lists was deleted) only when the
-    payload carries its attachment list."""
+    """Take a snapshot of a transaction's files.
+
+    It is complete (a file it no longer lists was deleted) only when the payload carries its
+    attachment list.
+    """
     attachment_ids, complete = _attachment_list(tx)
     side = tx.get("side")
     direction = models.Direction.SALE if side == "credit" else models.Direction.PURCHASE
@@ -256,7 +267,7 @@ def transaction_snapshot(tx: dict[str, Any], *, fallback: dt.datetime | None = N
 
 
 def supplier_invoice_snapshot(invoice: dict[str, Any]) -> Snapshot:
-    """Every supplier invoice is an accounting document, whatever its status."""
+    """Take a snapshot of a supplier invoice, an accounting document whatever its status."""
     amount, currency = _amount(invoice.get("total_amount"))
     attachment_id = _text(invoice.get("attachment_id"))
     documents: tuple[DocumentSpec, ...] = ()
@@ -282,7 +293,7 @@ def supplier_invoice_snapshot(invoice: dict[str, Any]) -> Snapshot:
 
 
 def client_invoice_needs_fetch(invoice: dict[str, Any]) -> bool:
-    """An exported status but no ``attachment_id`` in the payload: re-fetch the invoice."""
+    """Tell whether an invoice has an exported status but no ``attachment_id``, to re-fetch it."""
     return invoice.get("status") in EXPORTED_CLIENT_INVOICE_STATUSES and not _text(
         invoice.get("attachment_id")
     )

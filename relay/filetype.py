@@ -21,7 +21,7 @@ _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b
 
 
 def detect(head: bytes) -> Kind:
-    """The file's kind from at least its first 16 bytes; ``exported`` only for JPEG, PNG and PDF."""
+    """Tell a file's kind from at least its first 16 bytes; ``exported`` only for JPEG, PNG, PDF."""
     if head.startswith(b"\xff\xd8\xff"):
         return JPEG
     if head.startswith(b"\x89PNG\r\n\x1a\n"):

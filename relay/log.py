@@ -1,12 +1,7 @@
-"""Structured logging, configured once: JSON when not a TTY, readable console when it is.
+"""Structured logging, configured once, as JSON when not a TTY and readable console when it is.
 
-Events have stable snake_case names (``webhook_accepted``, ``document_uploaded``...). Nothing here
-ever receives a secret or a presigned URL: call sites pass ids, counts, states and reasons only, and
-:func:`_scrub` masks any key that looks like a credential as a last line of defence.
-
-Third-party libraries (uvicorn, aio-pika, aiormq, asyncpg) log through the standard library: their
-records go through the same renderer (one JSON object per line when not a TTY), with any URL's
-credentials and query string masked (:func:`_scrub_text`), since their messages are free text.
+Events have stable snake_case names (``webhook_accepted``, ``document_uploaded``...); roles get
+their logger with :func:`get` and call :func:`configure` once at start.
 """
 
 from __future__ import annotations
@@ -26,11 +21,16 @@ _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@'\"]*
 _URL_QUERY = re.compile(r"(?P<url>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
 # Libraries that log every request's URL at info level (a presigned URL is a credential).
 _CHATTY = ("httpx", "httpcore")
-# Loggers uvicorn gives handlers of its own (plain text) unless told `log_config=None`.
+# Loggers uvicorn gives handlers of its own (plain text) unless told ``log_config=None``.
 _OWN_HANDLERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask every value whose key looks like a credential.
+
+    Nothing here ever receives a secret or a presigned URL: call sites pass ids, counts, states
+    and reasons only, and this is a last line of defence.
+    """
     for key in list(event_dict):
         lowered = key.lower()
         if any(word in lowered for word in _SENSITIVE):
@@ -39,11 +39,12 @@ def _scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
 
 
 def redact_text(text: str) -> str:
-    """Free text with every URL's user:password and query string masked."""
+    """Mask every URL's user:password and query string in free text."""
     return _URL_QUERY.sub(r"\g<url>?***", _URL_USERINFO.sub(r"\g<scheme>***@", text))
 
 
 def _scrub_text(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask URL credentials and query strings in every text value (libraries log free text)."""
     for key, value in event_dict.items():
         if isinstance(value, str):
             event_dict[key] = redact_text(value)
@@ -51,8 +52,11 @@ def _scrub_text(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutabl
 
 
 class _Stderr:
-    """Standard error looked up at each write, not once: whoever replaced ``sys.stderr`` since
-    (a test runner capturing output) gets the lines, and a closed capture is never written to."""
+    """Standard error looked up at each write, not once.
+
+    Whoever replaced ``sys.stderr`` since (a test runner capturing output) gets the lines, and a
+    closed capture is never written to.
+    """
 
     def write(self, text: str) -> int:
         return sys.stderr.write(text)
@@ -97,6 +101,13 @@ def fast(event: str, **fields: str | int | float | None) -> None:
 
 
 def configure(level: str = "info", *, stream: Any = None, json: bool | None = None) -> None:
+    """Configure structlog and the standard library's root logger to render alike.
+
+    Third-party libraries (uvicorn, aio-pika, aiormq, asyncpg) log through the standard library:
+    their records go through the same renderer (one JSON object per line when not a TTY), with any
+    URL's credentials and query string masked (:func:`_scrub_text`), since their messages are free
+    text.
+    """
     out = stream or _Stderr()
     as_json = (not out.isatty()) if json is None else json
     renderer: Any = (

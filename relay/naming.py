@@ -1,5 +1,7 @@
-"""The file name Loop shows: the only free text the relay controls, so it carries what PIA cannot
-ask for: ``{date}_{counterparty}_{amount}{currency}_{source}_{attachment}.{ext}``, ASCII, unique."""
+"""The file name Loop shows, the only free text the relay controls.
+
+So it carries what PIA cannot ask for (see :func:`file_name`).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ def slug(text: str, limit: int) -> str:
 
 
 def file_name(document: models.Document, extension: str) -> str:
+    """Name the document's file in Loop, ASCII, unique, at most ``MAX_LENGTH`` characters.
+
+    The name is ``{date}_{counterparty}_{amount}{currency}_{source}_{attachment}.{ext}``.
+    """
     parts = [
         document.document_date.isoformat() if document.document_date else "undated",
         slug(document.counterparty or "", 30) or "unknown",

@@ -1,1 +1,1 @@
-"""RabbitMQ: the events queue's topology, confirmed publishing, dead letters."""
+"""The events queue's topology on RabbitMQ, confirmed publishing and dead letters."""

@@ -1,29 +1,7 @@
-"""RabbitMQ: topology, the confirming publisher, and the one boundary where aio-pika errors are translated.
+"""RabbitMQ's topology, confirmed publishing, and the one boundary translating aio-pika errors.
 
-Topology (declared idempotently by every role, names prefixed by ``RELAY_AMQP_PREFIX``):
-
-``{p}.events``            quorum queue of raw Qonto events; ``x-delivery-limit`` guards against a message
-                          that crashes its consumer, dead-lettering it (at least once) to ``{p}.dlx``.
-``{p}.events.retry.<n>s`` quorum queues with a fixed message TTL: a transient failure (database down)
-                          republishes the message here; on expiry it dead-letters back to ``{p}.events``.
-``{p}.dlx`` → ``{p}.events.dlq``
-                          the dead-letter exchange and queue. The consumer also publishes a message there
-                          itself, with ``x-relay-reason``, when the message can never be processed.
-                          The dead-letter queue is a durable CLASSIC queue: classic queues have no
-                          delivery limit on any RabbitMQ version, whereas a quorum queue gets a default
-                          limit of 20 from 4.0 on, and `relay dlq` browses by get and requeue, so every
-                          listing would count. (``x-delivery-limit: -1`` is no way out: 4.x reads it as
-                          "no limit", but 3.10 accepts it and drops a message at its first return.)
-
-Delivery counts on ``{p}.events`` (measured on 3.10.8; see tests/integration/test_topology.py): every
-hand-back of an unacknowledged message counts toward ``x-delivery-limit``: nack or reject with
-requeue, a closed channel or connection, and a cancelled subscription's deliveries still in flight.
-(RabbitMQ documents 4.3 as no longer counting ``basic.nack``; 4.0 to 4.2 count every return.) So a
-consumer stopping gracefully does not hand its prefetched messages back: it lets the deliveries in
-flight arrive, cancels its subscription and processes them first (``consumers/consume.py``).
-
-Message format (what the intake publishes): body = the webhook body exactly as received; persistent;
-``message_id`` = Qonto event id; headers ``x-connection-id``, ``x-received-at-ms`` (unix milliseconds, int).
+:func:`declare` lays out the queues, :meth:`Publisher.publish_event` the message the intake
+publishes, :func:`connection` and :func:`connect` which connection each role uses.
 """
 
 from __future__ import annotations
@@ -44,6 +22,13 @@ from relay import config, errors, log
 
 logger = log.get(__name__)
 
+# Delivery counts on ``{p}.events`` (observed on 3.10.8; see tests/integration/test_topology.py):
+# every hand-back of an unacknowledged message counts toward ``x-delivery-limit``: nack or reject
+# with requeue, a closed channel or connection, and a cancelled subscription's deliveries still in
+# flight. (RabbitMQ documents 4.3 as no longer counting ``basic.nack``; 4.0 to 4.2 count every
+# return.) So a consumer stopping gracefully does not hand its prefetched messages back: it lets
+# the deliveries in flight arrive, cancels its subscription and processes them first
+# (``consumers/consume.py``).
 DELIVERY_LIMIT: Final = 10
 RECONNECT_S: Final = 1.0  # between a robust connection's attempts to reconnect (aio-pika: 5)
 RETRY_DELAYS_S: Final = (1, 5, 30, 120, 600)
@@ -53,7 +38,11 @@ HEADER_ATTEMPTS: Final = "x-relay-attempts"
 HEADER_REASON: Final = "x-relay-reason"
 HEADER_DLQ_ID: Final = "x-relay-dlq-id"
 HEADER_FAILED_AT: Final = "x-relay-failed-at"
-# Classic: no delivery limit on any RabbitMQ version (see the module docstring).
+HEADER_FIRST_FAILED_AT: Final = "x-relay-first-failed-at"  # kept through the retries
+# Classic queues have no delivery limit on any RabbitMQ version, whereas a quorum queue gets a
+# default limit of 20 from 4.0 on, and ``relay dlq`` browses by get and requeue, so every listing
+# would count. (``x-delivery-limit: -1`` is no way out: 4.x reads it as "no limit", but 3.10
+# accepts it and drops a message at its first return.)
 DEAD_LETTER_QUEUE_TYPE: Final = "classic"
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -82,13 +71,20 @@ def retry_queue_name(settings: config.Settings, delay_s: int) -> str:
     return f"{settings.retry_queue}.{delay_s}s"
 
 
-def retry_delay(attempt: int) -> int:
-    """Delay before retry number ``attempt`` (1-based), capped at the longest tier."""
-    return RETRY_DELAYS_S[min(max(attempt, 1), len(RETRY_DELAYS_S)) - 1]
-
-
 async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
     """Declare the whole topology; idempotent, safe for every role to call at start.
+
+    Names are prefixed by ``RELAY_AMQP_PREFIX`` (``{p}`` below):
+
+    ``{p}.events``
+        quorum queue of raw Qonto events; ``x-delivery-limit`` guards against a message that
+        crashes its consumer, dead-lettering it (at least once) to ``{p}.dlx``.
+    ``{p}.events.retry.<n>s``
+        quorum queues with a fixed message TTL: a transient failure (database down) republishes
+        the message here; on expiry it dead-letters back to ``{p}.events``.
+    ``{p}.dlx`` → ``{p}.events.dlq``
+        the dead-letter exchange and queue (a durable classic queue). The consumer also publishes
+        a message there itself, with ``x-relay-reason``, when it can never be processed.
 
     Raise ConfigurationError when a queue already exists with other arguments (RabbitMQ answers
     PRECONDITION_FAILED and never changes a queue's arguments): the message names the queue.
@@ -158,9 +154,12 @@ async def delete_topology(channel: aio_pika.abc.AbstractChannel, settings: confi
 async def connection(
     settings: config.Settings, *, name: str = "relay"
 ) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    """A robust connection, for publishers (the intake): aio-pika reconnects it and reopens its
-    channels (publishing fails meanwhile: the intake answers 503), trying every
-    ``RECONNECT_S``. It restores no consumer reliably: the consumer uses :func:`connect`."""
+    """Open a robust connection for publishers (the intake), closed on exit.
+
+    aio-pika reconnects it and reopens its channels, trying every ``RECONNECT_S`` (publishing
+    fails meanwhile: the intake answers 503). It restores no consumer reliably: the consumer uses
+    :func:`connect`.
+    """
     with translate("connect"):
         conn = await aio_pika.connect_robust(
             settings.amqp_url.reveal(),
@@ -181,8 +180,10 @@ async def connect(
     name: str,
     timeout: float = 10.0,  # noqa: ASYNC109
 ) -> aio_pika.abc.AbstractConnection:
-    """A plain connection, which does not come back by itself: its owner watches it (its
-    ``close_callbacks``) and opens a new one, declaring and subscribing again.
+    """Open a plain connection, which does not come back by itself.
+
+    Its owner watches it (its ``close_callbacks``) and opens a new one, declaring and subscribing
+    again.
 
     aio-pika's robust connection restores channels, but only the queues it declared on them:
     a queue obtained otherwise (``get_queue(..., ensure=False)``) keeps no consumer after a
@@ -195,8 +196,11 @@ async def connect(
 
 
 async def queue_state(conn: aio_pika.abc.AbstractConnection, name: str) -> tuple[int, int]:
-    """(messages ready, consumers) of a queue, by a passive declare on a channel of its own (a
-    missing queue closes the channel it is asked on); BrokerUnavailable when it cannot be read."""
+    """Return a queue's (messages ready, consumers) by a passive declare.
+
+    The declare goes on a channel of its own (a missing queue closes the channel it is asked on).
+    Raises BrokerUnavailable when the state cannot be read.
+    """
     with translate(f"check queue {name}"):
         channel = await conn.channel(publisher_confirms=False)
         try:
@@ -209,7 +213,7 @@ async def queue_state(conn: aio_pika.abc.AbstractConnection, name: str) -> tuple
 
 
 class Publisher:
-    """Publishes persistent messages on a confirm channel; returns only once RabbitMQ confirmed."""
+    """Publisher of persistent messages on a confirm channel, returning once RabbitMQ confirmed."""
 
     def __init__(self, channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
         self._channel = channel
@@ -260,6 +264,12 @@ class Publisher:
         event_id: str,
         timeout: float | None = 5.0,  # noqa: ASYNC109
     ) -> None:
+        """Publish a Qonto event on the events queue, in the format the consumer reads.
+
+        The body is the webhook body exactly as received; the message is persistent, its
+        ``message_id`` the Qonto event id, its headers ``x-connection-id`` and ``x-received-at-ms``
+        (unix milliseconds, int).
+        """
         await self.publish(
             self._settings.events_queue,
             body,
@@ -298,8 +308,10 @@ class Depth:
 
 
 async def depths(conn: aio_pika.abc.AbstractConnection, names: Sequence[str]) -> list[Depth]:
-    """Each queue's depth by a passive declare (no management plugin needed; unacknowledged
-    messages are not counted as ready). A missing queue is reported, not created."""
+    """Read each queue's depth by a passive declare (no management plugin needed).
+
+    Unacknowledged messages are not counted as ready. A missing queue is reported, not created.
+    """
     found: list[Depth] = []
     channel: aio_pika.abc.AbstractChannel | None = None
     try:

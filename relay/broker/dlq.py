@@ -1,11 +1,4 @@
-"""The dead-letter queue, for operators: list, show, replay, purge.
-
-RabbitMQ cannot fetch a message by id, so each operation reads the whole queue with ``basic.get``
-(unacknowledged), acts on the matching messages and returns the others with a requeue; the
-queue's order may change, which does not matter to a dead-letter queue. Each return is a delivery,
-which is why the dead-letter queue is a classic queue (no delivery limit: see ``relay.broker.amqp``). A replayed message is
-published back to the events queue (confirmed) before it is removed from the dead-letter queue, so a
-crash in between duplicates it (a no-op for the consumer) and never loses it.
+"""Operators' commands on the dead-letter queue (list, show, replay, purge).
 
 A message's id is ``x-relay-dlq-id`` when the consumer dead-lettered it, else its message id (the
 Qonto event id) for messages the broker dead-lettered after the delivery limit.
@@ -27,6 +20,7 @@ from relay.broker import amqp
 RELAY_HEADERS = (
     amqp.HEADER_REASON,
     amqp.HEADER_FAILED_AT,
+    amqp.HEADER_FIRST_FAILED_AT,
     amqp.HEADER_DLQ_ID,
     amqp.HEADER_ATTEMPTS,
 )
@@ -50,6 +44,7 @@ class DeadLetter:
     reason: str
     failed_at: str | None
     body: bytes
+    first_failed_at: str | None = None  # the first failure of an event retried before
 
     def to_json(self, *, with_body: bool = False) -> dict[str, Any]:
         value: dict[str, Any] = {
@@ -59,6 +54,7 @@ class DeadLetter:
             "topic": self.topic,
             "reason": self.reason,
             "failed_at": self.failed_at,
+            "first_failed_at": self.first_failed_at or self.failed_at,
         }
         if with_body:
             value["body"] = self.body.decode("utf-8", "replace")
@@ -95,6 +91,7 @@ def describe(message: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
         reason=reason,
         failed_at=_text(headers.get(amqp.HEADER_FAILED_AT)),
         body=message.body,
+        first_failed_at=_text(headers.get(amqp.HEADER_FIRST_FAILED_AT)),
     )
 
 
@@ -104,7 +101,14 @@ Action = Callable[[aio_pika.abc.AbstractIncomingMessage, DeadLetter], Awaitable[
 async def _walk(
     settings: config.Settings, conn: aio_pika.abc.AbstractConnection, action: Action
 ) -> None:
-    """Get every message; ``action`` returns True when it settled (acked) the message itself."""
+    """Get every message and hand it to ``action``, then return the ones it left to the queue.
+
+    ``action`` returns True when it settled (acked) the message itself. RabbitMQ cannot fetch a
+    message by id, so each operation reads the whole queue with ``basic.get`` (unacknowledged),
+    acts on the matching messages and returns the others with a requeue; the queue's order may
+    change, which does not matter to a dead-letter queue. Each return is a delivery, which is why
+    the dead-letter queue is a classic queue (no delivery limit: see ``relay.broker.amqp``).
+    """
     with amqp.translate("dead-letter queue"):
         channel = await conn.channel()
         try:
@@ -148,7 +152,11 @@ async def show(
 async def replay(
     settings: config.Settings, conn: aio_pika.abc.AbstractConnection, ids: list[str] | None
 ) -> int:
-    """Send the matching messages (all when ``ids`` is None) back to the events queue."""
+    """Send the matching messages (all when ``ids`` is None) back to the events queue.
+
+    Each one is published (confirmed) before it is removed from the dead-letter queue, so a crash
+    in between duplicates it (a no-op for the consumer) and never loses it.
+    """
     publisher = await amqp.Publisher.open(conn, settings)
     wanted = None if ids is None else set(ids)
     replayed = 0

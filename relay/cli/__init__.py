@@ -1,1 +1,1 @@
-"""The command line: `relay ...`, its commands and what they share."""
+"""The ``relay`` command line, its commands and what they share."""

@@ -1,4 +1,4 @@
-"""The commands that run the relay: keygen, migrate, serve, consume, scheduler, run, flush, demo.
+"""The commands that run the relay (keygen, migrate, serve, consume, scheduler, run, flush, demo).
 
 ``relay run`` supervises the HTTP edge, the consumer and the scheduler in one process. What the
 commands share (exit codes, output, settings and pool) is in :mod:`relay.cli.console`.
@@ -83,11 +83,11 @@ async def cmd_scheduler(args: argparse.Namespace) -> int:
     return console.EXIT_OK
 
 
-RUN_SHUTDOWN_S = 30.0  # how long `relay run` waits for its roles to stop before cancelling them
+RUN_SHUTDOWN_S = 30.0  # how long ``relay run`` waits for its roles to stop before cancelling them
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    """The HTTP edge, the consumer and the scheduler in one process (small deployments, demos).
+    """Run the HTTP edge, the consumer and the scheduler in one process (small deployments, demos).
 
     Supervised: SIGTERM/SIGINT stops the three roles; a role ending on its own (an error, a lost
     dependency it cannot survive) is logged as ``run_role_failed`` with the role and the error, the
@@ -100,8 +100,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from relay.edge import app
 
     class Server(uvicorn.Server):
-        """uvicorn without its own signal handlers: `relay run` handles SIGTERM/SIGINT for all roles
-        (uvicorn's would stop the intake alone, then re-raise the signal and kill the process)."""
+        """uvicorn without its own signal handlers, since ``relay run`` handles them for all roles.
+
+        uvicorn's SIGTERM/SIGINT handlers would stop the intake alone, then re-raise the signal and
+        kill the process.
+        """
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -156,7 +159,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 class RunRoleError(errors.RelayError):
-    """A role of `relay run` could not run."""
+    """A role of ``relay run`` could not run."""
 
 
 async def _serve(server: Any) -> None:

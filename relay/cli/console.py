@@ -1,4 +1,4 @@
-"""What every `relay` command shares: exit codes, usage errors, what it prints, what it runs with.
+"""What every ``relay`` command shares (exit codes, usage errors, output, settings and pool).
 
 Exit codes: 0 success, 1 the work failed (the output says what), 2 bad usage or configuration.
 Every command that reports something takes ``--json`` and then prints exactly one JSON document
@@ -17,14 +17,14 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config, crypto, errors
-from relay.store import db, queries
+from relay import config, crypto, errors, store
+from relay.store import db
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
-    """Bad flags or arguments: exit 2 with the message."""
+    """Bad flags or arguments, for which the command exits 2 with the message."""
 
 
 def emit_json(value: Any) -> None:
@@ -44,7 +44,7 @@ def settings(
     require_admin_token: bool = False,
     require_cegid_key: bool = False,
 ) -> config.Settings:
-    """The settings; ``require_cegid_key`` for the commands that call Cegid Loop."""
+    """Read the settings; ``require_cegid_key`` for the commands that call Cegid Loop."""
     return config.from_env(
         require_secret_key=require_secret_key,
         require_admin_token=require_admin_token,
@@ -64,15 +64,14 @@ async def check_secret_key(settings: config.Settings) -> None:
     except errors.RelayError:
         return
     try:
-        with db.translate("check RELAY_SECRET_KEY"):
-            sealed = await conn.fetch(queries.get("intake_secrets_all"))
+        sealed = await store.webhook_secrets.intake_all(conn)
     except errors.RelayError:
         return
     finally:
         await conn.close()
     box = crypto.Box(settings.secret_key.reveal())
-    for record in sealed:
-        box.open(bytes(record["secret"]))  # ConfigurationError naming RELAY_SECRET_KEY
+    for row in sealed:
+        box.open(row.secret)  # ConfigurationError naming RELAY_SECRET_KEY
 
 
 @contextlib.asynccontextmanager

@@ -1,14 +1,8 @@
-"""`relay demo`: a day of Qonto activity becoming documents in a Cegid Loop client file, in seconds.
+"""The ``relay demo`` command, a day of Qonto activity becoming documents in a Loop client file.
 
-Everything is real except Qonto and Cegid Loop, which are the project's own sandbox servers on
-loopback: a throwaway database on the local PostgreSQL, queues of their own on the local RabbitMQ, the
-webhook intake on a real socket, the consumer, the daily scan and the flush. The demo exits 0 only if
-Loop received every eligible file exactly once and every other document says why it was not sent.
-
-`relay demo --web` (:func:`run_web`) keeps the sandboxes, the relay's HTTP edge and the consumer
-running and prints a setup link: a newcomer walks the client's setup in a browser, both people's
-steps, on their own machine; once the connection exists, a signed webhook and a flush show its first
-file reaching Loop. It runs until interrupted.
+:func:`run` plays the day and checks what Loop received; :func:`run_web` (``relay demo --web``)
+lets a newcomer walk a client's setup in the browser instead. Qonto and Cegid Loop are the
+project's own sandbox servers on loopback; everything else is real.
 """
 
 from __future__ import annotations
@@ -30,7 +24,7 @@ import orjson
 import uvicorn
 
 from consumers import consume, flusher
-from relay import config, crypto, log, models
+from relay import config, crypto, log, models, store
 from relay.broker import amqp
 from relay.cli import console
 from relay.domain import connections, credentials, documents, inputs, invitations, report
@@ -94,8 +88,11 @@ async def _intake(settings: config.Settings, port: int) -> AsyncIterator[None]:
 def _seed_day(
     q: qonto_sandbox.QontoSandbox,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A realistic day: card receipts, a credit, a HEIC photo, a paid client invoice (morning), and
-    in the afternoon a wrong photo removed from its transaction before the flush."""
+    """Seed a realistic day in the Qonto sandbox and return its events.
+
+    Card receipts, a credit, a HEIC photo, a paid client invoice (morning), and in the afternoon a
+    wrong photo removed from its transaction before the flush.
+    """
     events: list[dict[str, Any]] = []
 
     def receipt(content: bytes, name: str, content_type: str) -> str:
@@ -182,13 +179,20 @@ async def _deliver(client: httpx.AsyncClient, url: str, events: list[dict[str, A
 async def _wait_for_events(pool: Any, expected: int, within_s: float = 30) -> int:
     deadline = time.monotonic() + within_s
     while True:
-        count = int(await pool.fetchval("SELECT count(*) FROM events"))
+        count = await store.events.count(pool)
         if count >= expected or time.monotonic() > deadline:
             return count
         await asyncio.sleep(0.05)
 
 
 async def run(*, json_output: bool = False, keep: bool = False) -> int:
+    """Play a day of Qonto activity through the whole relay and check what Loop received.
+
+    Everything is real except Qonto and Cegid Loop: a throwaway database on the local PostgreSQL,
+    queues of their own on the local RabbitMQ, the webhook intake on a real socket, the consumer,
+    the daily scan and the flush. The demo exits 0 only if Loop received every eligible file
+    exactly once and every other document says why it was not sent.
+    """
     log.configure("warning")
     progress = Progress(quiet=False)
     tag = uuid.uuid4().hex[:8]
@@ -257,8 +261,8 @@ async def _run(
         and not duplicates
         and len(stored) == len(eligible)
         and all(d.state in ("uploaded", "skipped") for d in docs)
-        and any(d.reason == models.SKIP_DELETED for d in docs)
-        and any((d.reason or "").startswith(models.SKIP_UNSUPPORTED) for d in docs)
+        and any(d.reason_code == models.Reason.DELETED for d in docs)
+        and any(d.reason_code == models.Reason.UNSUPPORTED_TYPE for d in docs)
         and any(d.source == "supplier_invoice" and d.state == "uploaded" for d in docs)
     )
     if json_output:
@@ -274,7 +278,7 @@ async def _connect(
     q: qonto_sandbox.QontoSandbox,
     progress: Progress,
 ) -> connections.Created:
-    """Adds the demo's connection, checked against both sandboxes."""
+    """Add the demo's connection, checked against both sandboxes."""
     login, _, secret = q.api_key_header.partition(":")
     created = await connections.add(
         settings,
@@ -302,7 +306,7 @@ async def _connect(
 async def _send_the_day(
     pool: asyncpg.Pool, q: qonto_sandbox.QontoSandbox, webhook_url: str, progress: Progress
 ) -> list[int]:
-    """Qonto's day: its webhooks delivered and buffered, a supplier invoice only listed."""
+    """Deliver Qonto's day as webhooks for the consumer to buffer; a supplier invoice is listed."""
     events, afternoon = _seed_day(q)
     q.add_supplier_invoice(
         attachment_id=q.add_attachment(
@@ -412,7 +416,12 @@ def _web_settings(
 
 
 async def run_web(*, keep: bool = False) -> int:
-    """The setup in a browser against the sandboxes, until SIGINT/SIGTERM (exit 0)."""
+    """Serve the setup in a browser against the sandboxes, until SIGINT/SIGTERM (exit 0).
+
+    The sandboxes, the relay's HTTP edge and the consumer keep running and a setup link is printed:
+    a newcomer walks the client's setup in a browser, both people's steps, on their own machine;
+    once the connection exists, a signed webhook and a flush show its first file reaching Loop.
+    """
     log.configure("warning")
     progress = Progress(quiet=False)
     tag = uuid.uuid4().hex[:8]

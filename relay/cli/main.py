@@ -1,8 +1,8 @@
-"""`relay ...`: the command line, every command and flag of the product's outside, and main.
+"""The ``relay`` command line, with every command and flag of the product's outside, and main.
 
-See the README and ``relay --help``. The commands are in :mod:`relay.cli.commands` (the relay's roles and
-one-off runs) and :mod:`relay.cli.management` (connections, documents, the dead-letter queue); exit codes,
-``--json`` and what they share in :mod:`relay.cli.console`.
+See the README and ``relay --help``. The commands are in :mod:`relay.cli.commands` (the relay's
+roles and one-off runs) and :mod:`relay.cli.management` (connections, documents, the dead-letter
+queue); exit codes, ``--json`` and what they share in :mod:`relay.cli.console`.
 """
 
 from __future__ import annotations
@@ -221,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     decision = resolve.add_mutually_exclusive_group(required=True)
     decision.add_argument("--uploaded", action="store_true", help="it is in Loop: mark uploaded")
     decision.add_argument("--resend", action="store_true", help="it is not in Loop: send it again")
+    retry = command(
+        "retry",
+        "send a failed document again at the next flush (after its cause was fixed)",
+        management.cmd_documents_retry,
+        json=True,
+        parent=docs_sub,
+    )
+    retry.add_argument("id", type=_positive)
 
     dlq = command("dlq", "the dead-letter queue", lambda a: None)
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
@@ -291,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int, *, as_json: bool) -> int:
-    """A failed command: its message on stderr and, with ``--json``, one JSON document on stdout."""
+    """Report a failed command on stderr and, with ``--json``, as one JSON document on stdout."""
     print(f"relay: {message}", file=sys.stderr)
     if as_json:
         console.emit_json({"error": message, "exit_code": code})

@@ -1,7 +1,7 @@
-"""The operator's commands: `relay connections ...`, `relay documents ...`, `relay dlq ...`,
-`relay status`, `relay secrets rotate`.
+"""The operator's commands (``relay connections``, ``documents``, ``dlq``, ``status``, ``secrets``).
 
-What they share with every command (exit codes, output, settings and pool) is in :mod:`relay.cli.console`.
+What they share with every command (exit codes, output, settings and pool) is in
+:mod:`relay.cli.console`.
 """
 
 from __future__ import annotations
@@ -253,6 +253,19 @@ async def cmd_documents_resolve(args: argparse.Namespace) -> int:
     return console.EXIT_OK
 
 
+async def cmd_documents_retry(args: argparse.Namespace) -> int:
+    from relay.domain import resolve
+
+    settings = console.settings()
+    async with console.pool(settings) as pool:
+        document = await resolve.retry(pool, args.id)
+    if args.json:
+        console.emit_json(document.to_json())
+    else:
+        print(f"document {document.id}: {document.state} ({document.reason})")
+    return console.EXIT_OK
+
+
 async def _with_amqp(settings: config.Settings, work: Callable[[Any], Awaitable[Any]]) -> Any:
     from relay.broker import amqp
 
@@ -295,7 +308,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    """Every role's heartbeat and the queues; exit 1 when something is stalled (see relay.status)."""
+    """Show every role's heartbeat and the queues; exit 1 when something is stalled."""
     import socket
 
     from relay import errors

@@ -1,1 +1,1 @@
-"""The product's rules: connections, their credentials, documents and their fates."""
+"""The product's rules for connections, their credentials, documents and their fates."""

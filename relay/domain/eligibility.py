@@ -1,12 +1,7 @@
-"""Who may connect a Qonto organization: the member's role, the organization, the plan.
+"""Rules of who may connect a Qonto organization, by the member's role, organization and plan.
 
 The accounting export can be set up by an owner, an admin or a reporting member, on the Smart,
-Premium, Essential, Business or Enterprise plans. :func:`verify_qonto` checks the credentials against
-Qonto before a connection is stored (and again by `relay connections check` and `reconnect`, and at
-the setup pages' consent): the member's role (``GET /v2/membership``), that the organization they
-reach is the one named, by its id or its slug (``GET /v2/organization``), and the plan, read from
-``GET /v2/subscription`` and from no other place. ``{"plan": null}`` (no active core plan), or a plan
-the credentials may not read, is accepted with :data:`PLAN_UNVERIFIED` (:func:`plan_notice`).
+Premium, Essential, Business or Enterprise plans; :func:`verify_qonto` checks it.
 """
 
 from __future__ import annotations
@@ -55,7 +50,7 @@ class Eligible:
 
 
 def plan_name(subscription: dict[str, Any] | None) -> str | None:
-    """The plan's ``name`` in a ``GET /v2/subscription`` answer (None for ``{"plan": null}``)."""
+    """Read the plan's ``name`` in a ``GET /v2/subscription`` answer (None for a null plan)."""
     plan = (subscription or {}).get("plan")
     if not isinstance(plan, dict):
         return None
@@ -64,12 +59,12 @@ def plan_name(subscription: dict[str, Any] | None) -> str | None:
 
 
 def plan_is_eligible(name: str) -> bool:
-    """One of the eligible plans, compared by name, case-insensitively."""
+    """Tell whether a plan is one of the eligible ones, compared by name, case-insensitively."""
     return name.strip().lower() in ELIGIBLE_PLANS
 
 
 def plan_notice(plan: str | None) -> str | None:
-    """What to tell the user when Qonto names no plan (accepted, but not verified)."""
+    """Say what to tell the user when Qonto names no plan (accepted, but not verified)."""
     return PLAN_UNVERIFIED if plan is None else None
 
 
@@ -95,7 +90,7 @@ def check_plan(plan: str | None) -> None:
 
 
 async def read(client: qonto.QontoClient) -> Eligible:
-    """The member's role and plan, checked; the organization they reach (not compared)."""
+    """Read and check the member's role and plan, and read the organization they reach."""
     membership = await client.get_membership()
     check_role(membership)
     organization = await client.get_organization()
@@ -105,7 +100,15 @@ async def read(client: qonto.QontoClient) -> Eligible:
 
 
 async def verify_qonto(client: qonto.QontoClient, organization_id: str) -> Eligible:
-    """Check the credentials' member may set up the export for this organization; raise Refused."""
+    """Check the credentials' member may set up the export for this organization; raise Refused.
+
+    Run before a connection is stored, and again by ``relay connections check`` and ``reconnect``,
+    and at the setup pages' consent. It checks the member's role (``GET /v2/membership``), that
+    the organization they reach is the one named, by its id or its slug (``GET
+    /v2/organization``), and the plan, read from ``GET /v2/subscription`` and from no other place.
+    ``{"plan": null}`` (no active core plan), or a plan the credentials may not read, is accepted
+    with :data:`PLAN_UNVERIFIED` (:func:`plan_notice`).
+    """
     found = await read(client)
     # the organization the credentials reach, by its id or its slug (either may be given)
     known = {

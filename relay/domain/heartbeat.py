@@ -1,18 +1,11 @@
-"""Heartbeats: every running role records who it is and what it last did, every few seconds.
+"""Heartbeats, by which every running role records who it is and what it last did.
 
-One row per role instance in ``heartbeats``: role, command, host, pid, start, last beat, the work done
-(webhooks accepted, events settled, documents uploaded) and when, and for the consumer what it holds.
-`relay status` judges them (:mod:`relay.domain.status`). A role runs inside :func:`beating`::
+One row per role instance in ``heartbeats``; ``relay status`` judges them
+(:mod:`relay.domain.status`). A role runs inside :func:`beating`::
 
     work = heartbeat.Work()
     async with heartbeat.beating(settings, "scheduler", work=work):
         ...  # work.add(n) whenever n units are done
-
-The heartbeat never disturbs its role: it has its own task and its own PostgreSQL connection, a beat
-that cannot be written (PostgreSQL down, slow) is dropped and the next one tries again, and every
-error stays inside it (logged once per outage). A clean stop writes a last beat marking the row
-stopped; a role that fails marks it stopped with the error's type. Rows whose last beat is older than
-``KEEP_S`` (stopped, or dead without a word) are pruned by any role, at most once an hour.
 """
 
 from __future__ import annotations
@@ -29,8 +22,8 @@ from typing import Any, Final, Literal, Protocol
 
 import asyncpg
 
-from relay import config, errors, log
-from relay.store import db, queries
+from relay import config, errors, log, store
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -45,7 +38,7 @@ UNITS: Final[dict[str, str]] = {
 KEEP_S: Final = 7 * 24 * 3600
 PRUNE_EVERY_S: Final = 3600.0
 STOP_TIMEOUT_S: Final = 3.0  # the last beat of a stopping role gets this long
-# the `heartbeat` query's $1..$15
+# the ``heartbeat`` query's $1..$15
 _PARAMS: Final = (
     "id",
     "role",
@@ -67,7 +60,7 @@ _PARAMS: Final = (
 
 @dataclasses.dataclass
 class Work:
-    """What a role has done, for its heartbeat: how many units, and when the last ones were done."""
+    """What a role has done for its heartbeat, in units, and when the last ones were done."""
 
     done: int = 0
     last_work_at: float | None = None  # time.time()
@@ -88,7 +81,18 @@ class ConsumerProgress(Protocol):
 
 
 class Heartbeat:
-    """One role's heartbeat row and the beats that rewrite it (see :func:`beating`)."""
+    """One role's heartbeat row and the beats that rewrite it (see :func:`beating`).
+
+    The row holds role, command, host, pid, start, last beat, the work done (webhooks accepted,
+    events settled, documents uploaded) and when, and for the consumer what it holds.
+
+    The heartbeat never disturbs its role: it has its own task and its own PostgreSQL connection,
+    a beat that cannot be written (PostgreSQL down, slow) is dropped and the next one tries again,
+    and every error stays inside it (logged once per outage). A clean stop writes a last beat
+    marking the row stopped; a role that fails marks it stopped with the error's type. Rows whose
+    last beat is older than ``KEEP_S`` (stopped, or dead without a word) are pruned by any role,
+    at most once an hour.
+    """
 
     def __init__(
         self,
@@ -101,7 +105,10 @@ class Heartbeat:
         interval_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``clock`` is the one ``Work`` and ``Progress`` use (``time.time``)."""
+        """Prepare a new role instance's row.
+
+        ``clock`` is the one ``Work`` and ``Progress`` use (``time.time``).
+        """
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
         self.id = uuid.uuid4()
@@ -124,7 +131,7 @@ class Heartbeat:
         self.beats = 0  # beats written
 
     def row(self, stop_reason: str | None = None) -> dict[str, Any]:
-        """The beat to write now: the row's fields, ages in seconds (see the ``heartbeat`` query)."""
+        """Build the beat to write now, ages in seconds (see the ``heartbeat`` query)."""
         now = self._clock()
         consumer = self._consumer
         value: dict[str, Any] = {
@@ -178,11 +185,11 @@ class Heartbeat:
         }
 
     async def beat(self, *, stop_reason: str | None = None, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a beat is bounded by the interval, not by its caller
-        """Write one beat; False when it could not be written (logged once per outage)."""
+        """Write one beat; return False when it could not be written (logged once per outage)."""
         row = self.row(stop_reason)
-        params = tuple(row[name] for name in _PARAMS)
+        beat = store.heartbeats.Beat(**{name: row[name] for name in _PARAMS})
         try:
-            await asyncio.wait_for(self._write(params), timeout=timeout or self.interval_s)
+            await asyncio.wait_for(self._write(beat), timeout=timeout or self.interval_s)
         except asyncio.CancelledError:
             self._drop_connection()  # cancelled mid-statement: the connection cannot be reused
             raise
@@ -203,15 +210,14 @@ class Heartbeat:
         self.beats += 1
         return True
 
-    async def _write(self, params: tuple[Any, ...]) -> None:
+    async def _write(self, beat: store.heartbeats.Beat) -> None:
         if self._conn is None or self._conn.is_closed():
             self._conn = await db.connect(self._settings)
-        with db.translate("heartbeat"):
-            await self._conn.execute(queries.get("heartbeat"), *params)
-            now = time.monotonic()
-            if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY_S:
-                await self._conn.execute(queries.get("prune_heartbeats"), float(KEEP_S))
-                self._pruned_at = now
+        await store.heartbeats.beat(self._conn, beat)
+        now = time.monotonic()
+        if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY_S:
+            await store.heartbeats.prune(self._conn, float(KEEP_S))
+            self._pruned_at = now
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -231,7 +237,7 @@ class Heartbeat:
             await asyncio.sleep(due - now)
 
     async def stop(self, reason: str) -> None:
-        """The last beat: the row says the role stopped, and why."""
+        """Write the last beat, which says the role stopped, and why."""
         if not await self.beat(stop_reason=reason, timeout=STOP_TIMEOUT_S):
             logger.warning("heartbeat_stop_not_recorded", role=self.role, stop_reason=reason)
         if self._conn is not None:
@@ -241,7 +247,7 @@ class Heartbeat:
 
 
 def stop_reason(exc: BaseException | None) -> str:
-    """How a role ended, for its row: stopped, cancelled, or failed with the error's type."""
+    """Say how a role ended, for its row (stopped, cancelled, or failed with the error's type)."""
     if exc is None or isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
         return "stopped"
     if isinstance(exc, asyncio.CancelledError):

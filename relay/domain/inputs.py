@@ -2,8 +2,8 @@
 
 The command line's flags and the admin API's JSON fields become a :class:`NewConnection` (with
 :func:`qonto_credentials` for the Qonto authentication), and :func:`validate` checks it before the
-configuration is read or any upstream is contacted: what is wrong is an :class:`InvalidInput`,
-named as the caller knows it (a ``Label``: ``--flag-name`` by default, a JSON key for the admin API).
+configuration is read or any upstream is contacted: what is wrong is an :class:`InvalidInput`, named
+as the caller knows it (a ``Label``: ``--flag-name`` by default, a JSON key for the admin API).
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ Label = Callable[[str], str]
 
 
 def flag_name(field: str) -> str:
-    """The command line's name for a field: ``webhook_secret`` -> ``--webhook-secret``."""
+    """Name a field as the command line does (``webhook_secret`` -> ``--webhook-secret``)."""
     return "--" + field.replace("_", "-")
 
 
 class InvalidInput(errors.Refused):
-    """The values given are wrong by themselves (bad flags or fields): a usage error, caught before
-    anything is contacted (exit 2 on the command line, 400 from the admin API)."""
+    """The values given are wrong by themselves (bad flags or fields).
+
+    A usage error, caught before anything is contacted (exit 2 on the command line, 400 from the
+    admin API).
+    """
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ class NewConnection:
 def qonto_credentials(
     api_key: object, refresh_token: object, *, label: Label = flag_name
 ) -> credentials.QontoCredentials:
-    """The Qonto authentication: exactly one of an API key ``LOGIN:SECRET`` or a refresh token."""
+    """Read the Qonto authentication, one of an API key ``LOGIN:SECRET`` or a refresh token."""
     if bool(api_key) == bool(refresh_token):
         raise InvalidInput(
             f"give exactly one of {label('qonto_api_key')} LOGIN:SECRET or "
@@ -62,7 +65,7 @@ def qonto_credentials(
 
 
 def validate(new: NewConnection, *, label: Label = flag_name) -> None:
-    """The checks of a new connection's own values, before anything is contacted; raise InvalidInput."""
+    """Check a new connection's own values before anything is contacted; raise InvalidInput."""
     for field, value in (
         ("client_name", new.client_name),
         ("qonto_organization_id", new.qonto_organization_id),

@@ -1,22 +1,19 @@
-"""`relay secrets rotate`: every stored secret re-sealed under the first key of ``RELAY_SECRET_KEY``.
+"""Re-sealing of every stored secret under the first key of ``RELAY_SECRET_KEY``.
 
-Key rotation, in three moves: put the new key first in ``RELAY_SECRET_KEY`` everywhere, the old one
-after it (every process then seals with the new key and opens with both); run `relay secrets rotate`;
-remove the old key. The rotation walks connections (Qonto and Loop credentials), webhook secrets and
-open invitations in batches, each row locked while it is re-sealed (a concurrent OAuth refresh waits
-for it, then writes under the first key too). Values already under the first key are left as they are.
+What ``relay secrets rotate`` does; :func:`rotate` says how a key rotation goes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import asyncpg
 
-from relay import config, crypto, log
-from relay.store import db, queries
+from relay import config, crypto, log, models, store
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -48,8 +45,18 @@ def _reseal(box: crypto.Box, value: bytes | None, rotated: Rotated) -> tuple[byt
 
 
 async def rotate(settings: config.Settings, pool: asyncpg.Pool) -> Rotated:
-    """Re-seal every stored secret under the first key; raise ConfigurationError if one cannot be
-    opened with any key (nothing of that row changes; rows before it stay re-sealed)."""
+    """Re-seal every stored secret under the first key of ``RELAY_SECRET_KEY``.
+
+    Key rotation, in three moves: put the new key first in ``RELAY_SECRET_KEY`` everywhere, the
+    old one after it (every process then seals with the new key and opens with both); run ``relay
+    secrets rotate``; remove the old key. The rotation walks connections (Qonto and Loop
+    credentials), webhook secrets and open invitations in batches, each row locked while it is
+    re-sealed (a concurrent OAuth refresh waits for it, then writes under the first key too).
+    Values already under the first key are left as they are.
+
+    Raise ConfigurationError if a value cannot be opened with any key (nothing of that row
+    changes; rows before it stay re-sealed).
+    """
     box = crypto.Box(settings.secret_key.reveal())
     rotated = Rotated()
     await _walk(
@@ -57,18 +64,16 @@ async def rotate(settings: config.Settings, pool: asyncpg.Pool) -> Rotated:
         box,
         rotated,
         "connections",
-        queries.get("rotation_connections"),
-        queries.get("rotation_update_connection"),
-        2,
+        store.connections.sealed_batch,
+        store.connections.reseal,
     )
     await _walk(
         pool,
         box,
         rotated,
         "webhook_secrets",
-        queries.get("rotation_webhook_secrets"),
-        queries.get("rotation_update_webhook_secret"),
-        1,
+        store.webhook_secrets.sealed_batch,
+        store.webhook_secrets.reseal,
         first=0,
     )
     await _walk(
@@ -76,9 +81,8 @@ async def rotate(settings: config.Settings, pool: asyncpg.Pool) -> Rotated:
         box,
         rotated,
         "invitations",
-        queries.get("rotation_invitations"),
-        queries.get("rotation_update_invitation"),
-        2,
+        store.invitations.sealed_batch,
+        store.invitations.reseal,
     )
     logger.info("secrets_rotated", **rotated.resealed, unchanged=rotated.unchanged)
     return rotated
@@ -89,22 +93,20 @@ async def _walk(
     box: crypto.Box,
     rotated: Rotated,
     kind: str,
-    select: str,
-    update: str,
-    columns: int,
+    select: Callable[[db.Conn, Any, int], Awaitable[list[models.SealedValues]]],
+    update: Callable[..., Awaitable[None]],
     *,
     first: Any = _NIL,
 ) -> None:
     after = first
     while True:
-        with db.translate(f"rotate {kind}"):
-            async with pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(select, after, BATCH)
-                for row in rows:
-                    values = [_reseal(box, row[i + 1], rotated) for i in range(columns)]
-                    if any(changed for _, changed in values):
-                        await conn.execute(update, row[0], *(v for v, _ in values))
-                        rotated.resealed[kind] += 1
+        async with db.transaction(pool, f"rotate {kind}") as conn:
+            rows = await select(conn, after, BATCH)
+            for row in rows:
+                values = [_reseal(box, value, rotated) for value in row.values]
+                if any(changed for _, changed in values):
+                    await update(conn, row.id, *(v for v, _ in values))
+                    rotated.resealed[kind] += 1
         if len(rows) < BATCH:
             return
-        after = rows[-1][0]
+        after = rows[-1].id

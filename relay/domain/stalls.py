@@ -1,22 +1,6 @@
-"""Which roles are stalled: the state of each heartbeat row and of the events queue, from the rows
-and the queues' depths (pure functions; :mod:`relay.domain.status` reads them and reports).
+"""Judgement of which roles are stalled, from the heartbeat rows and the queues' depths.
 
-A role is
-
-- ``stopped`` when its row says so (a clean stop, or a role that failed and left);
-- ``gone`` when it is not stopped and known dead: no heartbeat for ``GONE_AFTER_S``; or, on the host
-  running the check, no process with its pid; or a later process with the same host and pid (a
-  restarted container) started after its last beat;
-- ``stalled`` when it is not stopped and its heartbeat is more than ``STALE_BEATS`` beats old (hung,
-  or dead in a way that cannot be told yet); or a consumer that has held messages, or had no
-  subscription while messages wait, without settling any for ``stall_after_s``; or a live consumer
-  while messages are ready and no live consumer holds any;
-- ``ok`` otherwise.
-
-The events queue is ``stalled`` when messages are ready and no live consumer holds any: the age of
-its oldest message is then unknown, and the output says so. Otherwise its oldest message is the
-oldest one a live consumer holds (a quorum queue delivers in order), as of that consumer's last beat.
-Ready messages nobody holds may be an instant's view (``Judgement.suspect``): the reader looks again.
+Pure functions: :mod:`relay.domain.status` reads the rows and the queues and reports.
 """
 
 from __future__ import annotations
@@ -129,7 +113,7 @@ class Judged:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Events:
-    """The events queue judged: its state, and its oldest waiting message when it can be known."""
+    """The events queue judged, with its oldest waiting message when that can be known."""
 
     state: str  # ok, stalled, unknown (RabbitMQ not read, or the queue missing)
     reason: str | None
@@ -147,12 +131,12 @@ class Judgement:
 
 
 def round_s(value: float | None) -> float | None:
-    """Seconds as shown: a tenth."""
+    """Round seconds to a tenth, as shown."""
     return None if value is None else round(value, 1)
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (any user's)."""
+    """Tell whether a process with this pid exists on this host (any user's)."""
     if pid <= 0:
         return True  # not a process id: no conclusion
     try:
@@ -173,6 +157,20 @@ def _role_state(
     this_host: str,
     alive: Callable[[int], bool],
 ) -> tuple[str, str | None]:
+    """Judge one role's state, with the reason shown beside it.
+
+    A role is
+
+    - ``stopped`` when its row says so (a clean stop, or a role that failed and left);
+    - ``gone`` when it is not stopped and known dead: no heartbeat for ``GONE_AFTER_S``; or, on
+      the host running the check, no process with its pid; or a later process with the same host
+      and pid (a restarted container) started after its last beat;
+    - ``stalled`` when it is not stopped and its heartbeat is more than ``STALE_BEATS`` beats old
+      (hung, or dead in a way that cannot be told yet); or a consumer that has held messages, or
+      had no subscription while messages wait, without settling any for ``stall_after_s``; or
+      (in :func:`judge`) a live consumer while messages are ready and no live consumer holds any;
+    - ``ok`` otherwise.
+    """
     if row.stopped_at is not None:
         return STOPPED, row.stop_reason
     if row.stale:
@@ -214,7 +212,7 @@ def judge(
     alive: Callable[[int], bool] = pid_alive,
     queues_error: str | None = None,
 ) -> Judgement:
-    """Each role's state and the events queue's, from the rows and the queues' depths."""
+    """Judge each role's state and the events queue's, from the rows and the queues' depths."""
     ready = None if queues is None else queues.events.ready
     judged = [
         Judged(
@@ -247,7 +245,14 @@ def _events_state(
     consumers: Sequence[Role],
     silent: Sequence[Role],
 ) -> tuple[Events, bool]:
-    """The events queue's state, and whether its live consumers are suspect (ready, none held)."""
+    """Judge the events queue, and whether its live consumers are suspect (ready, none held).
+
+    The events queue is ``stalled`` when messages are ready and no live consumer holds any: the
+    age of its oldest message is then unknown, and the output says so. Otherwise its oldest
+    message is the oldest one a live consumer holds (a quorum queue delivers in order), as of
+    that consumer's last beat. Ready messages nobody holds may be an instant's view
+    (``Judgement.suspect``): the reader looks again.
+    """
     in_hand = sum(r.in_hand or 0 for r in consumers)
     if queues is None:
         why = f"RabbitMQ could not be read ({queues_error})"
@@ -270,7 +275,7 @@ def _events_state(
 
 
 def _held(holders: Sequence[Role], in_hand: int) -> Events:
-    """The events queue while consumers hold messages: aged by the oldest one held."""
+    """Judge the events queue while consumers hold messages, aged by the oldest one held."""
     ages = [r.oldest_held_age_s for r in holders if r.oldest_held_age_s is not None]
     if ages:
         return Events(OK, None, in_hand, max(ages), "held")
@@ -279,7 +284,7 @@ def _held(holders: Sequence[Role], in_hand: int) -> Events:
 
 
 def _nobody_consuming(waiting: int, subscribed: int) -> Events:
-    """The events queue with messages ready that no live consumer holds: stalled."""
+    """Mark the events queue stalled, its ready messages held by no live consumer."""
     why = (
         "no consumer is subscribed"
         if subscribed == 0

@@ -1,10 +1,8 @@
-"""`relay status`: every role's heartbeat judged, the queues' depths, and what is stalled.
+"""The ``relay status`` report of every role's heartbeat, the queues' depths, and what is stalled.
 
-Reads the rows of ``heartbeats`` (:mod:`relay.domain.heartbeat`) and the queues' depths (a passive declare),
-has them judged (:mod:`relay.domain.stalls`: ok, stalled, stopped, gone) and reports: the exit code, one
-JSON document, a readable table. Ready messages that no live consumer holds may be on their way, and
-a consumer's row is up to a beat old, so :func:`check` looks again for up to a beat before calling
-the events queue stalled.
+Reads the rows of ``heartbeats`` (:mod:`relay.domain.heartbeat`) and the queues' depths (a passive
+declare), has them judged (:mod:`relay.domain.stalls`: ok, stalled, stopped, gone) and reports: the
+exit code, one JSON document, a readable table.
 """
 
 from __future__ import annotations
@@ -20,11 +18,11 @@ from typing import Any, Final
 import aio_pika.abc
 import asyncpg
 
-from relay import config, errors
+from relay import config, errors, store
 from relay.broker import amqp
 from relay.cli import console
 from relay.domain import stalls
-from relay.store import db, queries
+from relay.store import db
 
 SHOWN_FOR_S: Final = 3600.0  # stopped and gone roles are listed this long after their last beat
 CONFIRM_POLL_S: Final = 0.25
@@ -34,7 +32,7 @@ Source = asyncpg.Pool | db.Conn
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Report:
-    """What one look found: every role judged, the queues, and the verdict for any filter."""
+    """What one look found, with every role judged, the queues, and the verdict for any filter."""
 
     checked_at: dt.datetime
     roles: tuple[stalls.Judged, ...]
@@ -129,7 +127,7 @@ class Report:
         }
 
     def render(self, role: str | None = None, host: str | None = None) -> str:
-        """The readable form: the roles' table, the queues, the problems."""
+        """Render the readable form, with the roles' table, the queues and the problems."""
         state, _ = self.outcome(role, host)
         chosen = self.matching(role, host)
         lines = [f"status: {state} (checked {self.checked_at.isoformat(timespec='seconds')})", ""]
@@ -223,7 +221,7 @@ def judge(
     alive: Callable[[int], bool] = stalls.pid_alive,
     queues_error: str | None = None,
 ) -> Report:
-    """The report of one look (see :func:`relay.domain.stalls.judge`)."""
+    """Build the report of one look (see :func:`relay.domain.stalls.judge`)."""
     judgement = stalls.judge(
         rows,
         queues,
@@ -266,10 +264,9 @@ async def snapshot(
     this_host: str | None = None,
     alive: Callable[[int], bool] = stalls.pid_alive,
 ) -> Report:
-    """One look: the rows, the queues' depths, judged (PostgreSQL unavailable raises)."""
-    with db.translate("status"):
-        records = await source.fetch(queries.get("list_heartbeats"), SHOWN_FOR_S)
-        checked_at = await source.fetchval(queries.get("database_now"))
+    """Take one look at the rows and the queues' depths, judged (PostgreSQL unavailable raises)."""
+    rows = await store.heartbeats.recent(source, SHOWN_FOR_S)
+    checked_at = await store.server.now(source)
     queues: stalls.Queues | None = None
     error = broker_error
     if broker is not None:
@@ -280,7 +277,7 @@ async def snapshot(
     elif error is None:
         error = "not connected"
     return judge(
-        [stalls.Role.from_record(r) for r in records],
+        rows,
         queues,
         checked_at=checked_at,
         stall_after_s=settings.stall_after_s,
@@ -301,9 +298,12 @@ async def check(
     alive: Callable[[int], bool] = stalls.pid_alive,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Report:
-    """:func:`snapshot`; when only an instant's view calls the events queue stalled (messages ready
-    that no live consumer holds) and ``confirm``, look again for up to a beat (and a second): the
-    messages may be on their way, and the consumers' rows up to a beat old."""
+    """Take a :func:`snapshot`, and look again before calling the events queue stalled.
+
+    When only an instant's view calls the events queue stalled (messages ready that no live
+    consumer holds) and ``confirm``, it looks again for up to a beat (and a second): the messages
+    may be on their way, and the consumers' rows up to a beat old.
+    """
 
     async def look() -> Report:
         return await snapshot(
@@ -323,8 +323,10 @@ async def look_again(
     default_beat_s: float,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Report:
-    """While ``report`` is stalled only by an instant's view, look again, for up to the live
-    consumers' beat and a second; the last report stands."""
+    """Look again while ``report`` is stalled only by an instant's view; the last report stands.
+
+    It looks for up to the live consumers' beat and a second.
+    """
     if not report.suspect:
         return report
     beat = max(

@@ -1,1 +1,1 @@
-"""The HTTP edge: what `relay serve` answers on its port besides the webhooks (the web pages)."""
+"""The HTTP edge, all that ``relay serve`` answers on its port (webhooks, admin API, web pages)."""

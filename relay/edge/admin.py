@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import config, crypto, errors, log, models
 from relay.domain import connections, credentials, documents, inputs
+from relay.store import flush_requests, runs
 
 logger = log.get(__name__)
 Handler = Callable[[Request], Awaitable[Any]]
@@ -44,8 +45,10 @@ def _whole_number(text: str, what: str) -> int:
     return int(text)
 
 
-def _json(value: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(value), status_code=status, media_type="application/json")
+def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(value), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def _refusal(request: Request) -> str | None:
@@ -255,6 +258,15 @@ async def resolve_document(request: Request) -> Any:
     return document.to_json()
 
 
+async def retry_document(request: Request) -> Any:
+    from relay.domain import resolve
+
+    raw_id = request.path_params["document_id"]
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        raise errors.NotFound("no such document")
+    return (await resolve.retry(request.app.state.pool, int(raw_id))).to_json()
+
+
 async def list_dlq(request: Request) -> Any:
     from relay.broker import dlq
 
@@ -312,8 +324,8 @@ async def get_status(request: Request) -> Any:
 
 
 async def flush_now(request: Request) -> Any:
-    from consumers import flusher
-
+    """Ask for a scan + flush: recorded for a scheduler to run (never run here); 202 with the
+    request's id and the URL that follows it."""
     body = await _body(request)
     connection_id = None
     if body.get("connection_id"):
@@ -322,10 +334,33 @@ async def flush_now(request: Request) -> Any:
         except ValueError:
             raise BadRequest("connection_id: not a UUID") from None
     state = request.app.state
-    report = await flusher.flush(
-        state.settings, state.pool, connection_id=connection_id, since=_since(body.get("since"))
+    if connection_id is not None:
+        await connections.get(state.pool, connection_id)  # 404 for an unknown connection
+    asked = await flush_requests.insert(
+        state.pool,
+        connection_id=connection_id,
+        since=_since(body.get("since")),
+        requested_by="admin API",
     )
-    return report.to_json()
+    url = flush_request_url(state.settings, asked.id)
+    return _json({**asked.to_json(), "url": url}, 202, headers={"Location": url})
+
+
+def flush_request_url(settings: config.Settings, request_id: int) -> str:
+    return f"{settings.public_url.rstrip('/')}/admin/flush/{request_id}"
+
+
+async def show_flush_request(request: Request) -> Any:
+    """Show a flush request: waiting, running, finished or failed, with its run's report."""
+    raw_id = request.path_params["request_id"]
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        raise errors.NotFound("no such flush request")
+    pool = request.app.state.pool
+    asked = await flush_requests.get(pool, int(raw_id))
+    if asked is None:
+        raise errors.NotFound(f"no flush request {raw_id}")
+    run = await runs.get(pool, asked.run_id) if asked.run_id is not None else None
+    return {**asked.to_json(), "report": run.report if run is not None else None}
 
 
 async def create_invitation(request: Request) -> Any:
@@ -369,11 +404,13 @@ def routes() -> list[BaseRoute]:
         route("/connections/{connection_id}/reconnect", reconnect_connection, ["POST"]),
         route("/documents", list_documents, ["GET"]),
         route("/documents/{document_id}/resolve", resolve_document, ["POST"]),
+        route("/documents/{document_id}/retry", retry_document, ["POST"]),
         route("/dlq", list_dlq, ["GET"]),
         route("/dlq/replay", replay_dlq, ["POST"]),
         route("/dlq/purge", purge_dlq, ["POST"]),
         route("/dlq/{dlq_id}", show_dlq, ["GET"]),
         route("/flush", flush_now, ["POST"]),
+        route("/flush/{request_id}", show_flush_request, ["GET"]),
         route("/status", get_status, ["GET"]),
         route("/invitations", list_invitations, ["GET"]),
         route("/invitations", create_invitation, ["POST"]),

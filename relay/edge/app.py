@@ -19,12 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, Router
 
-from relay import config, crypto, errors, log
+from relay import config, crypto, errors, log, store
 from relay.broker import amqp
 from relay.domain import heartbeat, status
 from relay.edge import admin, guard, metrics, webhook
 from relay.edge.pages import site
-from relay.store import db, queries
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -56,19 +56,20 @@ async def metrics_endpoint(request: Request) -> Response:
     limits: guard.Limits = state.connection_limits
     stats.set_connections(limits.open, limits.refused)
     with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
-        with db.translate("metrics"):
-            records = await asyncio.wait_for(
-                state.pool.fetch(queries.get("count_documents_by_state"), None), timeout=2
-            )
+        counts = await asyncio.wait_for(store.documents.count_by_state(state.pool, None), timeout=2)
         totals: dict[str, int] = {}
-        for record in records:
-            totals[record["state"]] = totals.get(record["state"], 0) + record["n"]
+        for count in counts:
+            totals[count.state] = totals.get(count.state, 0) + count.n
         stats.set_documents(totals)
     with contextlib.suppress(errors.RelayError, TimeoutError):
         report = await asyncio.wait_for(
             status.check(state.settings, state.pool, state.amqp, confirm=False), timeout=3
         )
         stats.set_status(report)
+    with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
+        stats.set_last_scheduled_run(
+            await asyncio.wait_for(store.runs.last_scheduled(state.pool), 2)
+        )
     return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 

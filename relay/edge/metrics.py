@@ -1,10 +1,6 @@
 """Prometheus metrics, one registry per application (tests and workers never share globals).
 
-Under several `relay serve` workers each process has its own registry and Prometheus scrapes whichever
-answers; counters are per process. The document gauges and the roles' and queues' gauges (what
-`relay status` shows) are read from PostgreSQL and RabbitMQ at scrape time, so they are the same
-whichever worker answers. The latter come from one look, without `relay status`'s second look at a
-queue that seems stalled: alert on them with a ``for:`` duration.
+Under several ``relay serve`` workers each process has its own registry (see :class:`Metrics`).
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ import prometheus_client as prom
 
 from relay import models
 from relay.domain import stalls, status
+from relay.store import runs
 
 CONTENT_TYPE = prom.CONTENT_TYPE_LATEST
 DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
@@ -23,6 +20,15 @@ DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
 
 @dataclasses.dataclass(frozen=True)
 class Metrics:
+    """The metrics of one application, in a registry of their own.
+
+    Under several ``relay serve`` workers each process has its own registry and Prometheus scrapes
+    whichever answers; counters are per process. The document gauges and the roles' and queues'
+    gauges (what ``relay status`` shows) are read from PostgreSQL and RabbitMQ at scrape time, so
+    they are the same whichever worker answers. The latter come from one look, without ``relay
+    status``'s second look at a queue that seems stalled: alert on them with a ``for:`` duration.
+    """
+
     registry: prom.CollectorRegistry
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
@@ -30,7 +36,6 @@ class Metrics:
     connections_open: prom.Gauge
     connections_cut: prom.Gauge
     documents: prom.Gauge
-    uploads: prom.Counter
     heartbeat_age: prom.Gauge
     work_age: prom.Gauge
     roles: prom.Gauge
@@ -38,9 +43,11 @@ class Metrics:
     queue_ready: prom.Gauge
     queue_consumers: prom.Gauge
     oldest_age: prom.Gauge
+    last_run_started: prom.Gauge
+    last_run_finished: prom.Gauge
 
     def webhook(self, outcome: str, seconds: float) -> None:
-        """One webhook answered: its outcome (queued, bad_signature, ...) and its duration."""
+        """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
 
@@ -54,17 +61,16 @@ class Metrics:
         for bound, count in cut.items():
             self.connections_cut.labels(bound).set(count)
 
-    def upload(self, outcome: str) -> None:
-        """One upload attempt to Cegid Loop finished (uploaded, failed, in_doubt, retried...)."""
-        self.uploads.labels(outcome).inc()
-
     def set_documents(self, counts: dict[str, int]) -> None:
         """Documents by state (every state present, zero when none); ``in_doubt`` needs an operator."""
         for state in DOCUMENT_STATES:
             self.documents.labels(state).set(counts.get(state, 0))
 
     def set_status(self, report: status.Report) -> None:
-        """The roles (running ones by host and pid, all by state) and the queues, from one look."""
+        """Set the roles' and queues' gauges from one look.
+
+        Running roles are counted by host and pid, all of them by state.
+        """
         self.heartbeat_age.clear()
         self.work_age.clear()
         counts: dict[tuple[str, str], int] = {
@@ -102,12 +108,19 @@ class Metrics:
             else math.nan
         )
 
+    def set_last_scheduled_run(self, run: runs.Run | None) -> None:
+        """Set when the last scheduled run started and finished (0: none yet, or not finished)."""
+        started = run.started_at.timestamp() if run is not None else 0.0
+        finished = run.finished_at.timestamp() if run is not None and run.finished_at else 0.0
+        self.last_run_started.set(started)
+        self.last_run_finished.set(finished)
+
     def render(self) -> bytes:
         return prom.generate_latest(self.registry)
 
 
 def create() -> Metrics:
-    """A fresh registry with every metric the relay records (one per application)."""
+    """Create a fresh registry with every metric the relay records (one per application)."""
     registry = prom.CollectorRegistry()
     return Metrics(
         registry=registry,
@@ -142,12 +155,6 @@ def create() -> Metrics:
             "relay_documents",
             "Documents by state (in_doubt needs an operator)",
             ["state"],
-            registry=registry,
-        ),
-        uploads=prom.Counter(
-            "relay_uploads",
-            "Upload attempts to Cegid Loop, by outcome",
-            ["outcome"],
             registry=registry,
         ),
         heartbeat_age=prom.Gauge(
@@ -188,6 +195,16 @@ def create() -> Metrics:
         oldest_age=prom.Gauge(
             "relay_events_oldest_message_age_seconds",
             "Age of the oldest waiting event (0: none waits; NaN: unknown, nobody holds one)",
+            registry=registry,
+        ),
+        last_run_started=prom.Gauge(
+            "relay_last_scheduled_run_started_timestamp_seconds",
+            "When the last scheduled run started (Unix time; 0: none yet)",
+            registry=registry,
+        ),
+        last_run_finished=prom.Gauge(
+            "relay_last_scheduled_run_finished_timestamp_seconds",
+            "When the last scheduled run finished (Unix time; 0: none yet, or not finished)",
             registry=registry,
         ),
     )

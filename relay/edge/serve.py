@@ -20,7 +20,7 @@ import uvicorn
 import uvicorn.supervisors
 from starlette.applications import Starlette
 
-from relay import config, errors, log
+from relay import config, errors, log, store
 from relay.broker import amqp
 from relay.edge import app, guard
 from relay.store import db, queries
@@ -67,8 +67,7 @@ async def check_dependencies(settings: config.Settings) -> None:
     except errors.DatabaseUnavailable as exc:
         raise StartFailed(f"cannot start: {exc} (RELAY_DATABASE_URL)") from exc
     try:
-        with db.translate("schema check"):
-            applied = {r["version"] for r in await conn.fetch(queries.get("applied_migrations"))}
+        applied = await store.server.applied_migrations(conn)
     finally:
         await conn.close()
     missing = [version for version, _ in queries.migrations() if version not in applied]

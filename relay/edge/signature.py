@@ -1,8 +1,9 @@
-"""Qonto's webhook signature: ``X-Qonto-Signature: t={unix},v1={hex}[,v1=...]``.
+"""Verification of Qonto's webhook signature, the ``X-Qonto-Signature`` header.
 
-``v1`` is the lower-case hex HMAC-SHA256, keyed with the subscription secret's UTF-8 bytes, of
-``"{t}."`` followed by the raw body exactly as received. Any ``v1`` may match any currently valid
-secret (rotation). Timestamps more than five minutes away from now are refused either way.
+The header reads ``t={unix},v1={hex}[,v1=...]``. ``v1`` is the lower-case hex HMAC-SHA256, keyed
+with the subscription secret's UTF-8 bytes, of ``"{t}."`` followed by the raw body exactly as
+received. Any ``v1`` may match any currently valid secret (rotation). Timestamps more than five
+minutes away from now are refused either way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Rejected(Exception):
 
 
 def parse(header: str) -> tuple[int, list[str]]:
-    """``(timestamp, [v1 signatures])``; raise Rejected when the header is malformed."""
+    """Parse the header into ``(timestamp, [v1 signatures])``; raise Rejected when malformed."""
     timestamp: int | None = None
     signatures: list[str] = []
     for item in header.split(","):

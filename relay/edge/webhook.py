@@ -28,10 +28,10 @@ import asyncpg
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay import config, crypto, errors, log
+from relay import config, crypto, errors, log, retry, store
 from relay.broker import amqp
 from relay.edge import signature
-from relay.store import db, queries
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -41,7 +41,8 @@ UNKNOWN_MAX: Final = 10_000
 UNKNOWN_LOOKUPS_PER_S: Final = 10.0  # per worker, only while the cache's LISTEN is lost
 RELOAD_WAIT_S: Final = 5.0  # how long a miss waits for a reload a NOTIFY asked for
 REFRESH_S: Final = 60.0
-RELISTEN_MAX_S: Final = 5.0  # longest pause between attempts to listen again after a lost LISTEN
+# pauses between attempts to listen again after a lost LISTEN: from 1 s, never longer than 5 s
+RELISTEN: Final = retry.Policy(first_s=1.0, cap_s=5.0, floor=0.5)
 CHANNEL: Final = "relay_connections_changed"
 
 
@@ -83,23 +84,16 @@ class SecretCache:
                 await self._listener.close()
 
     async def reload(self) -> None:
-        with db.translate("load webhook secrets"):
-            records = await self._pool.fetch(queries.get("intake_secrets_all"))
         known: dict[uuid.UUID, list[str]] = {}
-        for record in records:
-            known.setdefault(record["connection_id"], []).append(
-                self._box.open(bytes(record["secret"]))
-            )
+        for row in await store.webhook_secrets.intake_all(self._pool):
+            known.setdefault(row.connection_id, []).append(self._box.open(row.secret))
         self._known = {k: tuple(v) for k, v in known.items()}
         self._unknown.clear()
         self.reloads += 1
 
     async def _listen(self) -> None:
         try:
-            with db.translate("listen"):
-                self._listener = await db.connect(self._settings)
-                await self._listener.add_listener(CHANNEL, self._notified)
-                self._listener.add_termination_listener(self._lost)
+            self._listener = await db.listen(self._settings, CHANNEL, self._notified, self._lost)
         except errors.DatabaseUnavailable:
             self._listener = None
             logger.warning("secret_cache_listen_failed")
@@ -125,9 +119,10 @@ class SecretCache:
 
         Whatever fails, the last known cache keeps serving.
         """
-        backoff = 1.0
+        backoff = retry.Backoff(RELISTEN)
+        pause = RELISTEN.first_s
         while True:
-            timeout = REFRESH_S if self._listener is not None else backoff
+            timeout = REFRESH_S if self._listener is not None else pause
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=timeout)
             self._changed.clear()
@@ -137,15 +132,19 @@ class SecretCache:
                 await self.reload()
                 self._reloaded.set()
             except Exception as exc:  # the cache must outlive any failure
-                backoff = min(backoff * 2, RELISTEN_MAX_S)
+                pause = backoff.next()
                 logger.warning(
-                    "secret_cache_reload_failed", error=type(exc).__name__, retry_in_s=backoff
+                    "secret_cache_reload_failed",
+                    error=type(exc).__name__,
+                    retry_in_s=round(pause, 2),
                 )
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(pause)
                 self._changed.set()
             else:
-                # still no listener: the next attempt waits longer (reloads keep the cache fresh)
-                backoff = 1.0 if self._listener is not None else min(backoff * 2, RELISTEN_MAX_S)
+                if self._listener is not None:
+                    backoff.reset()
+                else:  # still no listener: the next attempt waits longer (reloads keep the cache fresh)
+                    pause = backoff.next()
 
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         """The connection's secrets; empty when it is unknown, disconnected or revoked.
@@ -193,10 +192,9 @@ class SecretCache:
 
     async def _look_up(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         self.lookups += 1
-        with db.translate("look up connection"):
-            records = await self._pool.fetch(queries.get("intake_secrets_one"), connection_id)
-        if records:
-            value = tuple(self._box.open(bytes(r["secret"])) for r in records)
+        rows = await store.webhook_secrets.intake_one(self._pool, connection_id)
+        if rows:
+            value = tuple(self._box.open(row.secret) for row in rows)
             self._known[connection_id] = value
             return value
         self._unknown[connection_id] = time.monotonic() + UNKNOWN_TTL_S

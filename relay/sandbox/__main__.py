@@ -1,4 +1,4 @@
-"""``python -m relay.sandbox``: both sandboxes on loopback, seeded, until interrupted.
+"""Both sandboxes on loopback, seeded, until interrupted (``python -m relay.sandbox``).
 
 Prints one JSON document with their URLs and credentials, so a person can point the relay (or curl)
 at them. Every credential here is fake and opens only these sandboxes.

@@ -1,12 +1,7 @@
 """Cegid Loop's public API as Cegid's public documentation describes it, on a loopback socket.
 
-Two static headers (``Ocp-Apim-Subscription-Key`` and ``x-apikey: key:secret``), ``POST
-/storeDocument`` with the raw bytes (hashed as they stream, never held), ``GET /journal`` scoped to a
-dossier, and the contract's trap: a deposit into a dossier that does not exist still succeeds and goes
-nowhere. A read of a dossier answers 401 for a wrong key, 403 "the collaborator ... has no access to
-the folder ..." for a dossier that exists in Loop but is not associated with the key, and 200 without
-data for a code Loop does not know (Loop's answers are undocumented: this is the sandbox's model). Faults: 429, 5xx, 4xx, slow answers, "stored then connection dropped" (the ambiguous case)
-and "dropped before storing".
+:class:`CegidSandbox` holds firms, their keys and dossiers, and what was deposited;
+:class:`CegidFaults` injects faults, the ambiguous "stored then connection dropped" among them.
 """
 
 from __future__ import annotations
@@ -51,7 +46,11 @@ class Firm:
 
 
 class CegidFaults:
-    """One fault per storeDocument request from a queue, or at random with a seeded generator."""
+    """One fault per storeDocument request from a queue, or at random with a seeded generator.
+
+    Faults are 429, 5xx, 4xx, slow answers, "stored then connection dropped" (the ambiguous case)
+    and "dropped before storing".
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -87,6 +86,17 @@ class CegidFaults:
 
 
 class CegidSandbox:
+    """Cegid Loop for the firms declared with :meth:`add_firm`; point the relay at ``url``.
+
+    Two static headers (``Ocp-Apim-Subscription-Key`` and ``x-apikey: key:secret``), ``POST
+    /storeDocument`` with the raw bytes (hashed as they stream, never held), ``GET /journal``
+    scoped to a dossier, and the contract's trap: a deposit into a dossier that does not exist
+    still succeeds and goes nowhere. A read of a dossier answers 401 for a wrong key, 403 "the
+    collaborator ... has no access to the folder ..." for a dossier that exists in Loop but is not
+    associated with the key, and 200 without data for a code Loop does not know (Loop's answers
+    are undocumented: this is the sandbox's model).
+    """
+
     def __init__(self, *, subscription_key: str = "sandbox-subscription-key") -> None:
         self.subscription_key = subscription_key
         self.faults = CegidFaults()
@@ -114,14 +124,16 @@ class CegidSandbox:
     def add_firm(
         self, api_key: str, api_secret: str, dossiers: list[str], domain: str = "SANDBOX"
     ) -> None:
-        """Declare (or redeclare) a firm's key and the dossiers associated with it (a dossier
-        dissociated later still exists)."""
+        """Declare (or redeclare) a firm's key and the dossiers associated with it.
+
+        A dossier dissociated later still exists.
+        """
         with self._lock:
             self._firms[api_key] = Firm(api_key, api_secret, set(dossiers), domain)
             self._existing.update(dossiers)
 
     def add_dossier(self, dossier: str) -> None:
-        """A dossier that exists in Loop without being associated with any key."""
+        """Add a dossier that exists in Loop without being associated with any key."""
         with self._lock:
             self._existing.add(dossier)
 
@@ -130,7 +142,7 @@ class CegidSandbox:
             return [s for s in self.stored if s.dossier == dossier]
 
     def duplicates(self) -> list[str]:
-        """Content stored more than once in one dossier: what must never happen."""
+        """List the content stored more than once in one dossier, which must never happen."""
         with self._lock:
             counts = collections.Counter((s.dossier, s.sha256) for s in self.stored)
         return [sha for (_, sha), n in counts.items() if n > 1]
@@ -187,7 +199,7 @@ class CegidSandbox:
                 self.in_flight -= 1
 
     async def _delay(self, fault: str | None) -> None:
-        """Applies a dropped connection or a slow answer the faults asked for, then the latency."""
+        """Apply a dropped connection or a slow answer the faults asked for, then the latency."""
         if fault == "drop_before_store":
             raise Drop
         if fault and fault.startswith("slow:"):
@@ -204,7 +216,7 @@ class CegidSandbox:
         content_type: str,
         size: int,
     ) -> Response | None:
-        """Loop's answer to a deposit it refuses, or None when it stores it."""
+        """Return Loop's answer to a deposit it refuses, or None when it stores it."""
         if content_type not in TYPES:
             return self._error(415, f"Unsupported media type {content_type!r}")
         if size > MAX_BYTES:

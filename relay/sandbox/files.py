@@ -41,7 +41,7 @@ def _filler(seed: int, size: int) -> Iterator[bytes]:
 
 @dataclasses.dataclass(frozen=True)
 class Synthetic:
-    """A file of ``size`` bytes: a real header of ``kind``, then seeded filler."""
+    """A file of ``size`` bytes, a real header of ``kind`` followed by seeded filler."""
 
     kind: str
     size: int

@@ -1,7 +1,8 @@
-"""A small HTTP/1.1 server for the sandboxes: asyncio streams + h11, in a thread of its own.
+"""A small HTTP/1.1 server for the sandboxes, on asyncio streams and h11 in a thread of its own.
 
-Not uvicorn, because the sandboxes must misbehave on purpose: drop a connection after reading a body,
-answer slowly, stream 20 MB without holding it. Handlers get the raw transport's abort as a fault.
+Not uvicorn, because the sandboxes must misbehave on purpose: drop a connection after reading a
+body, answer slowly, stream 20 MB without holding it. Handlers get the raw transport's abort as a
+fault.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ CHUNK = 64 * 1024
 
 
 class Drop(Exception):
-    """Raised by a handler: abort the connection without answering."""
+    """Raised by a handler to abort the connection without answering."""
 
 
 @dataclasses.dataclass
@@ -62,7 +63,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class ServerThread:
-    """Runs ``handler`` on 127.0.0.1 (ephemeral port) in a daemon thread with its own event loop."""
+    """A server running ``handler`` on 127.0.0.1 (ephemeral port) in a daemon thread.
+
+    The thread runs an event loop of its own.
+    """
 
     def __init__(self, handler: Handler, *, name: str = "sandbox") -> None:
         self._handler = handler
@@ -209,7 +213,7 @@ class ServerThread:
 def json_error(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> Response:
-    """A JSON:API-style error, as Qonto answers them."""
+    """Build a JSON:API-style error, as Qonto answers them."""
     import orjson
 
     return Response(

@@ -1,22 +1,7 @@
 """Qonto's Business API as Qonto's public documentation describes it, on a loopback socket.
 
-Authentication (``login:secret`` verbatim, or an OAuth bearer from its token endpoint), the staging
-token trap (an HTML page with status 200), pagination with ``meta.next_page`` and 422 past the end,
-presigned attachment URLs valid 30 minutes that refuse an ``Authorization`` header, 404 for deleted
-attachments, the 1,000 requests / 10 s limit, and injectable faults (429, 5xx, slow, expired URLs).
-
-Lists are computed afresh for every page, as offset pagination over a live table is: an item updated
-between two page requests moves, and the items after it shift. :meth:`QontoSandbox.after_page` runs
-a hook between two page requests to make that happen on purpose; :meth:`QontoSandbox.one_instant`
-gives many items the same ``updated_at``; ``list_totals = False`` leaves ``total_count`` and
-``total_pages`` out of ``meta`` (only ``next_page`` is documented).
-
-OAuth consent as the contract describes it: ``GET /oauth2/auth`` shows a consent page (buttons
-**Authorize** and **Deny**, no script) for a registered app, and sends the browser back to
-``redirect_uri`` with ``code`` and ``state``, or ``error=access_denied``; the code is valid 10 minutes,
-once, at the token endpoint with ``grant_type=authorization_code`` and the same ``redirect_uri``. The
-tokens it gives carry the scopes consented to: ``GET /v2/subscription`` needs ``subscription.read``.
-:meth:`QontoSandbox.deliver` posts a signed event to every subscription of its topic (what Qonto does).
+:class:`QontoSandbox` is one organization to seed and point the relay at, OAuth consent included;
+:class:`QontoFaults` injects faults (429, 5xx, slow answers, expired URLs).
 """
 
 from __future__ import annotations
@@ -63,7 +48,7 @@ SCOPES = frozenset(
 
 
 def plan(name: str, code: str | None = None) -> dict[str, Any]:
-    """A ``GET /v2/subscription`` plan object as the contract shows it."""
+    """Build a ``GET /v2/subscription`` plan object as the contract shows it."""
     return {
         "code": code or f"team_{name.lower().replace(' ', '_')}",
         "name": name,
@@ -76,8 +61,11 @@ def plan(name: str, code: str | None = None) -> dict[str, Any]:
 
 
 def _iso(moment: dt.datetime) -> str:
-    """Qonto shows milliseconds; the sandbox keeps microseconds so that stamps it hands out in a
-    burst stay strictly increasing without running ahead of the clock."""
+    """Format a moment as an ISO 8601 UTC stamp, to the microsecond.
+
+    Qonto shows milliseconds; the sandbox keeps microseconds so that stamps it hands out in a
+    burst stay strictly increasing without running ahead of the clock.
+    """
     return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -123,8 +111,10 @@ class QontoFaults:
             self._expire_next += count
 
     def random_plan(self, seed: int, rate: float) -> None:
-        """Each API or storage request fails at ``rate`` with 429, 500, 503, a slow answer or an
-        expired URL, chosen by ``random.Random(seed)``."""
+        """Fail each API or storage request at ``rate``, chosen by ``random.Random(seed)``.
+
+        A failure is a 429, 500, 503, a slow answer or an expired URL.
+        """
         with self._lock:
             self._random, self._rate = random.Random(seed), rate
 
@@ -158,7 +148,15 @@ class QontoFaults:
 
 
 class QontoSandbox:
-    """One organization with one bank account; seed it, then point the relay at ``url``."""
+    """One organization with one bank account; seed it, then point the relay at ``url``.
+
+    It answers as the documentation says: authentication (``login:secret`` verbatim, or an OAuth
+    bearer from its token endpoint), the staging token trap (an HTML page with status 200),
+    pagination with ``meta.next_page`` and 422 past the end, presigned attachment URLs valid 30
+    minutes that refuse an ``Authorization`` header, 404 for deleted attachments, and the 1,000
+    requests / 10 s limit. :meth:`deliver` posts a signed event to every subscription of its topic
+    (what Qonto does).
+    """
 
     def __init__(
         self,
@@ -239,7 +237,7 @@ class QontoSandbox:
         return time.time() + self.clock_offset_s
 
     def _stamp(self) -> str:
-        """A strictly increasing updated_at (one and the same inside :meth:`one_instant`)."""
+        """Hand out a strictly increasing updated_at (the same one inside :meth:`one_instant`)."""
         with self._lock:
             if self._instant is not None:
                 return self._instant
@@ -249,7 +247,7 @@ class QontoSandbox:
 
     @contextlib.contextmanager
     def one_instant(self) -> Iterator[str]:
-        """Every stamp handed out inside the block is the same instant (a bulk import or update)."""
+        """Make every stamp handed out inside the block one instant (a bulk import or update)."""
         stamp = self._stamp()
         with self._lock:
             self._instant = stamp
@@ -260,8 +258,11 @@ class QontoSandbox:
                 self._instant = None
 
     def after_page(self, path: str, hook: Callable[[int], object]) -> None:
-        """Call ``hook(n)`` right after the n-th page of the list at ``path`` (counted from this
-        call) is answered, before the next request is read: to update items mid-walk."""
+        """Call ``hook(n)`` right after the n-th page of the list at ``path`` is answered.
+
+        Pages are counted from this call; the hook runs before the next request is read, to update
+        items mid-walk.
+        """
         with self._lock:
             self._page_hooks.append((path, hook, [0]))
 
@@ -450,12 +451,12 @@ class QontoSandbox:
         )
 
     def subscriptions(self) -> list[dict[str, Any]]:
-        """Every webhook subscription, with its secret (as created)."""
+        """List every webhook subscription, with its secret (as created)."""
         with self._lock:
             return [copy.deepcopy(s) for s in self._subscriptions.values()]
 
     def deliver(self, event: dict[str, Any], *, timeout: float = 5.0) -> list[int]:
-        """POST ``event``, signed, to every subscription of its topic, as Qonto does: the statuses."""
+        """POST ``event``, signed, to every subscription of its topic, and return the statuses."""
         body = orjson.dumps(event)
         statuses = []
         for subscription in self.subscriptions():
@@ -525,7 +526,10 @@ class QontoSandbox:
         return False
 
     def _scoped(self, header: str, scope: str) -> bool:
-        """An API key, or a token whose consent included ``scope`` (older tokens: all scopes)."""
+        """Tell whether the header is an API key, or a token whose consent included ``scope``.
+
+        Tokens issued without a consent (older ones) have all scopes.
+        """
         if not header.startswith("Bearer "):
             return True
         with self._lock:
@@ -533,7 +537,15 @@ class QontoSandbox:
         return scopes is None or scope in scopes
 
     async def _consent(self, request: Request) -> Response:
-        """The consent page (GET), and the member's answer to it (POST): back to redirect_uri."""
+        """Show the consent page (GET) and send the member's answer (POST) back to redirect_uri.
+
+        As the contract describes it: ``GET /oauth2/auth`` shows a consent page (buttons
+        **Authorize** and **Deny**, no script) for a registered app, and sends the browser back to
+        ``redirect_uri`` with ``code`` and ``state``, or ``error=access_denied``; the code is valid
+        10 minutes, once, at the token endpoint with ``grant_type=authorization_code`` and the same
+        ``redirect_uri``. The tokens it gives carry the scopes consented to: ``GET
+        /v2/subscription`` needs ``subscription.read``.
+        """
         if request.method == "POST":
             params = {
                 k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode()).items()
@@ -639,7 +651,7 @@ class QontoSandbox:
         )
 
     def _routes(self) -> list[tuple[str, re.Pattern[str], Callable[..., Response]]]:
-        """The API's routes: method, path pattern, handler(request, body, *path groups)."""
+        """List the API's routes as (method, path pattern, handler(request, body, *path groups))."""
         table: list[tuple[str, str, Callable[..., Response]]] = [
             ("GET", "/v2/membership", self._membership),
             ("GET", "/v2/subscription", self._subscription_plan),
@@ -854,6 +866,14 @@ class QontoSandbox:
         return sorted(found, key=lambda i: i["updated_at"])
 
     def _page(self, request: Request, key: str, items: list[dict[str, Any]]) -> Response:
+        """Answer one page of ``items``, computed afresh for every page.
+
+        That is how offset pagination over a live table behaves: an item updated between two page
+        requests moves, and the items after it shift. :meth:`after_page` runs a hook between two
+        page requests to make that happen on purpose; :meth:`one_instant` gives many items the same
+        ``updated_at``; ``list_totals = False`` leaves ``total_count`` and ``total_pages`` out of
+        ``meta`` (only ``next_page`` is documented).
+        """
         page_text, per_page_text = (
             request.arg("page", "1") or "1",
             request.arg("per_page", "100") or "100",

@@ -1,8 +1,9 @@
-"""**Create** (``POST /setup/create``): the whole connection or nothing, then the ready page.
+"""The **Create** step (``POST /setup/create``), which makes the whole connection or nothing.
 
-:func:`relay.domain.connections.add` checks both sides, registers the webhook subscriptions and stores the
-connection, with the invitation marked used in the same transaction; a refusal by Loop or Qonto
-goes back to the step it belongs to, with what to do there (the Loop Hub action for a dossier).
+:func:`relay.domain.connections.add` checks both sides, registers the webhook subscriptions and
+stores the connection, with the invitation marked used in the same transaction; a refusal by Loop
+or Qonto goes back to the step it belongs to, with what to do there (the Loop Hub action for a
+dossier). The ready page follows.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ CREATE_MARGIN: Final = dt.timedelta(minutes=10)
 def _refusal(
     exc: errors.RelayError, invitation: invitations.Invitation, ctx: views.Context, api_key: str
 ) -> tuple[str, str]:
-    """The step a refusal at Create belongs to, and what to tell there (with the Loop Hub action)."""
+    """Find the step a refusal at Create belongs to, and what to tell there.
+
+    What to tell includes the Loop Hub action when one is needed.
+    """
     dossier = invitation.cegid_dossier or ""
     app_name = ctx.settings.loop_application_name
     if isinstance(exc, errors.CegidKeyRefused):
@@ -70,7 +74,7 @@ def _refusal(
 
 
 async def create(request: Request) -> Response:
-    """**Create**: the whole connection, or nothing; then the ready page."""
+    """Create the whole connection, or nothing, then show the ready page (**Create**)."""
     ctx = views.context(request)
     posted = await setup.posted_form(request, ctx)
     if isinstance(posted, Response):

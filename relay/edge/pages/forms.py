@@ -1,4 +1,4 @@
-"""Forms posted by the pages: URL-encoded, small, and carrying the session's CSRF token."""
+"""Forms posted by the pages, URL-encoded, small, and carrying the session's CSRF token."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Invalid(Exception):
 
 
 async def read(request: Request) -> dict[str, str]:
-    """The form's fields (the first value of each), from a body of at most :data:`MAX_BYTES`."""
+    """Read the form's fields (the first value of each) from a body of at most :data:`MAX_BYTES`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/x-www-form-urlencoded":
         raise Invalid("expected a URL-encoded form")

@@ -1,5 +1,8 @@
-"""Security headers on every page: a Content-Security-Policy without inline script, no framing, no
-referrer (a setup link's URL is a secret), no caching, no MIME sniffing; HSTS under https."""
+"""Security headers on every page, set by the :class:`Headers` middleware.
+
+A Content-Security-Policy without inline script, no framing, no referrer (a setup link's URL is a
+secret), no caching, no MIME sniffing; HSTS under https.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ def origin(url: str) -> str:
 
 
 def headers(settings: config.Settings) -> list[tuple[bytes, bytes]]:
-    """The headers added to every page's response.
+    """Build the headers added to every page's response.
 
     ``form-action`` names Qonto's OAuth origin too: the **Connect with Qonto** form posts here and
     is redirected there, and browsers check form redirects against it.
@@ -46,7 +49,7 @@ def headers(settings: config.Settings) -> list[tuple[bytes, bytes]]:
 
 
 class Headers:
-    """ASGI middleware: the security headers on every response of the wrapped application."""
+    """ASGI middleware setting the security headers on every response of the wrapped application."""
 
     def __init__(self, app: ASGIApp, settings: config.Settings) -> None:
         self.app = app

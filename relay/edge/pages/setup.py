@@ -1,22 +1,8 @@
-"""The setup of a client in the browser, by the two people Qonto's guide names.
+"""The setup pages of a client, for the two people Qonto's guide names (see the README).
 
-1. ``/setup/{token}`` (the invitation's link): what the integration does, who may start it and on
-   which plans; **Connect with Qonto** (``POST /setup/qonto``) sends the member to Qonto's consent
-   with a ``state`` bound to the invitation and to this browser's session.
-2. ``/setup/oauth/callback``: the state is checked (known, unused, fresh, same browser), the code
-   exchanged, the member's role and the plan read; a refusal is a page saying why and who can do it,
-   and nothing is stored. Otherwise the tokens are stored sealed with the invitation.
-3. The accountant's steps, in the guide's order: ``/setup/key`` (**API key**, **API secret**),
-   ``/setup/dossier`` (**Code dossier**, **Domain**), ``/setup/hub`` (the Loop Hub declaration with
-   its exact values, and **Create**). Create (``POST /setup/create``) makes the whole connection or
-   nothing (:func:`relay.domain.connections.add`, with the invitation marked used in its transaction); a
-   refusal by Loop or Qonto goes back to the step it belongs to, in a ``role="alert"`` element.
-4. ``/setup/ready``: **Your integration is ready**, and when the folder appears in Loop.
-
-Here: the link, the Qonto step and the accountant's steps; Qonto's answer is :mod:`.consent`, Create
-and the ready page :mod:`.create`, the routes :mod:`.site`. The link's token appears only in the first URL: the session remembers which invitation this browser
-works on (so the link can be forwarded to the accountant, whose browser gets a session of its own).
-Secrets typed or obtained are sealed at once and never rendered back.
+Here are the link, the Qonto step and the accountant's steps (``/setup/key``, ``/setup/dossier``,
+``/setup/hub``); Qonto's answer is :mod:`.consent`, Create and the ready page :mod:`.create`, the
+routes :mod:`.site`. Secrets typed or obtained are sealed at once and never rendered back.
 """
 
 from __future__ import annotations
@@ -30,10 +16,9 @@ from typing import Any, Final
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay import crypto, log
+from relay import crypto, log, store
 from relay.domain import invitations
 from relay.edge.pages import forms, ratelimit, sessions, views
-from relay.store import db, queries
 from relay.upstreams import qonto
 
 logger = log.get(__name__)
@@ -74,7 +59,7 @@ def session_expired(ctx: views.Context) -> Response:
 async def bound_invitation(
     request: Request, ctx: views.Context
 ) -> tuple[sessions.Session, invitations.Invitation] | Response:
-    """This browser's session and the open invitation it works on, or the page to show instead."""
+    """Return this browser's session and the open invitation it works on, or the page to show."""
     session = await sessions.current(ctx.pool, request)
     if session is None or "invitation" not in session.data:
         if session is not None and "ready" in session.data:
@@ -89,7 +74,7 @@ async def bound_invitation(
 async def posted_form(
     request: Request, ctx: views.Context
 ) -> tuple[sessions.Session, invitations.Invitation, dict[str, str]] | Response:
-    """A form post: its fields, after the CSRF check and the session's invitation."""
+    """Read a form post's fields, after the CSRF check and the session's invitation."""
     try:
         fields = await forms.read(request)
     except forms.Invalid:
@@ -134,7 +119,12 @@ def common(invitation: invitations.Invitation, step: str) -> dict[str, Any]:
 
 
 async def entry(request: Request) -> Response:
-    """``/setup/{token}``: the invitation's link; binds this browser to it."""
+    """Open the invitation's link (``/setup/{token}``) and bind this browser to it.
+
+    The link's token appears only in this first URL: the session remembers which invitation this
+    browser works on (so the link can be forwarded to the accountant, whose browser gets a session
+    of its own).
+    """
     ctx = views.context(request)
     address = views.client_address(request)
     wait = await ratelimit.blocked(ctx.pool, ratelimit.SETUP_GUESSES, address)
@@ -164,7 +154,7 @@ async def entry(request: Request) -> Response:
 
 
 async def qonto_step(request: Request) -> Response:
-    """The Qonto step again (after a refusal), for the session's invitation."""
+    """Show the Qonto step again (after a refusal), for the session's invitation."""
     ctx = views.context(request)
     bound = await bound_invitation(request, ctx)
     if isinstance(bound, Response):
@@ -174,8 +164,11 @@ async def qonto_step(request: Request) -> Response:
 
 
 async def connect(request: Request) -> Response:
-    """**Connect with Qonto**: a single-use state bound to the invitation and this browser, and
-    the way to Qonto's consent page."""
+    """Send the member to Qonto's consent page (**Connect with Qonto**).
+
+    The ``state`` sent along is single-use and bound to the invitation and to this browser's
+    session.
+    """
     ctx = views.context(request)
     posted = await posted_form(request, ctx)
     if isinstance(posted, Response):
@@ -183,15 +176,14 @@ async def connect(request: Request) -> Response:
     session, invitation, _ = posted
     state = secrets.token_urlsafe(32)
     url = qonto.authorization_url(ctx.settings, state)
-    with db.translate("start consent"):
-        await ctx.pool.execute(queries.get("delete_old_oauth_states"))
-        await ctx.pool.execute(
-            queries.get("insert_oauth_state"),
-            crypto.token_digest(state),
-            invitation.id,
-            session.id_hash,
-            dt.datetime.now(dt.UTC) + STATE_LIFETIME,
-        )
+    await store.oauth_states.delete_old(ctx.pool)
+    await store.oauth_states.insert(
+        ctx.pool,
+        crypto.token_digest(state),
+        invitation.id,
+        session.id_hash,
+        dt.datetime.now(dt.UTC) + STATE_LIFETIME,
+    )
     logger.info("setup_consent_started", invitation=str(invitation.id))
     return RedirectResponse(url, status_code=303)
 

@@ -1,5 +1,8 @@
-"""The web pages mounted on the application: the setup under ``/setup`` and the stylesheet under
-``/static``, each behind the security headers."""
+"""The web pages mounted on the application, each behind the security headers.
+
+The setup is under ``/setup``, the operators' console under ``/console``, the stylesheet under
+``/static``.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from relay import config
+from relay.edge.console import routes as console
 from relay.edge.pages import consent, create, security, setup, templates, views
 
 
 def setup_routes() -> list[BaseRoute]:
-    """The setup pages' routes (under ``/setup``; fixed paths before the link's token)."""
+    """List the setup pages' routes (under ``/setup``; fixed paths before the link's token)."""
     guarded = views.guarded
     return [
         Route("/oauth/callback", guarded(consent.callback), methods=["GET"]),
@@ -33,6 +37,10 @@ def routes(settings: config.Settings) -> list[BaseRoute]:
         Mount(
             "/setup",
             app=security.Headers(Router(routes=setup_routes(), redirect_slashes=False), settings),
+        ),
+        Mount(
+            "/console",
+            app=security.Headers(Router(routes=console.routes(), redirect_slashes=False), settings),
         ),
         Mount(
             "/static",

@@ -1,4 +1,4 @@
-"""The pages' Jinja2 environment: templates shipped with the package, autoescaped, strict.
+"""The pages' Jinja2 environment, with templates shipped in the package, autoescaped, strict.
 
 A page is rendered with :func:`render`, which also gives every template the session's CSRF token
 (``csrf_token``) for its forms and the stylesheet's URL.
@@ -37,6 +37,6 @@ def render(
     headers: dict[str, str] | None = None,
     **context: Any,
 ) -> HTMLResponse:
-    """The template ``name`` as an HTML response."""
+    """Render the template ``name`` as an HTML response."""
     html = environment().get_template(name).render(csrf_token=csrf_token, **context)
     return HTMLResponse(html, status_code=status, headers=headers)

@@ -1,6 +1,8 @@
-"""What every page shares: the application's context, rendering, redirects, and the pages that
-say what went wrong (a refused form, a dependency down, an unfinished configuration); the guard
-that turns the dependencies' failures into those pages."""
+"""What every page shares, from the application's context to the pages that say what went wrong.
+
+Rendering, redirects, the pages for a refused form, a dependency down or an unfinished
+configuration, and the guard that turns the dependencies' failures into those pages.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ ELIGIBLE_PLAN_NAMES: Final = ("Smart", "Premium", "Essential", "Business", "Ente
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Context:
-    """What a setup page works with: the application's settings and pool, and its key box."""
+    """What a setup page works with, the application's settings, pool and key box."""
 
     settings: config.Settings
     pool: asyncpg.Pool
@@ -68,7 +70,7 @@ def problem(
     restart: bool = False,
     session: sessions.Session | None = None,
 ) -> Response:
-    """A page that says what went wrong and who can do what about it."""
+    """Render a page that says what went wrong and who can do what about it."""
     response = page(
         "problem.html",
         session,
