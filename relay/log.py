@@ -6,6 +6,7 @@ their logger with :func:`get` and call :func:`configure` once at start.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import logging
 import re
@@ -73,13 +74,29 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # a TextIO duc
 
 
 class _FastPath:
-    """How :func:`fast` writes (set by :func:`configure`): JSON straight to the stream, or through
-    structlog when the output is for a terminal."""
+    """How :func:`fast` writes (set by :func:`configure`): JSON lines gathered during one turn of the
+    event loop and written together at its end (one write for all the webhooks answered in that
+    turn), or through structlog when the output is for a terminal."""
 
     def __init__(self) -> None:
         self.out: Any = None
         self.json = False
         self.enabled = True
+        self.pending: list[bytes] = []
+
+    def add(self, line: bytes) -> None:
+        if not self.pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: write it now
+                self.out.write(line.decode())
+                return
+        self.pending.append(line)
+
+    def flush(self) -> None:
+        lines, self.pending = self.pending, []
+        if lines and self.out is not None:
+            self.out.write(b"".join(lines).decode())
 
 
 _fast = _FastPath()
@@ -88,7 +105,8 @@ _fast = _FastPath()
 def fast(event: str, **fields: str | int | float | None) -> None:
     """One info line for a hot path (a line per webhook) whose keys are fixed and whose values are
     known safe (ids, outcomes, statuses, durations): rendered once with orjson, without the
-    scrubbing processors, in the same JSON shape as every other line."""
+    scrubbing processors, in the same JSON shape as every other line, and written at the end of
+    the event loop's turn with the other lines of that turn."""
     if not _fast.enabled:
         return
     if not _fast.json or _fast.out is None:
@@ -97,7 +115,7 @@ def fast(event: str, **fields: str | int | float | None) -> None:
     fields["event"] = event
     fields["level"] = "info"
     fields["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
-    _fast.out.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE).decode())
+    _fast.add(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
 
 
 def configure(level: str = "info", *, stream: Any = None, json: bool | None = None) -> None:
@@ -116,6 +134,7 @@ def configure(level: str = "info", *, stream: Any = None, json: bool | None = No
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     threshold = logging.getLevelNamesMapping()[level.upper()]
+    _fast.flush()
     _fast.out, _fast.json, _fast.enabled = out, as_json, threshold <= logging.INFO
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(

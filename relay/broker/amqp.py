@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -240,18 +241,32 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         timeout: float | None = 5.0,  # noqa: ASYNC109 - aio-pika's confirm timeout
     ) -> None:
-        """Publish to the default exchange; raise BrokerUnavailable unless confirmed (ack) in time."""
-        message = aio_pika.Message(
-            body,
-            message_id=message_id,
-            headers=dict(headers or {}),
+        """Publish to the default exchange; raise BrokerUnavailable unless confirmed (ack) in time.
+
+        The frame goes out on aio-pika's underlying aiormq channel (``get_underlay_channel``, what
+        ``Exchange.publish`` does too) with the properties built once: an ``aio_pika.Message`` per
+        webhook cost the intake a tenth of its time.
+        """
+        properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=time.time(),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+            headers=dict(headers or {}),
+            message_id=message_id,
+            timestamp=datetime.datetime.fromtimestamp(time.time(), datetime.UTC),
         )
+        if self._channel.is_closed:
+            raise errors.BrokerUnavailable("publish: RabbitMQ channel closed")
         with translate("publish"):
-            confirmation = await self._channel.default_exchange.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=timeout
+            channel = await self._channel.get_underlay_channel()
+            if channel.is_closed:
+                raise errors.BrokerUnavailable("publish: RabbitMQ channel closed")
+            confirmation = await channel.basic_publish(
+                body,
+                exchange="",
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                timeout=timeout,
             )
         if not isinstance(confirmation, pamqp.commands.Basic.Ack):
             raise errors.BrokerUnavailable(f"publish: RabbitMQ did not confirm ({confirmation!r})")

@@ -51,3 +51,42 @@ def test_a_terminal_gets_the_readable_console_line() -> None:
     assert "webhook_accepted" in text
     assert "connection" in text
     assert not text.startswith("{")
+
+
+class _Counting:
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+async def test_the_lines_of_one_loop_turn_are_written_together_in_order() -> None:
+    """Three webhooks answered in the same turn of the event loop: one write, three lines, in order;
+    the next turn's line is a write of its own."""
+    import asyncio
+
+    out = _Counting()
+    log.configure("info", stream=out, json=True)
+    try:
+        for n in range(3):
+            log.fast("webhook_accepted", connection=f"c{n}")
+        assert out.writes == []  # not yet: at the end of this turn
+        await asyncio.sleep(0)
+        log.fast("webhook_accepted", connection="c3")
+        await asyncio.sleep(0)
+    finally:
+        log.configure("warning")
+    assert len(out.writes) == 2
+    first = [json.loads(line)["connection"] for line in out.writes[0].splitlines()]
+    assert first == ["c0", "c1", "c2"]
+    assert json.loads(out.writes[1])["connection"] == "c3"
