@@ -58,17 +58,15 @@ class Applied:
     outcome: str = APPLIED
 
 
+Key = tuple[uuid.UUID, str, str]  # (connection, source, resource id)
+# the files to make documents of, one per (connection, attachment): the resource and the file
+Files = dict[tuple[uuid.UUID, str], tuple[Key, events.DocumentSpec]]
+
+
 async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]]) -> Applied:
     """Apply snapshots in the caller's transaction; idempotent, and the same whatever the order
     and the batches they come in."""
-    newest: dict[tuple[uuid.UUID, str, str], events.Snapshot] = {}
-    told: dict[tuple[uuid.UUID, str, str], list[events.Snapshot]] = {}
-    for connection_id, snapshot in items:
-        key = (connection_id, str(snapshot.source), snapshot.resource_id)
-        told.setdefault(key, []).append(snapshot)
-        held = newest.get(key)
-        if held is None or _newer_or_equal(snapshot, held):
-            newest[key] = snapshot
+    newest, told = _newest(items)
     if not newest:
         return Applied(frozenset(), frozenset(), 0, 0)
     keys = list(newest)
@@ -76,44 +74,92 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
         conn,
         [store.resources.Newest(k, newest[k].updated_at, _listed(newest[k])) for k in keys],
     )
-    unique: dict[tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]] = {}
-    for key in keys:
-        if key in applied:
-            for spec in newest[key].documents:
-                unique.setdefault((key[0], spec.attachment_id), (key, spec))
-    created = 0
-    if unique:
-        created = await store.documents.insert_pending(
-            conn, [_new(k, s) for k, s in unique.values()]
-        )
-    complete = [k for k in keys if k in applied and newest[k].complete]
-    skipped = 0
-    if complete:
-        kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
-        skipped = await store.documents.skip_removed(conn, complete, kept, models.DELETED)
-    # the files only older snapshots named, listed against the newest one now recorded
-    others: dict[tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]] = {}
-    for key in keys:
-        for snapshot in told[key]:
-            if key in applied and snapshot is newest[key]:
-                continue  # its files are the pending ones above
-            for spec in snapshot.documents:
-                if (key[0], spec.attachment_id) not in unique:
-                    others.setdefault((key[0], spec.attachment_id), (key, spec))
-    if others:
-        states = await store.documents.insert_named(
-            conn, [_new(k, s) for k, s in others.values()], models.DELETED
-        )
-        listed_skipped = sum(1 for state in states if state == models.DocumentState.SKIPPED)
-        created += len(states) - listed_skipped
-        skipped += listed_skipped
+    pending = _files_of_newest(newest, applied)
+    created = await _insert_pending(conn, pending)
+    skipped = await _skip_removed(conn, newest, applied)
+    listed, listed_skipped = await _list_older_files(
+        conn, _files_only_older(newest, told, applied, pending)
+    )
     return Applied(
         applied=frozenset(applied),
         stale=frozenset(set(keys) - applied),
-        created=created,
-        skipped=skipped,
+        created=created + listed,
+        skipped=skipped + listed_skipped,
         outcome=APPLIED if applied else STALE,
     )
+
+
+def _newest(
+    items: Sequence[tuple[uuid.UUID, events.Snapshot]],
+) -> tuple[dict[Key, events.Snapshot], dict[Key, list[events.Snapshot]]]:
+    """Each resource's newest snapshot, and every snapshot given of it."""
+    newest: dict[Key, events.Snapshot] = {}
+    told: dict[Key, list[events.Snapshot]] = {}
+    for connection_id, snapshot in items:
+        key = (connection_id, str(snapshot.source), snapshot.resource_id)
+        told.setdefault(key, []).append(snapshot)
+        held = newest.get(key)
+        if held is None or _newer_or_equal(snapshot, held):
+            newest[key] = snapshot
+    return newest, told
+
+
+def _files_of_newest(newest: dict[Key, events.Snapshot], applied: set[Key]) -> Files:
+    """The files of the snapshots recorded as their resource's newest."""
+    files: Files = {}
+    for key, snapshot in newest.items():
+        if key in applied:
+            for spec in snapshot.documents:
+                files.setdefault((key[0], spec.attachment_id), (key, spec))
+    return files
+
+
+async def _insert_pending(conn: db.Conn, files: Files) -> int:
+    """A ``pending`` document for each file (one that exists keeps its state); how many new."""
+    if not files:
+        return 0
+    return await store.documents.insert_pending(conn, [_new(k, s) for k, s in files.values()])
+
+
+async def _skip_removed(
+    conn: db.Conn, newest: dict[Key, events.Snapshot], applied: set[Key]
+) -> int:
+    """Skip as deleted the pending documents a complete newest snapshot no longer lists."""
+    complete = [k for k in newest if k in applied and newest[k].complete]
+    if not complete:
+        return 0
+    kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
+    return await store.documents.skip_removed(conn, complete, kept, models.DELETED)
+
+
+def _files_only_older(
+    newest: dict[Key, events.Snapshot],
+    told: dict[Key, list[events.Snapshot]],
+    applied: set[Key],
+    pending: Files,
+) -> Files:
+    """The files only older snapshots named (stale ones, or ones the batch superseded)."""
+    files: Files = {}
+    for key, snapshots in told.items():
+        for snapshot in snapshots:
+            if key in applied and snapshot is newest[key]:
+                continue  # its files are the pending ones
+            for spec in snapshot.documents:
+                if (key[0], spec.attachment_id) not in pending:
+                    files.setdefault((key[0], spec.attachment_id), (key, spec))
+    return files
+
+
+async def _list_older_files(conn: db.Conn, files: Files) -> tuple[int, int]:
+    """A document for each file only an older snapshot named, listed against the newest one now
+    recorded (skipped as deleted when it leaves the file out); (new pending, new skipped)."""
+    if not files:
+        return 0, 0
+    states = await store.documents.insert_named(
+        conn, [_new(k, s) for k, s in files.values()], models.DELETED
+    )
+    skipped = sum(1 for state in states if state == models.DocumentState.SKIPPED)
+    return len(states) - skipped, skipped
 
 
 async def apply_transaction(
