@@ -1,23 +1,8 @@
-"""The PostgreSQL buffer: batches of Qonto events from RabbitMQ applied, then each message settled.
+"""Turns batches of Qonto events from RabbitMQ into committed rows, then settles each message.
 
-Messages come in batches (gathered by :mod:`consumers.consume`, up to ``batch_size`` or
-``batch_window_s``) and are applied in ONE transaction; the batch is acknowledged only after the
-commit. A crash at any point redelivers unacknowledged messages, and the events table's key
-(connection, Qonto event id) makes them no-ops.
-
-What happens to each message is decided in one place, :func:`_settle`, from the error class:
-- not an event, unknown topic version, unknown connection, Qonto refusing the credentials
-  → dead-letter queue at once, with the reason (an operator replays it after a fix);
-- PostgreSQL unavailable → :meth:`Buffer.process` raises ``errors.DatabaseUnavailable`` and settles
-  nothing: the consumer keeps the batch in hand and applies it again once PostgreSQL answers (the
-  retries below would burn out during a long outage and dead-letter good events);
-- transient for one message (Qonto unavailable while a client invoice is fetched) → the delay queue
-  for its attempt (1 s, 5 s, 30 s, 2 min, 10 min), then the dead-letter queue; never a hot loop;
-- PostgreSQL refusing a record (a value it cannot store, ``errors.InvalidData``): the batch's
-  transaction is rolled back and its messages are applied again one by one, each in a transaction
-  of its own, so that only the culprit goes to the dead-letter queue, with the reason, and the
-  others are applied;
-- everything else → applied and acknowledged.
+A batch (gathered by :mod:`consumers.consume`) is applied in one transaction and acknowledged only
+after the commit: a crash redelivers what was not acknowledged, and the events table's key
+(connection, Qonto event id) makes it a no-op. :meth:`Buffer._settle` decides each message's fate.
 """
 
 from __future__ import annotations
@@ -207,7 +192,22 @@ class Buffer:
             await items[-1].message.ack(multiple=True)
 
     async def _settle(self, item: Item) -> None:
-        """The one place a message's fate is decided (the acknowledgement follows in _settle_all)."""
+        """Decide a message's fate, in this one place (the acknowledgement follows in _settle_all).
+
+        - not an event, unknown topic version, unknown connection, Qonto refusing the credentials
+          → dead-letter queue at once, with the reason (an operator replays it after a fix);
+        - transient for one message (Qonto unavailable while a client invoice is fetched) → the
+          delay queue for its attempt (1 s, 5 s, 30 s, 2 min, 10 min), then the dead-letter
+          queue; never a hot loop;
+        - everything else → applied and acknowledged.
+
+        Two failures never reach it: PostgreSQL unavailable makes :meth:`process` raise
+        ``errors.DatabaseUnavailable`` and settle nothing (the consumer keeps the batch in hand
+        and applies it again once PostgreSQL answers: the retries above would burn out during a
+        long outage and dead-letter good events); PostgreSQL refusing a record
+        (``errors.InvalidData``) rolls the batch back and applies its messages one by one
+        (:meth:`_apply_each`), so that only the culprit is dead-lettered.
+        """
         if item.dead is not None:
             await self._dead_letter(item, item.dead)
         elif item.retry is not None:
