@@ -31,9 +31,12 @@ services:
 demo: $(STAMP) services
 	$(BIN)/relay demo
 
-# Fault tests restart PostgreSQL and RabbitMQ: they run after the others, on their own.
+# The tests run in parallel (pytest-xdist; each has its own database and queue prefix), then the
+# fault tests, which restart PostgreSQL and RabbitMQ, after the others and one at a time.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) services
-	$(BIN)/python -m pytest -q --cov=relay --cov=consumers --cov-report=
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --cov=relay --cov=consumers --cov-report=
 	$(BIN)/python -m pytest -q -m fault --cov=relay --cov=consumers --cov-append \
 		--cov-report=term:skip-covered
 
@@ -64,7 +67,8 @@ check: lint typecheck complexity compose-config
 
 chaos: $(STAMP) services
 	RELAY_CHAOS_SEEDS=$(SEEDS) RELAY_CHAOS_REPORT=chaos-results.json \
-		$(BIN)/python -m pytest -q -s -m chaos -p no:cacheprovider tests/integration/test_chaos.py
+		$(BIN)/python -m pytest -q -s -m chaos -p no:cacheprovider --basetemp=chaos-logs \
+		tests/integration/test_chaos.py
 
 bench: $(STAMP) services
 	bench/ensure-wrk

@@ -134,7 +134,7 @@ class Buffer:
         if not live:
             return
         async with db.transaction(self._pool, what) as conn:
-            live = await _check_connections(conn, live)
+            live = _drop_repeats(await _check_connections(conn, live))
             if not live:
                 return
             fresh = await _record_events(conn, live)
@@ -168,10 +168,14 @@ class Buffer:
     # ------------------------------------------------------------------ settle (after the commit)
 
     async def _dead_letter(self, item: Item, reason: str) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat()
         headers = {
             **_headers(item.message),
             amqp.HEADER_REASON: reason[:500],
-            amqp.HEADER_FAILED_AT: dt.datetime.now(dt.UTC).isoformat(),
+            amqp.HEADER_FAILED_AT: now,
+            amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                amqp.HEADER_FIRST_FAILED_AT, now
+            ),
             amqp.HEADER_DLQ_ID: str(uuid.uuid4()),
         }
         await self._publisher.publish(
@@ -221,6 +225,9 @@ class Buffer:
                     **_headers(item.message),
                     amqp.HEADER_ATTEMPTS: attempt,
                     amqp.HEADER_REASON: item.retry[:500],
+                    amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                        amqp.HEADER_FIRST_FAILED_AT, dt.datetime.now(dt.UTC).isoformat()
+                    ),
                 }
                 await self._publisher.publish(
                     amqp.retry_queue_name(self._settings, delay),
@@ -294,6 +301,18 @@ async def _check_connections(conn: db.Conn, live: list[Item]) -> list[Item]:
         elif item.event is not None and item.event.kind is events.Kind.IGNORED:
             item.outcome = "ignored_topic"
     return [i for i in live if not i.dead]
+
+
+def _drop_repeats(live: list[Item]) -> list[Item]:
+    """Mark every copy of an event id after its first in the batch a duplicate (as it would be
+    in a later batch); the items left."""
+    seen: set[tuple[uuid.UUID | None, str]] = set()
+    for item in live:
+        event_key = (item.connection_id, item.event.id if item.event else "")
+        if event_key in seen:
+            item.outcome = "duplicate"
+        seen.add(event_key)
+    return [i for i in live if i.outcome != "duplicate"]
 
 
 async def _record_events(conn: db.Conn, live: list[Item]) -> list[Item]:

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from relay import crypto, errors
 
@@ -37,36 +37,6 @@ class Secret:
 
 
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,15}")  # a scheme that is safe to name in an error
-_SENSITIVE_PARAM = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password and sensitive query value replaced by ``***`` (for logs).
-
-    A value that does not parse as a URL with a host is never returned as is: only its scheme (when
-    it has one) survives, since a typo'd URL may still carry a password.
-    """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "***"
-    if not parts.scheme or not parts.netloc or not host:
-        return f"{parts.scheme}://***" if _SCHEME.fullmatch(parts.scheme) else "***"
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 address
-    if port:
-        host = f"{host}:{port}"
-    if parts.password is not None:
-        netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    else:
-        netloc = f"{parts.username}@{host}" if parts.username else host
-    query = "&".join(
-        f"{key}=***" if _SENSITIVE_PARAM.search(key) else f"{key}={value}"
-        for key, _, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...], bad: list[str]) -> str:
@@ -224,6 +194,16 @@ VARIABLES: Final[tuple[Variable, ...]] = (
     # heartbeat is three beats old, or when it holds work without finishing any for stall_after_s
     Variable("RELAY_HEARTBEAT_INTERVAL", "heartbeat_interval_s", "5", _integer(1, 300)),
     Variable("RELAY_STALL_AFTER", "stall_after_s", "60", _integer(1, 86_400)),
+    # bounds of every `relay serve` worker's HTTP connections (relay.edge.guard) and of the webhook
+    # bodies it holds at once
+    Variable("RELAY_MAX_CONNECTIONS", "max_connections", "1000", _integer(1, 1_000_000)),
+    Variable("RELAY_MAX_HEADER_BYTES", "max_header_bytes", "8192", _integer(1024, 1_048_576)),
+    Variable("RELAY_HEADER_TIMEOUT", "header_timeout_s", "10", _integer(1, 3600)),
+    Variable("RELAY_BODY_TIMEOUT", "body_timeout_s", "10", _integer(1, 3600)),
+    Variable("RELAY_KEEPALIVE_TIMEOUT", "keepalive_timeout_s", "5", _integer(1, 3600)),
+    Variable(
+        "RELAY_BODY_BUFFER_BYTES", "body_buffer_bytes", "33554432", _integer(1_048_576, 2**40)
+    ),
     # what the accountant types in Loop Hub when declaring the partner (the setup pages show it)
     Variable("RELAY_LOOP_APPLICATION_NAME", "loop_application_name", "Qonto", _text(100)),
 )
@@ -268,6 +248,12 @@ class Settings:
     outage_limit_s: int = _default("outage_limit_s")
     heartbeat_interval_s: int = _default("heartbeat_interval_s")
     stall_after_s: int = _default("stall_after_s")
+    max_connections: int = _default("max_connections")
+    max_header_bytes: int = _default("max_header_bytes")
+    header_timeout_s: int = _default("header_timeout_s")
+    body_timeout_s: int = _default("body_timeout_s")
+    keepalive_timeout_s: int = _default("keepalive_timeout_s")
+    body_buffer_bytes: int = _default("body_buffer_bytes")
     loop_application_name: str = _default("loop_application_name")
     loop_provider_email_local_part: str | None = None
 

@@ -38,6 +38,7 @@ HEADER_ATTEMPTS: Final = "x-relay-attempts"
 HEADER_REASON: Final = "x-relay-reason"
 HEADER_DLQ_ID: Final = "x-relay-dlq-id"
 HEADER_FAILED_AT: Final = "x-relay-failed-at"
+HEADER_FIRST_FAILED_AT: Final = "x-relay-first-failed-at"  # kept through the retries
 # Classic queues have no delivery limit on any RabbitMQ version, whereas a quorum queue gets a
 # default limit of 20 from 4.0 on, and ``relay dlq`` browses by get and requeue, so every listing
 # would count. (``x-delivery-limit: -1`` is no way out: 4.x reads it as "no limit", but 3.10
@@ -68,11 +69,6 @@ def translate(what: str = "broker") -> Iterator[None]:
 
 def retry_queue_name(settings: config.Settings, delay_s: int) -> str:
     return f"{settings.retry_queue}.{delay_s}s"
-
-
-def retry_delay(attempt: int) -> int:
-    """Delay before retry number ``attempt`` (1-based), capped at the longest tier."""
-    return RETRY_DELAYS_S[min(max(attempt, 1), len(RETRY_DELAYS_S)) - 1]
 
 
 async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:

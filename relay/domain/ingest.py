@@ -1,50 +1,25 @@
-"""The one place where Qonto resource snapshots become documents (webhooks and the daily scan alike).
+"""Turns Qonto resource snapshots into documents, for the webhooks and the daily scan alike.
 
-Runs inside the caller's transaction, a whole batch in a handful of statements:
-1. each resource's newest snapshot is recorded in ``resources``, with its complete list of files
-   when it carries one; an older one (Qonto does not promise order) is reported stale;
-2. each file of an applied snapshot becomes a ``pending`` document, once per connection and
-   attachment (a document skipped as deleted comes back if its attachment reappears);
-3. for transactions, which list all their attachments, a pending document whose attachment is no
-   longer listed becomes ``skipped`` ("deleted before sync"); an uploaded one stays uploaded;
-4. every file the relay is told about is listed, whatever the batches and their order: a file
-   that only an older snapshot names (a stale one, or one the same batch superseded) becomes a
-   document too, ``skipped`` ("deleted before sync") when the newest snapshot lists its files and
-   leaves it out, ``pending`` otherwise; a document that exists keeps its state.
-
-:func:`apply` takes a whole batch (the consumer, the scanner's pages); :func:`apply_transaction`,
-:func:`apply_supplier_invoice` and :func:`apply_client_invoice` take one Qonto resource as the API
-shows it and say what became of it.
-
-A client invoice that was paid (or unpaid) and later becomes canceled keeps its document, even while
-it is still pending: it was an accounting document when it was issued, and a cancellation is booked
-as a credit note of its own in Qonto, not by deleting the invoice's file.
+:func:`apply` runs in the caller's transaction, a whole batch in a handful of statements, each a
+named step. A client invoice that was paid (or unpaid) and later becomes canceled keeps its
+document, even while pending: a cancellation is booked as a credit note of its own in Qonto.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import uuid
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 import orjson
 
-from relay import errors, events, models, store
+from relay import events, models, store
 from relay.store import db
 
 APPLIED: Final = "applied"
 STALE: Final = "stale"
-NOT_A_DOCUMENT: Final = "not_a_document"
-
-
-class NeedsAttachment(errors.RelayError):
-    """An unpaid or paid client invoice given without ``attachment_id``: fetch it, apply it again."""
-
-    def __init__(self, invoice_id: str) -> None:
-        super().__init__(f"client invoice {invoice_id} has no attachment_id: fetch it from Qonto")
-        self.invoice_id = invoice_id
+NOT_A_DOCUMENT: Final = "not_a_document"  # the consumer's outcome for a draft or canceled invoice
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,8 +28,7 @@ class Applied:
     stale: frozenset[tuple[uuid.UUID, str, str]]
     created: int
     skipped: int
-    # "applied", or "stale" when every snapshot given was older than the one recorded; the
-    # one-resource functions also say "not_a_document" (a draft or canceled client invoice)
+    # "applied", or "stale" when every snapshot given was older than the one recorded
     outcome: str = APPLIED
 
 
@@ -92,7 +66,7 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
 def _newest(
     items: Sequence[tuple[uuid.UUID, events.Snapshot]],
 ) -> tuple[dict[Key, events.Snapshot], dict[Key, list[events.Snapshot]]]:
-    """Each resource's newest snapshot, and every snapshot given of it."""
+    """Each resource's newest snapshot (Qonto does not promise order), and every one given."""
     newest: dict[Key, events.Snapshot] = {}
     told: dict[Key, list[events.Snapshot]] = {}
     for connection_id, snapshot in items:
@@ -115,7 +89,8 @@ def _files_of_newest(newest: dict[Key, events.Snapshot], applied: set[Key]) -> F
 
 
 async def _insert_pending(conn: db.Conn, files: Files) -> int:
-    """A ``pending`` document for each file (one that exists keeps its state); how many new."""
+    """A ``pending`` document for each file, once per connection and attachment (one that exists
+    keeps its state; one skipped as deleted comes back); how many are new."""
     if not files:
         return 0
     return await store.documents.insert_pending(conn, [_new(k, s) for k, s in files.values()])
@@ -124,7 +99,8 @@ async def _insert_pending(conn: db.Conn, files: Files) -> int:
 async def _skip_removed(
     conn: db.Conn, newest: dict[Key, events.Snapshot], applied: set[Key]
 ) -> int:
-    """Skip as deleted the pending documents a complete newest snapshot no longer lists."""
+    """Skip as deleted ("deleted before sync") the pending documents a complete newest snapshot
+    (a transaction lists all its attachments) no longer lists; an uploaded one stays uploaded."""
     complete = [k for k in newest if k in applied and newest[k].complete]
     if not complete:
         return 0
@@ -151,8 +127,9 @@ def _files_only_older(
 
 
 async def _list_older_files(conn: db.Conn, files: Files) -> tuple[int, int]:
-    """A document for each file only an older snapshot named, listed against the newest one now
-    recorded (skipped as deleted when it leaves the file out); (new pending, new skipped)."""
+    """A document for each file only an older snapshot named, whatever the batches and their
+    order: skipped as deleted when the newest snapshot lists its files and leaves it out,
+    pending otherwise (one that exists keeps its state); (new pending, new skipped)."""
     if not files:
         return 0, 0
     states = await store.documents.insert_named(
@@ -160,49 +137,6 @@ async def _list_older_files(conn: db.Conn, files: Files) -> tuple[int, int]:
     )
     skipped = sum(1 for state in states if state == models.DocumentState.SKIPPED)
     return len(states) - skipped, skipped
-
-
-async def apply_transaction(
-    conn: db.Conn,
-    connection_id: uuid.UUID,
-    tx: dict[str, Any],
-    *,
-    fallback: dt.datetime | None = None,
-) -> Applied:
-    """One transaction: a pending document per attachment, the ones it no longer lists skipped.
-
-    ``fallback`` (the webhook envelope's ``created_at``) orders snapshots without ``updated_at``.
-    """
-    snapshot = events.transaction_snapshot(tx, fallback=fallback)
-    return await apply(conn, [(connection_id, snapshot)])
-
-
-async def apply_supplier_invoice(
-    conn: db.Conn, connection_id: uuid.UUID, invoice: dict[str, Any]
-) -> Applied:
-    """One supplier invoice, whatever its status: a PURCHASE document for its file."""
-    return await apply(conn, [(connection_id, events.supplier_invoice_snapshot(invoice))])
-
-
-async def apply_client_invoice(
-    conn: db.Conn,
-    connection_id: uuid.UUID,
-    invoice: dict[str, Any],
-    *,
-    fallback: dt.datetime | None = None,
-) -> Applied:
-    """One client invoice: unpaid or paid is a SALE document; a draft or canceled one is none.
-
-    Raise NeedsAttachment when an unpaid or paid invoice comes without ``attachment_id`` (the
-    webhook payload omits it): the caller fetches the invoice and applies that.
-    """
-    if events.client_invoice_needs_fetch(invoice):
-        raise NeedsAttachment(str(invoice.get("id")))
-    snapshot = events.client_invoice_snapshot(invoice, fallback=fallback)
-    result = await apply(conn, [(connection_id, snapshot)])
-    if result.outcome == APPLIED and not snapshot.documents:
-        return dataclasses.replace(result, outcome=NOT_A_DOCUMENT)
-    return result
 
 
 def _new(key: tuple[uuid.UUID, str, str], spec: events.DocumentSpec) -> store.documents.NewDocument:

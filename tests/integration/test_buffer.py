@@ -68,23 +68,27 @@ async def _count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
 
 async def _wait_count(pool: asyncpg.Pool, sql: str, expected: int, *args: Any) -> None:
     counts = {"n": -1}
-    for _ in range(500):
+
+    async def reached() -> bool:
         counts["n"] = await _count(pool, sql, *args)
-        if counts["n"] >= expected:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{sql}: {counts['n']} rows, expected {expected}")
+        return counts["n"] >= expected
+
+    await factories.until(
+        reached, within_s=10, what=lambda: f"{sql}: {expected} rows (found {counts['n']})"
+    )
 
 
 async def _dead_letters(
     settings: config.Settings, conn: aio_pika.abc.AbstractConnection, n: int
 ) -> list[dlq.DeadLetter]:
-    for _ in range(250):
-        found = await dlq.list_messages(settings, conn)
-        if len(found) >= n:
-            return found
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"expected {n} dead letters")
+    found: list[dlq.DeadLetter] = []
+
+    async def enough() -> bool:
+        found[:] = await dlq.list_messages(settings, conn)
+        return len(found) >= n
+
+    await factories.until(enough, within_s=5, what=lambda: f"{n} dead letters (found {len(found)})")
+    return found
 
 
 async def _process_from_queue(
@@ -483,6 +487,9 @@ async def test_an_event_failing_on_every_retry_is_dead_lettered_with_the_last_re
         await asyncio.wait_for(task, 15)
     assert letter.event_id == event["id"]
     assert letter.reason.startswith("still failing after 2 retries: Qonto")
+    assert letter.first_failed_at is not None
+    assert letter.failed_at is not None
+    assert letter.first_failed_at < letter.failed_at  # the first try, two retries of 1 s before
     assert letter.body == orjson.dumps(event)
     fetches = [r for r in list(qonto.requests) if r[1] == path]
     assert (

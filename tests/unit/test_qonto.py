@@ -23,6 +23,7 @@ import pytest
 from relay import config, errors, models, retry
 from relay.domain import credentials
 from relay.upstreams import attachments, qonto
+from tests.unit import clients
 
 Handler = (
     Callable[[httpx.Request], httpx.Response]
@@ -52,18 +53,9 @@ def make(
     sleep: Sleeps | None = None,
     rotated: list[credentials.QontoCredentials] | None = None,
 ) -> qonto.QontoClient:
-    transport = httpx.MockTransport(handler)
-    http = qonto.HttpClients(
-        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
-        storage=httpx.AsyncClient(transport=transport),
-        limiter=qonto.RateLimiter(),
+    return clients.qonto_client(
+        settings, handler, creds=creds, rotated=rotated, sleep=sleep or Sleeps()
     )
-
-    async def keep(new: credentials.QontoCredentials) -> None:
-        if rotated is not None:
-            rotated.append(new)
-
-    return qonto.client(settings, creds, http, on_tokens_rotated=keep, sleep=sleep or Sleeps())
 
 
 def query(request: httpx.Request) -> dict[str, list[str]]:
@@ -226,15 +218,11 @@ async def test_the_rate_limiter_is_applied_to_every_attempt(
         limiter_waits.append(seconds)
         now += seconds
 
-    transport = httpx.MockTransport(
-        lambda _: httpx.Response(200, json={"membership": {"role": "owner"}})
-    )
-    http = qonto.HttpClients(
-        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
-        storage=httpx.AsyncClient(transport=transport),
+    client = clients.qonto_client(
+        unit_settings,
+        lambda _: httpx.Response(200, json={"membership": {"role": "owner"}}),
         limiter=qonto.RateLimiter(2, 10.0, clock=lambda: now, sleep=sleep),
     )
-    client = qonto.client(unit_settings, API_KEY, http)
     for _ in range(3):
         await client.get_membership()
     assert limiter_waits == [10.0]
@@ -613,21 +601,15 @@ def _rotating_client(
         assert request.headers["authorization"] == "Bearer rotated-access-1"
         return httpx.Response(200, json={"membership": {"role": "owner"}})
 
-    transport = httpx.MockTransport(handler)
-    http = qonto.HttpClients(
-        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
-        storage=httpx.AsyncClient(transport=transport),
-        limiter=qonto.RateLimiter(),
-    )
     expired = credentials.QontoOAuth(
         refresh_token=config.Secret("stored-refresh-0"),
         access_token=config.Secret("stored-access-0"),
         expires_at=clock[0] - dt.timedelta(minutes=1),
     )
-    client = qonto.client(
+    client = clients.qonto_client(
         oauth_settings(),
-        expired,
-        http,
+        handler,
+        creds=expired,
         on_tokens_rotated=store,
         sleep=sleeps,
         now=lambda: clock[0],
