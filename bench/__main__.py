@@ -6,6 +6,7 @@ python -m bench [intake] [consumer] [flush] [memory] [client]    (all when none 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import pathlib
@@ -17,10 +18,19 @@ import time
 from bench import client, common, consumer, flush, intake
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results.json"
+# held shared, as the integration tests hold it: the fault tests, which restart PostgreSQL and
+# RabbitMQ, take it exclusive and so never run in the middle of a benchmark
+SERVICES_LOCK = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.lock"
 
 
 async def main(selected: list[str]) -> int:
     names = selected or ["intake", "consumer", "flush", "memory", "client"]
+    with SERVICES_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        return await _measure(names)
+
+
+async def _measure(names: list[str]) -> int:
     figures: list[common.Figure] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmpdir:

@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 
 from consumers import flusher, upload
-from relay import config, crypto, errors, log, models, outage, store
+from relay import config, crypto, errors, log, models, outage, retry, store
 from relay.domain import connections, credentials, heartbeat, report
 from relay.store import db
 from relay.upstreams import cegid
@@ -192,7 +192,7 @@ async def run_forever(
     stop = stop or asyncio.Event()
     stopping = stop
     database = outage.Outage("scheduler", "PostgreSQL", settings.outage_limit_s)
-    backoff = outage.Backoff()
+    backoff = retry.Backoff(retry.OUTAGE)
 
     async def flush_and_count(
         settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None

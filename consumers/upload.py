@@ -24,7 +24,6 @@ import dataclasses
 import datetime as dt
 import functools
 import pathlib
-import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -32,16 +31,15 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery
-from relay import config, crypto, errors, filetype, log, models, naming, store
+from relay import config, crypto, errors, filetype, log, models, naming, retry, store
 from relay.domain import credentials, report
 from relay.store import db
 from relay.upstreams import attachments, cegid, qonto
 
 logger = log.get(__name__)
 
-UPLOAD_ATTEMPTS: Final = 5
-BACKOFF_BASE_S: Final = 0.5
-BACKOFF_CAP_S: Final = 30.0
+# a deposit Loop did not keep (429, 5xx, refused connection): five tries, then the next run
+POLICY: Final = retry.Policy(first_s=0.5, cap_s=30.0, attempts=5)
 CEGID_REASON: Final = "Cegid: "  # how the reason shown for a Cegid refusal begins
 STORED: Final = "stored in Loop"  # how an answer held in memory begins when Loop kept the file
 
@@ -97,12 +95,6 @@ class ConnectionRun:
     # is made good by taking what the worker holds outside this set
     seen: set[int] = dataclasses.field(default_factory=set)
     claim_unsure: bool = False
-
-
-def _backoff(attempt: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), BACKOFF_CAP_S * 4)
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
 
 
 # ------------------------------------------------------------------------------------ transitions
@@ -454,7 +446,8 @@ async def _deposit(
         starts += 1
         return await store.uploads.start(ctx.pool, document.id, ctx.worker)
 
-    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+    tries = POLICY.tries()
+    while True:
         if run.refused:  # refused for another document meanwhile
             await _wait_for_access(ctx, run, document, upload_id)
             return
@@ -487,7 +480,8 @@ async def _deposit(
                 stored = exc
         ctx.answers[document.id] = _answer(stored)
         if isinstance(stored, errors.CegidUnavailable):  # includes CegidRateLimited
-            if attempt == UPLOAD_ATTEMPTS:
+            delay = tries.again(stored.retry_after)
+            if delay is None:
                 await _finish(
                     ctx,
                     run,
@@ -502,16 +496,15 @@ async def _deposit(
                     release_content=True,
                 )
                 return
-            retry = functools.partial(
+            record_retry = functools.partial(
                 store.uploads.finish, ctx.pool, upload_id, "retry", None, None, str(stored)
             )
-            await transition(ctx, "finish_upload", retry)
+            await transition(ctx, "finish_upload", record_retry)
             ctx.answers.pop(document.id, None)
-            delay = _backoff(attempt, stored.retry_after)
             logger.info(
                 "upload_retry",
                 document=document.id,
-                attempt=attempt,
+                attempt=tries.attempt - 1,
                 delay_s=round(delay, 2),
                 reason=str(stored),
             )

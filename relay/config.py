@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from relay import crypto, errors
 
@@ -37,36 +37,6 @@ class Secret:
 
 
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,15}")  # a scheme that is safe to name in an error
-_SENSITIVE_PARAM = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password and sensitive query value replaced by ``***`` (for logs).
-
-    A value that does not parse as a URL with a host is never returned as is: only its scheme (when
-    it has one) survives, since a typo'd URL may still carry a password.
-    """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "***"
-    if not parts.scheme or not parts.netloc or not host:
-        return f"{parts.scheme}://***" if _SCHEME.fullmatch(parts.scheme) else "***"
-    if ":" in host:
-        host = f"[{host}]"  # an IPv6 address
-    if port:
-        host = f"{host}:{port}"
-    if parts.password is not None:
-        netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    else:
-        netloc = f"{parts.username}@{host}" if parts.username else host
-    query = "&".join(
-        f"{key}=***" if _SENSITIVE_PARAM.search(key) else f"{key}={value}"
-        for key, _, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...], bad: list[str]) -> str:

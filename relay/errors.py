@@ -122,10 +122,6 @@ class Refused(Permanent):
 # --- Outcomes that are neither success nor plain failure ---------------------------------------------
 
 
-class AlreadyRecorded(RelayError):
-    """The event or document was already recorded, so processing it again is a no-op."""
-
-
 class OutageTooLong(RelayError):
     """PostgreSQL or RabbitMQ stayed unavailable past RELAY_OUTAGE_LIMIT.
 

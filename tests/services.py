@@ -1,8 +1,8 @@
 """The real PostgreSQL and RabbitMQ, stopped, restarted and cut under the relay by the fault tests.
 
 A restart breaks every test beside it, so the services are guarded by a lock file: integration tests
-hold it shared for their whole session, fault tests hold it exclusively (``make test`` runs them in
-a serial step of their own). Every fault is undone in the fixture's ``finally``: both services are
+hold it shared for their whole session, each fault test holds it exclusively for its own duration
+(``make test`` runs them in a serial step of their own). Every fault is undone in the fixture's ``finally``: both services are
 started again and waited for until they answer.
 """
 
@@ -16,7 +16,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO
 
 import aio_pika
@@ -39,25 +39,41 @@ Sup + length(Restarted).
 
 
 class Lock:
-    """The services lock of one test process: shared for integration tests, exclusive for fault
-    tests, taken at the first test that needs it and kept until the session ends."""
+    """The services lock of one test process: held shared for a whole session of ordinary
+    integration tests, and exclusively by each fault test for that test alone (taken before its
+    timeout starts), so other sessions' tests run between two fault tests."""
 
     def __init__(self) -> None:
         self._handle: IO[str] | None = None
-        self._exclusive = False
+        self._kind: str | None = None  # "shared" or "fault": one kind per session
 
-    def hold(self, *, exclusive: bool) -> None:
-        if self._handle is not None:
-            if self._exclusive != exclusive:
-                pytest.fail(
-                    "fault tests restart the services and must run apart from the other tests: "
-                    "`pytest -m fault` on its own (make test does)",
-                    pytrace=False,
-                )
-            return
-        self._handle = LOCK_PATH.open("a")
-        fcntl.flock(self._handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        self._exclusive = exclusive
+    def _session(self, kind: str) -> None:
+        if self._kind not in (None, kind):
+            pytest.fail(
+                "fault tests restart the services and must run apart from the other tests: "
+                "`pytest -m fault` on its own (make test does)",
+                pytrace=False,
+            )
+        self._kind = kind
+
+    def share(self) -> None:
+        """Hold the lock shared until the session ends (ordinary integration tests)."""
+        self._session("shared")
+        if self._handle is None:
+            self._handle = LOCK_PATH.open("a")
+            fcntl.flock(self._handle, fcntl.LOCK_SH)
+
+    @contextlib.contextmanager
+    def exclusively(self) -> Iterator[None]:
+        """Hold the lock exclusively for the block (one fault test), waiting for every other
+        session's tests to finish first."""
+        self._session("fault")
+        with LOCK_PATH.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def release(self) -> None:
         if self._handle is not None:
@@ -95,6 +111,8 @@ def missing_tools() -> list[str]:
     missing = [tool for tool in ("rabbitmqctl", "pg_ctlcluster") if shutil.which(tool) is None]
     if shutil.which("pg_ctlcluster") and _postgres_version() is None:
         missing.append("a local PostgreSQL cluster under /etc/postgresql")
+    if os.geteuid() != 0:
+        missing.append("root (rabbitmqctl and pg_ctlcluster act on the system's services)")
     return missing
 
 

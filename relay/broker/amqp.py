@@ -70,11 +70,6 @@ def retry_queue_name(settings: config.Settings, delay_s: int) -> str:
     return f"{settings.retry_queue}.{delay_s}s"
 
 
-def retry_delay(attempt: int) -> int:
-    """Delay before retry number ``attempt`` (1-based), capped at the longest tier."""
-    return RETRY_DELAYS_S[min(max(attempt, 1), len(RETRY_DELAYS_S)) - 1]
-
-
 async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
     """Declare the whole topology; idempotent, safe for every role to call at start.
 

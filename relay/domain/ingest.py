@@ -12,9 +12,7 @@ Runs inside the caller's transaction, a whole batch in a handful of statements:
    document too, ``skipped`` ("deleted before sync") when the newest snapshot lists its files and
    leaves it out, ``pending`` otherwise; a document that exists keeps its state.
 
-:func:`apply` takes a whole batch (the consumer, the scanner's pages); :func:`apply_transaction`,
-:func:`apply_supplier_invoice` and :func:`apply_client_invoice` take one Qonto resource as the API
-shows it and say what became of it.
+:func:`apply` takes a whole batch (the consumer, the scanner's pages) and says what became of it.
 
 A client invoice that was paid (or unpaid) and later becomes canceled keeps its document, even while
 it is still pending: it was an accounting document when it was issued, and a cancellation is booked
@@ -24,27 +22,18 @@ as a credit note of its own in Qonto, not by deleting the invoice's file.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import uuid
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
 import orjson
 
-from relay import errors, events, models, store
+from relay import events, models, store
 from relay.store import db
 
 APPLIED: Final = "applied"
 STALE: Final = "stale"
-NOT_A_DOCUMENT: Final = "not_a_document"
-
-
-class NeedsAttachment(errors.RelayError):
-    """An unpaid or paid client invoice given without ``attachment_id``: fetch it, apply it again."""
-
-    def __init__(self, invoice_id: str) -> None:
-        super().__init__(f"client invoice {invoice_id} has no attachment_id: fetch it from Qonto")
-        self.invoice_id = invoice_id
+NOT_A_DOCUMENT: Final = "not_a_document"  # the consumer's outcome for a draft or canceled invoice
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,8 +42,7 @@ class Applied:
     stale: frozenset[tuple[uuid.UUID, str, str]]
     created: int
     skipped: int
-    # "applied", or "stale" when every snapshot given was older than the one recorded; the
-    # one-resource functions also say "not_a_document" (a draft or canceled client invoice)
+    # "applied", or "stale" when every snapshot given was older than the one recorded
     outcome: str = APPLIED
 
 
@@ -114,49 +102,6 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
         skipped=skipped,
         outcome=APPLIED if applied else STALE,
     )
-
-
-async def apply_transaction(
-    conn: db.Conn,
-    connection_id: uuid.UUID,
-    tx: dict[str, Any],
-    *,
-    fallback: dt.datetime | None = None,
-) -> Applied:
-    """One transaction: a pending document per attachment, the ones it no longer lists skipped.
-
-    ``fallback`` (the webhook envelope's ``created_at``) orders snapshots without ``updated_at``.
-    """
-    snapshot = events.transaction_snapshot(tx, fallback=fallback)
-    return await apply(conn, [(connection_id, snapshot)])
-
-
-async def apply_supplier_invoice(
-    conn: db.Conn, connection_id: uuid.UUID, invoice: dict[str, Any]
-) -> Applied:
-    """One supplier invoice, whatever its status: a PURCHASE document for its file."""
-    return await apply(conn, [(connection_id, events.supplier_invoice_snapshot(invoice))])
-
-
-async def apply_client_invoice(
-    conn: db.Conn,
-    connection_id: uuid.UUID,
-    invoice: dict[str, Any],
-    *,
-    fallback: dt.datetime | None = None,
-) -> Applied:
-    """One client invoice: unpaid or paid is a SALE document; a draft or canceled one is none.
-
-    Raise NeedsAttachment when an unpaid or paid invoice comes without ``attachment_id`` (the
-    webhook payload omits it): the caller fetches the invoice and applies that.
-    """
-    if events.client_invoice_needs_fetch(invoice):
-        raise NeedsAttachment(str(invoice.get("id")))
-    snapshot = events.client_invoice_snapshot(invoice, fallback=fallback)
-    result = await apply(conn, [(connection_id, snapshot)])
-    if result.outcome == APPLIED and not snapshot.documents:
-        return dataclasses.replace(result, outcome=NOT_A_DOCUMENT)
-    return result
 
 
 def _new(key: tuple[uuid.UUID, str, str], spec: events.DocumentSpec) -> store.documents.NewDocument:

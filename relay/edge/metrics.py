@@ -32,7 +32,6 @@ class Metrics:
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
     documents: prom.Gauge
-    uploads: prom.Counter
     heartbeat_age: prom.Gauge
     work_age: prom.Gauge
     roles: prom.Gauge
@@ -45,10 +44,6 @@ class Metrics:
         """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
-
-    def upload(self, outcome: str) -> None:
-        """Count a finished upload attempt to Loop (uploaded, failed, in_doubt, retried...)."""
-        self.uploads.labels(outcome).inc()
 
     def set_documents(self, counts: dict[str, int]) -> None:
         """Documents by state (every state present, zero when none); ``in_doubt`` needs an operator."""
@@ -119,12 +114,6 @@ def create() -> Metrics:
             "relay_documents",
             "Documents by state (in_doubt needs an operator)",
             ["state"],
-            registry=registry,
-        ),
-        uploads=prom.Counter(
-            "relay_uploads",
-            "Upload attempts to Cegid Loop, by outcome",
-            ["outcome"],
             registry=registry,
         ),
         heartbeat_age=prom.Gauge(

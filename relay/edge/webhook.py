@@ -23,7 +23,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from relay import config, crypto, errors, log, store
+from relay import config, crypto, errors, log, retry, store
 from relay.broker import amqp
 from relay.domain import heartbeat
 from relay.edge import metrics, signature
@@ -35,7 +35,8 @@ MAX_BODY: Final = 1024 * 1024
 UNKNOWN_TTL_S: Final = 30.0
 UNKNOWN_MAX: Final = 10_000
 REFRESH_S: Final = 60.0
-RELISTEN_MAX_S: Final = 5.0  # longest pause between attempts to listen again after a lost LISTEN
+# pauses between attempts to listen again after a lost LISTEN: from 1 s, never longer than 5 s
+RELISTEN: Final = retry.Policy(first_s=1.0, cap_s=5.0, floor=0.5)
 CHANNEL: Final = "relay_connections_changed"
 
 
@@ -101,9 +102,10 @@ class SecretCache:
 
         Whatever fails, the last known cache keeps serving.
         """
-        backoff = 1.0
+        backoff = retry.Backoff(RELISTEN)
+        pause = RELISTEN.first_s
         while True:
-            timeout = REFRESH_S if self._listener is not None else backoff
+            timeout = REFRESH_S if self._listener is not None else pause
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=timeout)
             self._changed.clear()
@@ -112,15 +114,19 @@ class SecretCache:
                     await self._listen()
                 await self.reload()
             except Exception as exc:  # the cache must outlive any failure
-                backoff = min(backoff * 2, RELISTEN_MAX_S)
+                pause = backoff.next()
                 logger.warning(
-                    "secret_cache_reload_failed", error=type(exc).__name__, retry_in_s=backoff
+                    "secret_cache_reload_failed",
+                    error=type(exc).__name__,
+                    retry_in_s=round(pause, 2),
                 )
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(pause)
                 self._changed.set()
             else:
-                # still no listener: the next attempt waits longer (reloads keep the cache fresh)
-                backoff = 1.0 if self._listener is not None else min(backoff * 2, RELISTEN_MAX_S)
+                if self._listener is not None:
+                    backoff.reset()
+                else:  # still no listener: the next attempt waits longer (reloads keep the cache fresh)
+                    pause = backoff.next()
 
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         """The connection's secrets; empty when it is unknown, disconnected or revoked."""

@@ -26,17 +26,34 @@ AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5
 TEMPLATE = f"relay_test_template_{os.getpid()}"
 
 
+_LOCK = pytest.StashKey[services.Lock]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_LOCK] = services.Lock()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _LOCK in config.stash:
+        config.stash[_LOCK].release()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """No fault test restarts a service under another test (see tests/services.py): the lock is
+    taken around the whole test, fixtures included, before its timeout starts."""
+    lock = item.config.stash[_LOCK]
+    if item.get_closest_marker("fault") is None:
+        lock.share()
+        yield
+        return
+    with lock.exclusively():
+        yield
+
+
 @pytest.fixture(scope="session")
-def services_lock() -> Iterator[services.Lock]:
-    lock = services.Lock()
-    yield lock
-    lock.release()
-
-
-@pytest.fixture(autouse=True)
-def _services_guard(request: pytest.FixtureRequest, services_lock: services.Lock) -> None:
-    """No fault test restarts a service under another test (see tests/services.py)."""
-    services_lock.hold(exclusive=request.node.get_closest_marker("fault") is not None)
+def services_lock(pytestconfig: pytest.Config) -> services.Lock:
+    return pytestconfig.stash[_LOCK]
 
 
 @pytest.fixture
@@ -62,17 +79,10 @@ async def _admin() -> asyncpg.Connection:
 
 
 @pytest.fixture(scope="session")
-def migrated_template(
-    request: pytest.FixtureRequest, services_lock: services.Lock
-) -> Iterator[str]:
-    """A database with every migration applied, cloned by each test."""
+def migrated_template() -> Iterator[str]:
+    """A database with every migration applied, cloned by each test (made and dropped under the
+    services lock, which the test that first needs it holds)."""
     import asyncio
-
-    # made before any test runs: under the services lock already (a fault test may be restarting
-    # PostgreSQL in another session)
-    services_lock.hold(
-        exclusive=any(item.get_closest_marker("fault") for item in request.session.items)
-    )
 
     async def create() -> None:
         admin = await _admin()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -146,16 +147,25 @@ async def states(pool: asyncpg.Pool) -> dict[str, str]:
 
 
 async def until(
-    condition: Callable[[], bool], *, within_s: float = 10, what: str = "condition"
-) -> None:
-    """Poll ``condition`` until it holds; fail the test after ``within_s`` seconds."""
-    deadline = time.monotonic() + within_s
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    within_s: float = 10,
+    what: str | Callable[[], str] = "condition",
+    every_s: float = 0.02,
+) -> float:
+    """Poll ``condition`` (a function, or a coroutine function) until it holds; the seconds it
+    took. Fail the test after ``within_s`` seconds, saying ``what`` (or what it returns then)."""
+    started = time.monotonic()
     while True:
-        if condition():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {within_s} s")
-        await asyncio.sleep(0.02)
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return time.monotonic() - started
+        if time.monotonic() - started > within_s:
+            said = what if isinstance(what, str) else what()
+            raise AssertionError(f"{said} did not happen within {within_s} s")
+        await asyncio.sleep(every_s)
 
 
 def environment(settings: config.Settings) -> dict[str, str]:

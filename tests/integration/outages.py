@@ -16,6 +16,7 @@ import orjson
 
 from relay import config
 from relay.broker import amqp
+from tests.integration import factories
 
 
 def card_event() -> dict[str, object]:
@@ -77,15 +78,19 @@ async def landed(pool: asyncpg.Pool) -> list[str]:
 async def until_landed(pool: asyncpg.Pool, ids: Iterable[str], *, within_s: float) -> float:
     """Wait until every one of ``ids`` is a row of the events table; the seconds it took."""
     wanted = set(ids)
-    started = time.monotonic()
-    while True:
+    found: set[str] = set()
+
+    async def all_landed() -> bool:
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            if wanted <= set(await landed(pool)):
-                return time.monotonic() - started
-        if time.monotonic() - started > within_s:
-            found = len(wanted & set(await landed(pool)))
-            raise AssertionError(f"{found} of {len(wanted)} events landed within {within_s} s")
-        await asyncio.sleep(0.05)
+            found.update(wanted & set(await landed(pool)))
+        return wanted <= found
+
+    return await factories.until(
+        all_landed,
+        within_s=within_s,
+        what=lambda: f"{len(found)} of {len(wanted)} events landed: all of them",
+        every_s=0.05,
+    )
 
 
 async def exactly_once(pool: asyncpg.Pool, ids: Iterable[str]) -> None:

@@ -4,8 +4,10 @@ with their JSON log lines, their readiness and their exit code."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +28,8 @@ def free_port() -> int:
 
 
 class Role:
-    """A `relay <command>` subprocess; its standard error (JSON log lines) goes to ``log_path``."""
+    """A `relay <command>` subprocess; its standard error (JSON log lines) goes to ``log_path``, its
+    standard output to ``stdout_path`` when given."""
 
     def __init__(
         self,
@@ -34,8 +37,11 @@ class Role:
         *command: str,
         log_path: pathlib.Path,
         env: dict[str, str] | None = None,
+        stdout_path: pathlib.Path | None = None,
     ) -> None:
         self.command = command
+        self._settings = settings
+        self._env = env
         self.port = free_port()
         self.log_path = log_path
         environment = {
@@ -47,12 +53,18 @@ class Role:
         }
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", *command],
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
+        with contextlib.ExitStack() as stack:
+            stdout = (
+                stack.enter_context(stdout_path.open("wb"))
+                if stdout_path is not None
+                else subprocess.DEVNULL
+            )
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "relay", *command],
+                env=environment,
+                stdout=stdout,
+                stderr=self._log,
+            )
 
     def lines(self) -> list[dict[str, Any]]:
         found = []
@@ -92,6 +104,15 @@ class Role:
             await asyncio.sleep(0.05)
         return found[0]
 
+    async def exited(self, within_s: float) -> int | None:
+        """The exit code once the process ends, or None if it still runs after ``within_s``."""
+        deadline = time.monotonic() + within_s
+        while (code := self.process.poll()) is None:
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.02)
+        return code
+
     async def exit_code(self, within_s: float) -> int:
         deadline = time.monotonic() + within_s
         while (code := self.process.poll()) is None:
@@ -104,6 +125,16 @@ class Role:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, whatever it was doing."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+
+    def again(self, log_path: pathlib.Path) -> Role:
+        """The same command started anew (as a supervisor restarts a role), this one closed."""
+        self.close()
+        return Role(self._settings, *self.command, log_path=log_path, env=self._env)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]

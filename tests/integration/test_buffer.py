@@ -68,23 +68,27 @@ async def _count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
 
 async def _wait_count(pool: asyncpg.Pool, sql: str, expected: int, *args: Any) -> None:
     counts = {"n": -1}
-    for _ in range(500):
+
+    async def reached() -> bool:
         counts["n"] = await _count(pool, sql, *args)
-        if counts["n"] >= expected:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{sql}: {counts['n']} rows, expected {expected}")
+        return counts["n"] >= expected
+
+    await factories.until(
+        reached, within_s=10, what=lambda: f"{sql}: {expected} rows (found {counts['n']})"
+    )
 
 
 async def _dead_letters(
     settings: config.Settings, conn: aio_pika.abc.AbstractConnection, n: int
 ) -> list[dlq.DeadLetter]:
-    for _ in range(250):
-        found = await dlq.list_messages(settings, conn)
-        if len(found) >= n:
-            return found
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"expected {n} dead letters")
+    found: list[dlq.DeadLetter] = []
+
+    async def enough() -> bool:
+        found[:] = await dlq.list_messages(settings, conn)
+        return len(found) >= n
+
+    await factories.until(enough, within_s=5, what=lambda: f"{n} dead letters (found {len(found)})")
+    return found
 
 
 async def _process_from_queue(
@@ -450,11 +454,11 @@ async def test_qonto_unavailable_during_a_re_fetch_retries_the_event_later(
     pdf = qonto.add_attachment(files.pdf(seed=6), file_name="F.pdf", content_type="application/pdf")
     invoice = qonto.add_client_invoice(attachment_id=pdf, status="unpaid", total="50.00")
     path = f"/v2/client_invoices/{invoice['id']}"
-    qonto.faults.fail_next(path, 429, count=qonto_client.MAX_ATTEMPTS, retry_after=0)
+    qonto.faults.fail_next(path, 429, count=qonto_client.POLICY.attempts, retry_after=0)
     await _publish(publisher, connection_id, qonto.client_invoice_event(invoice))
     await _wait_count(pool, "SELECT count(*) FROM documents", 1)
     fetches = [r for r in list(qonto.requests) if r[1] == path]
-    assert len(fetches) == qonto_client.MAX_ATTEMPTS + 1  # one failed event, one retry
+    assert len(fetches) == qonto_client.POLICY.attempts + 1  # one failed event, one retry
     assert await pool.fetchval("SELECT qonto_attachment_id FROM documents") == pdf
     assert await pool.fetchval("SELECT outcome FROM events") == "applied"
 
@@ -485,7 +489,9 @@ async def test_an_event_failing_on_every_retry_is_dead_lettered_with_the_last_re
     assert letter.reason.startswith("still failing after 2 retries: Qonto")
     assert letter.body == orjson.dumps(event)
     fetches = [r for r in list(qonto.requests) if r[1] == path]
-    assert len(fetches) == 3 * qonto_client.MAX_ATTEMPTS  # the first try and two retries, no more
+    assert (
+        len(fetches) == 3 * qonto_client.POLICY.attempts
+    )  # the first try and two retries, no more
     assert await _count(pool, "SELECT count(*) FROM events") == 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,6 +14,7 @@ import pytest
 from consumers import consume
 from relay import config, errors
 from relay.broker import amqp, dlq
+from tests.integration import factories
 
 FUTURE = orjson.dumps({"id": "evt-v2", "type": "v2/transactions", "data": {"id": "tx-9"}})
 
@@ -32,14 +32,14 @@ async def _letters(
     settings: config.Settings, conn: aio_pika.abc.AbstractConnection, n: int
 ) -> list[dlq.DeadLetter]:
     """Poll the dead-letter queue until it holds ``n`` messages (10 s deadline)."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = await dlq.list_messages(settings, conn)
-        if len(found) >= n:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(found)} dead letters, expected {n}")
-        await asyncio.sleep(0.02)
+    found: list[dlq.DeadLetter] = []
+
+    async def enough() -> bool:
+        found[:] = await dlq.list_messages(settings, conn)
+        return len(found) >= n
+
+    await factories.until(enough, what=lambda: f"{n} dead letters (found {len(found)})")
+    return found
 
 
 async def _consumer_dead_letters(

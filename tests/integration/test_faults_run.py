@@ -62,10 +62,12 @@ async def _documents(pool: asyncpg.Pool) -> list[str]:
 
 
 async def _until_documents(pool: asyncpg.Pool, attachments: list[str], within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    while not set(attachments) <= set(await _documents(pool)):
-        assert time.monotonic() < deadline, "the accepted webhooks did not become documents"
-        await asyncio.sleep(0.1)
+    async def became() -> bool:
+        return set(attachments) <= set(await _documents(pool))
+
+    await factories.until(
+        became, within_s=within_s, what="the accepted webhooks becoming documents", every_s=0.1
+    )
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -13,17 +13,17 @@ import pytest
 
 from relay import events, models
 from relay.domain import ingest
-from relay.store import db
 from tests.conftest import load_fixture
 
-Apply = Callable[[db.Conn, uuid.UUID, dict[str, Any]], Awaitable[ingest.Applied]]
+Snapshot = Callable[[dict[str, Any]], events.Snapshot]
 
 
 async def _in_tx(
-    pool: asyncpg.Pool, apply: Apply, connection_id: uuid.UUID, resource: dict[str, Any]
+    pool: asyncpg.Pool, snapshot: Snapshot, connection_id: uuid.UUID, resource: dict[str, Any]
 ) -> ingest.Applied:
+    """One Qonto resource applied as the consumer and the scanner apply them (a batch of one)."""
     async with pool.acquire() as conn, conn.transaction():
-        return await apply(conn, connection_id, resource)
+        return await ingest.apply(conn, [(connection_id, snapshot(resource))])
 
 
 def _tx(
@@ -69,7 +69,7 @@ async def test_debit_is_a_purchase_with_one_document_per_attachment(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
     """A debit listing an attachment twice makes one pending PURCHASE per attachment id."""
-    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b", "a"]))
+    applied = await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b", "a"]))
     assert (applied.outcome, applied.created, applied.skipped) == ("applied", 2, 0)
     documents = sorted(await _documents(pool), key=lambda d: d.qonto_attachment_id)
     assert [(d.qonto_attachment_id, d.direction, d.state) for d in documents] == [
@@ -88,7 +88,7 @@ async def test_credit_is_a_sale_dated_by_emission_when_not_settled(
     """A credit is a SALE; without settled_at the date is emitted_at's, the label the counterparty."""
     tx = _tx(["c"], side="credit")
     del tx["settled_at"], tx["clean_counterparty_name"]
-    await _in_tx(pool, ingest.apply_transaction, connection_id, tx)
+    await _in_tx(pool, events.transaction_snapshot, connection_id, tx)
     [document] = await _documents(pool)
     assert (document.direction, document.document_date) == ("SALE", dt.date(2026, 11, 22))
     assert document.counterparty == "RESTAURANT LE PETIT ZINC"
@@ -98,9 +98,9 @@ async def test_applying_the_same_snapshot_again_changes_nothing(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
     """Idempotent: the same snapshot applied twice creates nothing the second time."""
-    await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b"]))
     before = await _documents(pool)
-    again = await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    again = await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b"]))
     assert (again.outcome, again.created, again.skipped) == ("applied", 0, 0)
     assert await _documents(pool) == before
 
@@ -109,9 +109,9 @@ async def test_an_attachment_gone_from_a_newer_snapshot_is_skipped_as_deleted(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
     """A pending document whose attachment a newer snapshot no longer lists: skipped, deleted."""
-    await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b"]))
     newer = _tx(["a"], updated_at="2026-11-23T10:00:00Z")
-    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, newer)
+    applied = await _in_tx(pool, events.transaction_snapshot, connection_id, newer)
     assert (applied.outcome, applied.created, applied.skipped) == ("applied", 0, 1)
     assert await _by_attachment(pool) == {
         "a": ("pending", None),
@@ -123,14 +123,14 @@ async def test_a_newer_payload_without_attachment_list_skips_nothing(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
     """A snapshot lacking attachment_ids (payloads drift) says nothing of the files: none skipped."""
-    await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b"]))
     newer = _tx([], updated_at="2026-11-23T10:00:00Z")
     del newer["attachment_ids"]
-    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, newer)
+    applied = await _in_tx(pool, events.transaction_snapshot, connection_id, newer)
     assert (applied.outcome, applied.created, applied.skipped) == ("applied", 0, 0)
     named = {**_tx([], updated_at="2026-11-23T11:00:00Z"), "attachment_ids": None}
     named["attachments"] = [{"id": "c"}, {"file_name": "no-id.pdf"}]
-    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, named)
+    applied = await _in_tx(pool, events.transaction_snapshot, connection_id, named)
     assert (applied.outcome, applied.created, applied.skipped) == ("applied", 1, 0)
     assert await _by_attachment(pool) == {
         "a": ("pending", None),
@@ -138,7 +138,7 @@ async def test_a_newer_payload_without_attachment_list_skips_nothing(
         "c": ("pending", None),
     }
     listed = _tx(["a"], updated_at="2026-11-23T12:00:00Z")  # a complete list still deletes
-    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, listed)
+    applied = await _in_tx(pool, events.transaction_snapshot, connection_id, listed)
     assert applied.skipped == 2
 
 
@@ -146,12 +146,15 @@ async def test_an_attachment_listed_again_comes_back_to_pending(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
     """Removed then attached again in a still newer snapshot: pending again, no second document."""
-    await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b"]))
     await _in_tx(
-        pool, ingest.apply_transaction, connection_id, _tx(["a"], updated_at="2026-11-23T10:00:00Z")
+        pool,
+        events.transaction_snapshot,
+        connection_id,
+        _tx(["a"], updated_at="2026-11-23T10:00:00Z"),
     )
     back = _tx(["a", "b"], updated_at="2026-11-23T11:00:00Z")
-    applied = await _in_tx(pool, ingest.apply_transaction, connection_id, back)
+    applied = await _in_tx(pool, events.transaction_snapshot, connection_id, back)
     assert applied.created == 1  # the skipped document, back to pending
     assert await _by_attachment(pool) == {"a": ("pending", None), "b": ("pending", None)}
 
@@ -161,14 +164,19 @@ async def test_an_older_snapshot_neither_resurrects_nor_deletes(
 ) -> None:
     """Qonto does not promise order: a strictly older snapshot is stale and changes no document;
     a file only it names is listed, deleted before sync (the newest snapshot leaves it out)."""
-    await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b"]))
     await _in_tx(
-        pool, ingest.apply_transaction, connection_id, _tx(["a"], updated_at="2026-11-23T10:00:00Z")
+        pool,
+        events.transaction_snapshot,
+        connection_id,
+        _tx(["a"], updated_at="2026-11-23T10:00:00Z"),
     )
-    late = await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b", "c"]))
+    late = await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b", "c"]))
     assert (late.outcome, late.created, late.skipped) == ("stale", 0, 1)
     older = _tx([], updated_at="2026-11-23T08:00:00Z")
-    assert (await _in_tx(pool, ingest.apply_transaction, connection_id, older)).outcome == "stale"
+    assert (
+        await _in_tx(pool, events.transaction_snapshot, connection_id, older)
+    ).outcome == "stale"
     assert await _by_attachment(pool) == {
         "a": ("pending", None),
         "b": ("skipped", models.SKIP_DELETED),
@@ -183,11 +191,23 @@ async def test_without_updated_at_the_envelope_time_orders_snapshots(
     newer = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)
     older = newer - dt.timedelta(minutes=5)
     async with pool.acquire() as conn, conn.transaction():
-        await ingest.apply_transaction(
-            conn, connection_id, _tx(["a"], updated_at=None), fallback=newer
+        await ingest.apply(
+            conn,
+            [
+                (
+                    connection_id,
+                    events.transaction_snapshot(_tx(["a"], updated_at=None), fallback=newer),
+                )
+            ],
         )
-        stale = await ingest.apply_transaction(
-            conn, connection_id, _tx(["a", "b"], updated_at=None), fallback=older
+        stale = await ingest.apply(
+            conn,
+            [
+                (
+                    connection_id,
+                    events.transaction_snapshot(_tx(["a", "b"], updated_at=None), fallback=older),
+                )
+            ],
         )
     assert stale.outcome == "stale"
     assert await _by_attachment(pool) == {
@@ -200,10 +220,10 @@ async def test_an_uploaded_document_stays_uploaded_when_its_attachment_is_remove
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
     """Deleting a file in Qonto after it reached Loop changes nothing: it stays uploaded."""
-    await _in_tx(pool, ingest.apply_transaction, connection_id, _tx(["a", "b"]))
+    await _in_tx(pool, events.transaction_snapshot, connection_id, _tx(["a", "b"]))
     await pool.execute("UPDATE documents SET state = 'uploaded' WHERE qonto_attachment_id = 'a'")
     removed = await _in_tx(
-        pool, ingest.apply_transaction, connection_id, _tx([], updated_at="2026-11-23T10:00:00Z")
+        pool, events.transaction_snapshot, connection_id, _tx([], updated_at="2026-11-23T10:00:00Z")
     )
     assert removed.skipped == 1
     assert await _by_attachment(pool) == {
@@ -276,7 +296,7 @@ async def test_a_supplier_invoice_is_a_purchase_whatever_its_status(
     """Every supplier invoice with a file is a PURCHASE named from its supplier and amount."""
     invoice = load_fixture("api-supplier-invoices-page.json")["supplier_invoices"][0]
     invoice = {**invoice, "status": status}
-    applied = await _in_tx(pool, ingest.apply_supplier_invoice, connection_id, invoice)
+    applied = await _in_tx(pool, events.supplier_invoice_snapshot, connection_id, invoice)
     assert (applied.outcome, applied.created) == ("applied", 1)
     [document] = await _documents(pool)
     assert (document.source, document.direction) == ("supplier_invoice", "PURCHASE")
@@ -301,7 +321,7 @@ async def test_an_unpaid_or_paid_client_invoice_is_a_sale(
 ) -> None:
     """Unpaid and paid client invoices are SALE documents; without a client name, the number."""
     applied = await _in_tx(
-        pool, ingest.apply_client_invoice, connection_id, _client_invoice(status)
+        pool, events.client_invoice_snapshot, connection_id, _client_invoice(status)
     )
     assert (applied.outcome, applied.created) == ("applied", 1)
     [document] = await _documents(pool)
@@ -322,7 +342,7 @@ async def test_a_client_invoice_is_named_after_its_client_when_known(
 ) -> None:
     """A client invoice carrying its client's name uses it as the counterparty."""
     invoice = _client_invoice("paid", client={"name": "Globex SARL"})
-    await _in_tx(pool, ingest.apply_client_invoice, connection_id, invoice)
+    await _in_tx(pool, events.client_invoice_snapshot, connection_id, invoice)
     [document] = await _documents(pool)
     assert document.counterparty == "Globex SARL"
 
@@ -331,23 +351,12 @@ async def test_a_client_invoice_is_named_after_its_client_when_known(
 async def test_a_draft_or_canceled_client_invoice_is_no_document(
     pool: asyncpg.Pool, connection_id: uuid.UUID, status: str
 ) -> None:
-    """A draft or canceled client invoice creates nothing and says so."""
+    """A draft or canceled client invoice creates nothing (the consumer records the event as
+    not_a_document)."""
     applied = await _in_tx(
-        pool, ingest.apply_client_invoice, connection_id, _client_invoice(status)
+        pool, events.client_invoice_snapshot, connection_id, _client_invoice(status)
     )
-    assert (applied.outcome, applied.created) == ("not_a_document", 0)
-    assert await _documents(pool) == []
-
-
-async def test_a_client_invoice_without_its_attachment_id_must_be_fetched(
-    pool: asyncpg.Pool, connection_id: uuid.UUID
-) -> None:
-    """The webhook payload omits attachment_id: NeedsAttachment, so the caller re-fetches it."""
-    invoice = _client_invoice("paid")
-    del invoice["attachment_id"]
-    with pytest.raises(ingest.NeedsAttachment) as raised:
-        await _in_tx(pool, ingest.apply_client_invoice, connection_id, invoice)
-    assert raised.value.invoice_id == invoice["id"]
+    assert (applied.outcome, applied.created) == ("applied", 0)
     assert await _documents(pool) == []
 
 
@@ -355,10 +364,10 @@ async def test_a_paid_invoice_canceled_later_keeps_its_document(
     pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> None:
     """Canceled after it was paid: the document stays pending (it was an accounting document)."""
-    await _in_tx(pool, ingest.apply_client_invoice, connection_id, _client_invoice("paid"))
+    await _in_tx(pool, events.client_invoice_snapshot, connection_id, _client_invoice("paid"))
     canceled = _client_invoice("canceled", updated_at="2026-11-24T10:00:00+01:00")
-    applied = await _in_tx(pool, ingest.apply_client_invoice, connection_id, canceled)
-    assert applied.outcome == "not_a_document"
+    applied = await _in_tx(pool, events.client_invoice_snapshot, connection_id, canceled)
+    assert (applied.outcome, applied.created) == ("applied", 0)
     [document] = await _documents(pool)
     assert (document.state, document.reason) == ("pending", None)
 
@@ -369,8 +378,10 @@ async def test_a_paid_invoice_whose_cancellation_came_first_keeps_its_document(
     """The same two snapshots the other way round (Qonto does not promise order): the paid
     invoice, older, is stale but its file is listed and pending all the same."""
     canceled = _client_invoice("canceled", updated_at="2026-11-24T10:00:00+01:00")
-    await _in_tx(pool, ingest.apply_client_invoice, connection_id, canceled)
-    paid = await _in_tx(pool, ingest.apply_client_invoice, connection_id, _client_invoice("paid"))
+    await _in_tx(pool, events.client_invoice_snapshot, connection_id, canceled)
+    paid = await _in_tx(
+        pool, events.client_invoice_snapshot, connection_id, _client_invoice("paid")
+    )
     assert (paid.outcome, paid.created) == ("stale", 1)
     [document] = await _documents(pool)
     assert (document.state, document.reason) == ("pending", None)

@@ -49,11 +49,12 @@ async def intake(
         uvicorn.Config(application, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
+
+    def started() -> bool:
         assert not task.done(), "the intake did not start"
-        assert time.monotonic() < deadline, "the intake did not start in time"
-        await asyncio.sleep(0.02)
+        return bool(server.started)
+
+    await factories.until(started, within_s=10, what="the intake starting")
     try:
         yield f"http://127.0.0.1:{port}", application
     finally:

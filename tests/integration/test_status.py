@@ -10,7 +10,6 @@ import os
 import pathlib
 import signal
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -88,14 +87,16 @@ async def status_until(
     what: str = "status",
 ) -> tuple[int, Status]:
     """Run `relay status --json` until ``condition(exit code, document)`` holds."""
-    deadline = time.monotonic() + within_s
-    while True:
-        code, value = await relay_status(settings, *flags)
-        if condition(code, value):
-            return code, value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within_s} s; last: {code} {value}")
-        await asyncio.sleep(0.2)
+    last: list[tuple[int, Status]] = []
+
+    async def reached() -> bool:
+        last[:] = [await relay_status(settings, *flags)]
+        return condition(*last[0])
+
+    await factories.until(
+        reached, within_s=within_s, what=lambda: f"{what} (last: {last})", every_s=0.2
+    )
+    return last[0]
 
 
 def roles(value: Status, kind: str, pid: int | None = None) -> list[Status]:

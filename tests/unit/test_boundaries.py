@@ -13,6 +13,7 @@ import pytest
 from relay import config, errors
 from relay.domain import credentials
 from relay.upstreams import qonto
+from tests.unit import clients
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -27,22 +28,11 @@ def _qonto(
     creds: credentials.QontoCredentials | None = None,
     rotated: list[credentials.QontoCredentials] | None = None,
 ) -> qonto.QontoClient:
-    transport = httpx.MockTransport(handler)
-    http = qonto.HttpClients(
-        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
-        storage=httpx.AsyncClient(transport=transport),
-        limiter=qonto.RateLimiter(),
-    )
-
-    async def keep(c: credentials.QontoCredentials) -> None:
-        if rotated is not None:
-            rotated.append(c)
-
-    return qonto.client(
+    return clients.qonto_client(
         settings,
-        creds or credentials.QontoApiKey(login="org", secret=config.Secret("key")),
-        http,
-        on_tokens_rotated=keep,
+        handler,
+        creds=creds or credentials.QontoApiKey(login="org", secret=config.Secret("key")),
+        rotated=rotated,
         sleep=no_wait,
     )
 
@@ -70,7 +60,7 @@ async def test_429_and_5xx_are_retried_then_reported(unit_settings: config.Setti
 
     with pytest.raises(errors.QontoRateLimited):
         await _qonto(unit_settings, handler).get_organization()
-    assert len(calls) == qonto.MAX_ATTEMPTS
+    assert len(calls) == qonto.POLICY.attempts
 
 
 async def test_deleted_attachment_is_not_found(unit_settings: config.Settings) -> None:

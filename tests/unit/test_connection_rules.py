@@ -13,6 +13,7 @@ import pytest
 from relay import config, errors, models
 from relay.domain import credentials, eligibility, folders
 from relay.upstreams import qonto
+from tests.unit import clients
 
 ORG_ID = "0b8e4f1c-5d3a-4c2e-9f71-2a6b9c0d1e23"  # the fixtures' organization
 SETTINGS = config.Settings(secret_key=config.Secret("x" * 43 + "="))
@@ -35,14 +36,8 @@ def _client(
             return httpx.Response(200, json=subscription)
         return httpx.Response(200, json={"organization": organization})
 
-    transport = httpx.MockTransport(handler)
-    http = qonto.HttpClients(
-        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
-        storage=httpx.AsyncClient(transport=transport),
-        limiter=qonto.RateLimiter(),
-    )
     creds = credentials.QontoApiKey(login="login", secret=config.Secret("secret"))
-    return qonto.client(SETTINGS, creds, http)
+    return clients.qonto_client(SETTINGS, handler, creds=creds)
 
 
 MEMBER = {"id": "m1", "role": "admin", "organization_id": ORG_ID}

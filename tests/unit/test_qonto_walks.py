@@ -18,6 +18,7 @@ import pytest
 from relay import config, errors
 from relay.domain import credentials
 from relay.upstreams import listing, qonto
+from tests.unit import clients
 
 API_KEY = credentials.QontoApiKey(login="org-login", secret=config.Secret("org-secret-key"))
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -99,13 +100,7 @@ def _client(settings: config.Settings, fake: FakeList) -> qonto.QontoClient:
             return httpx.Response(200, json={"organization": {"bank_accounts": accounts}})
         return fake(request)
 
-    transport = httpx.MockTransport(handler)
-    http = qonto.HttpClients(
-        api=httpx.AsyncClient(transport=transport, base_url="https://qonto.test"),
-        storage=httpx.AsyncClient(transport=transport),
-        limiter=qonto.RateLimiter(),
-    )
-    return qonto.client(settings, API_KEY, http)
+    return clients.qonto_client(settings, handler, creds=API_KEY)
 
 
 def _supplier_invoices(**kwargs: Any) -> FakeList:

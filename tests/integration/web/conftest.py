@@ -103,12 +103,13 @@ async def serving(settings: config.Settings) -> AsyncIterator[str]:
 
     task = asyncio.create_task(serve())
     try:
-        deadline = time.monotonic() + 15
-        while not server.started:
+
+        def started() -> bool:
             if task.done():
                 task.result()  # raises what stopped it
-            assert time.monotonic() < deadline, "the relay's application did not start in 15 s"
-            await asyncio.sleep(0.02)
+            return bool(server.started)
+
+        await factories.until(started, within_s=15, what="the relay's application starting")
         yield settings.public_url
     finally:
         server.should_exit = True

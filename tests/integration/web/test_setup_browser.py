@@ -164,10 +164,11 @@ async def test_the_two_people_set_up_a_client_whose_first_file_reaches_loop_once
     consumer = asyncio.create_task(consume.consume(web_settings, stop=stop))
     try:
         assert await asyncio.to_thread(qonto.deliver, qonto.transaction_event(tx)) == [202]
-        deadline = asyncio.get_running_loop().time() + 20
-        while not await pool.fetchval("SELECT count(*) FROM documents"):
-            assert asyncio.get_running_loop().time() < deadline, "the webhook was not buffered"
-            await asyncio.sleep(0.05)
+        await factories.until(
+            lambda: pool.fetchval("SELECT count(*) > 0 FROM documents"),
+            within_s=20,
+            what="the webhook buffered",
+        )
     finally:
         stop.set()
         await consumer
