@@ -1,6 +1,6 @@
 """`make bench`: every figure beside its ceiling measured in the same run; writes bench/results.json.
 
-python -m bench [intake] [consumer] [flush] [memory] [client]    (all when none is named)
+python -m bench [intake] [consumer] [flush] [memory] [client] [console]    (all when none is named)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from bench import client, common, consumer, flush, intake
+from bench import client, common, console, consumer, flush, intake
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results.json"
 # held shared, as the integration tests hold it: the fault tests, which restart PostgreSQL and
@@ -24,7 +24,7 @@ SERVICES_LOCK = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.lock
 
 
 async def main(selected: list[str]) -> int:
-    names = selected or ["intake", "consumer", "flush", "memory", "client"]
+    names = selected or ["intake", "consumer", "flush", "memory", "client", "console"]
     with SERVICES_LOCK.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
         return await _measure(names)
@@ -46,6 +46,8 @@ async def _measure(names: list[str]) -> int:
                 batch = await flush.run_memory()
             elif name == "client":
                 batch = await client.run()
+            elif name == "console":
+                batch = await console.run()
             else:
                 print(f"unknown benchmark {name!r}", file=sys.stderr)
                 return 2

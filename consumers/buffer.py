@@ -158,6 +158,15 @@ class Buffer:
                 elif item.event is not None and item.event.kind is events.Kind.IGNORED:
                     item.outcome = "ignored_topic"
             live = [i for i in live if not i.dead]
+            # the same event id twice in one batch: the first copy is the event, the rest are
+            # duplicates (as they would be in a later batch)
+            seen: set[tuple[uuid.UUID | None, str]] = set()
+            for item in live:
+                event_key = (item.connection_id, item.event.id if item.event else "")
+                if event_key in seen:
+                    item.outcome = "duplicate"
+                seen.add(event_key)
+            live = [i for i in live if i.outcome != "duplicate"]
             if not live:
                 return
             new = await store.events.insert(
@@ -257,10 +266,14 @@ class Buffer:
     # ------------------------------------------------------------------ settle (after the commit)
 
     async def _dead_letter(self, item: Item, reason: str) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat()
         headers = {
             **_headers(item.message),
             amqp.HEADER_REASON: reason[:500],
-            amqp.HEADER_FAILED_AT: dt.datetime.now(dt.UTC).isoformat(),
+            amqp.HEADER_FAILED_AT: now,
+            amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                amqp.HEADER_FIRST_FAILED_AT, now
+            ),
             amqp.HEADER_DLQ_ID: str(uuid.uuid4()),
         }
         await self._publisher.publish(
@@ -295,6 +308,9 @@ class Buffer:
                     **_headers(item.message),
                     amqp.HEADER_ATTEMPTS: attempt,
                     amqp.HEADER_REASON: item.retry[:500],
+                    amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                        amqp.HEADER_FIRST_FAILED_AT, dt.datetime.now(dt.UTC).isoformat()
+                    ),
                 }
                 await self._publisher.publish(
                     amqp.retry_queue_name(self._settings, delay),

@@ -1,7 +1,8 @@
 """The ``relay scheduler`` worker, running the scan and flush daily at ``RELAY_FLUSH_AT`` UTC.
 
-One run per day whatever the replicas (:func:`run_due`); every six hours it also checks each
-connection's dossier access (:func:`check_dossiers`).
+One run per day whatever the replicas (:func:`run_due`), and the flushes asked for over HTTP
+(:func:`run_requested`) under the same lock; every six hours it also checks each connection's
+dossier access (:func:`check_dossiers`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
@@ -26,7 +28,7 @@ logger = log.get(__name__)
 
 LOCK: Final = (0x52454C59 + 1, 1)  # advisory lock of the scheduler (namespace, key)
 POLL_S: Final = 60.0
-PING_EVERY_S: Final = 5.0  # between polls, how often PostgreSQL is pinged
+PING_EVERY_S: Final = 1.0  # between polls, how often PostgreSQL is asked for flush requests
 PING_TIMEOUT_S: Final = 5.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
 CEGID_REASON: Final = upload.CEGID_REASON  # how the reason shown for a Cegid refusal begins
@@ -39,6 +41,28 @@ class Flush(Protocol):
     def __call__(
         self, settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
     ) -> Awaitable[report.RunReport]: ...
+
+
+class RequestedFlush(Protocol):
+    def __call__(
+        self,
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        *,
+        connection_id: uuid.UUID | None,
+        since: dt.datetime | None,
+        run_kind: str,
+        run_id: int | None,
+    ) -> Awaitable[report.RunReport]: ...
+
+
+# What makes a requested run fail for good (said on the request) rather than wait for the next poll.
+REQUEST_REFUSED: Final = (
+    errors.Refused,
+    errors.NotFound,
+    errors.Permanent,
+    errors.ConfigurationError,
+)
 
 
 def latest_slot(now: dt.datetime, flush_at: dt.time) -> dt.datetime:
@@ -98,6 +122,56 @@ async def run_due(
             # a connection gone with an outage released its lock with it
             with contextlib.suppress(errors.DatabaseUnavailable):
                 await store.server.scheduler_unlock(conn, *LOCK)
+
+
+async def run_requested(
+    settings: config.Settings, pool: asyncpg.Pool, *, flush: RequestedFlush = flusher.flush
+) -> bool:
+    """Run the oldest flush asked for, under the scheduler's lock; True when this call ran one.
+
+    A request that cannot run (its connection gone, disconnected or revoked) is failed with the
+    reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers."""
+    async with db.connection(pool, "scheduler") as conn:
+        if not await store.server.try_scheduler_lock(conn, *LOCK):
+            return False  # a run is going on: the request waits for it to end
+        try:
+            request = await store.flush_requests.next_open(conn)
+            if request is None:
+                return False
+            run_id = await store.runs.insert_manual(conn)
+            served = await store.flush_requests.start(conn, request.id, run_id)
+            logger.info("requested_run_started", run=run_id, requests=served)
+            await _run_request(settings, pool, request, run_id, flush)
+            return True
+        finally:
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.server.scheduler_unlock(conn, *LOCK)
+
+
+async def _run_request(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    request: store.flush_requests.FlushRequest,
+    run_id: int,
+    flush: RequestedFlush,
+) -> None:
+    """Run the requested flush as run ``run_id``; finish or fail the requests it serves."""
+    try:
+        result = await flush(
+            settings,
+            pool,
+            connection_id=request.connection_id,
+            since=request.since,
+            run_kind="manual",
+            run_id=run_id,
+        )
+    except REQUEST_REFUSED as exc:
+        logger.warning("requested_run_refused", run=run_id, reason=str(exc))
+        await store.runs.finish(pool, run_id, {"kind": "manual", "error": str(exc)})
+        await store.flush_requests.finish(pool, run_id, error=str(exc))
+        return
+    await store.flush_requests.finish(pool, run_id, error=None)
+    logger.info("requested_run_finished", run=run_id, **result.totals())
 
 
 def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:
@@ -176,6 +250,7 @@ async def run_forever(
     wait: Wait | None = None,
     dossier_check_every: dt.timedelta | None = DOSSIER_CHECK_EVERY,
     progress: heartbeat.Work | None = None,
+    flush_requested: RequestedFlush = flusher.flush,
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
@@ -185,9 +260,9 @@ async def run_forever(
 
     ``now`` and ``wait`` (default: wait on ``stop`` with a timeout, pinging PostgreSQL every
     PING_EVERY_S) are injectable for tests; ``dossier_check_every=None`` turns the periodic
-    dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat).
-    Raises OutageTooLong when PostgreSQL stays unreachable past ``RELAY_OUTAGE_LIMIT`` (exit 1, for
-    its supervisor to restart it).
+    dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat);
+    ``flush_requested`` runs the flushes asked for over HTTP. Raises OutageTooLong when PostgreSQL
+    stays unreachable past ``RELAY_OUTAGE_LIMIT`` (exit 1, for its supervisor to restart it).
     """
     stop = stop or asyncio.Event()
     stopping = stop
@@ -202,8 +277,30 @@ async def run_forever(
             progress.add(result.totals()["uploaded"])
         return result
 
+    async def requested_and_count(
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        *,
+        connection_id: uuid.UUID | None,
+        since: dt.datetime | None,
+        run_kind: str,
+        run_id: int | None,
+    ) -> report.RunReport:
+        result = await flush_requested(
+            settings,
+            pool,
+            connection_id=connection_id,
+            since=since,
+            run_kind=run_kind,
+            run_id=run_id,
+        )
+        if progress is not None:
+            progress.add(result.totals()["uploaded"])
+        return result
+
     async def wait_or_stop(seconds: float) -> None:
-        """Wait until ``stop`` or ``seconds``, or until a ping finds PostgreSQL gone (poll now)."""
+        """Wait until ``stop`` or ``seconds``, or until a flush is asked for or PostgreSQL is found
+        gone (poll now)."""
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()
@@ -212,7 +309,10 @@ async def run_forever(
             if stopping.is_set() or time.monotonic() >= deadline:
                 return
             try:
-                await asyncio.wait_for(db.ping(pool), timeout=PING_TIMEOUT_S)
+                if await asyncio.wait_for(
+                    store.flush_requests.any_open(pool), timeout=PING_TIMEOUT_S
+                ):
+                    return
             except (errors.DatabaseUnavailable, TimeoutError):
                 return
 
@@ -222,6 +322,7 @@ async def run_forever(
     while not stop.is_set():
         try:
             await run_due(settings, pool, now(), flush=flush_and_count)
+            await run_requested(settings, pool, flush=requested_and_count)
             database.recovered()
             backoff.reset()
             if dossier_check_every is not None and (

@@ -638,3 +638,135 @@ ORDER BY id LIMIT $2 FOR UPDATE;
 -- name: rotation_update_invitation
 -- params: $1 id, $2 qonto_tokens (sealed or NULL), $3 cegid_credentials (sealed or NULL)
 UPDATE invitations SET qonto_tokens = $2, cegid_credentials = $3 WHERE id = $1;
+
+-- ============================================================================ flush requests
+
+-- name: insert_flush_request
+-- params: $1 connection_id (or NULL: every connection), $2 since (or NULL), $3 requested_by
+INSERT INTO flush_requests (connection_id, since, requested_by) VALUES ($1, $2, $3)
+RETURNING *;
+
+-- name: get_flush_request
+-- params: $1 id
+SELECT * FROM flush_requests WHERE id = $1;
+
+-- name: next_flush_request
+-- params: (none)
+-- Taken under the scheduler's lock: an open request already started belongs to a scheduler that
+-- died during its run (the lock went with it), and is run again.
+SELECT * FROM flush_requests WHERE finished_at IS NULL ORDER BY id LIMIT 1;
+
+-- name: any_open_flush_request
+-- params: (none)
+SELECT EXISTS (SELECT 1 FROM flush_requests WHERE finished_at IS NULL);
+
+-- name: start_flush_requests
+-- params: $1 request id, $2 run id
+-- The request, and every open request asking for the same thing, are served by this run.
+UPDATE flush_requests r SET started_at = now(), run_id = $2
+FROM flush_requests first
+WHERE first.id = $1 AND r.finished_at IS NULL
+  AND (r.id = first.id OR (r.connection_id IS NOT DISTINCT FROM first.connection_id
+                           AND r.since IS NOT DISTINCT FROM first.since))
+RETURNING r.id;
+
+-- name: finish_flush_requests
+-- params: $1 run id, $2 outcome (finished, failed), $3 error (or NULL)
+UPDATE flush_requests SET finished_at = now(), outcome = $2, error = $3
+WHERE run_id = $1 AND finished_at IS NULL;
+
+-- name: list_open_flush_requests
+-- params: (none)
+SELECT * FROM flush_requests WHERE finished_at IS NULL ORDER BY id;
+
+-- ============================================================================ audit
+
+-- name: insert_audit
+-- params: $1 who, $2 action, $3 target_kind, $4 target, $5 outcome, $6 detail
+INSERT INTO audit_log (who, action, target_kind, target, outcome, detail)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING *;
+
+-- name: audit_for_target
+-- params: $1 target_kind, $2 target (or NULL: every target of that kind), $3 limit
+SELECT * FROM audit_log
+WHERE target_kind = $1 AND ($2::text IS NULL OR target = $2)
+ORDER BY id DESC LIMIT $3;
+
+-- ============================================================================ console (reads)
+
+-- name: console_connections
+-- params: (none)
+-- Every connection with its last deposit and its first deposit since the (re)connection (the
+-- folder advice); each read by index, never by walking the documents.
+SELECT c.*,
+       (SELECT max(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded') AS last_deposit_at,
+       (SELECT min(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded' AND d.uploaded_at >= c.connected_at)
+       AS first_deposit_at
+FROM connections c ORDER BY c.client_name, c.id;
+
+-- name: console_connection
+-- params: $1 connection_id
+SELECT c.*,
+       (SELECT max(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded') AS last_deposit_at,
+       (SELECT min(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded' AND d.uploaded_at >= c.connected_at)
+       AS first_deposit_at
+FROM connections c WHERE c.id = $1;
+
+-- name: console_documents_page
+-- params: $1 connection_id, $2 state (or NULL), $3 source (or NULL), $4 file name pattern for ILIKE (or NULL), $5 below this id (or NULL), $6 limit
+-- One page of a connection's documents, newest first, by keyset; with the last attempt's answer.
+SELECT d.*, u.http_status AS last_http_status, u.cegid_answer AS last_cegid_answer,
+       u.error AS last_error
+FROM (
+    SELECT * FROM documents
+    WHERE connection_id = $1
+      AND ($2::text IS NULL OR state = $2)
+      AND ($3::text IS NULL OR source = $3)
+      AND ($4::text IS NULL OR coalesce(file_name, qonto_file_name, '') ILIKE $4)
+      AND ($5::bigint IS NULL OR id < $5)
+    ORDER BY id DESC LIMIT $6
+) d
+LEFT JOIN LATERAL (
+    SELECT http_status, cegid_answer, error FROM uploads
+    WHERE document_id = d.id ORDER BY id DESC LIMIT 1
+) u ON true
+ORDER BY d.id DESC;
+
+-- name: retry_document
+-- params: $1 document id, $2 reason
+-- A failed document goes back to pending (an operator fixed the cause); NULL when it is not failed.
+UPDATE documents SET state = 'pending', reason = $2, claimed_by = NULL, updated_at = now()
+WHERE id = $1 AND state = 'failed'
+RETURNING *;
+
+-- name: console_runs
+-- params: $1 below this run id (or NULL), $2 limit
+-- Runs newest first, with their totals (not their whole reports) and the request that asked for one.
+SELECT r.id, r.kind, r.scheduled_for, r.started_at, r.finished_at,
+       r.report -> 'totals' AS totals, (r.report ->> 'exit_code')::int AS exit_code,
+       jsonb_array_length(coalesce(r.report -> 'connections', '[]'::jsonb)) AS connection_count,
+       (SELECT min(f.requested_by) FROM flush_requests f WHERE f.run_id = r.id) AS requested_by
+FROM runs r
+WHERE ($1::bigint IS NULL OR r.id < $1)
+ORDER BY r.id DESC LIMIT $2;
+
+-- name: console_run
+-- params: $1 run id
+SELECT r.*, (SELECT min(f.requested_by) FROM flush_requests f WHERE f.run_id = r.id) AS requested_by
+FROM runs r WHERE r.id = $1;
+
+-- name: last_scheduled_run
+-- params: (none)
+SELECT * FROM runs WHERE kind = 'scheduled' ORDER BY scheduled_for DESC NULLS LAST, id DESC LIMIT 1;
+
+-- name: revoke_invitation
+-- params: $1 invitation id
+-- The console's Revoke: an open invitation expires now (its link stops working); NULL otherwise.
+UPDATE invitations SET expires_at = now(), updated_at = now()
+WHERE id = $1 AND used_at IS NULL AND expires_at > now()
+RETURNING client_name;

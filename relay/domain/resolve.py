@@ -1,4 +1,5 @@
-"""An operator's decision on an in-doubt document (``relay documents resolve ID``).
+"""An operator's decision on a document: ``relay documents resolve ID`` for one in doubt,
+``relay documents retry ID`` for a failed one.
 
 Only an operator can know whether a file whose upload got no answer is in the client's Loop inbox.
 """
@@ -42,3 +43,22 @@ async def resolve(pool: asyncpg.Pool, document_id: int, *, uploaded: bool) -> mo
         raise errors.Refused(f"document {document_id} changed state meanwhile: try again")
     logger.info("document_resolved", document=document_id, uploaded=uploaded)
     return resolved
+
+
+RETRY_REASON = "retry requested by an operator"
+
+
+async def retry(pool: asyncpg.Pool, document_id: int) -> models.Document:
+    """Put a failed document back to pending for the next flush (``relay documents retry ID``; the
+    operator fixed what made Loop refuse it). Only a failed document can be retried."""
+    document = await store.overview.retry_document(pool, document_id, RETRY_REASON)
+    if document is None:
+        state = await store.documents.state_of(pool, document_id)
+        if state is None:
+            raise errors.NotFound(f"no document {document_id}")
+        raise errors.Refused(
+            f"document {document_id} is {state}, not failed: only a document Loop refused can be "
+            "retried"
+        )
+    logger.info("document_retried", document=document_id)
+    return document

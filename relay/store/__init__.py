@@ -12,13 +12,16 @@ The style every table module follows (``relay.store.documents`` is a full exampl
 """
 
 from relay.store import (
+    audit,
     connections,
     documents,
     dossier_contents,
     events,
+    flush_requests,
     heartbeats,
     invitations,
     oauth_states,
+    overview,
     rate_limits,
     resources,
     runs,
@@ -29,13 +32,16 @@ from relay.store import (
 )
 
 __all__ = [
+    "audit",
     "connections",
     "documents",
     "dossier_contents",
     "events",
+    "flush_requests",
     "heartbeats",
     "invitations",
     "oauth_states",
+    "overview",
     "rate_limits",
     "resources",
     "runs",

@@ -487,6 +487,9 @@ async def test_an_event_failing_on_every_retry_is_dead_lettered_with_the_last_re
         await asyncio.wait_for(task, 15)
     assert letter.event_id == event["id"]
     assert letter.reason.startswith("still failing after 2 retries: Qonto")
+    assert letter.first_failed_at is not None
+    assert letter.failed_at is not None
+    assert letter.first_failed_at < letter.failed_at  # the first try, two retries of 1 s before
     assert letter.body == orjson.dumps(event)
     fetches = [r for r in list(qonto.requests) if r[1] == path]
     assert (
