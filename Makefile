@@ -8,12 +8,12 @@ STAMP  := $(VENV)/.installed
 COMPOSE = $(shell $(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 SEEDS  ?= 50
 
-.PHONY: help venv services demo test test-unit test-integration test-faults check lint typecheck compose-config chaos bench clean
+.PHONY: help venv services demo test test-unit test-integration test-faults check lint typecheck complexity compose-config chaos bench clean
 
 help:
 	@echo "make demo    the whole relay on its built-in Qonto and Cegid Loop sandboxes"
 	@echo "make test    unit + integration tests (real PostgreSQL and RabbitMQ) and a few chaos seeds"
-	@echo "make check   ruff, mypy --strict, docker-compose.yml validation"
+	@echo "make check   ruff, mypy --strict, radon (complexity), docker-compose.yml validation"
 	@echo "make chaos   the fault-injection suite over SEEDS=$(SEEDS) seeds"
 	@echo "make bench   benchmarks side by side with their ceilings; writes bench/results.json"
 
@@ -56,10 +56,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy relay consumers
 
+# no function above cyclomatic complexity 20 (radon rank D or worse) in relay/ or consumers/
+complexity: $(STAMP)
+	$(BIN)/python .ci/complexity relay consumers
+
 compose-config: $(STAMP)
 	RELAY_SECRET_KEY=check RELAY_ADMIN_TOKEN=check "$(COMPOSE)" -f docker-compose.yml config -q
 
-check: lint typecheck compose-config
+check: lint typecheck complexity compose-config
 
 chaos: $(STAMP) services
 	RELAY_CHAOS_SEEDS=$(SEEDS) RELAY_CHAOS_REPORT=chaos-results.json \

@@ -1,10 +1,10 @@
-"""HTTP client: the CPU one request costs the relay, on its own network backend (relay/upstreams/network.py)
-beside httpcore's default (anyio) backend, in the same run against the same server.
+"""HTTP client: the CPU one request costs the relay on httpx's own transport, as the Qonto and Cegid
+clients build it.
 
 The server is a separate process answering every request at once (a minimal HTTP/1.1 keep-alive
 loop), so the figure is the client's own CPU (``time.process_time``) per 20 KB POST, the shape of a
-deposit. Measured with 1 and with 32 requests in flight, in rounds alternating between the two
-backends; each backend's lowest round is its figure (this shared machine's noise only adds CPU).
+deposit. Measured with 1 and with 32 requests in flight, in rounds; the lowest round is the figure
+(this shared machine's noise only adds CPU).
 
 python -m bench.client serve PORT    (the server; the benchmark starts it itself)
 """
@@ -19,10 +19,9 @@ import time
 import httpx
 
 from bench import common
-from relay.upstreams import network
 
 ROUND = 1000  # POSTs per round
-ROUNDS = 6  # rounds per backend; the least disturbed (lowest) is the figure
+ROUNDS = 6  # the least disturbed (lowest) round is the figure
 BODY = b"%PDF-1.7\n" + b"x" * (20 * 1024 - 9)
 LIMITS = httpx.Limits(max_connections=36, max_keepalive_connections=36)
 
@@ -88,26 +87,16 @@ async def run() -> list[common.Figure]:
         await _listening(port)
         figures = []
         for in_flight in (1, 32):
-            async with (
-                httpx.AsyncClient(base_url=url, transport=network.transport(LIMITS)) as relay,
-                httpx.AsyncClient(
-                    base_url=url, transport=httpx.AsyncHTTPTransport(limits=LIMITS)
-                ) as default,
-            ):
-                for client in (relay, default):  # connections opened, code paths warm
-                    await _round(client, in_flight, ROUND // 2)
-                rounds: dict[str, list[float]] = {"relay": [], "httpcore_default": []}
-                for _ in range(ROUNDS):  # alternated, so both see the same machine
-                    rounds["relay"].append(await _round(relay, in_flight, ROUND))
-                    rounds["httpcore_default"].append(await _round(default, in_flight, ROUND))
+            transport = httpx.AsyncHTTPTransport(limits=LIMITS, retries=0)
+            async with httpx.AsyncClient(base_url=url, transport=transport) as client:
+                await _round(client, in_flight, ROUND // 2)  # connections opened, code paths warm
+                rounds = [await _round(client, in_flight, ROUND) for _ in range(ROUNDS)]
             figures.append(
                 common.Figure(
                     f"http client: CPU per 20 KB POST, {in_flight} in flight",
-                    min(rounds["relay"]),
+                    min(rounds),
                     "us",
-                    ceiling=min(rounds["httpcore_default"]),
-                    ceiling_name="httpcore's default backend",
-                    detail={f"{k}_us": [round(v) for v in vs] for k, vs in rounds.items()},
+                    detail={"rounds_us": [round(v) for v in rounds]},
                 )
             )
         return figures

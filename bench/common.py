@@ -18,10 +18,10 @@ import aio_pika
 import asyncpg
 import orjson
 
-from relay import config, crypto
+from relay import config, crypto, store
 from relay.broker import amqp
 from relay.domain import credentials
-from relay.store import db, queries
+from relay.store import db
 
 __all__ = ["asyncpg", "config", "credentials"]
 
@@ -143,27 +143,25 @@ async def insert_connection(
         api_key=config.Secret("bench-key"), api_secret=config.Secret("bench-secret")
     )
     connection_id = uuid.uuid4()
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            queries.get("insert_connection"),
-            connection_id,
-            "Bench",
-            "bench-organization",
-            "api_key",
-            credentials.seal_qonto(box, qonto),
-            credentials.seal_cegid(box, cegid),
-            crypto.fingerprint(cegid.api_key.reveal()),
-            dossier,
-            "BENCH",
-            dt.datetime.now(dt.UTC),
-            None,
+    async with db.transaction(pool, "add connection") as conn:
+        await store.connections.insert(
+            conn,
+            store.connections.NewConnection(
+                id=connection_id,
+                client_name="Bench",
+                qonto_organization_id="bench-organization",
+                qonto_auth_kind="api_key",
+                qonto_credentials=credentials.seal_qonto(box, qonto),
+                cegid_credentials=credentials.seal_cegid(box, cegid),
+                cegid_key_fingerprint=crypto.fingerprint(cegid.api_key.reveal()),
+                cegid_dossier=dossier,
+                cegid_domain="BENCH",
+                scan_since=dt.datetime.now(dt.UTC),
+                dossier_checked_at=None,
+            ),
         )
-        await conn.execute(
-            queries.get("insert_webhook_secret"),
-            connection_id,
-            box.seal(webhook_secret),
-            None,
-            ["v1/transactions"],
+        await store.webhook_secrets.insert(
+            conn, connection_id, box.seal(webhook_secret), None, ["v1/transactions"]
         )
     return connection_id
 

@@ -34,10 +34,10 @@ import aio_pika
 import aio_pika.abc
 import asyncpg
 
-from relay import config, crypto, errors, events, log, models
+from relay import config, crypto, errors, events, log, models, store
 from relay.broker import amqp
 from relay.domain import credentials, ingest
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import qonto
 
 logger = log.get(__name__)
@@ -147,95 +147,103 @@ class Buffer:
         if not live:
             return
         ids = list({i.connection_id for i in live if i.connection_id is not None})
-        with db.translate(what):
-            async with self._pool.acquire() as conn, conn.transaction():
-                states = {
-                    r["id"]: r["state"]
-                    for r in await conn.fetch(queries.get("connection_states"), ids)
-                }
-                for item in live:
-                    state = states.get(item.connection_id)
-                    if state is None:
-                        item.dead = "unknown connection"
-                    elif state in ("revoked", "disconnected"):
-                        item.outcome = "connection_inactive"
-                    elif item.event is not None and item.event.kind is events.Kind.IGNORED:
-                        item.outcome = "ignored_topic"
-                live = [i for i in live if not i.dead]
-                if not live:
-                    return
-                inserted = await conn.fetch(
-                    queries.get("insert_events"),
-                    [i.connection_id for i in live],
-                    [i.event.id for i in live if i.event],
-                    [i.event.topic for i in live if i.event],
-                    [i.outcome for i in live],
-                    [i.event.created_at for i in live if i.event],
-                    [events.payload_text(i.message.body) for i in live],
-                )
-                new = {(r["connection_id"], r["event_id"]) for r in inserted}
-                fresh = [i for i in live if i.event and (i.connection_id, i.event.id) in new]
-                for item in live:
-                    if item not in fresh:
-                        item.outcome = "duplicate"
-                snapshots: list[tuple[uuid.UUID, events.Snapshot]] = []
-                for item in fresh:
-                    if (
-                        item.outcome != "applied"
-                        or item.event is None
-                        or item.connection_id is None
-                    ):
-                        continue
-                    event = item.event
-                    if event.kind is events.Kind.TRANSACTION:
-                        item.snapshot = events.transaction_snapshot(
-                            event.data, fallback=event.created_at
-                        )
-                    elif event.kind is events.Kind.CLIENT_INVOICE:
-                        item.snapshot = events.client_invoice_snapshot(
-                            event.data, fallback=event.created_at
-                        )
-                    elif event.kind is events.Kind.CONSENT_REVOCATION:
-                        revoked_at = event.data.get("revoked_at") or "now"
-                        await conn.execute(
-                            queries.get("revoke_connection"),
-                            item.connection_id,
-                            f"consent revoked in Qonto at {revoked_at}: reconnect with new credentials",
-                        )
-                        item.outcome = "revoked"
-                    if item.snapshot is not None:
-                        snapshots.append((item.connection_id, item.snapshot))
-                applied = await ingest.apply(conn, snapshots)
-                newest: dict[tuple[uuid.UUID, str, str], dt.datetime] = {}
-                for cid, snap in snapshots:
-                    key = (cid, str(snap.source), snap.resource_id)
-                    if snap.updated_at and (key not in newest or snap.updated_at > newest[key]):
-                        newest[key] = snap.updated_at
-                changed = []
-                for item in fresh:
-                    if item.snapshot is not None and item.connection_id is not None:
-                        key = (
-                            item.connection_id,
-                            str(item.snapshot.source),
-                            item.snapshot.resource_id,
-                        )
-                        when = item.snapshot.updated_at
-                        superseded = when is not None and key in newest and when < newest[key]
-                        if key in applied.stale or superseded:
-                            item.outcome = ingest.STALE
-                        elif item.snapshot.source is models.Source.CLIENT_INVOICE and not (
-                            item.snapshot.documents
-                        ):
-                            item.outcome = ingest.NOT_A_DOCUMENT  # a draft or canceled one
-                    if item.outcome != "applied":
-                        changed.append(item)
-                if changed:
-                    await conn.execute(
-                        queries.get("set_event_outcomes"),
-                        [i.connection_id for i in changed],
-                        [i.event.id for i in changed if i.event],
-                        [i.outcome for i in changed],
+        async with db.transaction(self._pool, what) as conn:
+            states = await store.connections.states(conn, ids)
+            for item in live:
+                state = None if item.connection_id is None else states.get(item.connection_id)
+                if state is None:
+                    item.dead = "unknown connection"
+                elif state in ("revoked", "disconnected"):
+                    item.outcome = "connection_inactive"
+                elif item.event is not None and item.event.kind is events.Kind.IGNORED:
+                    item.outcome = "ignored_topic"
+            live = [i for i in live if not i.dead]
+            # the same event id twice in one batch: the first copy is the event, the rest are
+            # duplicates (as they would be in a later batch)
+            seen: set[tuple[uuid.UUID | None, str]] = set()
+            for item in live:
+                event_key = (item.connection_id, item.event.id if item.event else "")
+                if event_key in seen:
+                    item.outcome = "duplicate"
+                seen.add(event_key)
+            live = [i for i in live if i.outcome != "duplicate"]
+            if not live:
+                return
+            new = await store.events.insert(
+                conn,
+                [
+                    store.events.NewEvent(
+                        i.connection_id,
+                        i.event.id,
+                        i.event.topic,
+                        i.outcome,
+                        i.event.created_at,
+                        events.payload_text(i.message.body),
                     )
+                    for i in live
+                    if i.event is not None and i.connection_id is not None
+                ],
+            )
+            fresh = [i for i in live if i.event and (i.connection_id, i.event.id) in new]
+            for item in live:
+                if item not in fresh:
+                    item.outcome = "duplicate"
+            snapshots: list[tuple[uuid.UUID, events.Snapshot]] = []
+            for item in fresh:
+                if item.outcome != "applied" or item.event is None or item.connection_id is None:
+                    continue
+                event = item.event
+                if event.kind is events.Kind.TRANSACTION:
+                    item.snapshot = events.transaction_snapshot(
+                        event.data, fallback=event.created_at
+                    )
+                elif event.kind is events.Kind.CLIENT_INVOICE:
+                    item.snapshot = events.client_invoice_snapshot(
+                        event.data, fallback=event.created_at
+                    )
+                elif event.kind is events.Kind.CONSENT_REVOCATION:
+                    revoked_at = event.data.get("revoked_at") or "now"
+                    await store.connections.revoke(
+                        conn,
+                        item.connection_id,
+                        f"consent revoked in Qonto at {revoked_at}: reconnect with new credentials",
+                    )
+                    item.outcome = "revoked"
+                if item.snapshot is not None:
+                    snapshots.append((item.connection_id, item.snapshot))
+            applied = await ingest.apply(conn, snapshots)
+            newest: dict[tuple[uuid.UUID, str, str], dt.datetime] = {}
+            for cid, snap in snapshots:
+                key = (cid, str(snap.source), snap.resource_id)
+                if snap.updated_at and (key not in newest or snap.updated_at > newest[key]):
+                    newest[key] = snap.updated_at
+            changed = []
+            for item in fresh:
+                if item.snapshot is not None and item.connection_id is not None:
+                    key = (
+                        item.connection_id,
+                        str(item.snapshot.source),
+                        item.snapshot.resource_id,
+                    )
+                    when = item.snapshot.updated_at
+                    superseded = when is not None and key in newest and when < newest[key]
+                    if key in applied.stale or superseded:
+                        item.outcome = ingest.STALE
+                    elif item.snapshot.source is models.Source.CLIENT_INVOICE and not (
+                        item.snapshot.documents
+                    ):
+                        item.outcome = ingest.NOT_A_DOCUMENT  # a draft or canceled one
+                if item.outcome != "applied":
+                    changed.append(item)
+            if changed:
+                await store.events.set_outcomes(
+                    conn,
+                    [
+                        (i.connection_id, i.event.id, i.outcome)
+                        for i in changed
+                        if i.event is not None and i.connection_id is not None
+                    ],
+                )
 
     async def _apply_each(self, items: list[Item], reason: str) -> None:
         """PostgreSQL refused some record of the batch: apply each message in a transaction of its
@@ -258,10 +266,14 @@ class Buffer:
     # ------------------------------------------------------------------ settle (after the commit)
 
     async def _dead_letter(self, item: Item, reason: str) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat()
         headers = {
             **_headers(item.message),
             amqp.HEADER_REASON: reason[:500],
-            amqp.HEADER_FAILED_AT: dt.datetime.now(dt.UTC).isoformat(),
+            amqp.HEADER_FAILED_AT: now,
+            amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                amqp.HEADER_FIRST_FAILED_AT, now
+            ),
             amqp.HEADER_DLQ_ID: str(uuid.uuid4()),
         }
         await self._publisher.publish(
@@ -296,6 +308,9 @@ class Buffer:
                     **_headers(item.message),
                     amqp.HEADER_ATTEMPTS: attempt,
                     amqp.HEADER_REASON: item.retry[:500],
+                    amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                        amqp.HEADER_FIRST_FAILED_AT, dt.datetime.now(dt.UTC).isoformat()
+                    ),
                 }
                 await self._publisher.publish(
                     amqp.retry_queue_name(self._settings, delay),

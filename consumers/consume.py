@@ -19,7 +19,7 @@ import asyncpg
 import pamqp.commands
 
 from consumers import buffer
-from relay import config, errors, log, outage
+from relay import config, errors, log, outage, retry
 from relay.broker import amqp
 from relay.store import db
 from relay.upstreams import qonto
@@ -29,6 +29,8 @@ logger = log.get(__name__)
 CHECK_EVERY_S: Final = 2.0  # how often the subscription and PostgreSQL are checked
 CHECK_TIMEOUT_S: Final = 5.0  # a check unanswered for this long: the connection is taken as lost
 CLOSE_TIMEOUT_S: Final = 5.0
+# PostgreSQL probed while a batch is held: from half a second, as the roles' outage policy
+HOLD_PROBES: Final = retry.Policy(first_s=0.5, cap_s=4.0, floor=0.5)
 
 
 @dataclasses.dataclass
@@ -137,7 +139,7 @@ class _Consumer:
         self.processed = 0
 
     async def run(self) -> None:
-        backoff = outage.Backoff()
+        backoff = retry.Backoff(retry.OUTAGE)
         sessions = 0
         returned = 0
         while not self.stop.is_set():
@@ -311,7 +313,7 @@ class _Session:
         """
         c = self._c
         assert self._worker is not None
-        backoff = outage.Backoff(first_s=0.5, cap_s=4.0)
+        backoff = retry.Backoff(HOLD_PROBES)
         holding = False
         while True:
             try:

@@ -24,9 +24,9 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery, scanner, upload
-from relay import config, crypto, errors, log, models
+from relay import config, crypto, errors, log, models, store
 from relay.domain import connections, credentials, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import cegid, qonto
 
 logger = log.get(__name__)
@@ -53,12 +53,17 @@ async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None
         await ctx.cegid.check_dossier(run.cegid_creds, connection.cegid_dossier)
     except errors.CegidAccessRefused as exc:
         run.refused = f"{upload.CEGID_REASON}{exc}"
+        run.refused_by = models.Refuser.CEGID
         logger.warning("dossier_check_refused", connection=str(connection.id))
         return
     except errors.Retryable as exc:  # not conclusive: deposit anyway, check again next run
         logger.info("dossier_check_unavailable", connection=str(connection.id), reason=str(exc))
         return
-    await upload.transition(ctx, "set_dossier_checked", connection.id)
+    await upload.transition(
+        ctx,
+        "set_dossier_checked",
+        functools.partial(store.connections.set_dossier_checked, ctx.pool, connection.id),
+    )
 
 
 async def _recheck(
@@ -79,9 +84,7 @@ async def _recheck(
         return connection
     cleared = await ctx.guard.run(
         "clear flag",
-        functools.partial(
-            connections.clear_cegid_flag, ctx.pool, connection.id, upload.CEGID_REASON
-        ),
+        functools.partial(connections.clear_cegid_flag, ctx.pool, connection.id),
     )
     if cleared is None:  # changed meanwhile (disconnected, revoked, flagged by Qonto)
         return connection
@@ -91,7 +94,7 @@ async def _recheck(
 
 async def _claim(
     ctx: upload.Context, run: upload.ConnectionRun, wanted: int
-) -> list[asyncpg.Record]:
+) -> list[models.Document]:
     """Claim up to ``wanted`` of the connection's pending documents for this worker.
 
     Documents are claimed with ``FOR UPDATE SKIP LOCKED``, so several flush processes share a
@@ -101,30 +104,19 @@ async def _claim(
     try:
         if ctx.lease.lost:  # a recovery could take this worker for dead: re-take it first
             raise errors.DatabaseUnavailable("claim documents: the worker lease was lost")
-        with db.translate("claim documents"):
-            if run.claim_unsure:
-                held = await ctx.pool.fetch(
-                    queries.get("held_documents"),
-                    run.connection.id,
-                    ctx.worker,
-                    list(run.seen),
-                    wanted,
-                )
-                if held:
-                    logger.warning(
-                        "documents_adopted", connection=str(run.connection.id), count=len(held)
-                    )
-                    return list(held)
-                run.claim_unsure = False
-            return list(
-                await ctx.pool.fetch(
-                    queries.get("claim_documents"),
-                    run.connection.id,
-                    ctx.worker,
-                    wanted,
-                    ctx.cutoff,
-                )
+        if run.claim_unsure:
+            held = await store.documents.held(
+                ctx.pool, run.connection.id, ctx.worker, sorted(run.seen), wanted
             )
+            if held:
+                logger.warning(
+                    "documents_adopted", connection=str(run.connection.id), count=len(held)
+                )
+                return held
+            run.claim_unsure = False
+        return await store.documents.claim(
+            ctx.pool, run.connection.id, ctx.worker, wanted, ctx.cutoff
+        )
     except errors.DatabaseUnavailable:
         run.claim_unsure = True
         raise
@@ -146,22 +138,20 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
             while wanted < CLAIM_BATCH and not ctx.slots.locked():
                 await ctx.slots.acquire()  # free: returns at once
                 wanted += 1
-            records: list[asyncpg.Record] = []
+            claimed: list[models.Document] = []
             try:
-                records = await ctx.guard.run(
+                claimed = await ctx.guard.run(
                     "claim documents", functools.partial(_claim, ctx, run, wanted)
                 )
             finally:
-                for _ in range(wanted - len(records)):
+                for _ in range(wanted - len(claimed)):
                     ctx.slots.release()
-            run.seen.update(int(r["id"]) for r in records)
-            for record in records:  # each task releases its slot
-                task = asyncio.create_task(
-                    upload.process(ctx, run, models.Document.from_record(record))
-                )
+            run.seen.update(document.id for document in claimed)
+            for document in claimed:  # each task releases its slot
+                task = asyncio.create_task(upload.process(ctx, run, document))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
-            if not records:
+            if not claimed:
                 break
     except asyncio.CancelledError:
         for task in inflight:
@@ -184,12 +174,16 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
             await asyncio.gather(*inflight, return_exceptions=True)
     if run.refused and not ctx.guard.gave_up:
         run.report.attention = run.refused
-        refused = run.refused
+        refused, refused_by = run.refused, run.refused_by
         with contextlib.suppress(errors.OutageTooLong):
             await ctx.guard.run(
                 "flag connection",
                 lambda: connections.flag(
-                    ctx.pool, run.connection.id, models.ConnectionState.NEEDS_ATTENTION, refused
+                    ctx.pool,
+                    run.connection.id,
+                    models.ConnectionState.NEEDS_ATTENTION,
+                    refused,
+                    () if refused_by is None else (refused_by,),
                 ),
             )
 
@@ -230,11 +224,10 @@ async def flush(
     started = dt.datetime.now(dt.UTC)
     clock = time.perf_counter()
     run_report = report.RunReport(kind=run_kind, started_at=started)
-    with db.translate("worker lease"):
-        if run_id is None:
-            run_id = int(await pool.fetchval(queries.get("insert_manual_run")))
-        since_previous = await pool.fetchval(queries.get("previous_run_start"), run_id)
-        lease = await recovery.Lease.take(pool)
+    if run_id is None:
+        run_id = await store.runs.insert_manual(pool)
+    since_previous = await store.runs.previous_start(pool, run_id)
+    lease = await recovery.Lease.take(pool)
     guard = patience.Guard(pool, settings.outage_limit_s, on_back=lease.keep)
     ctx: upload.Context | None = None
     try:
@@ -341,14 +334,11 @@ async def _settle_own(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> 
 
 
 async def _database_now(pool: asyncpg.Pool) -> dt.datetime:
-    with db.translate("database time"):
-        value: dt.datetime = await pool.fetchval(queries.get("database_now"))
-    return value
+    return await store.server.now(pool)
 
 
-async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, object]) -> None:
-    with db.translate("finish run"):
-        await pool.execute(queries.get("finish_run"), run_id, finished)
+async def _finish_run(pool: asyncpg.Pool, run_id: int, finished: dict[str, Any]) -> None:
+    await store.runs.finish(pool, run_id, finished)
 
 
 async def _save_tokens(ctx: upload.Context, runs: list[upload.ConnectionRun]) -> None:
@@ -382,9 +372,9 @@ async def _prepare(
             "load credentials",
             functools.partial(credentials.load, ctx.pool, ctx.box, connection.id),
         )
-        if connection.state == models.ConnectionState.NEEDS_ATTENTION and (
-            connection.state_reason or ""
-        ).startswith(upload.CEGID_REASON):
+        if connection.state == models.ConnectionState.NEEDS_ATTENTION and connection.refused_by == {
+            models.Refuser.CEGID
+        }:
             connection = await _recheck(ctx, connection, cegid_creds)
 
         async def store(
@@ -427,16 +417,14 @@ async def _summarise(
 
         async def read(
             cid: uuid.UUID = run.connection.id, since: dt.datetime = since
-        ) -> tuple[dict[str, Any], list[asyncpg.Record]]:
+        ) -> tuple[dict[str, Any], list[store.documents.ReasonCount]]:
             description = await connections.describe(ctx.pool, cid)
-            with db.translate("skipped since"):
-                skipped = await ctx.pool.fetch(queries.get("skipped_since"), cid, since)
-            return description, list(skipped)
+            return description, await store.documents.skipped_since(ctx.pool, cid, since)
 
         description, skipped = await ctx.guard.run("summarise", read)
         run.report.skipped.clear()
-        for record in skipped:
-            run.report.skipped[report.reason_key(record["reason"])] += record["n"]
+        for count in skipped:
+            run.report.skipped[report.group(count.code, count.detail)] += count.n
         by_state = description["documents"]
         run.report.in_doubt_total = int(by_state.get("in_doubt", 0))
         left = int(by_state.get("pending", 0)) - sum(run.report.pending.values())

@@ -14,15 +14,15 @@ from typing import Final, TypeVar
 
 import asyncpg
 
-from relay import errors, log
+from relay import errors, log, retry
 from relay.store import db
 
 logger = log.get(__name__)
 
 T = TypeVar("T")
 
-PROBE_FIRST_S: Final = 0.1
-PROBE_CAP_S: Final = 2.0
+# PostgreSQL probed after a loss: soon at first (a restart is back within a second or two)
+PROBES: Final = retry.Policy(first_s=0.1, cap_s=2.0, floor=0.5)
 OPERATION_TRIES: Final = 10
 
 
@@ -107,19 +107,18 @@ class Guard:
     async def _watch(self) -> None:
         lost_at = self._lost_at
         assert lost_at is not None
-        delay = PROBE_FIRST_S
+        tries = PROBES.tries(deadline=lost_at + self.limit_s)
         reason = ""
         while True:
-            left = self.limit_s - (time.monotonic() - lost_at)
-            if left <= 0:
+            delay = tries.again()
+            if delay is None:
                 self.gave_up = errors.OutageTooLong(
                     f"PostgreSQL unavailable for more than {self.limit_s:g} s (RELAY_OUTAGE_LIMIT)"
                 )
                 logger.error("flush_database_gone", limit_s=self.limit_s, reason=reason)
                 self._up.set()  # the waiting operations raise gave_up
                 return
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, PROBE_CAP_S)
+            await asyncio.sleep(delay)
             try:
                 await db.ping(self._pool)
                 if self._on_back is not None:

@@ -16,9 +16,9 @@ from typing import Final
 
 import asyncpg
 
-from relay import errors, log, models
+from relay import errors, log, models, store
 from relay.domain import report
-from relay.store import db, queries
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -28,40 +28,40 @@ IN_DOUBT_REASON: Final = (
     "`relay documents resolve {id} --uploaded` or `--resend`"
 )
 DIED_REASON: Final = "the flush worker stopped during the upload"
-DIED_UNSENT_REASON: Final = "the previous flush stopped before sending it"
+DIED_UNSENT: Final = models.Why(
+    models.Reason.FLUSH_STOPPED, "the previous flush stopped before sending it"
+)
 ERROR_SENT_REASON: Final = "an error stopped the flush before the outcome was recorded"
-ERROR_UNSENT_REASON: Final = "an error stopped the flush before sending it, retried next run"
+ERROR_UNSENT: Final = models.Why(
+    models.Reason.FLUSH_ERROR, "an error stopped the flush before sending it, retried next run"
+)
 
 
 async def _settle(
-    conn: asyncpg.pool.PoolConnectionProxy, worker: int, *, sent: str, unsent: str
-) -> list[tuple[uuid.UUID, models.DocumentState, str]]:
+    conn: db.Conn, worker: int, *, sent: str, unsent: models.Why
+) -> list[tuple[uuid.UUID, models.DocumentState, models.Why]]:
     """Settle the documents ``worker`` left uploading, in the caller's transaction.
 
     Each becomes in doubt when an attempt may have gone out (``sent`` says why), pending with
     reason ``unsent`` when provably not. Returns (connection, state, reason) for each.
     """
-    records = await conn.fetch(queries.get("orphaned_documents"), worker)
-    held = {r["id"]: r["connection_id"] for r in records}
+    held = {o.id: o.connection_id for o in await store.documents.orphaned(conn, worker)}
     if not held:
         return []
-    attempts = {
-        r["document_id"]: r["upload_id"]
-        for r in await conn.fetch(queries.get("orphaned_attempts"), list(held))
-    }
+    attempts = await store.uploads.orphaned_attempts(conn, list(held))
     settled = []
     for document_id, connection_id in held.items():
         upload_id = attempts.get(document_id)
         if upload_id is not None:
             state = models.DocumentState.IN_DOUBT
-            reason = IN_DOUBT_REASON.format(detail=sent, id=document_id)
-            await conn.execute(
-                queries.get("finish_upload"), upload_id, "in_doubt", None, None, sent
+            why = models.Why(
+                models.Reason.IN_DOUBT, IN_DOUBT_REASON.format(detail=sent, id=document_id)
             )
+            await store.uploads.finish(conn, upload_id, "in_doubt", None, None, sent)
         else:
-            state, reason = models.DocumentState.PENDING, unsent
-        await conn.execute(queries.get("finish_document"), document_id, state, reason, worker)
-        settled.append((connection_id, state, reason))
+            state, why = models.DocumentState.PENDING, unsent
+        await store.documents.finish(conn, document_id, state, why, worker)
+        settled.append((connection_id, state, why))
     return settled
 
 
@@ -72,23 +72,18 @@ async def recover(pool: asyncpg.Pool) -> dict[str, int]:
     worker taken for dead cannot send a document someone else recovered.
     """
     result = {"in_doubt": 0, "pending": 0}
-    with db.translate("recover"):
-        workers = [r["claimed_by"] for r in await pool.fetch(queries.get("uploading_workers"))]
-        for worker in workers:
-            async with pool.acquire() as conn:
-                alive = not await conn.fetchval(
-                    queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker
-                )
-                if alive:
-                    continue
-                try:
-                    async with conn.transaction():
-                        for _, state, _ in await _settle(
-                            conn, worker, sent=DIED_REASON, unsent=DIED_UNSENT_REASON
-                        ):
-                            result[str(state)] += 1
-                finally:
-                    await conn.execute(queries.get("worker_unlock"), WORKER_LOCK_SPACE, worker)
+    for worker in await store.documents.uploading_workers(pool):
+        async with db.connection(pool, "recover") as conn:
+            if not await store.server.try_worker_lock(conn, WORKER_LOCK_SPACE, worker):
+                continue  # alive
+            try:
+                async with conn.transaction():
+                    for _, state, _ in await _settle(
+                        conn, worker, sent=DIED_REASON, unsent=DIED_UNSENT
+                    ):
+                        result[str(state)] += 1
+            finally:
+                await store.server.worker_unlock(conn, WORKER_LOCK_SPACE, worker)
     if any(result.values()):
         logger.warning("flush_recovered", **result)
     return result
@@ -103,20 +98,17 @@ async def settle_own(
     transaction. DatabaseUnavailable when the database is gone: the caller waits for it, or
     leaves it to the next run's recovery.
     """
-    with db.translate("settle"):
-        async with pool.acquire() as conn, conn.transaction():
-            settled = await _settle(
-                conn, worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT_REASON
-            )
+    async with db.transaction(pool, "settle") as conn:
+        settled = await _settle(conn, worker, sent=ERROR_SENT_REASON, unsent=ERROR_UNSENT)
     by_connection = {r.connection_id: r for r in reports}
-    for connection_id, state, reason in settled:
+    for connection_id, state, why in settled:
         found = by_connection.get(connection_id)
         if found is None:
             continue
         if state == models.DocumentState.IN_DOUBT:
             found.in_doubt += 1
         else:
-            found.pending[report.reason_key(reason)] += 1
+            found.pending[report.group(why.code, why.detail)] += 1
 
 
 class Lease:
@@ -137,11 +129,11 @@ class Lease:
     @classmethod
     async def take(cls, pool: asyncpg.Pool) -> Lease:
         """Take a new worker id whose lock this process holds."""
-        conn = await pool.acquire()
+        conn = await db.acquire(pool, "worker lease")
         try:
             while True:
                 worker = secrets.randbelow(2**31 - 1) + 1
-                if await conn.fetchval(queries.get("try_worker_lock"), WORKER_LOCK_SPACE, worker):
+                if await store.server.try_worker_lock(conn, WORKER_LOCK_SPACE, worker):
                     return cls(pool, worker, conn)
         except BaseException:
             await pool.release(conn)
@@ -162,29 +154,26 @@ class Lease:
         if _alive(self._conn):
             assert self._conn is not None
             held = False
-            with contextlib.suppress(errors.DatabaseUnavailable), db.translate("worker lease"):
-                held = await self._conn.fetchval(
-                    queries.get("worker_lock_held"), WORKER_LOCK_SPACE, self.worker, timeout=5
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                held = await store.server.worker_lock_held(
+                    self._conn, WORKER_LOCK_SPACE, self.worker, timeout=5
                 )
             if held:
                 return
         await self._drop()
-        with db.translate("worker lease"):
-            conn = await self._pool.acquire()
-            try:
-                taken = await conn.fetchval(
-                    queries.get("try_worker_lock"), WORKER_LOCK_SPACE, self.worker
-                )
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._pool.release(conn)
-                raise
-            if not taken:
+        conn = await db.acquire(self._pool, "worker lease")
+        try:
+            taken = await store.server.try_worker_lock(conn, WORKER_LOCK_SPACE, self.worker)
+        except BaseException:
+            with contextlib.suppress(Exception):
                 await self._pool.release(conn)
-                raise errors.DatabaseUnavailable(
-                    f"worker {self.worker}: its lock is held by a recovery, retried"
-                )
-            self._conn = conn
+            raise
+        if not taken:
+            await db.release(self._pool, conn, "worker lease")
+            raise errors.DatabaseUnavailable(
+                f"worker {self.worker}: its lock is held by a recovery, retried"
+            )
+        self._conn = conn
         logger.warning("flush_lease_retaken", worker=self.worker)
 
     async def _drop(self) -> None:
@@ -197,9 +186,7 @@ class Lease:
         """Give the lock up (the run is over)."""
         if self._conn is not None and _alive(self._conn):
             with contextlib.suppress(Exception):
-                await self._conn.execute(
-                    queries.get("worker_unlock"), WORKER_LOCK_SPACE, self.worker
-                )
+                await store.server.worker_unlock(self._conn, WORKER_LOCK_SPACE, self.worker)
         await self._drop()
 
 

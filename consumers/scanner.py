@@ -18,9 +18,9 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience
-from relay import config, crypto, errors, events, log, models
+from relay import config, crypto, errors, events, log, models, store
 from relay.domain import connections, credentials, ingest
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import qonto
 
 logger = log.get(__name__)
@@ -101,9 +101,8 @@ async def _apply(
     snapshots: list[events.Snapshot],
 ) -> int:
     async def write() -> int:
-        with db.translate("scan page"):
-            async with pool.acquire() as conn, conn.transaction():
-                applied = await ingest.apply(conn, [(connection_id, s) for s in snapshots])
+        async with db.transaction(pool, "scan page") as conn:
+            applied = await ingest.apply(conn, [(connection_id, s) for s in snapshots])
         return applied.created
 
     return await patience.run(guard, "scan page", write)
@@ -117,8 +116,7 @@ async def _advance(
     now: dt.datetime,
 ) -> None:
     async def write() -> None:
-        with db.translate("advance watermark"):
-            await pool.execute(queries.get("advance_scan_watermark"), connection_id, source, now)
+        await store.connections.advance_watermark(pool, connection_id, source, now)
 
     await patience.run(guard, "advance watermark", write)
 
@@ -190,6 +188,7 @@ async def scan_connection(
                     connection.id,
                     models.ConnectionState.NEEDS_ATTENTION,
                     reason,
+                    (models.Refuser.QONTO,),
                 ),
             )
             result.errors.append(reason)

@@ -1,7 +1,8 @@
 """The ``relay scheduler`` worker, running the scan and flush daily at ``RELAY_FLUSH_AT`` UTC.
 
-One run per day whatever the replicas (:func:`run_due`); every six hours it also checks each
-connection's dossier access (:func:`check_dossiers`).
+One run per day whatever the replicas (:func:`run_due`), and the flushes asked for over HTTP
+(:func:`run_requested`) under the same lock; every six hours it also checks each connection's
+dossier access (:func:`check_dossiers`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
@@ -17,19 +19,19 @@ import asyncpg
 import httpx
 
 from consumers import flusher, upload
-from relay import config, crypto, errors, log, models, outage
+from relay import config, crypto, errors, log, models, outage, retry, store
 from relay.domain import connections, credentials, heartbeat, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import cegid
 
 logger = log.get(__name__)
 
 LOCK: Final = (0x52454C59 + 1, 1)  # advisory lock of the scheduler (namespace, key)
 POLL_S: Final = 60.0
-PING_EVERY_S: Final = 5.0  # between polls, how often PostgreSQL is pinged
+PING_EVERY_S: Final = 1.0  # between polls, how often PostgreSQL is asked for flush requests
 PING_TIMEOUT_S: Final = 5.0
 DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=6)
-CEGID_REASON: Final = upload.CEGID_REASON  # prefix of the reasons the dossier check may clear
+CEGID_REASON: Final = upload.CEGID_REASON  # how the reason shown for a Cegid refusal begins
 
 Clock = Callable[[], dt.datetime]
 Wait = Callable[[float], Awaitable[None]]
@@ -39,6 +41,28 @@ class Flush(Protocol):
     def __call__(
         self, settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
     ) -> Awaitable[report.RunReport]: ...
+
+
+class RequestedFlush(Protocol):
+    def __call__(
+        self,
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        *,
+        connection_id: uuid.UUID | None,
+        since: dt.datetime | None,
+        run_kind: str,
+        run_id: int | None,
+    ) -> Awaitable[report.RunReport]: ...
+
+
+# What makes a requested run fail for good (said on the request) rather than wait for the next poll.
+REQUEST_REFUSED: Final = (
+    errors.Refused,
+    errors.NotFound,
+    errors.Permanent,
+    errors.ConfigurationError,
+)
 
 
 def latest_slot(now: dt.datetime, flush_at: dt.time) -> dt.datetime:
@@ -68,37 +92,86 @@ async def run_due(
     slot is caught up: one flush sends everything pending, whatever day it arrived.
     """
     day = latest_slot(now, settings.flush_at).date()
-    with db.translate("scheduler"):
-        async with pool.acquire() as conn:
-            if not await conn.fetchval(queries.get("try_scheduler_lock"), *LOCK):
-                return False  # another scheduler is running a day right now
-            try:
-                run_id = await conn.fetchval(queries.get("claim_scheduled_run"), day)
-                if run_id is None:
-                    existing = await conn.fetchrow(queries.get("get_scheduled_run"), day)
-                    if existing is None or existing["finished_at"] is not None:
-                        return False
-                    run_id = existing["id"]
-                    logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
-                logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
-                started = time.monotonic()
-                result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
-                # the flush finished the run row already, riding out any outage; this lock's
-                # connection may have gone with one (its lock with it), so a failure here is moot
-                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("finish run"):
-                    await pool.execute(queries.get("finish_run"), run_id, result.to_json())
-                logger.info(
-                    "scheduled_run_finished",
-                    day=day.isoformat(),
-                    run=run_id,
-                    duration_ms=round((time.monotonic() - started) * 1000),
-                    **result.totals(),
-                )
-                return True
-            finally:
-                # a connection gone with an outage released its lock with it
-                with contextlib.suppress(errors.DatabaseUnavailable), db.translate("unlock"):
-                    await conn.execute(queries.get("scheduler_unlock"), *LOCK)
+    async with db.connection(pool, "scheduler") as conn:
+        if not await store.server.try_scheduler_lock(conn, *LOCK):
+            return False  # another scheduler is running a day right now
+        try:
+            run_id = await store.runs.claim_scheduled(conn, day)
+            if run_id is None:
+                existing = await store.runs.get_scheduled(conn, day)
+                if existing is None or existing.finished_at is not None:
+                    return False
+                run_id = existing.id
+                logger.warning("scheduled_run_resumed", day=day.isoformat(), run=run_id)
+            logger.info("scheduled_run_started", day=day.isoformat(), run=run_id)
+            started = time.monotonic()
+            result = await flush(settings, pool, run_kind="scheduled", run_id=run_id)
+            # the flush finished the run row already, riding out any outage; this lock's
+            # connection may have gone with one (its lock with it), so a failure here is moot
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.runs.finish(pool, run_id, result.to_json())
+            logger.info(
+                "scheduled_run_finished",
+                day=day.isoformat(),
+                run=run_id,
+                duration_ms=round((time.monotonic() - started) * 1000),
+                **result.totals(),
+            )
+            return True
+        finally:
+            # a connection gone with an outage released its lock with it
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.server.scheduler_unlock(conn, *LOCK)
+
+
+async def run_requested(
+    settings: config.Settings, pool: asyncpg.Pool, *, flush: RequestedFlush = flusher.flush
+) -> bool:
+    """Run the oldest flush asked for, under the scheduler's lock; True when this call ran one.
+
+    A request that cannot run (its connection gone, disconnected or revoked) is failed with the
+    reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers."""
+    async with db.connection(pool, "scheduler") as conn:
+        if not await store.server.try_scheduler_lock(conn, *LOCK):
+            return False  # a run is going on: the request waits for it to end
+        try:
+            request = await store.flush_requests.next_open(conn)
+            if request is None:
+                return False
+            run_id = await store.runs.insert_manual(conn)
+            served = await store.flush_requests.start(conn, request.id, run_id)
+            logger.info("requested_run_started", run=run_id, requests=served)
+            await _run_request(settings, pool, request, run_id, flush)
+            return True
+        finally:
+            with contextlib.suppress(errors.DatabaseUnavailable):
+                await store.server.scheduler_unlock(conn, *LOCK)
+
+
+async def _run_request(
+    settings: config.Settings,
+    pool: asyncpg.Pool,
+    request: store.flush_requests.FlushRequest,
+    run_id: int,
+    flush: RequestedFlush,
+) -> None:
+    """Run the requested flush as run ``run_id``; finish or fail the requests it serves."""
+    try:
+        result = await flush(
+            settings,
+            pool,
+            connection_id=request.connection_id,
+            since=request.since,
+            run_kind="manual",
+            run_id=run_id,
+        )
+    except REQUEST_REFUSED as exc:
+        logger.warning("requested_run_refused", run=run_id, reason=str(exc))
+        await store.runs.finish(pool, run_id, {"kind": "manual", "error": str(exc)})
+        await store.flush_requests.finish(pool, run_id, error=str(exc))
+        return
+    await store.flush_requests.finish(pool, run_id, error=None)
+    logger.info("requested_run_finished", run=run_id, **result.totals())
 
 
 def seconds_until_next_check(now: dt.datetime, flush_at: dt.time) -> float:
@@ -141,7 +214,11 @@ async def check_dossiers(
         except errors.CegidAccessRefused as exc:
             counts["refused"] += 1
             await connections.flag(
-                pool, connection.id, models.ConnectionState.NEEDS_ATTENTION, CEGID_REASON + str(exc)
+                pool,
+                connection.id,
+                models.ConnectionState.NEEDS_ATTENTION,
+                CEGID_REASON + str(exc),
+                (models.Refuser.CEGID,),
             )
             logger.warning("dossier_check_refused", connection=str(connection.id), reason=str(exc))
             continue
@@ -158,10 +235,9 @@ async def check_dossiers(
 
 
 async def _dossier_checked(pool: asyncpg.Pool, connection: models.Connection) -> None:
-    with db.translate("dossier checked"):
-        await pool.execute(queries.get("set_dossier_checked"), connection.id)
+    await store.connections.set_dossier_checked(pool, connection.id)
     if connection.state == models.ConnectionState.NEEDS_ATTENTION:
-        await connections.clear_cegid_flag(pool, connection.id, CEGID_REASON)
+        await connections.clear_cegid_flag(pool, connection.id)
 
 
 async def run_forever(
@@ -174,6 +250,7 @@ async def run_forever(
     wait: Wait | None = None,
     dossier_check_every: dt.timedelta | None = DOSSIER_CHECK_EVERY,
     progress: heartbeat.Work | None = None,
+    flush_requested: RequestedFlush = flusher.flush,
 ) -> None:
     """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
 
@@ -183,14 +260,14 @@ async def run_forever(
 
     ``now`` and ``wait`` (default: wait on ``stop`` with a timeout, pinging PostgreSQL every
     PING_EVERY_S) are injectable for tests; ``dossier_check_every=None`` turns the periodic
-    dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat).
-    Raises OutageTooLong when PostgreSQL stays unreachable past ``RELAY_OUTAGE_LIMIT`` (exit 1, for
-    its supervisor to restart it).
+    dossier check off; ``progress`` counts the documents each run uploaded (for the heartbeat);
+    ``flush_requested`` runs the flushes asked for over HTTP. Raises OutageTooLong when PostgreSQL
+    stays unreachable past ``RELAY_OUTAGE_LIMIT`` (exit 1, for its supervisor to restart it).
     """
     stop = stop or asyncio.Event()
     stopping = stop
     database = outage.Outage("scheduler", "PostgreSQL", settings.outage_limit_s)
-    backoff = outage.Backoff()
+    backoff = retry.Backoff(retry.OUTAGE)
 
     async def flush_and_count(
         settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
@@ -200,8 +277,30 @@ async def run_forever(
             progress.add(result.totals()["uploaded"])
         return result
 
+    async def requested_and_count(
+        settings: config.Settings,
+        pool: asyncpg.Pool,
+        *,
+        connection_id: uuid.UUID | None,
+        since: dt.datetime | None,
+        run_kind: str,
+        run_id: int | None,
+    ) -> report.RunReport:
+        result = await flush_requested(
+            settings,
+            pool,
+            connection_id=connection_id,
+            since=since,
+            run_kind=run_kind,
+            run_id=run_id,
+        )
+        if progress is not None:
+            progress.add(result.totals()["uploaded"])
+        return result
+
     async def wait_or_stop(seconds: float) -> None:
-        """Wait until ``stop`` or ``seconds``, or until a ping finds PostgreSQL gone (poll now)."""
+        """Wait until ``stop`` or ``seconds``, or until a flush is asked for or PostgreSQL is found
+        gone (poll now)."""
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()
@@ -210,7 +309,10 @@ async def run_forever(
             if stopping.is_set() or time.monotonic() >= deadline:
                 return
             try:
-                await asyncio.wait_for(db.ping(pool), timeout=PING_TIMEOUT_S)
+                if await asyncio.wait_for(
+                    store.flush_requests.any_open(pool), timeout=PING_TIMEOUT_S
+                ):
+                    return
             except (errors.DatabaseUnavailable, TimeoutError):
                 return
 
@@ -220,6 +322,7 @@ async def run_forever(
     while not stop.is_set():
         try:
             await run_due(settings, pool, now(), flush=flush_and_count)
+            await run_requested(settings, pool, flush=requested_and_count)
             database.recovered()
             backoff.reset()
             if dossier_check_every is not None and (

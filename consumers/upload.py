@@ -22,8 +22,8 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import pathlib
-import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -31,17 +31,16 @@ from typing import Any, Final
 import asyncpg
 
 from consumers import patience, recovery
-from relay import config, crypto, errors, filetype, log, models, naming
+from relay import config, crypto, errors, filetype, log, models, naming, retry, store
 from relay.domain import credentials, report
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import attachments, cegid, qonto
 
 logger = log.get(__name__)
 
-UPLOAD_ATTEMPTS: Final = 5
-BACKOFF_BASE_S: Final = 0.5
-BACKOFF_CAP_S: Final = 30.0
-CEGID_REASON: Final = "Cegid: "  # prefix of a Cegid refusal's reason (the daily check may clear it)
+# a deposit Loop did not keep (429, 5xx, refused connection): five tries, then the next run
+POLICY: Final = retry.Policy(first_s=0.5, cap_s=30.0, attempts=5)
+CEGID_REASON: Final = "Cegid: "  # how the reason shown for a Cegid refusal begins
 STORED: Final = "stored in Loop"  # how an answer held in memory begins when Loop kept the file
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -89,7 +88,8 @@ class ConnectionRun:
     qonto: qonto.QontoClient
     cegid_creds: credentials.CegidCredentials
     report: report.ConnectionReport
-    refused: str | None = None
+    refused: str | None = None  # why the connection's access was refused (shown)
+    refused_by: models.Refuser | None = None
     first_upload_recorded: bool = False
     # every document this run has had in hand for the connection: a claim whose answer was lost
     # is made good by taking what the worker holds outside this set
@@ -97,23 +97,12 @@ class ConnectionRun:
     claim_unsure: bool = False
 
 
-def _backoff(attempt: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), BACKOFF_CAP_S * 4)
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
-
-
 # ------------------------------------------------------------------------------------ transitions
 
 
-async def transition(ctx: Context, name: str, *args: Any) -> None:
-    """One statement that may run twice (it sets a state), through the guard."""
-
-    async def write() -> None:
-        with db.translate(name):
-            await ctx.pool.execute(queries.get(name), *args)
-
-    await ctx.guard.run(name, write)
+async def transition(ctx: Context, what: str, write: Callable[[], Awaitable[None]]) -> None:
+    """Runs one write that may run twice (it sets a state) through the guard."""
+    await ctx.guard.run(what, write)
 
 
 async def _already(ctx: Context, document: models.Document, state: str) -> bool:
@@ -121,9 +110,7 @@ async def _already(ctx: Context, document: models.Document, state: str) -> bool:
     run had landed (its answer lost with the database) rather than a recovery taking it."""
 
     async def read() -> bool:
-        with db.translate("read document"):
-            found = await ctx.pool.fetchval(queries.get("document_state"), document.id)
-        return bool(found == state)
+        return await store.documents.state_of(ctx.pool, document.id) == state
 
     return await ctx.guard.run("read document", read)
 
@@ -133,7 +120,7 @@ async def _finish(
     run: ConnectionRun,
     document: models.Document,
     state: models.DocumentState,
-    reason: str | None,
+    why: models.Why,
     *,
     upload_id: int | None = None,
     outcome: str | None = None,
@@ -144,28 +131,19 @@ async def _finish(
     """One transaction: the document's new state, its attempt's outcome, the dossier's content."""
     runs = 0
 
-    async def write() -> str:
+    async def write() -> bool:
         nonlocal runs
         runs += 1
-        with db.translate("finish document"):
-            async with ctx.pool.acquire() as conn, conn.transaction():
-                status: str = await conn.execute(
-                    queries.get("finish_document"), document.id, state, reason, ctx.worker
-                )
-                if upload_id is not None:
-                    await conn.execute(
-                        queries.get("finish_upload"),
-                        upload_id,
-                        outcome,
-                        http_status,
-                        answer,
-                        reason,
-                    )
-                if release_content:
-                    await conn.execute(queries.get("release_dossier_content"), document.id)
-        return status
+        async with db.transaction(ctx.pool, "finish document") as conn:
+            held = await store.documents.finish(conn, document.id, state, why, ctx.worker)
+            if upload_id is not None:
+                assert outcome is not None
+                await store.uploads.finish(conn, upload_id, outcome, http_status, answer, why.text)
+            if release_content:
+                await store.dossier_contents.release(conn, document.id)
+        return held
 
-    if await ctx.guard.run("finish document", write) == "UPDATE 0" and not (
+    if not await ctx.guard.run("finish document", write) and not (
         runs > 1 and await _already(ctx, document, str(state))
     ):
         _lost_hold(document, str(state))
@@ -176,7 +154,7 @@ async def _finish(
         models.DocumentState.PENDING: run.report.pending,
     }
     if state in counts:
-        counts[state][report.reason_key(reason)] += 1
+        counts[state][report.group(why.code, why.detail)] += 1
     elif state == models.DocumentState.IN_DOUBT:
         run.report.in_doubt += 1
     logger.info(
@@ -184,7 +162,8 @@ async def _finish(
         document=document.id,
         connection=str(document.connection_id),
         state=str(state),
-        reason=reason,
+        reason=why.text,
+        code=str(why.code),
     )
 
 
@@ -198,7 +177,7 @@ async def _wait_for_access(
         run,
         document,
         models.DocumentState.PENDING,
-        f"waiting: {run.refused}",
+        _waiting(run),
         upload_id=upload_id,
         outcome="access_refused",
         release_content=True,
@@ -216,27 +195,35 @@ async def _record_uploaded(
     then the connection's first deposit, once."""
     runs = 0
 
-    async def write() -> str:
+    async def write() -> bool:
         nonlocal runs
         runs += 1
-        with db.translate("document uploaded"):
-            status: str = await ctx.pool.execute(
-                queries.get("mark_uploaded"),
-                document.id,
-                stored.document_id,
-                ctx.worker,
-                upload_id,
-                stored.status,
-                stored.body,
-            )
-            if not run.first_upload_recorded:
-                await ctx.pool.execute(queries.get("set_first_upload"), run.connection.id)
-        return status
+        held = await store.documents.mark_uploaded(
+            ctx.pool,
+            document.id,
+            stored.document_id,
+            ctx.worker,
+            upload_id,
+            stored.status,
+            stored.body,
+        )
+        if not run.first_upload_recorded:
+            await store.connections.set_first_upload(ctx.pool, run.connection.id)
+        return held
 
-    if await ctx.guard.run("document uploaded", write) == "UPDATE 0" and not (
+    if not await ctx.guard.run("document uploaded", write) and not (
         runs > 1 and await _already(ctx, document, str(models.DocumentState.UPLOADED))
     ):
         _lost_hold(document, "uploaded")
+
+
+def _waiting(run: ConnectionRun) -> models.Why:
+    """The reason a document waits while its connection's access is refused."""
+    return models.Why(
+        models.Reason.ACCESS_REFUSED,
+        f"waiting: {run.refused}",
+        None if run.refused_by is None else str(run.refused_by),
+    )
 
 
 def _answer(stored: cegid.Stored | errors.RelayError) -> str:
@@ -321,12 +308,12 @@ async def _download_and_upload(
     ctx: Context, run: ConnectionRun, document: models.Document, path: pathlib.Path
 ) -> None:
     if run.refused:
-        await _finish(ctx, run, document, models.DocumentState.PENDING, f"waiting: {run.refused}")
+        await _finish(ctx, run, document, models.DocumentState.PENDING, _waiting(run))
         return
     try:
         download = await run.qonto.download(document.qonto_attachment_id, path)
     except errors.QontoNotFound:
-        await _finish(ctx, run, document, models.DocumentState.SKIPPED, models.SKIP_DELETED)
+        await _finish(ctx, run, document, models.DocumentState.SKIPPED, models.DELETED)
         return
     except attachments.TooLarge:
         await _finish(
@@ -334,12 +321,16 @@ async def _download_and_upload(
             run,
             document,
             models.DocumentState.SKIPPED,
-            f"{models.SKIP_TOO_LARGE} (over {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB)",
+            models.Why(
+                models.Reason.TOO_LARGE,
+                f"{models.SKIP_TOO_LARGE} (over {models.MAX_UPLOAD_BYTES // (1024 * 1024)} MB)",
+            ),
         )
         return
     except errors.QontoAuthRejected as exc:
         run.refused = f"Qonto refused the credentials: reconnect the organization ({exc})"
-        await _finish(ctx, run, document, models.DocumentState.PENDING, f"waiting: {run.refused}")
+        run.refused_by = models.Refuser.QONTO
+        await _finish(ctx, run, document, models.DocumentState.PENDING, _waiting(run))
         return
     except (errors.Retryable, errors.QontoProtocolError, errors.ConfigurationError) as exc:
         await _finish(
@@ -347,7 +338,10 @@ async def _download_and_upload(
             run,
             document,
             models.DocumentState.PENDING,
-            f"Qonto download failed, retried next run ({exc})",
+            models.Why(
+                models.Reason.QONTO_DOWNLOAD_FAILED,
+                f"Qonto download failed, retried next run ({exc})",
+            ),
         )
         return
     kind = filetype.detect(download.head)
@@ -357,7 +351,9 @@ async def _download_and_upload(
             run,
             document,
             models.DocumentState.SKIPPED,
-            f"{models.SKIP_UNSUPPORTED}: {kind.name}",
+            models.Why(
+                models.Reason.UNSUPPORTED_TYPE, f"{models.SKIP_UNSUPPORTED}: {kind.name}", kind.name
+            ),
         )
         return
     key = (run.connection.cegid_domain, run.connection.cegid_dossier, download.sha256)
@@ -392,31 +388,27 @@ async def _deposit(
     file_name = naming.file_name(document, kind.extension)
     connection = run.connection
 
-    async def claim_content() -> asyncpg.Record | None:
+    async def claim_content() -> store.dossier_contents.Holder | None:
         # a second run finds this document holding the content already: the same answer
-        with db.translate("start upload"):
-            holder = await ctx.pool.fetchrow(
-                queries.get("claim_dossier_content"),
-                connection.cegid_domain,
-                connection.cegid_dossier,
-                download.sha256,
-                document.id,
-                download.size,
-                kind.content_type,
-                file_name,
+        holder = await store.dossier_contents.claim(
+            ctx.pool,
+            connection.cegid_domain,
+            connection.cegid_dossier,
+            download.sha256,
+            document.id,
+            download.size,
+            kind.content_type,
+            file_name,
+        )
+        if holder is None:  # taken by a concurrent transaction, committed by now
+            holder = await store.dossier_contents.holder(
+                ctx.pool, connection.cegid_domain, connection.cegid_dossier, download.sha256
             )
-            if holder is None:  # taken by a concurrent transaction, committed by now
-                holder = await ctx.pool.fetchrow(
-                    queries.get("dossier_content_holder"),
-                    connection.cegid_domain,
-                    connection.cegid_dossier,
-                    download.sha256,
-                )
         return holder
 
     holder = await ctx.guard.run("start upload", claim_content)
-    if holder is None or holder["id"] != document.id:
-        if holder is not None and holder["state"] in (
+    if holder is None or holder.id != document.id:
+        if holder is not None and holder.state in (
             models.DocumentState.UPLOADED,
             models.DocumentState.IN_DOUBT,
         ):
@@ -425,16 +417,22 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.SKIPPED,
-                f"{models.SKIP_DUPLICATE}: document {holder['id']} has the same content",
+                models.Why(
+                    models.Reason.DUPLICATE_CONTENT,
+                    f"{models.SKIP_DUPLICATE}: document {holder.id} has the same content",
+                ),
             )
         else:  # the other copy is being sent now: whether it lands decides, next run
-            other = f"document {holder['id']}" if holder is not None else "another document"
+            other = f"document {holder.id}" if holder is not None else "another document"
             await _finish(
                 ctx,
                 run,
                 document,
                 models.DocumentState.PENDING,
-                f"waiting: {other} with the same content is being sent, retried next run",
+                models.Why(
+                    models.Reason.COPY_BEING_SENT,
+                    f"waiting: {other} with the same content is being sent, retried next run",
+                ),
             )
         return
     upload_id: int | None = None
@@ -446,11 +444,10 @@ async def _deposit(
         # database took its answer away (nothing was sent under it)
         nonlocal starts
         starts += 1
-        with db.translate("record attempt"):
-            value = await ctx.pool.fetchval(queries.get("start_upload"), document.id, ctx.worker)
-        return int(value) if value is not None else None
+        return await store.uploads.start(ctx.pool, document.id, ctx.worker)
 
-    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+    tries = POLICY.tries()
+    while True:
         if run.refused:  # refused for another document meanwhile
             await _wait_for_access(ctx, run, document, upload_id)
             return
@@ -483,33 +480,40 @@ async def _deposit(
                 stored = exc
         ctx.answers[document.id] = _answer(stored)
         if isinstance(stored, errors.CegidUnavailable):  # includes CegidRateLimited
-            if attempt == UPLOAD_ATTEMPTS:
+            delay = tries.again(stored.retry_after)
+            if delay is None:
                 await _finish(
                     ctx,
                     run,
                     document,
                     models.DocumentState.PENDING,
-                    f"Cegid Loop unavailable, retried next run ({stored})",
+                    models.Why(
+                        models.Reason.CEGID_UNAVAILABLE,
+                        f"Cegid Loop unavailable, retried next run ({stored})",
+                    ),
                     upload_id=upload_id,
                     outcome="retry",
                     release_content=True,
                 )
                 return
-            await transition(ctx, "finish_upload", upload_id, "retry", None, None, str(stored))
+            record_retry = functools.partial(
+                store.uploads.finish, ctx.pool, upload_id, "retry", None, None, str(stored)
+            )
+            await transition(ctx, "finish_upload", record_retry)
             ctx.answers.pop(document.id, None)
-            delay = _backoff(attempt, stored.retry_after)
             logger.info(
                 "upload_retry",
                 document=document.id,
-                attempt=attempt,
+                attempt=tries.attempt - 1,
                 delay_s=round(delay, 2),
                 reason=str(stored),
             )
             await ctx.sleep(delay)
             continue
         if isinstance(stored, errors.CegidAccessRefused):
-            # the prefix lets the daily dossier check clear the flag once access is back
+            # the daily dossier check clears the flag once access is back
             run.refused = f"{CEGID_REASON}{stored}"
+            run.refused_by = models.Refuser.CEGID
             await _wait_for_access(ctx, run, document, upload_id)
             return
         if isinstance(stored, errors.CegidFileRejected):
@@ -518,7 +522,7 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.FAILED,
-                str(stored),
+                models.Why(models.Reason.FILE_REFUSED, str(stored)),
                 upload_id=upload_id,
                 outcome="failed",
                 http_status=stored.status,
@@ -531,7 +535,10 @@ async def _deposit(
                 run,
                 document,
                 models.DocumentState.IN_DOUBT,
-                recovery.IN_DOUBT_REASON.format(detail=stored, id=document.id),
+                models.Why(
+                    models.Reason.IN_DOUBT,
+                    recovery.IN_DOUBT_REASON.format(detail=stored, id=document.id),
+                ),
                 upload_id=upload_id,
                 outcome="in_doubt",
             )

@@ -194,6 +194,16 @@ VARIABLES: Final[tuple[Variable, ...]] = (
     # heartbeat is three beats old, or when it holds work without finishing any for stall_after_s
     Variable("RELAY_HEARTBEAT_INTERVAL", "heartbeat_interval_s", "5", _integer(1, 300)),
     Variable("RELAY_STALL_AFTER", "stall_after_s", "60", _integer(1, 86_400)),
+    # bounds of every `relay serve` worker's HTTP connections (relay.edge.guard) and of the webhook
+    # bodies it holds at once
+    Variable("RELAY_MAX_CONNECTIONS", "max_connections", "1000", _integer(1, 1_000_000)),
+    Variable("RELAY_MAX_HEADER_BYTES", "max_header_bytes", "8192", _integer(1024, 1_048_576)),
+    Variable("RELAY_HEADER_TIMEOUT", "header_timeout_s", "10", _integer(1, 3600)),
+    Variable("RELAY_BODY_TIMEOUT", "body_timeout_s", "10", _integer(1, 3600)),
+    Variable("RELAY_KEEPALIVE_TIMEOUT", "keepalive_timeout_s", "5", _integer(1, 3600)),
+    Variable(
+        "RELAY_BODY_BUFFER_BYTES", "body_buffer_bytes", "33554432", _integer(1_048_576, 2**40)
+    ),
     # what the accountant types in Loop Hub when declaring the partner (the setup pages show it)
     Variable("RELAY_LOOP_APPLICATION_NAME", "loop_application_name", "Qonto", _text(100)),
 )
@@ -238,6 +248,12 @@ class Settings:
     outage_limit_s: int = _default("outage_limit_s")
     heartbeat_interval_s: int = _default("heartbeat_interval_s")
     stall_after_s: int = _default("stall_after_s")
+    max_connections: int = _default("max_connections")
+    max_header_bytes: int = _default("max_header_bytes")
+    header_timeout_s: int = _default("header_timeout_s")
+    body_timeout_s: int = _default("body_timeout_s")
+    keepalive_timeout_s: int = _default("keepalive_timeout_s")
+    body_buffer_bytes: int = _default("body_buffer_bytes")
     loop_application_name: str = _default("loop_application_name")
     loop_provider_email_local_part: str | None = None
 

@@ -41,11 +41,48 @@ class ConnectionState(enum.StrEnum):
     DISCONNECTED = "disconnected"
 
 
-# Reasons a document is skipped: stable strings, shown to operators and counted in reports.
+class Refuser(enum.StrEnum):
+    """Who refused a connection's access: what decides which check may clear its flag."""
+
+    QONTO = "qonto"
+    CEGID = "cegid"
+
+
+class Reason(enum.StrEnum):
+    """Why a document is in its state (what reports group by); the prose beside it is for display."""
+
+    DELETED = "deleted"
+    UNSUPPORTED_TYPE = "unsupported_type"  # detail: the file kind
+    TOO_LARGE = "too_large"
+    DUPLICATE_CONTENT = "duplicate_content"
+    FILE_REFUSED = "file_refused"
+    QONTO_DOWNLOAD_FAILED = "qonto_download_failed"
+    CEGID_UNAVAILABLE = "cegid_unavailable"
+    ACCESS_REFUSED = "access_refused"  # detail: the Refuser
+    COPY_BEING_SENT = "copy_being_sent"
+    IN_DOUBT = "in_doubt"
+    FLUSH_STOPPED = "flush_stopped"
+    FLUSH_ERROR = "flush_error"
+    RESEND_REQUESTED = "resend_requested"
+    CONFIRMED_BY_OPERATOR = "confirmed_by_operator"
+    OTHER = "other"  # prose from before reasons were codes that matched none of them
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Why:
+    """A document's reason: its code, the value qualifying it, and the sentence shown."""
+
+    code: Reason
+    text: str
+    detail: str | None = None
+
+
+# How skipped documents' reasons begin: stable strings, shown to operators.
 SKIP_DELETED = "deleted before sync"
 SKIP_UNSUPPORTED = "unsupported type"
 SKIP_DUPLICATE = "duplicate content"
 SKIP_TOO_LARGE = "too large"
+DELETED = Why(Reason.DELETED, SKIP_DELETED)
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 
@@ -75,10 +112,13 @@ class Connection:
     first_upload_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    refused_by: frozenset[Refuser] = frozenset()
 
     @classmethod
     def from_record(cls, record: Row) -> Self:
-        return cls(**_fields(cls, record))
+        values = _fields(cls, record)
+        values["refused_by"] = frozenset(Refuser(r) for r in values.get("refused_by") or ())
+        return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +130,7 @@ class Connection:
             "cegid_domain": self.cegid_domain,
             "state": self.state,
             "state_reason": self.state_reason,
+            "refused_by": sorted(self.refused_by),
             "scan_since": _iso(self.scan_since),
             "transactions_scanned_to": _iso(self.transactions_scanned_to),
             "supplier_invoices_scanned_to": _iso(self.supplier_invoices_scanned_to),
@@ -135,6 +176,8 @@ class Document:
     uploaded_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
+    reason_code: str | None = None
+    reason_detail: str | None = None
 
     @classmethod
     def from_record(cls, record: Row) -> Self:
@@ -157,6 +200,7 @@ class Document:
             "sha256": self.sha256,
             "state": self.state,
             "reason": self.reason,
+            "reason_code": self.reason_code,
             "content_type": self.content_type,
             "size_bytes": self.size_bytes,
             "attempts": self.attempts,
@@ -173,3 +217,100 @@ class Document:
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SealedValues:
+    """A row's sealed secrets, in its table's column order (what a key rotation re-seals)."""
+
+    id: Any  # a connection's or an invitation's uuid, a webhook secret's number
+    values: tuple[bytes | None, ...]
+
+    @classmethod
+    def from_record(cls, record: Row) -> Self:
+        values = list(record.values())
+        return cls(values[0], tuple(None if v is None else bytes(v) for v in values[1:]))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Invitation:
+    """An invitation and the setup's progress (its secrets stay sealed, out of ``repr``).
+
+    The progress is the Qonto consent (tokens sealed), then the Loop key and secret (sealed), the
+    code dossier and domain, and a refusal met at Create, shown on the step it belongs to.
+    """
+
+    id: uuid.UUID
+    client_name: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    used_at: dt.datetime | None
+    connection_id: uuid.UUID | None
+    qonto_organization_id: str | None
+    qonto_organization_name: str | None
+    qonto_role: str | None
+    qonto_plan: str | None
+    qonto_connected_at: dt.datetime | None
+    cegid_dossier: str | None
+    cegid_domain: str | None
+    problem_step: str | None
+    problem: str | None
+    qonto_tokens: bytes | None = dataclasses.field(default=None, repr=False)
+    cegid_credentials: bytes | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def from_record(cls, record: Row) -> Self:
+        values = {f.name: record[f.name] for f in dataclasses.fields(cls)}
+        for name in ("qonto_tokens", "cegid_credentials"):
+            if values[name] is not None:
+                values[name] = bytes(values[name])
+        return cls(**values)
+
+    def usable(self, now: dt.datetime) -> bool:
+        return self.used_at is None and self.expires_at > now
+
+    @property
+    def state(self) -> str:
+        if self.used_at is not None:
+            return "used"
+        if self.expires_at <= dt.datetime.now(dt.UTC):
+            return "expired"
+        return "open"
+
+    @property
+    def qonto_done(self) -> bool:
+        return self.qonto_tokens is not None and self.qonto_organization_id is not None
+
+    @property
+    def key_done(self) -> bool:
+        return self.cegid_credentials is not None
+
+    @property
+    def dossier_done(self) -> bool:
+        return bool(self.cegid_dossier and self.cegid_domain)
+
+    def next_step(self) -> str:
+        """Name the first step still to do, in the order qonto, key, dossier, hub (and Create)."""
+        if not self.qonto_done:
+            return "qonto"
+        if not self.key_done:
+            return "key"
+        if not self.dossier_done:
+            return "dossier"
+        return "hub"
+
+    def problem_on(self, step: str) -> str | None:
+        return self.problem if self.problem_step == step else None
+
+    def to_json(self) -> dict[str, Any]:
+        """Show what an operator sees of an invitation (never its token or a secret)."""
+        return {
+            "id": str(self.id),
+            "client_name": self.client_name,
+            "state": self.state,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "used_at": self.used_at.isoformat() if self.used_at else None,
+            "connection_id": str(self.connection_id) if self.connection_id else None,
+            "next_step": None if self.used_at else self.next_step(),
+        }

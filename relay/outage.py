@@ -1,33 +1,14 @@
-"""How a long-running role lives through PostgreSQL or RabbitMQ going away: capped, jittered backoff
-between attempts, and a limit (``RELAY_OUTAGE_LIMIT``) past which it gives up and exits 1, so that
-its supervisor restarts it instead of leaving it alive and idle."""
+"""How long a long-running role waits for PostgreSQL or RabbitMQ (``RELAY_OUTAGE_LIMIT``) before it
+exits 1, so that its supervisor restarts it instead of leaving it alive and idle; the delays between
+its attempts are :data:`relay.retry.OUTAGE`'s."""
 
 from __future__ import annotations
 
-import random
 import time
 
 from relay import errors, log
 
 logger = log.get(__name__)
-
-
-class Backoff:
-    """Delays between attempts: doubling from ``first_s`` up to ``cap_s``, each drawn between half
-    and all of it (jitter: replicas that lost the same service do not come back in step)."""
-
-    def __init__(self, first_s: float = 0.25, cap_s: float = 4.0) -> None:
-        self._first_s = first_s
-        self._cap_s = cap_s
-        self._attempt = 0
-
-    def next(self) -> float:
-        ceiling = min(self._cap_s, self._first_s * 2**self._attempt)
-        self._attempt = min(self._attempt + 1, 32)
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 class Outage:

@@ -38,25 +38,26 @@ UPDATE connections SET qonto_credentials = $2, updated_at = now() WHERE id = $1;
 
 -- name: set_connection_state
 -- params: $1 connection_id, $2 state, $3 state_reason
-UPDATE connections SET state = $2, state_reason = $3, updated_at = now()
+UPDATE connections SET state = $2, state_reason = $3, refused_by = '{}', updated_at = now()
 WHERE id = $1
 RETURNING *;
 
 -- name: flag_connection
--- params: $1 connection_id, $2 state (active or needs_attention), $3 state_reason
+-- params: $1 connection_id, $2 state (active or needs_attention), $3 state_reason,
+--         $4 refused_by (text[]: qonto, cegid; empty when active)
 -- What the relay decides by itself (a refusal seen, a check passed) never overrides an operator's
 -- disconnect or a revocation: only an active or flagged connection changes.
-UPDATE connections SET state = $2, state_reason = $3, updated_at = now()
+UPDATE connections SET state = $2, state_reason = $3, refused_by = $4::text[], updated_at = now()
 WHERE id = $1 AND state IN ('active', 'needs_attention')
 RETURNING *;
 
 -- name: clear_cegid_flag
--- params: $1 connection_id, $2 the prefix of the reasons a Cegid refusal gives ("Cegid: ")
+-- params: $1 connection_id
 -- A dossier read passed: the flag a Cegid refusal raised is cleared, and only such a flag (never
--- a Qonto refusal's, a disconnect or a revocation, even one made since the flag was read).
-UPDATE connections SET state = 'active', state_reason = NULL, dossier_checked_at = now(),
-       updated_at = now()
-WHERE id = $1 AND state = 'needs_attention' AND starts_with(state_reason, $2)
+-- one Qonto refused too, a disconnect or a revocation, even one made since the flag was read).
+UPDATE connections SET state = 'active', state_reason = NULL, refused_by = '{}',
+       dossier_checked_at = now(), updated_at = now()
+WHERE id = $1 AND state = 'needs_attention' AND refused_by = ARRAY['cegid']::text[]
 RETURNING *;
 
 -- name: set_dossier_checked
@@ -125,6 +126,10 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $
 ON CONFLICT (connection_id, event_id) DO NOTHING
 RETURNING connection_id, event_id;
 
+-- name: count_events
+-- params: (none)
+SELECT count(*) FROM events;
+
 -- name: set_event_outcomes
 -- params: $1 connection ids, $2 event ids, $3 outcomes
 UPDATE events ev SET outcome = x.o
@@ -149,29 +154,30 @@ RETURNING connection_id, source, resource_id;
 -- name: insert_documents
 -- params: $1 connection ids, $2 sources, $3 resource ids, $4 attachment ids, $5 directions,
 --         $6 document dates, $7 counterparties, $8 amounts, $9 currencies, $10 Qonto file names,
---         $11 the "deleted before sync" reason
 -- One pending document per connection and attachment; one skipped as deleted comes back if listed again.
 INSERT INTO documents (connection_id, source, qonto_resource_id, qonto_attachment_id, direction,
                        document_date, counterparty, amount, currency, qonto_file_name)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::date[],
                      $7::text[], $8::text[], $9::text[], $10::text[])
 ON CONFLICT (connection_id, qonto_attachment_id) DO UPDATE
-    SET state = 'pending', reason = NULL, updated_at = now()
-    WHERE documents.state = 'skipped' AND documents.reason = $11
+    SET state = 'pending', reason = NULL, reason_code = NULL, reason_detail = NULL, updated_at = now()
+    WHERE documents.state = 'skipped' AND documents.reason_code = 'deleted'
 RETURNING id;
 
 -- name: insert_named_documents
 -- params: $1 connection ids, $2 sources, $3 resource ids, $4 attachment ids, $5 directions,
 --         $6 document dates, $7 counterparties, $8 amounts, $9 currencies, $10 Qonto file names,
---         $11 the "deleted before sync" reason
+--         $11 the "deleted before sync" reason (shown), $12 its code
 -- Files only older snapshots named (the newest one won, in the batch or before it): each is listed
 -- once, pending unless the newest snapshot of its resource lists its files and leaves it out
 -- (skipped, deleted before sync). A document that exists keeps its state. Returns their states.
 INSERT INTO documents (connection_id, source, qonto_resource_id, qonto_attachment_id, direction,
-                       document_date, counterparty, amount, currency, qonto_file_name, state, reason)
+                       document_date, counterparty, amount, currency, qonto_file_name, state, reason,
+                       reason_code)
 SELECT x.c, x.s, x.r, x.a, x.d, x.dd, x.cp, x.am, x.cu, x.fn,
        CASE WHEN g.gone THEN 'skipped' ELSE 'pending' END,
-       CASE WHEN g.gone THEN $11 END
+       CASE WHEN g.gone THEN $11 END,
+       CASE WHEN g.gone THEN $12 END
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::date[], $7::text[],
             $8::text[], $9::text[], $10::text[]) AS x(c, s, r, a, d, dd, cp, am, cu, fn)
 LEFT JOIN resources res ON res.connection_id = x.c AND res.source = x.s AND res.resource_id = x.r
@@ -181,10 +187,12 @@ RETURNING state;
 
 -- name: skip_removed_attachments
 -- params: $1 connection ids, $2 sources, $3 resource ids (the applied complete snapshots),
---         $4 connection ids, $5 attachment ids (what they still list), $6 the reason
+--         $4 connection ids, $5 attachment ids (what they still list), $6 the reason (shown),
+--         $7 its code
 -- Written as joins (index on connection, source, resource) and an anti-join: a NOT IN over the
 -- kept list degrades to a per-row scan under a generic prepared plan.
-UPDATE documents d SET state = 'skipped', reason = $6, updated_at = now()
+UPDATE documents d SET state = 'skipped', reason = $6, reason_code = $7, reason_detail = NULL,
+       updated_at = now()
 FROM (
     SELECT x.id
     FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(connection_id, source, resource_id)
@@ -199,7 +207,7 @@ WHERE d.id = gone.id
 
 -- name: revoke_connection
 -- params: $1 connection_id, $2 reason
-UPDATE connections SET state = 'revoked', state_reason = $2, updated_at = now()
+UPDATE connections SET state = 'revoked', state_reason = $2, refused_by = '{}', updated_at = now()
 WHERE id = $1 AND state <> 'revoked';
 
 -- ============================================================================ scan
@@ -238,8 +246,10 @@ WHERE connection_id = $1 AND state = 'uploading' AND claimed_by = $2 AND NOT (id
 ORDER BY id LIMIT $4;
 
 -- name: finish_document
--- params: $1 document id, $2 state, $3 reason, $4 the worker holding it
-UPDATE documents SET state = $2, reason = $3, claimed_by = NULL, updated_at = now()
+-- params: $1 document id, $2 state, $3 reason (shown), $4 the worker holding it, $5 reason code,
+--         $6 what qualifies the code (a file kind, a refuser)
+UPDATE documents SET state = $2, reason = $3, reason_code = $5, reason_detail = $6, claimed_by = NULL,
+       updated_at = now()
 WHERE id = $1 AND state = 'uploading' AND claimed_by = $4;
 
 -- name: claim_dossier_content
@@ -309,8 +319,8 @@ WITH attempt AS (
 )
 -- A document a recovery settled as in doubt meanwhile (this worker was taken for dead) is
 -- uploaded all the same: Loop's 2xx to this very attempt says so.
-UPDATE documents SET state = 'uploaded', reason = NULL, cegid_document_id = $2, uploaded_at = now(),
-       claimed_by = NULL, updated_at = now()
+UPDATE documents SET state = 'uploaded', reason = NULL, reason_code = NULL, reason_detail = NULL,
+       cegid_document_id = $2, uploaded_at = now(), claimed_by = NULL, updated_at = now()
 WHERE id = $1 AND ((state = 'uploading' AND claimed_by = $3) OR state = 'in_doubt');
 
 -- name: set_first_upload
@@ -354,8 +364,8 @@ FROM uploads WHERE document_id = ANY($1::bigint[]) AND outcome = 'sending'
 ORDER BY document_id, id DESC;
 
 -- name: resolve_document
--- params: $1 document id, $2 new state, $3 reason
-UPDATE documents SET state = $2, reason = $3, updated_at = now(),
+-- params: $1 document id, $2 new state, $3 reason (shown), $4 its code
+UPDATE documents SET state = $2, reason = $3, reason_code = $4, reason_detail = NULL, updated_at = now(),
        uploaded_at = CASE WHEN $2 = 'uploaded' THEN now() ELSE uploaded_at END
 WHERE id = $1 AND state = 'in_doubt'
 RETURNING *;
@@ -397,9 +407,9 @@ SELECT max(started_at) FROM runs WHERE id < $1;
 -- name: skipped_since
 -- params: $1 connection_id, $2 since
 -- Skipped documents since the previous run, whether the flush or the consumer skipped them.
-SELECT reason, count(*) AS n FROM documents
+SELECT reason_code, reason_detail, count(*) AS n FROM documents
 WHERE connection_id = $1 AND state = 'skipped' AND updated_at >= $2
-GROUP BY reason;
+GROUP BY reason_code, reason_detail;
 
 -- name: finish_run
 -- params: $1 run id, $2 report (jsonb)
@@ -408,10 +418,12 @@ UPDATE runs SET finished_at = now(), report = $2 WHERE id = $1;
 -- ============================================================================ reconnection, start-up checks
 
 -- name: reconnect_connection
--- params: $1 connection_id, $2 state (the check's outcome: active or needs_attention), $3 state_reason
+-- params: $1 connection_id, $2 state (the check's outcome: active or needs_attention), $3 state_reason,
+--         $4 refused_by (text[])
 -- `connections reconnect` after its check: the state from the outcome, and the clock of the advice
 -- about the client's folder in Loop restarts. A revocation made meanwhile is never undone.
-UPDATE connections SET state = $2, state_reason = $3, connected_at = now(), updated_at = now()
+UPDATE connections SET state = $2, state_reason = $3, refused_by = $4::text[], connected_at = now(),
+       updated_at = now()
 WHERE id = $1 AND state <> 'revoked'
 RETURNING *;
 
@@ -626,3 +638,135 @@ ORDER BY id LIMIT $2 FOR UPDATE;
 -- name: rotation_update_invitation
 -- params: $1 id, $2 qonto_tokens (sealed or NULL), $3 cegid_credentials (sealed or NULL)
 UPDATE invitations SET qonto_tokens = $2, cegid_credentials = $3 WHERE id = $1;
+
+-- ============================================================================ flush requests
+
+-- name: insert_flush_request
+-- params: $1 connection_id (or NULL: every connection), $2 since (or NULL), $3 requested_by
+INSERT INTO flush_requests (connection_id, since, requested_by) VALUES ($1, $2, $3)
+RETURNING *;
+
+-- name: get_flush_request
+-- params: $1 id
+SELECT * FROM flush_requests WHERE id = $1;
+
+-- name: next_flush_request
+-- params: (none)
+-- Taken under the scheduler's lock: an open request already started belongs to a scheduler that
+-- died during its run (the lock went with it), and is run again.
+SELECT * FROM flush_requests WHERE finished_at IS NULL ORDER BY id LIMIT 1;
+
+-- name: any_open_flush_request
+-- params: (none)
+SELECT EXISTS (SELECT 1 FROM flush_requests WHERE finished_at IS NULL);
+
+-- name: start_flush_requests
+-- params: $1 request id, $2 run id
+-- The request, and every open request asking for the same thing, are served by this run.
+UPDATE flush_requests r SET started_at = now(), run_id = $2
+FROM flush_requests first
+WHERE first.id = $1 AND r.finished_at IS NULL
+  AND (r.id = first.id OR (r.connection_id IS NOT DISTINCT FROM first.connection_id
+                           AND r.since IS NOT DISTINCT FROM first.since))
+RETURNING r.id;
+
+-- name: finish_flush_requests
+-- params: $1 run id, $2 outcome (finished, failed), $3 error (or NULL)
+UPDATE flush_requests SET finished_at = now(), outcome = $2, error = $3
+WHERE run_id = $1 AND finished_at IS NULL;
+
+-- name: list_open_flush_requests
+-- params: (none)
+SELECT * FROM flush_requests WHERE finished_at IS NULL ORDER BY id;
+
+-- ============================================================================ audit
+
+-- name: insert_audit
+-- params: $1 who, $2 action, $3 target_kind, $4 target, $5 outcome, $6 detail
+INSERT INTO audit_log (who, action, target_kind, target, outcome, detail)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING *;
+
+-- name: audit_for_target
+-- params: $1 target_kind, $2 target (or NULL: every target of that kind), $3 limit
+SELECT * FROM audit_log
+WHERE target_kind = $1 AND ($2::text IS NULL OR target = $2)
+ORDER BY id DESC LIMIT $3;
+
+-- ============================================================================ console (reads)
+
+-- name: console_connections
+-- params: (none)
+-- Every connection with its last deposit and its first deposit since the (re)connection (the
+-- folder advice); each read by index, never by walking the documents.
+SELECT c.*,
+       (SELECT max(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded') AS last_deposit_at,
+       (SELECT min(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded' AND d.uploaded_at >= c.connected_at)
+       AS first_deposit_at
+FROM connections c ORDER BY c.client_name, c.id;
+
+-- name: console_connection
+-- params: $1 connection_id
+SELECT c.*,
+       (SELECT max(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded') AS last_deposit_at,
+       (SELECT min(d.uploaded_at) FROM documents d
+        WHERE d.connection_id = c.id AND d.state = 'uploaded' AND d.uploaded_at >= c.connected_at)
+       AS first_deposit_at
+FROM connections c WHERE c.id = $1;
+
+-- name: console_documents_page
+-- params: $1 connection_id, $2 state (or NULL), $3 source (or NULL), $4 file name pattern for ILIKE (or NULL), $5 below this id (or NULL), $6 limit
+-- One page of a connection's documents, newest first, by keyset; with the last attempt's answer.
+SELECT d.*, u.http_status AS last_http_status, u.cegid_answer AS last_cegid_answer,
+       u.error AS last_error
+FROM (
+    SELECT * FROM documents
+    WHERE connection_id = $1
+      AND ($2::text IS NULL OR state = $2)
+      AND ($3::text IS NULL OR source = $3)
+      AND ($4::text IS NULL OR coalesce(file_name, qonto_file_name, '') ILIKE $4)
+      AND ($5::bigint IS NULL OR id < $5)
+    ORDER BY id DESC LIMIT $6
+) d
+LEFT JOIN LATERAL (
+    SELECT http_status, cegid_answer, error FROM uploads
+    WHERE document_id = d.id ORDER BY id DESC LIMIT 1
+) u ON true
+ORDER BY d.id DESC;
+
+-- name: retry_document
+-- params: $1 document id, $2 reason
+-- A failed document goes back to pending (an operator fixed the cause); NULL when it is not failed.
+UPDATE documents SET state = 'pending', reason = $2, claimed_by = NULL, updated_at = now()
+WHERE id = $1 AND state = 'failed'
+RETURNING *;
+
+-- name: console_runs
+-- params: $1 below this run id (or NULL), $2 limit
+-- Runs newest first, with their totals (not their whole reports) and the request that asked for one.
+SELECT r.id, r.kind, r.scheduled_for, r.started_at, r.finished_at,
+       r.report -> 'totals' AS totals, (r.report ->> 'exit_code')::int AS exit_code,
+       jsonb_array_length(coalesce(r.report -> 'connections', '[]'::jsonb)) AS connection_count,
+       (SELECT min(f.requested_by) FROM flush_requests f WHERE f.run_id = r.id) AS requested_by
+FROM runs r
+WHERE ($1::bigint IS NULL OR r.id < $1)
+ORDER BY r.id DESC LIMIT $2;
+
+-- name: console_run
+-- params: $1 run id
+SELECT r.*, (SELECT min(f.requested_by) FROM flush_requests f WHERE f.run_id = r.id) AS requested_by
+FROM runs r WHERE r.id = $1;
+
+-- name: last_scheduled_run
+-- params: (none)
+SELECT * FROM runs WHERE kind = 'scheduled' ORDER BY scheduled_for DESC NULLS LAST, id DESC LIMIT 1;
+
+-- name: revoke_invitation
+-- params: $1 invitation id
+-- The console's Revoke: an open invitation expires now (its link stops working); NULL otherwise.
+UPDATE invitations SET expires_at = now(), updated_at = now()
+WHERE id = $1 AND used_at IS NULL AND expires_at > now()
+RETURNING client_name;

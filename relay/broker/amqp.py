@@ -38,6 +38,7 @@ HEADER_ATTEMPTS: Final = "x-relay-attempts"
 HEADER_REASON: Final = "x-relay-reason"
 HEADER_DLQ_ID: Final = "x-relay-dlq-id"
 HEADER_FAILED_AT: Final = "x-relay-failed-at"
+HEADER_FIRST_FAILED_AT: Final = "x-relay-first-failed-at"  # kept through the retries
 # Classic queues have no delivery limit on any RabbitMQ version, whereas a quorum queue gets a
 # default limit of 20 from 4.0 on, and ``relay dlq`` browses by get and requeue, so every listing
 # would count. (``x-delivery-limit: -1`` is no way out: 4.x reads it as "no limit", but 3.10

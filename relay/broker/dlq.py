@@ -20,6 +20,7 @@ from relay.broker import amqp
 RELAY_HEADERS = (
     amqp.HEADER_REASON,
     amqp.HEADER_FAILED_AT,
+    amqp.HEADER_FIRST_FAILED_AT,
     amqp.HEADER_DLQ_ID,
     amqp.HEADER_ATTEMPTS,
 )
@@ -43,6 +44,7 @@ class DeadLetter:
     reason: str
     failed_at: str | None
     body: bytes
+    first_failed_at: str | None = None  # the first failure of an event retried before
 
     def to_json(self, *, with_body: bool = False) -> dict[str, Any]:
         value: dict[str, Any] = {
@@ -52,6 +54,7 @@ class DeadLetter:
             "topic": self.topic,
             "reason": self.reason,
             "failed_at": self.failed_at,
+            "first_failed_at": self.first_failed_at or self.failed_at,
         }
         if with_body:
             value["body"] = self.body.decode("utf-8", "replace")
@@ -88,6 +91,7 @@ def describe(message: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
         reason=reason,
         failed_at=_text(headers.get(amqp.HEADER_FAILED_AT)),
         body=message.body,
+        first_failed_at=_text(headers.get(amqp.HEADER_FIRST_FAILED_AT)),
     )
 
 

@@ -47,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = console.settings()
     log.configure(settings.log_level)
+    asyncio.run(console.check_secret_key(settings))
     serve.run(settings)  # raises when the start failed (exit 1, or 2 for configuration)
     return console.EXIT_OK
 
@@ -56,6 +57,7 @@ async def cmd_consume(args: argparse.Namespace) -> int:
 
     settings = console.settings()
     log.configure(settings.log_level)
+    await console.check_secret_key(settings)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
     progress = consume.Progress()
@@ -69,6 +71,7 @@ async def cmd_scheduler(args: argparse.Namespace) -> int:
 
     settings = console.settings(require_cegid_key=True)
     log.configure(settings.log_level)
+    await console.check_secret_key(settings)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
     work = heartbeat.Work()
@@ -109,20 +112,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     settings = console.settings(require_cegid_key=True)
     log.configure(settings.log_level)
+    await console.check_secret_key(settings)
     stop = asyncio.Event()
     console.stop_on_signals(stop)
-    server = Server(
-        uvicorn.Config(
-            app.create_app(settings, command="run"),
-            host=settings.host,
-            port=settings.port,
-            access_log=False,
-            log_level="warning",
-            log_config=None,  # uvicorn's records go through relay.log's handler (JSON when no TTY)
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
-    )
+    from relay.edge import serve
+
+    uv_options = {**serve.options(settings), "timeout_graceful_shutdown": 10}
+    server = Server(uvicorn.Config(app.create_app(settings, command="run"), **uv_options))
     progress, work = consume.Progress(), heartbeat.Work()
 
     async def consuming() -> None:

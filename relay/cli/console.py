@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config
+from relay import config, crypto, errors, store
 from relay.store import db
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -50,6 +50,28 @@ def settings(
         require_admin_token=require_admin_token,
         require_cegid_subscription_key=require_cegid_key,
     )
+
+
+async def check_secret_key(settings: config.Settings) -> None:
+    """Raise ConfigurationError (exit 2, one line) when RELAY_SECRET_KEY does not open the stored
+    webhook secrets: a role started with the wrong key says so before it starts any work.
+
+    A database that cannot be reached or is not migrated is left to the role's own start, which
+    says what is wrong with it.
+    """
+    try:
+        conn = await db.connect(settings)
+    except errors.RelayError:
+        return
+    try:
+        sealed = await store.webhook_secrets.intake_all(conn)
+    except errors.RelayError:
+        return
+    finally:
+        await conn.close()
+    box = crypto.Box(settings.secret_key.reveal())
+    for row in sealed:
+        box.open(row.secret)  # ConfigurationError naming RELAY_SECRET_KEY
 
 
 @contextlib.asynccontextmanager

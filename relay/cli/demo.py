@@ -24,7 +24,7 @@ import orjson
 import uvicorn
 
 from consumers import consume, flusher
-from relay import config, crypto, log, models
+from relay import config, crypto, log, models, store
 from relay.broker import amqp
 from relay.cli import console
 from relay.domain import connections, credentials, documents, inputs, invitations, report
@@ -179,7 +179,7 @@ async def _deliver(client: httpx.AsyncClient, url: str, events: list[dict[str, A
 async def _wait_for_events(pool: Any, expected: int, within_s: float = 30) -> int:
     deadline = time.monotonic() + within_s
     while True:
-        count = int(await pool.fetchval("SELECT count(*) FROM events"))
+        count = await store.events.count(pool)
         if count >= expected or time.monotonic() > deadline:
             return count
         await asyncio.sleep(0.05)
@@ -261,8 +261,8 @@ async def _run(
         and not duplicates
         and len(stored) == len(eligible)
         and all(d.state in ("uploaded", "skipped") for d in docs)
-        and any(d.reason == models.SKIP_DELETED for d in docs)
-        and any((d.reason or "").startswith(models.SKIP_UNSUPPORTED) for d in docs)
+        and any(d.reason_code == models.Reason.DELETED for d in docs)
+        and any(d.reason_code == models.Reason.UNSUPPORTED_TYPE for d in docs)
         and any(d.source == "supplier_invoice" and d.state == "uploaded" for d in docs)
     )
     if json_output:

@@ -54,13 +54,19 @@ def _date(value: str) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(0, 0), tzinfo=dt.UTC)
 
 
+BIGINT_MAX = 2**63 - 1  # PostgreSQL's bigint: ids and limits beyond it are usage errors
+
+
 def _positive(value: str) -> int:
+    """A whole number from 1 to 2**63-1 (what PostgreSQL's bigint holds)."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError("expected a number of at least 1")
+    if number > BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"expected a number of at most {BIGINT_MAX}")
     return number
 
 
@@ -122,21 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--client-name", required=True, help='shown in Loop as "NAME x Qonto"')
     add.add_argument("--qonto-organization-id", required=True)
-    add.add_argument("--qonto-api-key", metavar="LOGIN:SECRET", help="Qonto API key authentication")
-    add.add_argument("--qonto-refresh-token", metavar="TOKEN", help="Qonto OAuth refresh token")
+    stdin_or_env = (
+        "; '-' reads it from standard input (one flag only), and {flag}-env VAR from the "
+        "environment variable VAR, out of `ps` and shell history"
+    )
+    add.add_argument(
+        "--qonto-api-key",
+        metavar="LOGIN:SECRET",
+        help="Qonto API key authentication" + stdin_or_env.format(flag="--qonto-api-key"),
+    )
+    add.add_argument("--qonto-api-key-env", metavar="VAR", help=argparse.SUPPRESS)
+    add.add_argument(
+        "--qonto-refresh-token",
+        metavar="TOKEN",
+        help="Qonto OAuth refresh token" + stdin_or_env.format(flag="--qonto-refresh-token"),
+    )
+    add.add_argument("--qonto-refresh-token-env", metavar="VAR", help=argparse.SUPPRESS)
     add.add_argument(
         "--webhook-secret",
         action="append",
         metavar="SECRET",
-        help="a webhook subscription's secret (repeatable)",
+        help="a webhook subscription's secret (repeatable; '-' reads one per line from standard "
+        "input, --webhook-secret-env VAR (repeatable) from the environment)",
     )
+    add.add_argument("--webhook-secret-env", action="append", metavar="VAR", help=argparse.SUPPRESS)
     add.add_argument(
         "--subscribe",
         action="store_true",
         help="register the webhook subscriptions in Qonto and store their secrets",
     )
     add.add_argument("--cegid-api-key", required=True)
-    add.add_argument("--cegid-api-secret", required=True)
+    add.add_argument(
+        "--cegid-api-secret",
+        metavar="SECRET",
+        help="the firm's Loop API secret (this or --cegid-api-secret-env is required)"
+        + stdin_or_env.format(flag="--cegid-api-secret"),
+    )
+    add.add_argument("--cegid-api-secret-env", metavar="VAR", help=argparse.SUPPRESS)
     add.add_argument(
         "--cegid-dossier", required=True, metavar="CODE", help="the client's code dossier"
     )
@@ -193,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     decision = resolve.add_mutually_exclusive_group(required=True)
     decision.add_argument("--uploaded", action="store_true", help="it is in Loop: mark uploaded")
     decision.add_argument("--resend", action="store_true", help="it is not in Loop: send it again")
+    retry = command(
+        "retry",
+        "send a failed document again at the next flush (after its cause was fixed)",
+        management.cmd_documents_retry,
+        json=True,
+        parent=docs_sub,
+    )
+    retry.add_argument("id", type=_positive)
 
     dlq = command("dlq", "the dead-letter queue", lambda a: None)
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Awaitable, Callable
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -18,18 +20,76 @@ from relay.cli import console
 from relay.domain import connections, credentials, documents, inputs
 
 
+class _Secrets:
+    """The secret flags of `connections add`: a value, ``-`` (standard input, read once) or
+    ``--<flag>-env VAR`` (an environment variable); errors name the flag or the variable, never a
+    value."""
+
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+        self._args = args
+        self._environ = environ
+        dashes = [
+            name
+            for name in ("qonto_api_key", "qonto_refresh_token", "cegid_api_secret")
+            if getattr(args, name) == "-"
+        ] + (["webhook_secret"] if "-" in (args.webhook_secret or ()) else [])
+        if len(dashes) > 1:
+            raise console.UsageError(
+                "only one flag may read standard input ('-'): "
+                + ", ".join(inputs.flag_name(n) for n in dashes)
+            )
+        self._stdin = sys.stdin.read() if dashes else ""
+
+    def _env(self, variable: str, flag: str) -> str:
+        value = self._environ.get(variable, "").strip()
+        if not value:
+            raise console.UsageError(f"{flag}-env: the environment variable {variable} is empty")
+        return value
+
+    def one(self, name: str) -> str | None:
+        flag = inputs.flag_name(name)
+        given, variable = getattr(self._args, name), getattr(self._args, f"{name}_env")
+        if given is not None and variable is not None:
+            raise console.UsageError(f"give {flag} or {flag}-env, not both")
+        if variable is not None:
+            return self._env(variable, flag)
+        if given == "-":
+            value = self._stdin.strip()
+            if not value:
+                raise console.UsageError(f"{flag} -: nothing on standard input")
+            return value
+        return str(given) if given is not None else None
+
+    def webhook_secrets(self) -> tuple[str, ...]:
+        found: list[str] = []
+        for given in self._args.webhook_secret or ():
+            if given == "-":
+                found.extend(line.strip() for line in self._stdin.splitlines() if line.strip())
+            else:
+                found.append(given)
+        for variable in self._args.webhook_secret_env or ():
+            found.append(self._env(variable, "--webhook-secret"))
+        return tuple(found)
+
+
 async def cmd_connections_add(args: argparse.Namespace) -> int:
+    secrets = _Secrets(args, os.environ)
+    cegid_secret = secrets.one("cegid_api_secret")
+    if cegid_secret is None:
+        raise console.UsageError("--cegid-api-secret (or --cegid-api-secret-env VAR) is required")
     new = inputs.NewConnection(
         client_name=args.client_name,
         qonto_organization_id=args.qonto_organization_id,
-        qonto=inputs.qonto_credentials(args.qonto_api_key, args.qonto_refresh_token),
+        qonto=inputs.qonto_credentials(
+            secrets.one("qonto_api_key"), secrets.one("qonto_refresh_token")
+        ),
         cegid=credentials.CegidCredentials(
             api_key=config.Secret(args.cegid_api_key),
-            api_secret=config.Secret(args.cegid_api_secret),
+            api_secret=config.Secret(cegid_secret),
         ),
         cegid_dossier=args.cegid_dossier,
         cegid_domain=args.cegid_domain,
-        webhook_secrets=tuple(args.webhook_secret or ()),
+        webhook_secrets=secrets.webhook_secrets(),
         subscribe=args.subscribe,
         since=args.since,
     )
@@ -186,6 +246,19 @@ async def cmd_documents_resolve(args: argparse.Namespace) -> int:
     settings = console.settings()
     async with console.pool(settings) as pool:
         document = await resolve.resolve(pool, args.id, uploaded=args.uploaded)
+    if args.json:
+        console.emit_json(document.to_json())
+    else:
+        print(f"document {document.id}: {document.state} ({document.reason})")
+    return console.EXIT_OK
+
+
+async def cmd_documents_retry(args: argparse.Namespace) -> int:
+    from relay.domain import resolve
+
+    settings = console.settings()
+    async with console.pool(settings) as pool:
+        document = await resolve.retry(pool, args.id)
     if args.json:
         console.emit_json(document.to_json())
     else:

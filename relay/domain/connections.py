@@ -10,14 +10,14 @@ import dataclasses
 import datetime as dt
 import secrets as pysecrets
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Final
 
 import asyncpg
 
-from relay import config, crypto, errors, log, models
+from relay import config, crypto, errors, log, models, store
 from relay.domain import credentials, eligibility, folders, inputs
-from relay.store import db, queries
+from relay.store import db
 from relay.upstreams import cegid, qonto
 
 logger = log.get(__name__)
@@ -137,35 +137,30 @@ async def _insert(
     within: Within | None = None,
 ) -> models.Connection:
     kind = "oauth" if isinstance(qonto_creds, credentials.QontoOAuth) else "api_key"
-    with db.translate("add connection"):
-        async with pool.acquire() as conn, conn.transaction():
-            record = await conn.fetchrow(
-                queries.get("insert_connection"),
-                connection_id,
-                new.client_name,
-                new.qonto_organization_id,
-                kind,
-                credentials.seal_qonto(box, qonto_creds),
-                credentials.seal_cegid(box, new.cegid),
-                crypto.fingerprint(new.cegid.api_key.reveal()),
-                new.cegid_dossier,
-                new.cegid_domain,
-                new.since or now,
-                now,
+    async with db.transaction(pool, "add connection") as conn:
+        connection = await store.connections.insert(
+            conn,
+            store.connections.NewConnection(
+                id=connection_id,
+                client_name=new.client_name,
+                qonto_organization_id=new.qonto_organization_id,
+                qonto_auth_kind=kind,
+                qonto_credentials=credentials.seal_qonto(box, qonto_creds),
+                cegid_credentials=credentials.seal_cegid(box, new.cegid),
+                cegid_key_fingerprint=crypto.fingerprint(new.cegid.api_key.reveal()),
+                cegid_dossier=new.cegid_dossier,
+                cegid_domain=new.cegid_domain,
+                scan_since=new.since or now,
+                dossier_checked_at=now,
+            ),
+        )
+        for secret, subscription_id, topics in subscriptions:
+            await store.webhook_secrets.insert(
+                conn, connection_id, box.seal(secret), subscription_id, topics
             )
-            for secret, subscription_id, topics in subscriptions:
-                await conn.execute(
-                    queries.get("insert_webhook_secret"),
-                    connection_id,
-                    box.seal(secret),
-                    subscription_id,
-                    topics,
-                )
-            if within is not None:
-                await within(conn, connection_id)
-    if record is None:
-        raise errors.DatabaseUnavailable("the new connection was not stored")
-    return models.Connection.from_record(record)
+        if within is not None:
+            await within(conn, connection_id)
+    return connection
 
 
 async def _undo_subscriptions(
@@ -198,17 +193,14 @@ async def _undo_subscriptions(
 
 
 async def list_all(pool: asyncpg.Pool) -> list[models.Connection]:
-    with db.translate("list connections"):
-        records = await pool.fetch(queries.get("list_connections"))
-    return [models.Connection.from_record(r) for r in records]
+    return await store.connections.list_all(pool)
 
 
 async def get(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection:
-    with db.translate("get connection"):
-        record = await pool.fetchrow(queries.get("get_connection"), connection_id)
-    if record is None:
+    connection = await store.connections.get(pool, connection_id)
+    if connection is None:
         raise errors.NotFound(f"no connection {connection_id}")
-    return models.Connection.from_record(record)
+    return connection
 
 
 async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, Any]:
@@ -217,32 +209,31 @@ async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, An
     This is what ``relay connections show`` prints.
     """
     connection = await get(pool, connection_id)
-    with db.translate("describe connection"):
-        secrets_rows = await pool.fetch(queries.get("list_webhook_secrets"), connection_id)
-        counts = await pool.fetch(queries.get("count_documents_by_state"), connection_id)
-        facts = await pool.fetchrow(queries.get("folder_facts"), connection_id)
+    subscriptions = await store.webhook_secrets.subscriptions(pool, connection_id)
+    counts = await store.documents.count_by_state(pool, connection_id)
+    facts = await store.connections.folder_facts(pool, connection_id)
     now = dt.datetime.now(dt.UTC)
-    by_state = {r["state"]: r["n"] for r in counts}
+    by_state = {c.state: c.n for c in counts}
     waiting = sum(by_state.get(s, 0) for s in ("pending", "uploading", "in_doubt"))
-    connected_at = facts["connected_at"] if facts is not None else connection.created_at
+    connected_at = facts.connected_at if facts is not None else connection.created_at
     warning = folders.folder_warning(
         connection,
         now,
         waiting_documents=waiting,
         connected_at=connected_at,
-        first_deposit_at=facts["first_deposit_at"] if facts is not None else None,
+        first_deposit_at=facts.first_deposit_at if facts is not None else None,
     )
     return {
         **connection.to_json(),
         "connected_at": connected_at.isoformat(),
         "webhook_subscriptions": [
             {
-                "qonto_subscription_id": r["qonto_subscription_id"],
-                "topics": list(r["topics"]),
-                "created_at": r["created_at"].isoformat(),
-                "revoked_at": r["revoked_at"].isoformat() if r["revoked_at"] else None,
+                "qonto_subscription_id": s.qonto_subscription_id,
+                "topics": list(s.topics),
+                "created_at": s.created_at.isoformat(),
+                "revoked_at": s.revoked_at.isoformat() if s.revoked_at else None,
             }
-            for r in secrets_rows
+            for s in subscriptions
         ],
         "documents": by_state,
         "warnings": [warning] if warning else [],
@@ -251,8 +242,8 @@ async def describe(pool: asyncpg.Pool, connection_id: uuid.UUID) -> dict[str, An
 
 async def _verify(
     settings: config.Settings, pool: asyncpg.Pool, connection: models.Connection
-) -> tuple[list[str], list[str]]:
-    """Check both sides now and return (problems, notices).
+) -> tuple[list[str], list[str], set[models.Refuser]]:
+    """Check both sides now and return (problems, notices, who refused).
 
     Raise when a side cannot be checked at all (unavailable, misconfigured): then nothing is
     known, and nothing may change.
@@ -260,6 +251,7 @@ async def _verify(
     box = crypto.Box(settings.secret_key.reveal())
     qonto_creds, cegid_creds = await credentials.load(pool, box, connection.id)
     problems: list[str] = []
+    refused_by: set[models.Refuser] = set()
     notices: list[str] = []
 
     async def store_rotated(creds: credentials.QontoCredentials) -> None:
@@ -274,21 +266,22 @@ async def _verify(
             notices += [n for n in (eligibility.plan_notice(eligible.plan),) if n]
         except (errors.QontoAuthRejected, errors.Refused) as exc:
             problems.append(f"Qonto: {exc}")
+            refused_by.add(models.Refuser.QONTO)
         try:
             await cegid.CegidClient(settings, cegid_http).check_dossier(
                 cegid_creds, connection.cegid_dossier
             )
         except errors.CegidAccessRefused as exc:
             problems.append(f"Cegid: {exc}")
-    return problems, notices
+            refused_by.add(models.Refuser.CEGID)
+    return problems, notices, refused_by
 
 
 async def _checked(
     pool: asyncpg.Pool, connection_id: uuid.UUID, problems: list[str], notices: list[str]
 ) -> dict[str, Any]:
     if not problems:
-        with db.translate("dossier checked"):
-            await pool.execute(queries.get("set_dossier_checked"), connection_id)
+        await store.connections.set_dossier_checked(pool, connection_id)
     result = await describe(pool, connection_id)
     result["problems"] = problems
     result["warnings"] = [*notices, *result["warnings"]]
@@ -303,27 +296,28 @@ async def check(
     A disconnected or revoked connection keeps its state.
     """
     connection = await get(pool, connection_id)
-    problems, notices = await _verify(settings, pool, connection)
+    problems, notices, refused_by = await _verify(settings, pool, connection)
     state = models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
-    await flag(pool, connection_id, state, "; ".join(problems) or None)
+    await flag(pool, connection_id, state, "; ".join(problems) or None, refused_by)
     return await _checked(pool, connection_id, problems, notices)
 
 
 async def set_state(
     pool: asyncpg.Pool, connection_id: uuid.UUID, state: models.ConnectionState, reason: str | None
 ) -> models.Connection:
-    with db.translate("set connection state"):
-        record = await pool.fetchrow(
-            queries.get("set_connection_state"), connection_id, state, reason
-        )
-    if record is None:
+    connection = await store.connections.set_state(pool, connection_id, state, reason)
+    if connection is None:
         raise errors.NotFound(f"no connection {connection_id}")
     logger.info("connection_state_changed", connection=str(connection_id), state=str(state))
-    return models.Connection.from_record(record)
+    return connection
 
 
 async def flag(
-    pool: asyncpg.Pool, connection_id: uuid.UUID, state: models.ConnectionState, reason: str | None
+    pool: asyncpg.Pool,
+    connection_id: uuid.UUID,
+    state: models.ConnectionState,
+    reason: str | None,
+    refused_by: Collection[models.Refuser] = (),
 ) -> bool:
     """Set a state the relay decides by itself; True when applied.
 
@@ -331,9 +325,7 @@ async def flag(
     active or flagged connection, never over a disconnect or a revocation an operator or Qonto made
     meanwhile.
     """
-    with db.translate("flag connection"):
-        record = await pool.fetchrow(queries.get("flag_connection"), connection_id, state, reason)
-    if record is None:
+    if await store.connections.flag(pool, connection_id, state, reason, refused_by) is None:
         logger.info("connection_flag_ignored", connection=str(connection_id), state=str(state))
         return False
     logger.info("connection_state_changed", connection=str(connection_id), state=str(state))
@@ -341,19 +333,18 @@ async def flag(
 
 
 async def clear_cegid_flag(
-    pool: asyncpg.Pool, connection_id: uuid.UUID, prefix: str
+    pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> models.Connection | None:
     """Clear the flag a Cegid refusal raised, and no other one, after a dossier read passed.
 
-    The flag's reason starts with ``prefix``. Returns the connection as it is now, or None when it
-    had no such flag.
+    Only a flag Cegid alone raised (``refused_by``) is cleared. Returns the connection as it is now,
+    or None when it had no such flag.
     """
-    with db.translate("clear flag"):
-        record = await pool.fetchrow(queries.get("clear_cegid_flag"), connection_id, prefix)
-    if record is None:
+    cleared = await store.connections.clear_cegid_flag(pool, connection_id)
+    if cleared is None:
         return None
     logger.info("connection_state_changed", connection=str(connection_id), state="active")
-    return models.Connection.from_record(record)
+    return cleared
 
 
 async def disconnect(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection:
@@ -374,13 +365,14 @@ async def reconnect(
     connection = await get(pool, connection_id)
     if connection.state == models.ConnectionState.REVOKED:
         raise _revoked()
-    problems, notices = await _verify(settings, pool, connection)
+    problems, notices, refused_by = await _verify(settings, pool, connection)
     state = models.ConnectionState.NEEDS_ATTENTION if problems else models.ConnectionState.ACTIVE
-    with db.translate("reconnect connection"):
-        record = await pool.fetchrow(
-            queries.get("reconnect_connection"), connection_id, state, "; ".join(problems) or None
+    if (
+        await store.connections.reconnect(
+            pool, connection_id, state, "; ".join(problems) or None, refused_by
         )
-    if record is None:
+        is None
+    ):
         raise _revoked()
     logger.info("connection_reconnected", connection=str(connection_id), state=str(state))
     return await _checked(pool, connection_id, problems, notices)

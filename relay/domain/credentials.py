@@ -10,8 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config, crypto, errors, models
-from relay.store import db, queries
+from relay import config, crypto, errors, store
 
 Secret = config.Secret
 
@@ -96,16 +95,9 @@ async def load(
     pool: asyncpg.Pool, box: crypto.Box, connection_id: uuid.UUID
 ) -> tuple[QontoCredentials, CegidCredentials]:
     """Open one connection's sealed credentials (raises NotFound for an unknown id)."""
-    with db.translate("load credentials"):
-        record = await pool.fetchrow(queries.get("get_sealed_credentials"), connection_id)
-    if record is None:
+    sealed = await store.connections.sealed_credentials(pool, connection_id)
+    if sealed is None:
         raise errors.NotFound(f"no connection {connection_id}")
-    sealed = models.SealedCredentials(
-        connection_id=record["connection_id"],
-        qonto_auth_kind=record["qonto_auth_kind"],
-        qonto_credentials=bytes(record["qonto_credentials"]),
-        cegid_credentials=bytes(record["cegid_credentials"]),
-    )
     return (
         open_qonto(box, sealed.qonto_auth_kind, sealed.qonto_credentials),
         open_cegid(box, sealed.cegid_credentials),
@@ -116,7 +108,4 @@ async def store_qonto(
     pool: asyncpg.Pool, box: crypto.Box, connection_id: uuid.UUID, creds: QontoCredentials
 ) -> None:
     """Persist rotated OAuth tokens (the old refresh token stays valid only 60 s)."""
-    with db.translate("store credentials"):
-        await pool.execute(
-            queries.get("update_qonto_credentials"), connection_id, seal_qonto(box, creds)
-        )
+    await store.connections.set_qonto_credentials(pool, connection_id, seal_qonto(box, creds))

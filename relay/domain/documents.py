@@ -6,8 +6,7 @@ import uuid
 
 import asyncpg
 
-from relay import errors, models
-from relay.store import db, queries
+from relay import errors, models, store
 
 
 async def list_documents(
@@ -22,14 +21,11 @@ async def list_documents(
         raise errors.Refused(
             f"unknown state {state!r}: expected one of {', '.join(models.DocumentState)}"
         )
-    with db.translate("list documents"):
-        records = await pool.fetch(queries.get("list_documents"), connection_id, state, limit)
-    return [models.Document.from_record(r) for r in records]
+    return await store.documents.select(pool, connection_id, state, limit)
 
 
 async def get(pool: asyncpg.Pool, document_id: int) -> models.Document:
-    with db.translate("get document"):
-        record = await pool.fetchrow(queries.get("get_document"), document_id)
-    if record is None:
+    document = await store.documents.get(pool, document_id)
+    if document is None:
         raise errors.NotFound(f"no document {document_id}")
-    return models.Document.from_record(record)
+    return document

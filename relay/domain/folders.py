@@ -27,11 +27,6 @@ FOLDER_CHECK: Final = (
 )
 
 
-def _refused_by(reason: str | None, side: str) -> bool:
-    """Whether a connection's reason holds a refusal by ``side`` ("Qonto" or "Cegid")."""
-    return any(part.strip().startswith(side) for part in (reason or "").split(";"))
-
-
 def folder_warning(
     connection: models.Connection,
     now: dt.datetime,
@@ -55,14 +50,14 @@ def folder_warning(
         return None
     flagged = connection.state == models.ConnectionState.NEEDS_ATTENTION
     advice = {"id": connection.id, "dossier": connection.cegid_dossier}
-    if flagged and _refused_by(connection.state_reason, "Cegid"):
+    if flagged and models.Refuser.CEGID in connection.refused_by:
         return FOLDER_ADVICE.format(**advice)
     if first_deposit_at is not None:
         since_deposit = now - first_deposit_at
         if FOLDER_DEADLINE <= since_deposit < FOLDER_CHECK_UNTIL:
             return FOLDER_CHECK.format(**advice)
         return None
-    if flagged and _refused_by(connection.state_reason, "Qonto"):
+    if flagged and models.Refuser.QONTO in connection.refused_by:
         return None  # the documents wait for Qonto's credentials, not for Loop
     if waiting_documents > 0:
         return FOLDER_ADVICE.format(**advice)

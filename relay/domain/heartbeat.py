@@ -22,8 +22,8 @@ from typing import Any, Final, Literal, Protocol
 
 import asyncpg
 
-from relay import config, errors, log
-from relay.store import db, queries
+from relay import config, errors, log, store
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -187,9 +187,9 @@ class Heartbeat:
     async def beat(self, *, stop_reason: str | None = None, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a beat is bounded by the interval, not by its caller
         """Write one beat; return False when it could not be written (logged once per outage)."""
         row = self.row(stop_reason)
-        params = tuple(row[name] for name in _PARAMS)
+        beat = store.heartbeats.Beat(**{name: row[name] for name in _PARAMS})
         try:
-            await asyncio.wait_for(self._write(params), timeout=timeout or self.interval_s)
+            await asyncio.wait_for(self._write(beat), timeout=timeout or self.interval_s)
         except asyncio.CancelledError:
             self._drop_connection()  # cancelled mid-statement: the connection cannot be reused
             raise
@@ -210,15 +210,14 @@ class Heartbeat:
         self.beats += 1
         return True
 
-    async def _write(self, params: tuple[Any, ...]) -> None:
+    async def _write(self, beat: store.heartbeats.Beat) -> None:
         if self._conn is None or self._conn.is_closed():
             self._conn = await db.connect(self._settings)
-        with db.translate("heartbeat"):
-            await self._conn.execute(queries.get("heartbeat"), *params)
-            now = time.monotonic()
-            if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY_S:
-                await self._conn.execute(queries.get("prune_heartbeats"), float(KEEP_S))
-                self._pruned_at = now
+        await store.heartbeats.beat(self._conn, beat)
+        now = time.monotonic()
+        if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY_S:
+            await store.heartbeats.prune(self._conn, float(KEEP_S))
+            self._pruned_at = now
 
     def _drop_connection(self) -> None:
         if self._conn is not None:

@@ -28,8 +28,8 @@ from typing import Final
 
 import orjson
 
-from relay import events, models
-from relay.store import db, queries
+from relay import events, models, store
+from relay.store import db
 
 APPLIED: Final = "applied"
 STALE: Final = "stale"
@@ -60,92 +60,62 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
     if not newest:
         return Applied(frozenset(), frozenset(), 0, 0)
     keys = list(newest)
-    with db.translate("apply snapshots"):
-        records = await conn.fetch(
-            queries.get("upsert_resources"),
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2] for k in keys],
-            [newest[k].updated_at for k in keys],
-            [_listed(newest[k]) for k in keys],
+    applied = await store.resources.upsert(
+        conn,
+        [store.resources.Newest(k, newest[k].updated_at, _listed(newest[k])) for k in keys],
+    )
+    unique: dict[tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]] = {}
+    for key in keys:
+        if key in applied:
+            for spec in newest[key].documents:
+                unique.setdefault((key[0], spec.attachment_id), (key, spec))
+    created = 0
+    if unique:
+        created = await store.documents.insert_pending(
+            conn, [_new(k, s) for k, s in unique.values()]
         )
-        applied = {(r["connection_id"], r["source"], r["resource_id"]) for r in records}
-        unique: dict[
-            tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]
-        ] = {}
-        for key in keys:
-            if key in applied:
-                for spec in newest[key].documents:
-                    unique.setdefault((key[0], spec.attachment_id), (key, spec))
-        rows = list(unique.values())
-        created = 0
-        if rows:
-            created = len(
-                await conn.fetch(
-                    queries.get("insert_documents"),
-                    [k[0] for k, _ in rows],
-                    [k[1] for k, _ in rows],
-                    [k[2] for k, _ in rows],
-                    [s.attachment_id for _, s in rows],
-                    [str(s.direction) for _, s in rows],
-                    [s.document_date for _, s in rows],
-                    [s.counterparty for _, s in rows],
-                    [s.amount for _, s in rows],
-                    [s.currency for _, s in rows],
-                    [s.file_name for _, s in rows],
-                    models.SKIP_DELETED,
-                )
-            )
-        complete = [k for k in keys if k in applied and newest[k].complete]
-        skipped = 0
-        if complete:
-            kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
-            status = await conn.execute(
-                queries.get("skip_removed_attachments"),
-                [k[0] for k in complete],
-                [k[1] for k in complete],
-                [k[2] for k in complete],
-                [c for c, _ in kept],
-                [a for _, a in kept],
-                models.SKIP_DELETED,
-            )
-            skipped = int(status.split()[-1])
-        # the files only older snapshots named, listed against the newest one now recorded
-        others: dict[
-            tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]
-        ] = {}
-        for key in keys:
-            for snapshot in told[key]:
-                if key in applied and snapshot is newest[key]:
-                    continue  # its files are the pending ones above
-                for spec in snapshot.documents:
-                    if (key[0], spec.attachment_id) not in unique:
-                        others.setdefault((key[0], spec.attachment_id), (key, spec))
-        if others:
-            named = list(others.values())
-            states = await conn.fetch(
-                queries.get("insert_named_documents"),
-                [k[0] for k, _ in named],
-                [k[1] for k, _ in named],
-                [k[2] for k, _ in named],
-                [s.attachment_id for _, s in named],
-                [str(s.direction) for _, s in named],
-                [s.document_date for _, s in named],
-                [s.counterparty for _, s in named],
-                [s.amount for _, s in named],
-                [s.currency for _, s in named],
-                [s.file_name for _, s in named],
-                models.SKIP_DELETED,
-            )
-            listed_skipped = sum(1 for r in states if r["state"] == models.DocumentState.SKIPPED)
-            created += len(states) - listed_skipped
-            skipped += listed_skipped
+    complete = [k for k in keys if k in applied and newest[k].complete]
+    skipped = 0
+    if complete:
+        kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
+        skipped = await store.documents.skip_removed(conn, complete, kept, models.DELETED)
+    # the files only older snapshots named, listed against the newest one now recorded
+    others: dict[tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]] = {}
+    for key in keys:
+        for snapshot in told[key]:
+            if key in applied and snapshot is newest[key]:
+                continue  # its files are the pending ones above
+            for spec in snapshot.documents:
+                if (key[0], spec.attachment_id) not in unique:
+                    others.setdefault((key[0], spec.attachment_id), (key, spec))
+    if others:
+        states = await store.documents.insert_named(
+            conn, [_new(k, s) for k, s in others.values()], models.DELETED
+        )
+        listed_skipped = sum(1 for state in states if state == models.DocumentState.SKIPPED)
+        created += len(states) - listed_skipped
+        skipped += listed_skipped
     return Applied(
         applied=frozenset(applied),
         stale=frozenset(set(keys) - applied),
         created=created,
         skipped=skipped,
         outcome=APPLIED if applied else STALE,
+    )
+
+
+def _new(key: tuple[uuid.UUID, str, str], spec: events.DocumentSpec) -> store.documents.NewDocument:
+    return store.documents.NewDocument(
+        connection_id=key[0],
+        source=key[1],
+        resource_id=key[2],
+        attachment_id=spec.attachment_id,
+        direction=str(spec.direction),
+        document_date=spec.document_date,
+        counterparty=spec.counterparty,
+        amount=spec.amount,
+        currency=spec.currency,
+        file_name=spec.file_name,
     )
 
 

@@ -15,9 +15,9 @@ from typing import Any, Final
 
 import asyncpg
 
-from relay import config, crypto, errors, log
+from relay import config, crypto, errors, log, models, store
 from relay.domain import credentials
-from relay.store import db, queries
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -44,88 +44,7 @@ class Created:
         }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Invitation:
-    """An invitation and the setup's progress (its secrets stay sealed, out of ``repr``).
-
-    The progress is the Qonto consent (tokens sealed), then the Loop key and secret (sealed), the
-    code dossier and domain, and a refusal met at Create, shown on the step it belongs to.
-    """
-
-    id: uuid.UUID
-    client_name: str
-    created_at: dt.datetime
-    expires_at: dt.datetime
-    used_at: dt.datetime | None
-    connection_id: uuid.UUID | None
-    qonto_organization_id: str | None
-    qonto_organization_name: str | None
-    qonto_role: str | None
-    qonto_plan: str | None
-    qonto_connected_at: dt.datetime | None
-    cegid_dossier: str | None
-    cegid_domain: str | None
-    problem_step: str | None
-    problem: str | None
-    qonto_tokens: bytes | None = dataclasses.field(default=None, repr=False)
-    cegid_credentials: bytes | None = dataclasses.field(default=None, repr=False)
-
-    @classmethod
-    def from_record(cls, record: Any) -> Invitation:
-        values = {f.name: record[f.name] for f in dataclasses.fields(cls)}
-        for name in ("qonto_tokens", "cegid_credentials"):
-            if values[name] is not None:
-                values[name] = bytes(values[name])
-        return cls(**values)
-
-    def usable(self, now: dt.datetime) -> bool:
-        return self.used_at is None and self.expires_at > now
-
-    @property
-    def state(self) -> str:
-        if self.used_at is not None:
-            return "used"
-        if self.expires_at <= dt.datetime.now(dt.UTC):
-            return "expired"
-        return "open"
-
-    @property
-    def qonto_done(self) -> bool:
-        return self.qonto_tokens is not None and self.qonto_organization_id is not None
-
-    @property
-    def key_done(self) -> bool:
-        return self.cegid_credentials is not None
-
-    @property
-    def dossier_done(self) -> bool:
-        return bool(self.cegid_dossier and self.cegid_domain)
-
-    def next_step(self) -> str:
-        """Name the first step still to do, in the order qonto, key, dossier, hub (and Create)."""
-        if not self.qonto_done:
-            return "qonto"
-        if not self.key_done:
-            return "key"
-        if not self.dossier_done:
-            return "dossier"
-        return "hub"
-
-    def problem_on(self, step: str) -> str | None:
-        return self.problem if self.problem_step == step else None
-
-    def to_json(self) -> dict[str, Any]:
-        """Show what an operator sees of an invitation (never its token or a secret)."""
-        return {
-            "id": str(self.id),
-            "client_name": self.client_name,
-            "state": self.state,
-            "created_at": self.created_at.isoformat(),
-            "expires_at": self.expires_at.isoformat(),
-            "used_at": self.used_at.isoformat() if self.used_at else None,
-            "connection_id": str(self.connection_id) if self.connection_id else None,
-            "next_step": None if self.used_at else self.next_step(),
-        }
+Invitation = models.Invitation
 
 
 def new_token() -> str:
@@ -151,37 +70,24 @@ async def create(settings: config.Settings, pool: asyncpg.Pool, client_name: str
     token = new_token()
     invitation_id = uuid.uuid4()
     expires_at = dt.datetime.now(dt.UTC) + LIFETIME
-    with db.translate("create invitation"):
-        await pool.execute(
-            queries.get("insert_invitation"),
-            invitation_id,
-            crypto.token_digest(token),
-            name,
-            expires_at,
-        )
+    await store.invitations.insert(
+        pool, invitation_id, crypto.token_digest(token), name, expires_at
+    )
     logger.info("invitation_created", invitation=str(invitation_id))
     return Created(invitation_id, name, setup_url(settings, token), expires_at)
 
 
 async def find(pool: asyncpg.Pool, token: str) -> Invitation | None:
     """Find the invitation of a setup token, whatever its state (None when no such token)."""
-    with db.translate("find invitation"):
-        record = await pool.fetchrow(
-            queries.get("get_invitation_by_token"), crypto.token_digest(token)
-        )
-    return None if record is None else Invitation.from_record(record)
+    return await store.invitations.by_token(pool, crypto.token_digest(token))
 
 
 async def get(pool: asyncpg.Pool, invitation_id: uuid.UUID) -> Invitation | None:
-    with db.translate("get invitation"):
-        record = await pool.fetchrow(queries.get("get_invitation"), invitation_id)
-    return None if record is None else Invitation.from_record(record)
+    return await store.invitations.get(pool, invitation_id)
 
 
 async def list_all(pool: asyncpg.Pool) -> list[Invitation]:
-    with db.translate("list invitations"):
-        records = await pool.fetch(queries.get("list_invitations"))
-    return [Invitation.from_record(r) for r in records]
+    return await store.invitations.list_all(pool)
 
 
 async def record_qonto(
@@ -196,33 +102,27 @@ async def record_qonto(
     tokens: credentials.QontoOAuth,
 ) -> bool:
     """Record an eligible member's consent, tokens sealed; False if the invitation is not open."""
-    with db.translate("record Qonto consent"):
-        record = await pool.fetchrow(
-            queries.get("set_invitation_qonto"),
-            invitation_id,
-            organization_id,
-            organization_name,
-            role,
-            plan,
-            credentials.seal_qonto(box, tokens),
-        )
-    return record is not None
+    return await store.invitations.set_qonto(
+        pool,
+        invitation_id,
+        organization_id,
+        organization_name,
+        role,
+        plan,
+        credentials.seal_qonto(box, tokens),
+    )
 
 
 async def store_qonto_tokens(
     pool: asyncpg.Pool, box: crypto.Box, invitation_id: uuid.UUID, tokens: credentials.QontoOAuth
 ) -> None:
-    with db.translate("store rotated Qonto tokens"):
-        await pool.execute(
-            queries.get("set_invitation_qonto_tokens"),
-            invitation_id,
-            credentials.seal_qonto(box, tokens),
-        )
+    await store.invitations.set_qonto_tokens(
+        pool, invitation_id, credentials.seal_qonto(box, tokens)
+    )
 
 
 async def forget_qonto(pool: asyncpg.Pool, invitation_id: uuid.UUID, problem: str) -> None:
-    with db.translate("forget Qonto consent"):
-        await pool.execute(queries.get("forget_invitation_qonto"), invitation_id, problem)
+    await store.invitations.forget_qonto(pool, invitation_id, problem)
 
 
 def qonto_tokens(box: crypto.Box, invitation: Invitation) -> credentials.QontoOAuth | None:
@@ -260,22 +160,19 @@ async def record_key(
             api_key=config.Secret(api_key), api_secret=config.Secret(api_secret)
         ),
     )
-    with db.translate("record Loop key"):
-        await pool.execute(queries.get("set_invitation_cegid_credentials"), invitation.id, sealed)
+    await store.invitations.set_cegid_credentials(pool, invitation.id, sealed)
 
 
 async def record_dossier(
     pool: asyncpg.Pool, invitation_id: uuid.UUID, dossier: str, domain: str
 ) -> None:
-    with db.translate("record Loop dossier"):
-        await pool.execute(queries.get("set_invitation_dossier"), invitation_id, dossier, domain)
+    await store.invitations.set_dossier(pool, invitation_id, dossier, domain)
 
 
 async def set_problem(
     pool: asyncpg.Pool, invitation_id: uuid.UUID, step: str | None, problem: str | None
 ) -> None:
-    with db.translate("record setup problem"):
-        await pool.execute(queries.get("set_invitation_problem"), invitation_id, step, problem)
+    await store.invitations.set_problem(pool, invitation_id, step, problem)
 
 
 class AlreadyUsed(errors.Refused):
@@ -284,6 +181,5 @@ class AlreadyUsed(errors.Refused):
 
 async def use(conn: db.Conn, invitation_id: uuid.UUID, connection_id: uuid.UUID) -> None:
     """Mark the invitation used by this connection, in the connection's own transaction."""
-    used = await conn.fetchval(queries.get("use_invitation"), invitation_id, connection_id)
-    if used is None:
+    if not await store.invitations.use(conn, invitation_id, connection_id):
         raise AlreadyUsed("this setup link was already used or has expired")

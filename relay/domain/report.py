@@ -6,13 +6,44 @@ import collections
 import dataclasses
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Any, Final
+
+from relay import models
+
+Reason = models.Reason
+
+_GROUPS: Final = {
+    Reason.DELETED: models.SKIP_DELETED,
+    Reason.UNSUPPORTED_TYPE: models.SKIP_UNSUPPORTED,
+    Reason.TOO_LARGE: models.SKIP_TOO_LARGE,
+    Reason.DUPLICATE_CONTENT: models.SKIP_DUPLICATE,
+    Reason.FILE_REFUSED: "Cegid refused the file",
+    Reason.QONTO_DOWNLOAD_FAILED: "Qonto download failed, retried next run",
+    Reason.CEGID_UNAVAILABLE: "Cegid Loop unavailable, retried next run",
+    Reason.ACCESS_REFUSED: "waiting: access refused",
+    Reason.COPY_BEING_SENT: "waiting: a copy with the same content is being sent",
+    Reason.IN_DOUBT: "sent to Cegid Loop but no answer came back",
+    Reason.FLUSH_STOPPED: "the previous flush stopped before sending it",
+    Reason.FLUSH_ERROR: "an error stopped the flush before sending it, retried next run",
+    Reason.RESEND_REQUESTED: "resend requested by an operator",
+    Reason.CONFIRMED_BY_OPERATOR: "confirmed in Loop by an operator",
+    Reason.OTHER: "other (recorded before reasons had codes)",
+}
+_REFUSED: Final = {
+    models.Refuser.QONTO: "waiting: Qonto refused the credentials",
+    models.Refuser.CEGID: "waiting: Cegid refused access to the dossier",
+}
 
 
-def reason_key(reason: str | None) -> str:
-    """Group reasons in the report without the per-document details."""
-    text = reason or "unknown"
-    return text.split(" (")[0].split(": document ")[0][:120]
+def group(code: models.Reason | None, detail: str | None = None) -> str:
+    """Names the report's group of a reason code and the value qualifying it."""
+    if code is None:
+        return "unknown"
+    if code is Reason.UNSUPPORTED_TYPE and detail:
+        return f"{models.SKIP_UNSUPPORTED}: {detail}"
+    if code is Reason.ACCESS_REFUSED and detail in set(models.Refuser):
+        return _REFUSED[models.Refuser(detail)]
+    return _GROUPS[code]
 
 
 @dataclasses.dataclass

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import asyncpg
 
-from relay import config, crypto, log
-from relay.store import db, queries
+from relay import config, crypto, log, models, store
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -63,18 +64,16 @@ async def rotate(settings: config.Settings, pool: asyncpg.Pool) -> Rotated:
         box,
         rotated,
         "connections",
-        queries.get("rotation_connections"),
-        queries.get("rotation_update_connection"),
-        2,
+        store.connections.sealed_batch,
+        store.connections.reseal,
     )
     await _walk(
         pool,
         box,
         rotated,
         "webhook_secrets",
-        queries.get("rotation_webhook_secrets"),
-        queries.get("rotation_update_webhook_secret"),
-        1,
+        store.webhook_secrets.sealed_batch,
+        store.webhook_secrets.reseal,
         first=0,
     )
     await _walk(
@@ -82,9 +81,8 @@ async def rotate(settings: config.Settings, pool: asyncpg.Pool) -> Rotated:
         box,
         rotated,
         "invitations",
-        queries.get("rotation_invitations"),
-        queries.get("rotation_update_invitation"),
-        2,
+        store.invitations.sealed_batch,
+        store.invitations.reseal,
     )
     logger.info("secrets_rotated", **rotated.resealed, unchanged=rotated.unchanged)
     return rotated
@@ -95,22 +93,20 @@ async def _walk(
     box: crypto.Box,
     rotated: Rotated,
     kind: str,
-    select: str,
-    update: str,
-    columns: int,
+    select: Callable[[db.Conn, Any, int], Awaitable[list[models.SealedValues]]],
+    update: Callable[..., Awaitable[None]],
     *,
     first: Any = _NIL,
 ) -> None:
     after = first
     while True:
-        with db.translate(f"rotate {kind}"):
-            async with pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(select, after, BATCH)
-                for row in rows:
-                    values = [_reseal(box, row[i + 1], rotated) for i in range(columns)]
-                    if any(changed for _, changed in values):
-                        await conn.execute(update, row[0], *(v for v, _ in values))
-                        rotated.resealed[kind] += 1
+        async with db.transaction(pool, f"rotate {kind}") as conn:
+            rows = await select(conn, after, BATCH)
+            for row in rows:
+                values = [_reseal(box, value, rotated) for value in row.values]
+                if any(changed for _, changed in values):
+                    await update(conn, row.id, *(v for v, _ in values))
+                    rotated.resealed[kind] += 1
         if len(rows) < BATCH:
             return
-        after = rows[-1][0]
+        after = rows[-1].id

@@ -18,11 +18,11 @@ from typing import Any, Final
 import aio_pika.abc
 import asyncpg
 
-from relay import config, errors
+from relay import config, errors, store
 from relay.broker import amqp
 from relay.cli import console
 from relay.domain import stalls
-from relay.store import db, queries
+from relay.store import db
 
 SHOWN_FOR_S: Final = 3600.0  # stopped and gone roles are listed this long after their last beat
 CONFIRM_POLL_S: Final = 0.25
@@ -265,9 +265,8 @@ async def snapshot(
     alive: Callable[[int], bool] = stalls.pid_alive,
 ) -> Report:
     """Take one look at the rows and the queues' depths, judged (PostgreSQL unavailable raises)."""
-    with db.translate("status"):
-        records = await source.fetch(queries.get("list_heartbeats"), SHOWN_FOR_S)
-        checked_at = await source.fetchval(queries.get("database_now"))
+    rows = await store.heartbeats.recent(source, SHOWN_FOR_S)
+    checked_at = await store.server.now(source)
     queues: stalls.Queues | None = None
     error = broker_error
     if broker is not None:
@@ -278,7 +277,7 @@ async def snapshot(
     elif error is None:
         error = "not connected"
     return judge(
-        [stalls.Role.from_record(r) for r in records],
+        rows,
         queues,
         checked_at=checked_at,
         stall_after_s=settings.stall_after_s,

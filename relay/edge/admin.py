@@ -21,27 +21,51 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import config, crypto, errors, log, models
 from relay.domain import connections, credentials, documents, inputs
+from relay.store import flush_requests, runs
 
 logger = log.get(__name__)
 Handler = Callable[[Request], Awaitable[Any]]
+
+
+BIGINT_MAX = 2**63 - 1  # PostgreSQL's bigint: ids and limits beyond it are bad requests
 
 
 class BadRequest(Exception):
     pass
 
 
-def _json(value: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(value), status_code=status, media_type="application/json")
+def _whole_number(text: str, what: str) -> int:
+    """A whole number from 1 to BIGINT_MAX, else BadRequest naming ``what``."""
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text) > 19
+        or not 1 <= int(text) <= BIGINT_MAX
+    ):
+        raise BadRequest(f"{what}: a whole number from 1 to {BIGINT_MAX}")
+    return int(text)
+
+
+def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(value), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _refusal(request: Request) -> str | None:
+    """Why the request may not use the admin API (``None``: it may)."""
+    settings: config.Settings = request.app.state.settings
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if settings.admin_token is None:
+        return "admin API disabled"
+    if scheme.lower() != "bearer" or not token.strip():
+        return "missing token"
+    if not crypto.constant_time_equal(token.strip(), settings.admin_token.reveal()):
+        return "wrong token"
+    return None
 
 
 def _authorized(request: Request) -> bool:
-    settings: config.Settings = request.app.state.settings
-    if settings.admin_token is None:
-        return False
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and crypto.constant_time_equal(
-        token.strip(), settings.admin_token.reveal()
-    )
+    return _refusal(request) is None
 
 
 def _unauthorized() -> Response:
@@ -65,9 +89,21 @@ class Authenticate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admin = scope["type"] == "http" and is_admin_path(scope["path"])
-        if admin and not _authorized(Request(scope)):
-            await _unauthorized()(scope, receive, send)
-            return
+        if admin:
+            request = Request(scope)
+            reason = _refusal(request)
+            if reason is not None:
+                # never the token: the path, the client's address and why
+                logger.warning(
+                    "admin_auth_failed",
+                    path=scope["path"][:200],
+                    method=scope["method"],
+                    client=request.client.host if request.client else None,
+                    reason=reason,
+                )
+                request.app.state.metrics.admin_auth_failed(reason)
+                await _unauthorized()(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -196,11 +232,7 @@ async def list_documents(request: Request) -> Any:
             connection_id = uuid.UUID(params["connection"])
         except ValueError:
             raise BadRequest("connection: not a UUID") from None
-    limit = None
-    if params.get("limit"):
-        if not params["limit"].isdigit() or int(params["limit"]) < 1:
-            raise BadRequest("limit: a whole number of at least 1")
-        limit = int(params["limit"])
+    limit = _whole_number(params["limit"], "limit") if params.get("limit") else None
     state = params.get("state")
     if state is not None and state not in set(models.DocumentState):
         raise BadRequest(
@@ -219,13 +251,20 @@ async def resolve_document(request: Request) -> Any:
     decision = body.get("decision")
     if decision not in ("uploaded", "resend"):
         raise BadRequest('decision: "uploaded" or "resend"')
-    raw_id = request.path_params["document_id"]
-    if not raw_id.isdigit():
-        raise errors.NotFound("no such document")
+    document_id = _whole_number(request.path_params["document_id"], "document id")
     document = await resolve.resolve(
-        request.app.state.pool, int(raw_id), uploaded=decision == "uploaded"
+        request.app.state.pool, document_id, uploaded=decision == "uploaded"
     )
     return document.to_json()
+
+
+async def retry_document(request: Request) -> Any:
+    from relay.domain import resolve
+
+    raw_id = request.path_params["document_id"]
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        raise errors.NotFound("no such document")
+    return (await resolve.retry(request.app.state.pool, int(raw_id))).to_json()
 
 
 async def list_dlq(request: Request) -> Any:
@@ -285,8 +324,8 @@ async def get_status(request: Request) -> Any:
 
 
 async def flush_now(request: Request) -> Any:
-    from consumers import flusher
-
+    """Ask for a scan + flush: recorded for a scheduler to run (never run here); 202 with the
+    request's id and the URL that follows it."""
     body = await _body(request)
     connection_id = None
     if body.get("connection_id"):
@@ -295,10 +334,33 @@ async def flush_now(request: Request) -> Any:
         except ValueError:
             raise BadRequest("connection_id: not a UUID") from None
     state = request.app.state
-    report = await flusher.flush(
-        state.settings, state.pool, connection_id=connection_id, since=_since(body.get("since"))
+    if connection_id is not None:
+        await connections.get(state.pool, connection_id)  # 404 for an unknown connection
+    asked = await flush_requests.insert(
+        state.pool,
+        connection_id=connection_id,
+        since=_since(body.get("since")),
+        requested_by="admin API",
     )
-    return report.to_json()
+    url = flush_request_url(state.settings, asked.id)
+    return _json({**asked.to_json(), "url": url}, 202, headers={"Location": url})
+
+
+def flush_request_url(settings: config.Settings, request_id: int) -> str:
+    return f"{settings.public_url.rstrip('/')}/admin/flush/{request_id}"
+
+
+async def show_flush_request(request: Request) -> Any:
+    """Show a flush request: waiting, running, finished or failed, with its run's report."""
+    raw_id = request.path_params["request_id"]
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        raise errors.NotFound("no such flush request")
+    pool = request.app.state.pool
+    asked = await flush_requests.get(pool, int(raw_id))
+    if asked is None:
+        raise errors.NotFound(f"no flush request {raw_id}")
+    run = await runs.get(pool, asked.run_id) if asked.run_id is not None else None
+    return {**asked.to_json(), "report": run.report if run is not None else None}
 
 
 async def create_invitation(request: Request) -> Any:
@@ -342,11 +404,13 @@ def routes() -> list[BaseRoute]:
         route("/connections/{connection_id}/reconnect", reconnect_connection, ["POST"]),
         route("/documents", list_documents, ["GET"]),
         route("/documents/{document_id}/resolve", resolve_document, ["POST"]),
+        route("/documents/{document_id}/retry", retry_document, ["POST"]),
         route("/dlq", list_dlq, ["GET"]),
         route("/dlq/replay", replay_dlq, ["POST"]),
         route("/dlq/purge", purge_dlq, ["POST"]),
         route("/dlq/{dlq_id}", show_dlq, ["GET"]),
         route("/flush", flush_now, ["POST"]),
+        route("/flush/{request_id}", show_flush_request, ["GET"]),
         route("/status", get_status, ["GET"]),
         route("/invitations", list_invitations, ["GET"]),
         route("/invitations", create_invitation, ["POST"]),

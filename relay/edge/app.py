@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, Router
 
-from relay import config, crypto, errors, log
+from relay import config, crypto, errors, log, store
 from relay.broker import amqp
 from relay.domain import heartbeat, status
-from relay.edge import admin, metrics, webhook
+from relay.edge import admin, guard, metrics, webhook
 from relay.edge.pages import site
-from relay.store import db, queries
+from relay.store import db
 
 logger = log.get(__name__)
 
@@ -52,20 +53,23 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     state = request.app.state
     stats: metrics.Metrics = state.metrics
+    limits: guard.Limits = state.connection_limits
+    stats.set_connections(limits.open, limits.refused)
     with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
-        with db.translate("metrics"):
-            records = await asyncio.wait_for(
-                state.pool.fetch(queries.get("count_documents_by_state"), None), timeout=2
-            )
+        counts = await asyncio.wait_for(store.documents.count_by_state(state.pool, None), timeout=2)
         totals: dict[str, int] = {}
-        for record in records:
-            totals[record["state"]] = totals.get(record["state"], 0) + record["n"]
+        for count in counts:
+            totals[count.state] = totals.get(count.state, 0) + count.n
         stats.set_documents(totals)
     with contextlib.suppress(errors.RelayError, TimeoutError):
         report = await asyncio.wait_for(
             status.check(state.settings, state.pool, state.amqp, confirm=False), timeout=3
         )
         stats.set_status(report)
+    with contextlib.suppress(errors.DatabaseUnavailable, TimeoutError):
+        stats.set_last_scheduled_run(
+            await asyncio.wait_for(store.runs.last_scheduled(state.pool), 2)
+        )
     return Response(stats.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
@@ -73,11 +77,13 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
     """The application; ``command`` is the relay command serving it (its heartbeat says so)."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         app.state.settings = settings
         app.state.box = crypto.Box(settings.secret_key.reveal())
         app.state.metrics = metrics.create()
         app.state.work = heartbeat.Work()
+        app.state.connection_limits = guard.Limits.from_settings(settings)
+        app.state.bodies = webhook.BodyBudget(settings.body_buffer_bytes)
         async with (
             heartbeat.beating(settings, "serve", command=command, work=app.state.work),
             db.pool_for(settings, min_size=1, max_size=4) as pool,
@@ -95,21 +101,26 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
                 app.state.secrets = cache
                 logger.info("serve_started", host=settings.host, port=settings.port)
                 try:
-                    yield
+                    # the lifespan state: uvicorn hands it to each connection's protocol (guard)
+                    yield {guard.STATE_KEY: app.state.connection_limits}
                 finally:
                     await cache.close()
                     await publisher.close()
                     logger.info("serve_stopped")
 
-    return Starlette(
+    application = Starlette(
         routes=[
             Route("/webhooks/qonto/{connection_id}", webhook.receive, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Mount("/admin", routes=admin.routes()),
+            Mount("/admin", app=Router(routes=admin.routes(), redirect_slashes=False)),
             *site.routes(settings),
         ],
         middleware=[Middleware(admin.Authenticate)],  # all of /admin, before routing
         lifespan=lifespan,
     )
+    # A path with a trailing slash is 404, never a redirect: Starlette would build its Location from
+    # the request's Host header, which anyone can set.
+    application.router.redirect_slashes = False
+    return application

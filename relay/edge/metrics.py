@@ -12,6 +12,7 @@ import prometheus_client as prom
 
 from relay import models
 from relay.domain import stalls, status
+from relay.store import runs
 
 CONTENT_TYPE = prom.CONTENT_TYPE_LATEST
 DOCUMENT_STATES = tuple(state.value for state in models.DocumentState)
@@ -31,6 +32,9 @@ class Metrics:
     registry: prom.CollectorRegistry
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
+    admin_auth_failures: prom.Counter
+    connections_open: prom.Gauge
+    connections_cut: prom.Gauge
     documents: prom.Gauge
     heartbeat_age: prom.Gauge
     work_age: prom.Gauge
@@ -39,11 +43,23 @@ class Metrics:
     queue_ready: prom.Gauge
     queue_consumers: prom.Gauge
     oldest_age: prom.Gauge
+    last_run_started: prom.Gauge
+    last_run_finished: prom.Gauge
 
     def webhook(self, outcome: str, seconds: float) -> None:
         """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
+
+    def admin_auth_failed(self, reason: str) -> None:
+        """A request to the admin API refused for its token (missing token, wrong token...)."""
+        self.admin_auth_failures.labels(reason).inc()
+
+    def set_connections(self, open_now: int, cut: dict[str, int]) -> None:
+        """This worker's open HTTP connections, and those it cut off at a bound, by bound."""
+        self.connections_open.set(open_now)
+        for bound, count in cut.items():
+            self.connections_cut.labels(bound).set(count)
 
     def set_documents(self, counts: dict[str, int]) -> None:
         """Documents by state (every state present, zero when none); ``in_doubt`` needs an operator."""
@@ -92,6 +108,13 @@ class Metrics:
             else math.nan
         )
 
+    def set_last_scheduled_run(self, run: runs.Run | None) -> None:
+        """Set when the last scheduled run started and finished (0: none yet, or not finished)."""
+        started = run.started_at.timestamp() if run is not None else 0.0
+        finished = run.finished_at.timestamp() if run is not None and run.finished_at else 0.0
+        self.last_run_started.set(started)
+        self.last_run_finished.set(finished)
+
     def render(self) -> bytes:
         return prom.generate_latest(self.registry)
 
@@ -108,6 +131,24 @@ def create() -> Metrics:
             "relay_webhook_seconds",
             "Time to verify and durably queue a webhook",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        ),
+        admin_auth_failures=prom.Counter(
+            "relay_admin_auth_failures",
+            "Requests to the admin API refused for their bearer token, by reason",
+            ["reason"],
+            registry=registry,
+        ),
+        connections_open=prom.Gauge(
+            "relay_http_connections_open",
+            "HTTP connections this worker holds open",
+            registry=registry,
+        ),
+        connections_cut=prom.Gauge(
+            "relay_http_connections_cut",
+            "HTTP connections this worker cut off since it started, by bound (connections, "
+            "header_bytes, header_timeout, body_timeout)",
+            ["bound"],
             registry=registry,
         ),
         documents=prom.Gauge(
@@ -154,6 +195,16 @@ def create() -> Metrics:
         oldest_age=prom.Gauge(
             "relay_events_oldest_message_age_seconds",
             "Age of the oldest waiting event (0: none waits; NaN: unknown, nobody holds one)",
+            registry=registry,
+        ),
+        last_run_started=prom.Gauge(
+            "relay_last_scheduled_run_started_timestamp_seconds",
+            "When the last scheduled run started (Unix time; 0: none yet)",
+            registry=registry,
+        ),
+        last_run_finished=prom.Gauge(
+            "relay_last_scheduled_run_finished_timestamp_seconds",
+            "When the last scheduled run finished (Unix time; 0: none yet, or not finished)",
             registry=registry,
         ),
     )

@@ -20,9 +20,9 @@ import uvicorn
 import uvicorn.supervisors
 from starlette.applications import Starlette
 
-from relay import config, errors, log
+from relay import config, errors, log, store
 from relay.broker import amqp
-from relay.edge import app
+from relay.edge import app, guard
 from relay.store import db, queries
 
 GRACEFUL_SHUTDOWN_S = 10
@@ -41,12 +41,17 @@ def _factory() -> Starlette:
 
 
 def options(settings: config.Settings) -> dict[str, Any]:
-    """uvicorn's keyword arguments for these settings (the application aside)."""
+    """uvicorn's keyword arguments for these settings (the application aside).
+
+    The HTTP protocol is :class:`relay.edge.guard.Guard` (uvicorn's httptools protocol behind the
+    relay's bounds on connections, head size and the time to send a request).
+    """
     return {
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "http": guard.Guard,
+        "timeout_keep_alive": settings.keepalive_timeout_s,
         "access_log": False,  # the intake logs one line per webhook itself
         "log_level": "warning",
         "log_config": None,  # uvicorn's records go through relay.log's handler (JSON when no TTY)
@@ -62,8 +67,7 @@ async def check_dependencies(settings: config.Settings) -> None:
     except errors.DatabaseUnavailable as exc:
         raise StartFailed(f"cannot start: {exc} (RELAY_DATABASE_URL)") from exc
     try:
-        with db.translate("schema check"):
-            applied = {r["version"] for r in await conn.fetch(queries.get("applied_migrations"))}
+        applied = await store.server.applied_migrations(conn)
     finally:
         await conn.close()
     missing = [version for version, _ in queries.migrations() if version not in applied]

@@ -1,14 +1,14 @@
-"""PostgreSQL: the pool, migrations, and the one boundary where asyncpg errors are translated.
+"""PostgreSQL: the pool, migrations, transactions, and the translation of asyncpg's errors.
 
-``asyncpg.Record`` never leaves this module's callers' ``db.*`` helpers: rows become frozen
-dataclasses (see :mod:`relay.models`).
+The statements themselves live in the table modules beside this one (see :mod:`relay.store`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import contextvars
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +19,9 @@ from relay.store import queries
 
 # A connection, whether from a pool (a proxy) or opened directly.
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+# What a store function runs its statement on: the pool (a connection of its own) or a connection
+# (the caller's transaction, or a session holding advisory locks).
+Executor = asyncpg.Pool | Conn
 
 logger = log.get(__name__)
 
@@ -68,10 +71,17 @@ _INVALID_DATA: tuple[type[BaseException], ...] = (
 )
 
 
+# What the enclosing db.transaction block does: its statements' errors are named after it.
+_BLOCK: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_db_block", default=None)
+
+
 @contextlib.contextmanager
 def translate(what: str = "database") -> Any:
     """Translate asyncpg/socket errors: 'PostgreSQL is not there' into DatabaseUnavailable,
-    'PostgreSQL refuses this data' into errors.InvalidData (permanent: retrying the same data fails again)."""
+    'PostgreSQL refuses this data' into errors.InvalidData (permanent: retrying the same data fails again).
+
+    Inside a :func:`transaction` block, errors are named after the block."""
+    what = _BLOCK.get() or what
     try:
         yield
     except _INVALID_DATA as exc:
@@ -88,6 +98,38 @@ def translate(what: str = "database") -> Any:
         raise errors.DatabaseUnavailable(f"{what}: serialization conflict, retry") from exc
     except asyncpg.DeadlockDetectedError as exc:
         raise errors.DatabaseUnavailable(f"{what}: deadlock detected, retry") from exc
+
+
+async def acquire(pool: asyncpg.Pool, what: str) -> asyncpg.pool.PoolConnectionProxy:
+    """Take a pool connection held beyond one block (a session's advisory lock); errors translated."""
+    with translate(what):
+        return await pool.acquire()
+
+
+async def release(pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy, what: str) -> None:
+    """Give back a connection :func:`acquire` took; errors translated."""
+    with translate(what):
+        await pool.release(conn)
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
+    """Lend a pool connection for several statements; errors in the block are translated."""
+    with translate(what):
+        async with pool.acquire() as conn:
+            yield conn
+
+
+@contextlib.asynccontextmanager
+async def transaction(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
+    """Run the block in one transaction on a pool connection; errors (the commit's too) translated."""
+    with translate(what):
+        async with pool.acquire() as conn, conn.transaction():
+            token = _BLOCK.set(what)
+            try:
+                yield conn
+            finally:
+                _BLOCK.reset(token)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -134,6 +176,24 @@ async def connect(settings: config.Settings) -> asyncpg.Connection:
     with translate("connect"):
         conn = await asyncpg.connect(settings.database_url.reveal(), timeout=10)
         await _init_connection(conn)
+    return conn
+
+
+async def listen(
+    settings: config.Settings,
+    channel: str,
+    on_notify: Callable[..., None],
+    on_lost: Callable[..., None],
+) -> asyncpg.Connection:
+    """Open a connection that LISTENs on ``channel``; ``on_lost`` is called when it dies."""
+    conn = await connect(settings)
+    try:
+        with translate("listen"):
+            await conn.add_listener(channel, on_notify)
+            conn.add_termination_listener(on_lost)
+    except BaseException:
+        conn.terminate()
+        raise
     return conn
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
-import email.utils
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -25,9 +23,8 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from relay import config, errors, events, log
+from relay import config, errors, events, log, retry
 from relay.domain import credentials
-from relay.upstreams import network
 
 logger = log.get(__name__)
 
@@ -65,28 +62,15 @@ async def http_client(
     async with httpx.AsyncClient(
         base_url=settings.cegid_api_url,
         headers=headers,
-        transport=transport or network.transport(limits),
+        # consumers.upload retries under its own policy: httpx never re-sends a file
+        transport=transport or httpx.AsyncHTTPTransport(limits=limits, retries=0),
         timeout=httpx.Timeout(connect=5, read=60, write=60, pool=None),
     ) as client:
         yield client
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds, from either of its forms (delay-seconds or an HTTP date)."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
+    return retry.retry_after(response.headers.get("retry-after"))
 
 
 def _excerpt(response: httpx.Response) -> str:

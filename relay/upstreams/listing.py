@@ -140,59 +140,123 @@ async def keyset(
     Requests: one per page, plus at most half a page re-read per cursor move; a run of pages
     costs one more walk per change seen in it or, without ``total_count``, at least one more.
     """
-    seen: dict[str, dt.datetime | None] = {}
-    cursor, page, passes, moves, after_move = start, 1, 0, True, False
-    run_new, run_total, previous_full = 0, None, False
-    drifted = unsure = False  # in this run: an item surely moved / pages nothing vouches for
+    walk = _Walk(what, start)
     while True:
-        got = await fetch({**params, from_key: stamp(cursor)}, page)
+        got = await fetch({**params, from_key: stamp(walk.cursor)}, walk.page)
         target: dt.datetime | None = None
         if got is None:
-            unsure = unsure or previous_full  # the list shrank under us, or next_page lied
+            walk.past_the_end()
         else:
-            fresh = 0
-            for item in got.items:
-                item_id, updated = str(item["id"]), _updated_at(item)
-                if item_id not in seen:
-                    seen[item_id], fresh = updated, fresh + 1
-                    yield item
-                elif seen[item_id] != updated:
-                    # it moved while the walk ran: from this run's pages, it shifted them
-                    before, seen[item_id] = seen[item_id], updated
-                    drifted = drifted or (page > 1 and (before is None or before >= cursor))
-            run_new += fresh
-            if page == 1:
-                run_total = got.total
-            elif previous_full and (got.total is None or run_total is None):
-                unsure = True
-            elif previous_full and got.total != run_total:
-                drifted = True  # something left the window between two pages
-            if after_move and fresh == 0 and got.next_page is not None:
-                moves = False  # the cursor does not narrow the list: follow pages from now on
-            after_move = False
-            if moves and not _ascending(got.items):
-                moves = False  # sort_by ignored: a cursor would skip what comes later
-                logger.warning("qonto_list_unsorted", call=what)
-            if got.next_page is not None and not drifted:
-                target = _next_cursor(got.items, cursor, seen) if moves else None
-                if target is None:
-                    page, previous_full = got.next_page, got.full
-                    continue
-        # this run of pages is over: the list ended, it drifted, or the cursor moves on
-        if drifted or (unsure and run_new > 0):
-            passes += 1
-            if passes > MAX_LIST_PASSES:
-                raise errors.QontoUnavailable(
-                    f"Qonto {what}: the list kept changing over {MAX_LIST_PASSES} re-walks"
-                )
-            logger.info("qonto_list_rewalked", call=what, passes=passes, drifted=drifted)
-            target = cursor
-        elif target is None:
+            fresh = walk.take(got)
+            for item in fresh:
+                yield item
+            walk.vouch(got)
+            walk.check_cursor(got, len(fresh))
+            target = walk.target(got)
+            if walk.follow(got, target):
+                continue
+        if not walk.end_run(target):
             return
+
+
+@dataclasses.dataclass
+class _Run:
+    """One run of pages from page 1 at one cursor: what it brought, and whether it can be trusted."""
+
+    new: int = 0  # items never seen before
+    total: int | None = None  # meta.total_count of its page 1
+    previous_full: bool = False  # the page before the one being read was full
+    drifted: bool = False  # an item surely moved while it was read: walk it again
+    unsure: bool = False  # nothing vouches for its later pages
+
+
+@dataclasses.dataclass
+class _Walk:
+    """The state of one :func:`keyset` walk, each of its steps a method."""
+
+    what: str
+    cursor: dt.datetime
+    page: int = 1
+    seen: dict[str, dt.datetime | None] = dataclasses.field(default_factory=dict)
+    passes: int = 0  # re-walks of the current run
+    moves: bool = True  # the cursor narrows the list: it may move
+    after_move: bool = False  # the page being read is the first one after a move
+    run: _Run = dataclasses.field(default_factory=_Run)
+
+    def past_the_end(self) -> None:
+        """Qonto answered 422 for this page: after a full page, the list shrank under us or
+        ``next_page`` lied, so the run is unsure."""
+        self.run.unsure = self.run.unsure or self.run.previous_full
+
+    def take(self, got: Page) -> list[dict[str, Any]]:
+        """Record the page's items; those never seen before, to be listed. An item seen before
+        with a new ``updated_at``, on a later page of this run, moved: the run drifted."""
+        fresh = []
+        for item in got.items:
+            item_id, updated = str(item["id"]), _updated_at(item)
+            if item_id not in self.seen:
+                self.seen[item_id] = updated
+                fresh.append(item)
+            elif self.seen[item_id] != updated:
+                before, self.seen[item_id] = self.seen[item_id], updated
+                if self.page > 1 and (before is None or before >= self.cursor):
+                    self.run.drifted = True
+        self.run.new += len(fresh)
+        return fresh
+
+    def vouch(self, got: Page) -> None:
+        """Compare the page's ``total_count`` with page 1's: changed, something left the window
+        between two pages (drifted); missing after a full page, nothing vouches (unsure)."""
+        run = self.run
+        if self.page == 1:
+            run.total = got.total
+        elif run.previous_full and (got.total is None or run.total is None):
+            run.unsure = True
+        elif run.previous_full and got.total != run.total:
+            run.drifted = True
+
+    def check_cursor(self, got: Page, fresh: int) -> None:
+        """Stop moving the cursor when it does not narrow the list (a page 1 after a move that
+        brings nothing new) or when the sort is ignored (a page out of ``updated_at`` order)."""
+        if self.after_move and fresh == 0 and got.next_page is not None:
+            self.moves = False  # follow pages from now on
+        self.after_move = False
+        if self.moves and not _ascending(got.items):
+            self.moves = False  # a cursor would skip what comes later
+            logger.warning("qonto_list_unsorted", call=self.what)
+
+    def target(self, got: Page) -> dt.datetime | None:
+        """Where the cursor moves after this page, when there is more and it may move."""
+        if got.next_page is None or self.run.drifted or not self.moves:
+            return None
+        return _next_cursor(got.items, self.cursor, self.seen)
+
+    def follow(self, got: Page, target: dt.datetime | None) -> bool:
+        """Go on to the run's next page when there is one, nothing drifted and the cursor stays."""
+        if got.next_page is None or self.run.drifted or target is not None:
+            return False
+        self.page, self.run.previous_full = got.next_page, got.full
+        return True
+
+    def end_run(self, target: dt.datetime | None) -> bool:
+        """The run of pages is over: walk it again (it drifted, or it is unsure and brought
+        something new), move the cursor to ``target``, or end the walk (False)."""
+        if self.run.drifted or (self.run.unsure and self.run.new > 0):
+            self.passes += 1
+            if self.passes > MAX_LIST_PASSES:
+                raise errors.QontoUnavailable(
+                    f"Qonto {self.what}: the list kept changing over {MAX_LIST_PASSES} re-walks"
+                )
+            logger.info(
+                "qonto_list_rewalked", call=self.what, passes=self.passes, drifted=self.run.drifted
+            )
+            target = self.cursor
+        elif target is None:
+            return False
         else:
-            after_move, passes = True, 0
-        cursor, page, previous_full = target, 1, False
-        run_new, run_total, drifted, unsure = 0, None, False, False
+            self.after_move, self.passes = True, 0
+        self.cursor, self.page, self.run = target, 1, _Run()
+        return True
 
 
 async def settled(

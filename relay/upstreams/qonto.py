@@ -3,7 +3,7 @@
 - API key (``login:secret`` verbatim) or OAuth (``Bearer``, refreshed before expiry; the rotated
   refresh token is handed to ``on_tokens_rotated`` to be stored sealed, retried with backoff, and
   kept flagged unsaved, then stored by the next call, when the store keeps failing).
-- 429 and 5xx and network errors are retried with exponential backoff and full jitter, honouring
+- 429 and 5xx and network errors are retried under :data:`POLICY` (:mod:`relay.retry`), honouring
   ``Retry-After``; a client-side limiter keeps under the documented 1,000 requests / 10 s per IP.
 - A non-JSON 200 (the staging login page) is a protocol error, never data.
 - List walks never lose an item that changes while they run (offset pages shift under updates):
@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import pathlib
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -31,16 +30,17 @@ from urllib.parse import urlencode
 import httpx
 import orjson
 
-from relay import config, errors, events, log
+from relay import config, errors, events, log, retry
 from relay.domain import credentials
-from relay.upstreams import attachments, listing, network
+from relay.upstreams import attachments, listing
 
 logger = log.get(__name__)
 
-MAX_ATTEMPTS: Final = 6
-BACKOFF_BASE_S: Final = 0.5
-BACKOFF_CAP_S: Final = 30.0
-STORE_ATTEMPTS: Final = 4
+# every call (429, 5xx, network errors) and every attachment download: six tries, full jitter
+POLICY: Final = retry.Policy(first_s=0.5, cap_s=30.0, attempts=6)
+# a rotated refresh token handed to the store (the database): four tries before it is left unsaved
+STORE_POLICY: Final = dataclasses.replace(POLICY, attempts=4)
+ONE_TRY: Final = dataclasses.replace(POLICY, attempts=1)  # the next call's store, one try
 STORE_RETRY_GAP: Final = dt.timedelta(seconds=5)  # between later tries of an unsaved rotation
 LIMIT_WINDOW_S: Final = 10.0
 REFRESH_MARGIN: Final = dt.timedelta(minutes=5)
@@ -143,11 +143,11 @@ async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
             base_url=settings.qonto_api_url,
             headers=headers,
             timeout=httpx.Timeout(connect=5, read=30, write=30, pool=10),
-            transport=network.transport(limits),
+            transport=httpx.AsyncHTTPTransport(limits=limits, retries=0),  # POLICY retries
         ) as api,
         httpx.AsyncClient(
             timeout=httpx.Timeout(connect=5, read=60, write=30, pool=10),
-            transport=network.transport(limits),
+            transport=httpx.AsyncHTTPTransport(limits=limits, retries=0),  # POLICY retries
             headers={"User-Agent": "qonto-cegid-relay"},
         ) as storage,
     ):
@@ -156,23 +156,6 @@ async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
             storage=storage,
             limiter=RateLimiter(settings.qonto_requests_per_10s, LIMIT_WINDOW_S),
         )
-
-
-def backoff(attempt: int, retry_after: float | None) -> float:
-    """Seconds before retry ``attempt`` (1-based): Retry-After when given, else full jitter."""
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), BACKOFF_CAP_S * 4)
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -248,7 +231,7 @@ class QontoClient:
             if self._on_rotated is not None:
                 # the old refresh token dies 60 s from now: this one must reach the store
                 self._unsaved = fresh
-                await self._store_rotated(STORE_ATTEMPTS)
+                await self._store_rotated(STORE_POLICY)
 
     def _tokens(self, payload: dict[str, Any]) -> credentials.QontoOAuth:
         """The credentials of a token endpoint's answer."""
@@ -297,16 +280,16 @@ class QontoClient:
 
     async def save_tokens(self) -> bool:
         """Store a rotated token left unsaved (one try); True when nothing is left unsaved."""
-        await self._store_rotated(1)
+        await self._store_rotated(ONE_TRY)
         return self._unsaved is None
 
     async def _after_call(self, pending: credentials.QontoOAuth | None) -> None:
         """A call went through: store the rotation that was unsaved when it began (one try, at
         most once per ``STORE_RETRY_GAP``, so that a database outage is not hammered)."""
         if pending is not None and self._unsaved is pending and self._now() >= self._store_retry_at:
-            await self._store_rotated(1)
+            await self._store_rotated(ONE_TRY)
 
-    async def _store_rotated(self, attempts: int) -> None:
+    async def _store_rotated(self, policy: retry.Policy) -> None:
         """Hand the unsaved rotated credentials to ``on_tokens_rotated``, retrying with backoff.
 
         Whatever the store raises (the database is down, most likely), the fresh credentials stay in
@@ -317,23 +300,26 @@ class QontoClient:
             if pending is None or self._on_rotated is None:
                 return
             reason = ""
-            for attempt in range(1, attempts + 1):
+            tries = policy.tries()
+            while True:
                 try:
                     await self._on_rotated(pending)
                 except Exception as exc:  # any store failure: the token must not be dropped
                     reason = type(exc).__name__  # its text might quote what was being stored
-                    if attempt < attempts:
-                        await self._sleep(backoff(attempt, None))
+                    delay = tries.again()
+                    if delay is None:
+                        break
+                    await self._sleep(delay)
                     continue
                 if self._unsaved is pending:
                     self._unsaved = None
-                if reason or attempts == 1:
-                    logger.info("qonto_tokens_saved", attempts=attempt)
+                if reason or policy.attempts == 1:
+                    logger.info("qonto_tokens_saved", attempts=tries.attempt)
                 return
             self._store_retry_at = self._now() + STORE_RETRY_GAP
             logger.warning(
                 "qonto_tokens_unsaved",
-                attempts=attempts,
+                attempts=tries.attempt,
                 reason=reason,
                 detail="the rotated refresh token is only in memory; the next Qonto call stores it",
             )
@@ -343,36 +329,43 @@ class QontoClient:
     async def _send(
         self, request: Callable[[], Awaitable[httpx.Response]], what: str
     ) -> httpx.Response:
-        """One logical call with retries for 429, 5xx and network errors."""
-        last = ""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        """One logical call, tried again under :data:`POLICY` after a 429, a 5xx or a network
+        error; QontoRateLimited or QontoUnavailable once its tries are spent."""
+        tries = POLICY.tries()
+        while True:
             await self._http.limiter.acquire()
+            wait: float | None = None
             try:
                 response = await request()
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}"
-                delay = backoff(attempt, None)
             except httpx.HTTPError as exc:
                 raise errors.QontoProtocolError(f"Qonto {what}: {type(exc).__name__}") from exc
             else:
-                if response.status_code == 429:
-                    last = "rate limited (429)"
-                    delay = backoff(attempt, retry_after(response))
-                elif response.status_code >= 500:
-                    last = f"HTTP {response.status_code}"
-                    delay = backoff(attempt, retry_after(response))
-                else:
+                if not retry.retries_status(response.status_code):
                     return response
-            if attempt < MAX_ATTEMPTS:
-                logger.info(
-                    "qonto_retry", call=what, attempt=attempt, reason=last, delay_s=round(delay, 2)
+                last = (
+                    "rate limited (429)"
+                    if response.status_code == 429
+                    else f"HTTP {response.status_code}"
                 )
-                await self._sleep(delay)
+                wait = retry.retry_after(response.headers.get("retry-after"))
+            delay = tries.again(wait)
+            if delay is None:
+                break
+            logger.info(
+                "qonto_retry",
+                call=what,
+                attempt=tries.attempt - 1,
+                reason=last,
+                delay_s=round(delay, 2),
+            )
+            await self._sleep(delay)
         if last.startswith("rate limited"):
             raise errors.QontoRateLimited(
-                f"Qonto {what}: still rate limited after {MAX_ATTEMPTS} tries"
+                f"Qonto {what}: still rate limited after {tries.attempt} tries"
             )
-        raise errors.QontoUnavailable(f"Qonto {what}: {last} after {MAX_ATTEMPTS} tries")
+        raise errors.QontoUnavailable(f"Qonto {what}: {last} after {tries.attempt} tries")
 
     def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
         if response.status_code in (401, 403):
@@ -583,18 +576,19 @@ class QontoClient:
         """Stream the attachment to ``dest``; QontoNotFound when deleted, TooLarge over 50 MB."""
         for fresh_url_attempt in range(2):
             attachment = await self.get_attachment(attachment_id)
-            for attempt in range(1, MAX_ATTEMPTS + 1):
+            tries = POLICY.tries()
+            while True:
                 outcome = await attachments.fetch(self._http.storage, attachment, dest)
                 if isinstance(outcome, attachments.Download):
                     return outcome
                 if outcome == "expired":
                     break
-                if attempt < MAX_ATTEMPTS:
-                    await self._sleep(backoff(attempt, None))
-            else:
-                raise errors.QontoUnavailable(
-                    f"Qonto storage: {outcome} after {MAX_ATTEMPTS} tries"
-                )
+                delay = tries.again()
+                if delay is None:
+                    raise errors.QontoUnavailable(
+                        f"Qonto storage: {outcome} after {tries.attempt} tries"
+                    )
+                await self._sleep(delay)
             logger.info(
                 "qonto_url_expired", attachment=attachment_id, refetch=fresh_url_attempt == 0
             )

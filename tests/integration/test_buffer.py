@@ -454,11 +454,11 @@ async def test_qonto_unavailable_during_a_re_fetch_retries_the_event_later(
     pdf = qonto.add_attachment(files.pdf(seed=6), file_name="F.pdf", content_type="application/pdf")
     invoice = qonto.add_client_invoice(attachment_id=pdf, status="unpaid", total="50.00")
     path = f"/v2/client_invoices/{invoice['id']}"
-    qonto.faults.fail_next(path, 429, count=qonto_client.MAX_ATTEMPTS, retry_after=0)
+    qonto.faults.fail_next(path, 429, count=qonto_client.POLICY.attempts, retry_after=0)
     await _publish(publisher, connection_id, qonto.client_invoice_event(invoice))
     await _wait_count(pool, "SELECT count(*) FROM documents", 1)
     fetches = [r for r in list(qonto.requests) if r[1] == path]
-    assert len(fetches) == qonto_client.MAX_ATTEMPTS + 1  # one failed event, one retry
+    assert len(fetches) == qonto_client.POLICY.attempts + 1  # one failed event, one retry
     assert await pool.fetchval("SELECT qonto_attachment_id FROM documents") == pdf
     assert await pool.fetchval("SELECT outcome FROM events") == "applied"
 
@@ -487,9 +487,14 @@ async def test_an_event_failing_on_every_retry_is_dead_lettered_with_the_last_re
         await asyncio.wait_for(task, 15)
     assert letter.event_id == event["id"]
     assert letter.reason.startswith("still failing after 2 retries: Qonto")
+    assert letter.first_failed_at is not None
+    assert letter.failed_at is not None
+    assert letter.first_failed_at < letter.failed_at  # the first try, two retries of 1 s before
     assert letter.body == orjson.dumps(event)
     fetches = [r for r in list(qonto.requests) if r[1] == path]
-    assert len(fetches) == 3 * qonto_client.MAX_ATTEMPTS  # the first try and two retries, no more
+    assert (
+        len(fetches) == 3 * qonto_client.POLICY.attempts
+    )  # the first try and two retries, no more
     assert await _count(pool, "SELECT count(*) FROM events") == 0
 
 

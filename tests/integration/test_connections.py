@@ -383,7 +383,7 @@ async def test_failed_documents_do_not_count_as_waiting_for_the_folder(
     assert (await connections.describe(pool, connection_id))["warnings"] == []
     await pool.execute("UPDATE documents SET state = 'pending', reason = NULL")
     await pool.execute(
-        "UPDATE connections SET state = 'needs_attention', "
+        "UPDATE connections SET state = 'needs_attention', refused_by = '{qonto}', "
         "state_reason = 'Qonto refused the credentials: reconnect the organization' WHERE id = $1",
         connection_id,
     )

@@ -170,7 +170,7 @@ async def test_cegid_down_for_the_whole_run_leaves_documents_pending_with_the_re
 ) -> None:
     """Still 5xx after every retry: pending, with the last reason, tried again next run."""
     attachment = await _seed(pool, qonto, connection_id)
-    loop.faults.push(*["500"] * upload.UPLOAD_ATTEMPTS)
+    loop.faults.push(*["500"] * upload.POLICY.attempts)
     result = await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     document = await _document(pool, attachment)
     assert document["state"] == "pending"

@@ -200,26 +200,37 @@ async def test_unknown_and_disconnected_connections_are_404(
     assert response.status_code == 404
 
 
-async def test_unknown_ids_are_looked_up_once_then_cached(
-    intake: tuple[str, Starlette], connection_id: uuid.UUID
+async def test_unknown_ids_cost_no_database_query_while_the_cache_listens(
+    intake: tuple[str, Starlette], connection_id: uuid.UUID, pool: asyncpg.Pool
 ) -> None:
-    """A flood of requests for an unknown id, concurrent then sequential, queries PostgreSQL once."""
+    """2,000 distinct unknown ids, concurrent then repeated: 404 each, no lookup in PostgreSQL
+    (the cache holds every connection that accepts webhooks and hears of every change)."""
     url, application = intake
     body, headers = factories.signed(_event())
-    unknown = uuid.uuid4()
+    unknown = [uuid.uuid4() for _ in range(2000)]
     before = application.state.secrets.lookups
-    async with httpx.AsyncClient() as client:
+    scans = (
+        "SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_tables WHERE relname = 'connections'"
+    )
+    scans_before = await pool.fetchval(scans)
+    statuses: list[int] = []
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=16)) as client:
 
-        async def post() -> int:
+        async def post(connection: uuid.UUID) -> None:
             response = await client.post(
-                f"{url}/webhooks/qonto/{unknown}", content=body, headers=headers
+                f"{url}/webhooks/qonto/{connection}", content=body, headers=headers
             )
-            return response.status_code
+            statuses.append(response.status_code)
 
-        concurrent = await asyncio.gather(*(post() for _ in range(20)))
-        sequential = [await post() for _ in range(20)]
-    assert set(concurrent) == set(sequential) == {404}
-    assert application.state.secrets.lookups - before == 1
+        for start in range(0, len(unknown), 100):
+            await asyncio.gather(*(post(c) for c in unknown[start : start + 100]))
+        for connection in unknown[:200]:
+            await post(connection)
+    assert set(statuses) == {404}
+    assert len(statuses) == 2200
+    assert application.state.secrets.lookups - before == 0
+    await asyncio.sleep(0.6)  # pg_stat counters are flushed by each backend at most every 0.5 s
+    assert await pool.fetchval(scans) - scans_before < 20  # the test's own queries only
 
 
 async def test_a_known_connection_never_queries_the_database(

@@ -75,7 +75,7 @@ async def test_a_source_still_unavailable_keeps_its_watermark_while_the_others_a
     """Client invoices rate-limited past every retry: reported, their watermark stays unset."""
     _supplier_invoice(qonto, seed=1)
     qonto.faults.fail_next(
-        "/v2/client_invoices", 429, count=qonto_api.MAX_ATTEMPTS, retry_after=0.01
+        "/v2/client_invoices", 429, count=qonto_api.POLICY.attempts, retry_after=0.01
     )
     result = await _scan(upstream_settings, pool)
     marks = await pool.fetchrow("SELECT * FROM connections WHERE id = $1", connection_id)

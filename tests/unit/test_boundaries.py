@@ -60,7 +60,7 @@ async def test_429_and_5xx_are_retried_then_reported(unit_settings: config.Setti
 
     with pytest.raises(errors.QontoRateLimited):
         await _qonto(unit_settings, handler).get_organization()
-    assert len(calls) == qonto.MAX_ATTEMPTS
+    assert len(calls) == qonto.POLICY.attempts
 
 
 async def test_deleted_attachment_is_not_found(unit_settings: config.Settings) -> None:

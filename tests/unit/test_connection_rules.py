@@ -118,7 +118,9 @@ HOURS = dt.timedelta(hours=1)
 
 
 def _connection(
-    state: str = models.ConnectionState.ACTIVE, reason: str | None = None
+    state: str = models.ConnectionState.ACTIVE,
+    reason: str | None = None,
+    refused_by: frozenset[models.Refuser] = frozenset(),
 ) -> models.Connection:
     created = NOW - 30 * 24 * HOURS
     return models.Connection(
@@ -139,6 +141,7 @@ def _connection(
         first_upload_at=created,
         created_at=created,
         updated_at=created,
+        refused_by=refused_by,
     )
 
 
@@ -184,9 +187,30 @@ def test_documents_waiting_on_a_qonto_refusal_get_no_folder_advice() -> None:
     refused = _connection(
         models.ConnectionState.NEEDS_ATTENTION,
         "Qonto refused the credentials: reconnect the organization (401)",
+        frozenset({models.Refuser.QONTO}),
     )
     assert _warning(refused, connected_hours_ago=48, waiting=5) is None
-    cegid = _connection(models.ConnectionState.NEEDS_ATTENTION, "Cegid: refused access to ACME001")
+    cegid = _connection(
+        models.ConnectionState.NEEDS_ATTENTION,
+        "Cegid: refused access to ACME001",
+        frozenset({models.Refuser.CEGID}),
+    )
     assert _warning(cegid, connected_hours_ago=48) is not None
     disconnected = _connection(models.ConnectionState.DISCONNECTED, "disconnected by an operator")
     assert _warning(disconnected, connected_hours_ago=48, waiting=5) is None
+
+
+def test_who_refused_is_read_from_its_value_not_from_the_reason() -> None:
+    """The folder advice follows ``refused_by``; the reason is prose shown to people."""
+    worded_like_cegid = _connection(
+        models.ConnectionState.NEEDS_ATTENTION,
+        "Cegid: the words of a Qonto refusal",
+        frozenset({models.Refuser.QONTO}),
+    )
+    assert _warning(worded_like_cegid, connected_hours_ago=48, waiting=5) is None
+    both = _connection(
+        models.ConnectionState.NEEDS_ATTENTION,
+        "Qonto: refused; Cegid: refused",
+        frozenset({models.Refuser.QONTO, models.Refuser.CEGID}),
+    )
+    assert _warning(both, connected_hours_ago=48) is not None

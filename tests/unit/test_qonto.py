@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import email.utils
 import hashlib
 import pathlib
 import urllib.parse
@@ -19,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from relay import config, errors, models
+from relay import config, errors, models, retry
 from relay.domain import credentials
 from relay.upstreams import attachments, qonto
 from tests.unit import clients
@@ -90,6 +91,26 @@ async def test_retry_after_is_honoured_then_the_answer_is_returned(
     assert sleeps.delays == [2.0, 7.0]
 
 
+async def test_retry_after_as_an_http_date_is_honoured_and_garbage_falls_back_to_backoff(
+    unit_settings: config.Settings,
+) -> None:
+    """Qonto reads Retry-After as Cegid does: an HTTP date is the seconds until it (clamped to
+    the longest wait allowed); a garbled one is ignored for the policy's own backoff."""
+    far = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1), usegmt=True)
+    answers = iter(
+        [
+            httpx.Response(503, headers={"retry-after": far}),
+            httpx.Response(429, headers={"retry-after": "whenever"}),
+            httpx.Response(200, json={"membership": {"role": "owner"}}),
+        ]
+    )
+    sleeps = Sleeps()
+    client = make(unit_settings, lambda _: next(answers), sleep=sleeps)
+    assert (await client.get_membership())["role"] == "owner"
+    assert sleeps.delays[0] == retry.RETRY_AFTER_MAX_S
+    assert 0 <= sleeps.delays[1] <= qonto.POLICY.ceiling(2)
+
+
 async def test_5xx_and_network_errors_are_retried_until_an_answer(
     unit_settings: config.Settings,
 ) -> None:
@@ -112,7 +133,7 @@ async def test_5xx_and_network_errors_are_retried_until_an_answer(
 async def test_5xx_exhausted_is_unavailable_which_is_retryable(
     unit_settings: config.Settings,
 ) -> None:
-    """After MAX_ATTEMPTS 502s the error is QontoUnavailable (Retryable), not a permanent one."""
+    """After POLICY.attempts 502s the error is QontoUnavailable (Retryable), not a permanent one."""
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -124,14 +145,14 @@ async def test_5xx_exhausted_is_unavailable_which_is_retryable(
         await make(unit_settings, handler).get_membership()
     assert isinstance(caught.value, errors.Retryable)
     assert not isinstance(caught.value, errors.QontoRateLimited)
-    assert calls == qonto.MAX_ATTEMPTS
+    assert calls == qonto.POLICY.attempts
 
 
 def test_backoff_without_retry_after_is_full_jitter_capped() -> None:
     """Attempt n waits uniformly in [0, min(30, 0.5 * 2**(n-1))] seconds."""
     for attempt in range(1, 12):
-        ceiling = min(qonto.BACKOFF_CAP_S, qonto.BACKOFF_BASE_S * 2 ** (attempt - 1))
-        delays = [qonto.backoff(attempt, None) for _ in range(200)]
+        ceiling = min(30.0, 0.5 * 2 ** (attempt - 1))
+        delays = [qonto.POLICY.delay(attempt) for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling / 2  # jittered over the whole range, not a constant
 
@@ -611,7 +632,7 @@ async def test_a_rotated_token_store_that_fails_is_retried_with_backoff() -> Non
     assert store.calls == 3
     assert [_refresh_token(c) for c in store.stored] == ["rotated-refresh-1"]
     assert len(sleeps.delays) == 2
-    assert all(0 <= d <= qonto.BACKOFF_BASE_S * 2 for d in sleeps.delays)
+    assert all(0 <= d <= 0.5 * 2 for d in sleeps.delays)
     assert not client.tokens_unsaved
 
 
@@ -622,13 +643,13 @@ async def test_a_rotated_token_that_cannot_be_stored_is_kept_and_stored_by_the_n
     qonto_tokens_unsaved names no secret, the token stays flagged; the next call (after the retry
     gap) stores it, without refreshing again (the old refresh token is dead 60 s later)."""
     store, sleeps, clock = (
-        FlakyStore(failures=qonto.STORE_ATTEMPTS),
+        FlakyStore(failures=qonto.STORE_POLICY.attempts),
         Sleeps(),
         [dt.datetime.now(dt.UTC)],
     )
     client, sent = _rotating_client(store, sleeps, clock)
     assert (await client.get_membership())["role"] == "owner"
-    assert store.calls == qonto.STORE_ATTEMPTS
+    assert store.calls == qonto.STORE_POLICY.attempts
     assert store.stored == []
     assert client.tokens_unsaved
     logged = capsys.readouterr().err
@@ -636,13 +657,13 @@ async def test_a_rotated_token_that_cannot_be_stored_is_kept_and_stored_by_the_n
         orjson.loads(line) for line in logged.splitlines() if "qonto_tokens_unsaved" in line
     ]
     assert warning["level"] == "warning"
-    assert warning["attempts"] == qonto.STORE_ATTEMPTS
+    assert warning["attempts"] == qonto.STORE_POLICY.attempts
     assert warning["reason"] == "DatabaseUnavailable"
     for secret in ("rotated-refresh-1", "rotated-access-1", "stored-refresh-0", "app-secret"):
         assert secret not in logged
 
     await client.get_membership()  # within the retry gap: the database is left alone
-    assert store.calls == qonto.STORE_ATTEMPTS
+    assert store.calls == qonto.STORE_POLICY.attempts
 
     clock[0] += qonto.STORE_RETRY_GAP
     await client.get_membership()
@@ -650,13 +671,13 @@ async def test_a_rotated_token_that_cannot_be_stored_is_kept_and_stored_by_the_n
     assert not client.tokens_unsaved
     assert sent == ["stored-refresh-0"]
     assert await client.save_tokens() is True
-    assert store.calls == qonto.STORE_ATTEMPTS + 1
+    assert store.calls == qonto.STORE_POLICY.attempts + 1
 
 
 async def test_save_tokens_reports_a_rotation_still_unsaved() -> None:
     """save_tokens (the scan's last word) tries once more and says whether the token is stored."""
     store, sleeps, clock = (
-        FlakyStore(failures=qonto.STORE_ATTEMPTS + 1),
+        FlakyStore(failures=qonto.STORE_POLICY.attempts + 1),
         Sleeps(),
         [dt.datetime.now(dt.UTC)],
     )

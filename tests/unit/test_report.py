@@ -7,6 +7,7 @@ import uuid
 
 import orjson
 
+from relay import models
 from relay.domain import report
 
 STARTED = dt.datetime(2026, 11, 24, 20, 0, tzinfo=dt.UTC)
@@ -78,3 +79,16 @@ def test_rendered_table_names_every_reason_and_the_advice() -> None:
     assert "relay documents resolve ID --uploaded|--resend" in text
     assert "WARNING: folder not seen in Loop" in text
     assert text.splitlines()[-1] == "Total: uploaded 2, skipped 0, failed 1, in_doubt 1, pending 0"
+
+
+def test_report_groups_come_from_reason_codes() -> None:
+    """Each reason code (and the value qualifying it) names one group; no prose is parsed."""
+    assert report.group(models.Reason.UNSUPPORTED_TYPE, "HEIC image") == (
+        "unsupported type: HEIC image"
+    )
+    assert report.group(models.Reason.DELETED) == models.SKIP_DELETED
+    assert report.group(models.Reason.ACCESS_REFUSED, "qonto") != report.group(
+        models.Reason.ACCESS_REFUSED, "cegid"
+    )
+    assert report.group(None) == "unknown"
+    assert len({report.group(code) for code in models.Reason}) == len(models.Reason)

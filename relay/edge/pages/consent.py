@@ -12,10 +12,9 @@ import datetime as dt
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import crypto, errors, log
+from relay import crypto, errors, log, store
 from relay.domain import credentials, eligibility, invitations
 from relay.edge.pages import sessions, setup, views
-from relay.store import db, queries
 from relay.upstreams import qonto
 
 logger = log.get(__name__)
@@ -38,22 +37,21 @@ async def callback(request: Request) -> Response:
     )
     if not state or len(state) > 200:
         return _consent_refused(ctx, *bad_state)
-    with db.translate("use consent state"):
-        record = await ctx.pool.fetchrow(queries.get("use_oauth_state"), crypto.token_digest(state))
+    used = await store.oauth_states.use(ctx.pool, crypto.token_digest(state))
     session = await sessions.current(ctx.pool, request)
-    if record is None:
+    if used is None:
         logger.warning("setup_consent_state_unknown")
         return _consent_refused(ctx, *bad_state)
-    invitation_id = record["invitation_id"]
-    if record["used_before"] is not None:
+    invitation_id = used.invitation_id
+    if used.used_before is not None:
         logger.warning("setup_consent_state_reused", invitation=str(invitation_id))
         return _consent_refused(ctx, *bad_state)
     if session is None or not crypto.constant_time_equal(
-        bytes(record["session_hash"]).hex(), session.id_hash.hex()
+        used.session_hash.hex(), session.id_hash.hex()
     ):
         logger.warning("setup_consent_other_browser", invitation=str(invitation_id))
         return _consent_refused(ctx, *bad_state)
-    if record["expires_at"] < dt.datetime.now(dt.UTC):
+    if used.expires_at < dt.datetime.now(dt.UTC):
         return _consent_refused(
             ctx,
             "The answer from Qonto came too late",

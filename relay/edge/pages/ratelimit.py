@@ -11,7 +11,8 @@ from typing import Final
 
 import asyncpg
 
-from relay.store import db, queries
+from relay import store
+from relay.store import db
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,9 +42,7 @@ async def blocked(
     """Return the seconds to wait when ``key`` used up its window, else None."""
     moment = now or dt.datetime.now(dt.UTC)
     start = limit.window_start(moment)
-    with db.translate("read rate limit"):
-        hits = await pool.fetchval(queries.get("rate_limit_hits"), limit.bucket(key), start)
-    if int(hits) < limit.hits:
+    if await store.rate_limits.hits(pool, limit.bucket(key), start) < limit.hits:
         return None
     return max(1.0, (start + limit.window - moment).total_seconds())
 
@@ -52,8 +51,7 @@ async def hit(pool: asyncpg.Pool, limit: Limit, key: str, *, now: dt.datetime | 
     """Count one event for ``key``; its count in the current window."""
     moment = now or dt.datetime.now(dt.UTC)
     start = limit.window_start(moment)
-    with db.translate("count rate limit"):
-        async with pool.acquire() as conn, conn.transaction():
-            hits = await conn.fetchval(queries.get("hit_rate_limit"), limit.bucket(key), start)
-            await conn.execute(queries.get("delete_old_rate_limits"), start - dt.timedelta(days=1))
-    return int(hits)
+    async with db.transaction(pool, "count rate limit") as conn:
+        hits = await store.rate_limits.hit(conn, limit.bucket(key), start)
+        await store.rate_limits.delete_old(conn, start - dt.timedelta(days=1))
+    return hits

@@ -1,6 +1,7 @@
 """Server-side browser sessions in PostgreSQL, and the CSRF token of each.
 
-A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began.
+A session expires after :data:`IDLE` without use and :data:`ABSOLUTE` after it began, unless its
+caller passes limits of its own (the console: a day without use).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import config, crypto
-from relay.store import db, queries
+from relay import config, crypto, store
 
 COOKIE: Final = "relay_session"
 IDLE: Final = dt.timedelta(hours=8)
@@ -65,57 +65,64 @@ class Session:
         return self._id
 
 
-async def current(pool: asyncpg.Pool, request: Request) -> Session | None:
-    """Find the request's live session (its expiry pushed back), or None."""
+async def current(
+    pool: asyncpg.Pool,
+    request: Request,
+    *,
+    idle: dt.timedelta = IDLE,
+    absolute: dt.timedelta = ABSOLUTE,
+) -> Session | None:
+    """Find the request's live session (its expiry pushed back by ``idle``), or None."""
     session_id = request.cookies.get(COOKIE, "")
     if not session_id or len(session_id) > 100 or not session_id.isascii():
         return None
     now = dt.datetime.now(dt.UTC)
-    with db.translate("read session"):
-        record = await pool.fetchrow(
-            queries.get("get_web_session"),
-            crypto.token_digest(session_id),
-            now + IDLE,
-            now - ABSOLUTE,
-        )
-    if record is None:
+    stored = await store.web_sessions.touch(
+        pool, crypto.token_digest(session_id), now + idle, now - absolute
+    )
+    if stored is None:
         return None
-    data = record["data"] if isinstance(record["data"], dict) else {}
-    return Session(session_id, dict(data), record["created_at"], is_new=False)
+    return Session(session_id, stored.data, stored.created_at, is_new=False)
 
 
-async def start(pool: asyncpg.Pool, request: Request) -> Session:
-    """Find the request's live session, or start one (stored now, its cookie set by ``attach``)."""
-    found = await current(pool, request)
+async def start(
+    pool: asyncpg.Pool, request: Request, *, fresh: bool = False, idle: dt.timedelta = IDLE
+) -> Session:
+    """Find the request's live session, or start one (stored now, its cookie set by ``attach``).
+
+    ``fresh``: always a new one (a sign-in never keeps the id a browser had before).
+    """
+    found = None if fresh else await current(pool, request, idle=idle)
     if found is not None:
         return found
     session_id = secrets.token_urlsafe(32)
     now = dt.datetime.now(dt.UTC)
-    with db.translate("start session"):
-        await pool.execute(queries.get("delete_expired_web_sessions"))
-        await pool.execute(
-            queries.get("insert_web_session"), crypto.token_digest(session_id), {}, now + IDLE
-        )
+    await store.web_sessions.delete_expired(pool)
+    await store.web_sessions.insert(pool, crypto.token_digest(session_id), {}, now + idle)
     return Session(session_id, {}, now, is_new=True)
 
 
 async def save(pool: asyncpg.Pool, session: Session) -> None:
     """Store the session's data."""
-    with db.translate("save session"):
-        await pool.execute(queries.get("set_web_session_data"), session.id_hash, session.data)
+    await store.web_sessions.set_data(pool, session.id_hash, session.data)
 
 
 async def end(pool: asyncpg.Pool, session: Session) -> None:
-    with db.translate("end session"):
-        await pool.execute(queries.get("delete_web_session"), session.id_hash)
+    await store.web_sessions.delete(pool, session.id_hash)
 
 
-def attach(response: Response, session: Session, settings: config.Settings) -> Response:
+def attach(
+    response: Response,
+    session: Session,
+    settings: config.Settings,
+    *,
+    absolute: dt.timedelta = ABSOLUTE,
+) -> Response:
     """Set the session's cookie on ``response`` (HttpOnly, SameSite=Lax, Secure under https)."""
     response.set_cookie(
         COOKIE,
         session.cookie_value,
-        max_age=int(ABSOLUTE.total_seconds()),
+        max_age=int(absolute.total_seconds()),
         path="/",
         secure=settings.https,
         httponly=True,

@@ -16,10 +16,9 @@ from typing import Any, Final
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from relay import crypto, log
+from relay import crypto, log, store
 from relay.domain import invitations
 from relay.edge.pages import forms, ratelimit, sessions, views
-from relay.store import db, queries
 from relay.upstreams import qonto
 
 logger = log.get(__name__)
@@ -177,15 +176,14 @@ async def connect(request: Request) -> Response:
     session, invitation, _ = posted
     state = secrets.token_urlsafe(32)
     url = qonto.authorization_url(ctx.settings, state)
-    with db.translate("start consent"):
-        await ctx.pool.execute(queries.get("delete_old_oauth_states"))
-        await ctx.pool.execute(
-            queries.get("insert_oauth_state"),
-            crypto.token_digest(state),
-            invitation.id,
-            session.id_hash,
-            dt.datetime.now(dt.UTC) + STATE_LIFETIME,
-        )
+    await store.oauth_states.delete_old(ctx.pool)
+    await store.oauth_states.insert(
+        ctx.pool,
+        crypto.token_digest(state),
+        invitation.id,
+        session.id_hash,
+        dt.datetime.now(dt.UTC) + STATE_LIFETIME,
+    )
     logger.info("setup_consent_started", invitation=str(invitation.id))
     return RedirectResponse(url, status_code=303)
 

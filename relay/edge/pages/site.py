@@ -1,6 +1,7 @@
 """The web pages mounted on the application, each behind the security headers.
 
-The setup is under ``/setup``, the stylesheet under ``/static``.
+The setup is under ``/setup``, the operators' console under ``/console``, the stylesheet under
+``/static``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from relay import config
+from relay.edge.console import routes as console
 from relay.edge.pages import consent, create, security, setup, templates, views
 
 
@@ -32,7 +34,14 @@ def setup_routes() -> list[BaseRoute]:
 
 def routes(settings: config.Settings) -> list[BaseRoute]:
     return [
-        Mount("/setup", app=security.Headers(Router(routes=setup_routes()), settings)),
+        Mount(
+            "/setup",
+            app=security.Headers(Router(routes=setup_routes(), redirect_slashes=False), settings),
+        ),
+        Mount(
+            "/console",
+            app=security.Headers(Router(routes=console.routes(), redirect_slashes=False), settings),
+        ),
         Mount(
             "/static",
             app=security.Headers(StaticFiles(directory=templates.STATIC), settings),

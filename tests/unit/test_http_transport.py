@@ -1,8 +1,6 @@
-"""The relay's network backend under httpx: each way a connection can behave becomes the httpx
-outcome the Qonto and Cegid boundaries classify, on real loopback sockets (plain and TLS).
-
-Behaviour tests run twice, on httpcore's default (anyio) backend and on the relay's, so the two are
-shown to end every case the same way."""
+"""httpx's own transport, as the Qonto and Cegid clients build it: each way a connection can
+behave becomes the httpx outcome those boundaries classify, on real loopback sockets (plain and
+TLS)."""
 
 from __future__ import annotations
 
@@ -20,8 +18,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from relay.upstreams import network
 
 LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -75,40 +71,18 @@ def ok(body: bytes, *, close: bool = False) -> bytes:
 Client = Callable[..., httpx.AsyncClient]
 
 
-@pytest.fixture(params=["relay", "httpcore-default"])
-def client(request: pytest.FixtureRequest) -> Client:
-    """Builds an httpx client on the relay's backend, or on httpcore's default for comparison."""
+@pytest.fixture
+def client() -> Client:
+    """Builds an httpx client on the transport the Qonto and Cegid clients use (no retries of
+    its own: their policy retries)."""
 
     def build(
         url: str, *, timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None
     ) -> httpx.AsyncClient:
-        transport = (
-            network.transport(LIMITS, ssl_context=ssl_context)
-            if request.param == "relay"
-            else httpx.AsyncHTTPTransport(limits=LIMITS, verify=ssl_context or True)
-        )
+        transport = httpx.AsyncHTTPTransport(limits=LIMITS, retries=0, verify=ssl_context or True)
         return httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport)
 
     return build
-
-
-async def test_answers_come_through_the_relay_backend() -> None:
-    """A request through ``network.transport`` is served by the asyncio backend, not httpcore's
-    default one (httpx takes no backend: the transport's pool is swapped, which this pins)."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(ok(b"hello"))
-        await writer.drain()
-
-    async with (
-        serve(handler) as url,
-        httpx.AsyncClient(base_url=url, transport=network.transport(LIMITS)) as http,
-    ):
-        response = await http.get("/")
-    assert response.status_code == 200
-    assert response.content == b"hello"
-    assert isinstance(response.extensions["network_stream"], network.Stream)
 
 
 async def test_keep_alive_connection_is_reused(client: Client) -> None:
@@ -174,50 +148,9 @@ async def test_large_download_arrives_whole_in_bounded_chunks(client: Client) ->
         async for chunk in response.aiter_raw():
             largest = max(largest, len(chunk))
             received += chunk
-            await asyncio.sleep(0)  # a slow reader: the protocol must pause the socket meanwhile
+            await asyncio.sleep(0)  # a slow reader
     assert bytes(received) == body
     assert largest <= 64 * 1024  # httpcore reads 64 KiB at a time
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.paused = False
-        self.pauses = 0
-
-    def pause_reading(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-
-def test_reading_pauses_above_the_high_water_mark_and_resumes_below_the_low() -> None:
-    """The connection buffers at most about HIGH_WATER: a download is never held whole."""
-    protocol = network._Protocol()
-    transport = FakeTransport()
-    protocol.connection_made(transport)
-    chunk = b"x" * (64 * 1024)
-    while not transport.paused:
-        protocol.data_received(chunk)
-    assert protocol.buffered <= network.HIGH_WATER + len(chunk)
-    while protocol.buffered > network.LOW_WATER:
-        protocol.take(16 * 1024)
-        assert transport.paused == (protocol.buffered > network.LOW_WATER)
-    assert not transport.paused
-    assert transport.pauses == 1
-
-
-def test_a_chunk_bigger_than_asked_is_handed_out_in_order() -> None:
-    """Slices of one received chunk come out in order and nothing is lost or repeated."""
-    protocol = network._Protocol()
-    protocol.connection_made(FakeTransport())
-    protocol.data_received(b"abcdefghij")
-    protocol.data_received(b"KL")
-    parts = [protocol.take(4) for _ in range(4)]
-    assert parts == [b"abcd", b"efgh", b"ij", b"KL"]
-    assert protocol.buffered == 0
 
 
 async def test_no_answer_within_the_read_timeout_is_a_read_timeout(client: Client) -> None:
@@ -234,7 +167,7 @@ async def test_no_answer_within_the_read_timeout_is_a_read_timeout(client: Clien
 
 async def test_server_closing_after_the_request_is_a_protocol_error(client: Client) -> None:
     """The whole request was read, then the connection closed without an answer: the outcome is
-    unknown to the caller (httpx.RemoteProtocolError, as with httpcore's default backend)."""
+    unknown to the caller (httpx.RemoteProtocolError)."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -339,8 +272,8 @@ def _certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, b
 
 
 async def test_tls_request_is_verified_and_served(client: Client, tmp_path: pathlib.Path) -> None:
-    """HTTPS through start_tls: the certificate is checked against the given trust and the answer
-    arrives over TLS."""
+    """HTTPS: the certificate is checked against the given trust and the answer arrives over
+    TLS."""
     cert_file, key_file, pem = _certificate(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert_file, key_file)
