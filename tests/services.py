@@ -44,9 +44,11 @@ class Lock:
     waiting while a fault test waits or runs, so a stream of ordinary tests from other sessions
     cannot starve the fault tests, and those take turns with them test by test."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: pathlib.Path = LOCK_PATH, gate: pathlib.Path = GATE_PATH) -> None:
         self.kind: str | None = None  # "shared" or "fault": one kind per session
         self._held = False
+        self._path = path
+        self._gate = gate
 
     def _session(self, kind: str) -> None:
         if self.kind not in (None, kind):
@@ -64,7 +66,7 @@ class Lock:
         if self._held:
             yield
             return
-        with GATE_PATH.open("a") as gate, LOCK_PATH.open("a") as handle:
+        with self._gate.open("a") as gate, self._path.open("a") as handle:
             fcntl.flock(gate, fcntl.LOCK_EX)
             if exclusive:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # the gate stays closed until the test ends
