@@ -24,6 +24,8 @@ import pytest
 
 LOCK_PATH = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.lock"
 GATE_PATH = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.gate"
+# the seconds each test of this process waited for the lock (other sessions' fault tests)
+WAITED = pytest.StashKey[list[float]]()
 PG_ADMIN_DSN = os.environ.get("RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ANSWER_WITHIN_S = 90.0

@@ -8,6 +8,7 @@ hide it.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -37,7 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     """No fault test restarts a service under another test (see tests/services.py): the lock is
     held around the whole test, fixtures included, taken before its timeout starts."""
+    asked = time.monotonic()
     with item.config.stash[_LOCK].held(exclusive=item.get_closest_marker("fault") is not None):
+        item.config.stash.setdefault(services.WAITED, []).append(time.monotonic() - asked)
         yield
 
 
