@@ -1,4 +1,4 @@
-"""The admin API under ``/admin``: JSON mirroring the CLI, behind ``Authorization: Bearer``.
+"""The admin API under ``/admin``, JSON mirroring the CLI behind a bearer token.
 
 Routes read what the application's lifespan put on ``app.state``: ``settings``, ``pool`` and ``amqp``.
 Every request under ``/admin`` is authenticated first (:class:`Authenticate`), whatever its path or
@@ -52,7 +52,7 @@ def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) 
 
 
 def _refusal(request: Request) -> str | None:
-    """Why the request may not use the admin API (``None``: it may)."""
+    """Say why the request may not use the admin API, or ``None`` when it may."""
     settings: config.Settings = request.app.state.settings
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if settings.admin_token is None:
@@ -81,8 +81,10 @@ def is_admin_path(path: str) -> bool:
 
 
 class Authenticate:
-    """ASGI middleware: every HTTP request under ``/admin`` needs the bearer token, before routing
-    (an unknown path or a wrong method answers 401 too, not 404 or 405)."""
+    """ASGI middleware that requires the bearer token on every HTTP request under ``/admin``.
+
+    It runs before routing, so an unknown path or a wrong method answers 401 too, not 404 or 405.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -324,8 +326,10 @@ async def get_status(request: Request) -> Any:
 
 
 async def flush_now(request: Request) -> Any:
-    """Ask for a scan + flush: recorded for a scheduler to run (never run here); 202 with the
-    request's id and the URL that follows it."""
+    """Ask for a scan + flush, recorded for a scheduler to run (never run here).
+
+    Answers 202 with the request's id and the URL that follows it.
+    """
     body = await _body(request)
     connection_id = None
     if body.get("connection_id"):
@@ -351,7 +355,7 @@ def flush_request_url(settings: config.Settings, request_id: int) -> str:
 
 
 async def show_flush_request(request: Request) -> Any:
-    """Show a flush request: waiting, running, finished or failed, with its run's report."""
+    """Show a flush request's state (waiting, running, finished or failed) and its run's report."""
     raw_id = request.path_params["request_id"]
     if not raw_id.isdigit() or len(raw_id) > 18:
         raise errors.NotFound("no such flush request")

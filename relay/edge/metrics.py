@@ -109,7 +109,7 @@ class Metrics:
         )
 
     def set_last_scheduled_run(self, run: runs.Run | None) -> None:
-        """Set when the last scheduled run started and finished (0: none yet, or not finished)."""
+        """Set when the last scheduled run started and finished (0 if none yet, or not finished)."""
         started = run.started_at.timestamp() if run is not None else 0.0
         finished = run.finished_at.timestamp() if run is not None and run.finished_at else 0.0
         self.last_run_started.set(started)

@@ -1,12 +1,8 @@
-"""`relay serve`: uvicorn with ``RELAY_WORKERS`` processes, uvloop and httptools when installed.
+"""The ``relay serve`` command, uvicorn in ``RELAY_WORKERS`` processes (uvloop, httptools if there).
 
 Each worker process builds its own application (own pool, AMQP connection, confirm channel, secret
 cache and metrics registry): with several workers, Prometheus sees whichever worker answered a scrape.
-
-A start that cannot succeed fails the command, whatever the number of workers: before any worker is
-started, the parent binds the port and checks that PostgreSQL (with an up-to-date schema) and RabbitMQ
-answer, and raises a :class:`StartFailed` or :class:`~relay.errors.ConfigurationError` with one clear
-line (exit 1, or 2 for configuration). A worker that still fails to start fails the command too.
+:func:`run` says how a start fails.
 """
 
 from __future__ import annotations
@@ -30,7 +26,10 @@ STARTUP_FAILURE = 3  # uvicorn's exit status for a worker that could not start
 
 
 class StartFailed(errors.RelayError):
-    """`relay serve` could not start (port in use, a dependency down, a worker failed): exit 1."""
+    """A ``relay serve`` that could not start (port in use, a dependency down, a worker failed).
+
+    The command exits 1.
+    """
 
 
 def _factory() -> Starlette:
@@ -104,7 +103,11 @@ def bind(settings: config.Settings) -> socket.socket:
 def run(settings: config.Settings) -> None:
     """Serve until SIGTERM/SIGINT; in-flight requests get ``GRACEFUL_SHUTDOWN_S`` to finish.
 
-    Returns after a clean stop; raises StartFailed or ConfigurationError when the start failed.
+    A start that cannot succeed fails the command, whatever the number of workers: before any
+    worker is started, the parent binds the port and checks that PostgreSQL (with an up-to-date
+    schema) and RabbitMQ answer, and raises :class:`StartFailed` (exit 1) or
+    :class:`~relay.errors.ConfigurationError` (exit 2) with one clear line. A worker that still
+    fails to start fails the command too. Returns after a clean stop.
     """
     asyncio.run(check_dependencies(settings))
     sock = bind(settings)

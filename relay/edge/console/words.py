@@ -166,8 +166,10 @@ def _masked(value: Any) -> Any:
 
 
 def masked_body(body: bytes) -> str:
-    """Render a dead-lettered message for an operator's eyes: secrets, tokens and the query strings of URLs
-    (presigned links) masked; pretty-printed when it is JSON."""
+    """Render a dead-lettered message for an operator's eyes, pretty-printed when it is JSON.
+
+    Secrets, tokens and the query strings of URLs (presigned links) are masked.
+    """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
