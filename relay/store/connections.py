@@ -1,4 +1,4 @@
-"""The ``connections`` table: one Qonto organization linked to one Loop dossier, and its state."""
+"""The ``connections`` table, each a Qonto organization linked to a Loop dossier, and its state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PostgreSQL: the pool, migrations, transactions, and the translation of asyncpg's errors.
+"""PostgreSQL's pool, migrations and transactions, and the translation of asyncpg's errors.
 
 The statements themselves live in the table modules beside this one (see :mod:`relay.store`).
 """
@@ -77,10 +77,12 @@ _BLOCK: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_db_bl
 
 @contextlib.contextmanager
 def translate(what: str = "database") -> Any:
-    """Translate asyncpg/socket errors: 'PostgreSQL is not there' into DatabaseUnavailable,
-    'PostgreSQL refuses this data' into errors.InvalidData (permanent: retrying the same data fails again).
+    """Translate asyncpg's and the socket's errors into the relay's.
 
-    Inside a :func:`transaction` block, errors are named after the block."""
+    'PostgreSQL is not there' becomes DatabaseUnavailable; 'PostgreSQL refuses this data' becomes
+    errors.InvalidData (permanent, since retrying the same data fails again). Inside a
+    :func:`transaction` block, errors are named after the block.
+    """
     what = _BLOCK.get() or what
     try:
         yield
@@ -279,7 +281,7 @@ async def ping(pool: asyncpg.Pool) -> None:
 
 
 async def drop_database(settings: config.Settings) -> None:
-    """Drop the database named in the settings (throwaway databases: the demo's, the benchmarks')."""
+    """Drop the database named in the settings (a throwaway one, the demo's or the benchmarks')."""
     url = settings.database_url.reveal()
     name = database_name(url).replace('"', "")
     with translate("drop database"):

@@ -1,4 +1,4 @@
-"""The ``documents`` table: every Qonto attachment the relay knows of, and its fate."""
+"""The ``documents`` table, every Qonto attachment the relay knows of and its fate."""
 
 from __future__ import annotations
 
@@ -182,8 +182,10 @@ async def mark_uploaded(
     http_status: int,
     answer: object,
 ) -> bool:
-    """Record Loop's 2xx: the attempt and the document uploaded; False when neither held nor in
-    doubt any more."""
+    """Record Loop's 2xx, marking the attempt and the document uploaded.
+
+    Returns False when the document is neither held nor in doubt any more.
+    """
     with db.translate("document uploaded"):
         status: str = await conn.execute(
             queries.get("mark_uploaded"),

@@ -1,4 +1,4 @@
-"""The ``dossier_contents`` table: which document holds each content in a Loop dossier."""
+"""The ``dossier_contents`` table, naming the document that holds each content in a Loop dossier."""
 
 from __future__ import annotations
 
@@ -49,6 +49,6 @@ async def holder(conn: db.Executor, domain: str, dossier: str, sha256: str) -> H
 
 
 async def release(conn: db.Executor, document_id: int) -> None:
-    """Give up the document's content (it is not in Loop: another copy may be sent)."""
+    """Give up the document's content, which is not in Loop (another copy may be sent)."""
     with db.translate("release content"):
         await conn.execute(queries.get("release_dossier_content"), document_id)

@@ -1,4 +1,4 @@
-"""The ``events`` table: every Qonto event received, keyed by connection and event id (dedupe)."""
+"""The ``events`` table, every Qonto event received, keyed by connection and event id (dedupe)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``heartbeats`` table: one row per running role, rewritten at every beat."""
+"""The ``heartbeats`` table, one row per running role, rewritten at every beat."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``invitations`` table: setup links (their token's SHA-256) and the setup's progress."""
+"""The ``invitations`` table of setup links (their token's SHA-256) and the setup's progress."""
 
 from __future__ import annotations
 

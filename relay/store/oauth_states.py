@@ -1,4 +1,4 @@
-"""The ``oauth_states`` table: the ``state`` of each Qonto consent started, by its SHA-256."""
+"""The ``oauth_states`` table, the ``state`` of each Qonto consent started, by its SHA-256."""
 
 from __future__ import annotations
 

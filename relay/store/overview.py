@@ -1,5 +1,8 @@
-"""What the console reads: connections with their last deposits, document counts, and one page of a
-connection's documents by keyset; and the operator's retry of a failed document."""
+"""The console's reads, and the operator's retry of a failed document.
+
+The console reads connections with their last deposits, document counts, and one page of a
+connection's documents by keyset.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ class DocumentRow:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DocumentFilter:
-    """Which of a connection's documents a page lists: by state, source and file name."""
+    """Which of a connection's documents a page lists, by state, source and file name."""
 
     state: str | None = None
     source: str | None = None

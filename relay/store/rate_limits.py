@@ -1,4 +1,4 @@
-"""The ``web_rate_limits`` table: hits per bucket and window (guesses at setup links)."""
+"""The ``web_rate_limits`` table, hits per bucket and window (guesses at setup links)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``resources`` table: the newest snapshot applied per Qonto resource, and its files."""
+"""The ``resources`` table, the newest snapshot applied per Qonto resource and its files."""
 
 from __future__ import annotations
 

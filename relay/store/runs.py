@@ -1,4 +1,4 @@
-"""The ``runs`` table: scan + flush runs, a scheduled day claimed once, runs listed for the console."""
+"""The ``runs`` table of scan + flush runs (a scheduled day claimed once, lists for the console)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ async def finish(conn: db.Executor, run_id: int, report: dict[str, Any]) -> None
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RunSummary:
-    """A run in a list: when, what kind, who asked, and its totals (not its whole report)."""
+    """A run as a list shows it (when, what kind, who asked, its totals), not its whole report."""
 
     id: int
     kind: str

@@ -1,4 +1,4 @@
-"""The ``uploads`` table: each attempt to deposit a document in Loop, and its outcome."""
+"""The ``uploads`` table, each attempt to deposit a document in Loop and its outcome."""
 
 from __future__ import annotations
 

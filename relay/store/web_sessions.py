@@ -1,4 +1,4 @@
-"""The ``web_sessions`` table: the setup pages' browser sessions, by their id's SHA-256."""
+"""The ``web_sessions`` table, the setup pages' browser sessions by their id's SHA-256."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``webhook_secrets`` table: the sealed secrets Qonto signs each connection's webhooks with."""
+"""The ``webhook_secrets`` table, the sealed secrets Qonto signs each connection's webhooks with."""
 
 from __future__ import annotations
 
