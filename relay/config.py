@@ -82,7 +82,7 @@ Parse = Callable[[str, str, list[str]], Any]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Variable:
-    """A ``RELAY_*`` setting with a default: its Settings field, its default and how it is read."""
+    """A ``RELAY_*`` setting with a default, naming its Settings field and how it is read."""
 
     name: str
     field: str

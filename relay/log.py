@@ -73,8 +73,10 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # a TextIO duc
 
 
 class _FastPath:
-    """How :func:`fast` writes (set by :func:`configure`): JSON straight to the stream, or through
-    structlog when the output is for a terminal."""
+    """How :func:`fast` writes, as set by :func:`configure`.
+
+    JSON goes straight to the stream, or through structlog when the output is for a terminal.
+    """
 
     def __init__(self) -> None:
         self.out: Any = None

@@ -42,7 +42,7 @@ class ConnectionState(enum.StrEnum):
 
 
 class Refuser(enum.StrEnum):
-    """Who refused a connection's access: what decides which check may clear its flag."""
+    """Who refused a connection's access, which decides the check that may clear its flag."""
 
     QONTO = "qonto"
     CEGID = "cegid"
@@ -71,7 +71,7 @@ class Reason(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Why:
-    """A document's reason: its code, the value qualifying it, and the sentence shown."""
+    """A document's reason, with its code, the value qualifying it and the sentence shown."""
 
     code: Reason
     text: str

@@ -12,7 +12,7 @@ logger = log.get(__name__)
 
 
 class Outage:
-    """One dependency's outage as one role sees it: when it began, and whether it lasted too long.
+    """One dependency's outage as one role sees it, when it began and whether it lasted too long.
 
     ``failed`` at each failed attempt (the first one starts the clock and logs ``{role}_lost``);
     past ``limit_s`` it raises :class:`errors.OutageTooLong`. ``recovered`` at the first success

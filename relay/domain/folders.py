@@ -1,4 +1,4 @@
-"""The client's folder in Loop, which the relay cannot see: when to advise about it.
+"""Advice about the client's folder in Loop, which the relay cannot see.
 
 Loop shows the partner's folder for a client after the first deposit, sometimes hours later, and
 nothing in its API lists folders. :func:`folder_warning` is the advice `relay connections show` (and

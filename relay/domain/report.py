@@ -1,4 +1,4 @@
-"""The run report: per connection, what this flush did to each document and what is left, and why."""
+"""The run report, per connection, of what this flush did to each document, what is left and why."""
 
 from __future__ import annotations
 

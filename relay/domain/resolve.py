@@ -1,5 +1,7 @@
-"""An operator's decision on a document: ``relay documents resolve ID`` for one in doubt,
-``relay documents retry ID`` for a failed one.
+"""An operator's decision on a document that the relay cannot settle alone.
+
+``relay documents resolve ID`` settles one in doubt; ``relay documents retry ID`` retries a failed
+one.
 
 Only an operator can know whether a file whose upload got no answer is in the client's Loop inbox.
 """

@@ -114,7 +114,7 @@ class RateLimiter:
 
 @dataclasses.dataclass
 class HttpClients:
-    """The process's Qonto HTTP bundle: ``api`` (base URL, staging token), ``storage`` (bare)."""
+    """The process's Qonto HTTP bundle, ``api`` (base URL, staging token) and ``storage`` (bare)."""
 
     api: httpx.AsyncClient
     storage: httpx.AsyncClient
@@ -267,7 +267,7 @@ class QontoClient:
 
     @property
     def tokens_unsaved(self) -> bool:
-        """A rotated refresh token is held only in memory: storing it has failed so far."""
+        """Whether a rotated refresh token is held only in memory (storing it has failed so far)."""
         return self._unsaved is not None
 
     async def save_tokens(self) -> bool:
@@ -276,8 +276,10 @@ class QontoClient:
         return self._unsaved is None
 
     async def _after_call(self, pending: credentials.QontoOAuth | None) -> None:
-        """A call went through: store the rotation that was unsaved when it began (one try, at
-        most once per ``STORE_RETRY_GAP``, so that a database outage is not hammered)."""
+        """Store, after a call went through, the rotation that was unsaved when it began.
+
+        One try, at most once per ``STORE_RETRY_GAP``, so that a database outage is not hammered.
+        """
         if pending is not None and self._unsaved is pending and self._now() >= self._store_retry_at:
             await self._store_rotated(ONE_TRY)
 
@@ -411,9 +413,11 @@ class QontoClient:
         )
 
     async def get_subscription(self) -> dict[str, Any] | None:
-        """``GET /v2/subscription``: the organization's plan (``{"plan": {...}}`` or
-        ``{"plan": null}``); None when these credentials may not read it (403, a consent without
-        ``subscription.read``) or the route is absent (404)."""
+        """Read the organization's plan with ``GET /v2/subscription``.
+
+        Returns ``{"plan": {...}}`` or ``{"plan": null}``; None when these credentials may not read
+        it (403, a consent without ``subscription.read``) or the route is absent (404).
+        """
         what = "subscription"
         response = await self._get_response("/v2/subscription", what)
         if response.status_code in (403, 404):
