@@ -87,7 +87,7 @@ class Buffer:
             item.dead = str(exc)
 
     async def _fetch_invoices(self, items: list[Item]) -> None:
-        """Client invoice events without ``attachment_id``: re-fetch the invoice from Qonto."""
+        """Re-fetch from Qonto the invoice of client invoice events without ``attachment_id``."""
         clients: dict[uuid.UUID, qonto.QontoClient] = {}
         for item in items:
             event = item.event
@@ -128,8 +128,11 @@ class Buffer:
     # ------------------------------------------------------------------ apply (one transaction)
 
     async def _apply(self, items: list[Item], *, what: str = "apply batch") -> None:
-        """Apply the live items in one transaction: their connections checked, their events
-        recorded (a duplicate once), their snapshots turned into documents, their outcomes saved."""
+        """Apply the live items in one transaction.
+
+        Their connections are checked, their events recorded (a duplicate once), their snapshots
+        turned into documents and their outcomes saved.
+        """
         live = [i for i in items if not i.dead and not i.retry]
         if not live:
             return
@@ -148,8 +151,9 @@ class Buffer:
             await _save_outcomes(conn, [i for i in fresh if i.outcome != "applied"])
 
     async def _apply_each(self, items: list[Item], reason: str) -> None:
-        """PostgreSQL refused some record of the batch: apply each message in a transaction of its
-        own; the ones it still refuses are dead-lettered with its reason.
+        """Apply each message in a transaction of its own, after PostgreSQL refused the batch.
+
+        The messages it still refuses are dead-lettered with its reason.
 
         Only InvalidData (the data's fault) is isolated: a schema or configuration error would fail
         every message alike, so it propagates and stops the consumer instead of dead-lettering all.

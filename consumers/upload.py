@@ -40,8 +40,11 @@ Sleep = Callable[[float], Awaitable[None]]
 
 @dataclasses.dataclass
 class Gates:
-    """The bounds a flush's connections share: documents in hand, deposits in flight (all firms
-    together and per firm), and one document at a time per dossier and content."""
+    """The bounds a flush's connections share.
+
+    They bound the documents in hand, the deposits in flight (all firms together and per firm), and
+    allow one document at a time per dossier and content.
+    """
 
     # documents in hand (downloading, waiting for an upload slot, uploading), all connections
     # together: bounds temporary files and Qonto downloads whatever the number of connections
@@ -78,7 +81,7 @@ class Answers:
 
 @dataclasses.dataclass
 class Context:
-    """What one flush's documents share: settings, store, upstream clients and gates."""
+    """What one flush's documents share (settings, store, upstream clients and gates)."""
 
     settings: config.Settings
     pool: asyncpg.Pool
@@ -165,7 +168,7 @@ def _doubt_unfounded(document: models.Document) -> None:
 
 
 def _lost_hold(document: models.Document, state: str) -> None:
-    """This worker no longer held the document (a recovery settled it): its state is left alone."""
+    """Log that this worker no longer held the document (a recovery settled it); its state stays."""
     logger.warning(
         "document_transition_lost",
         document=document.id,
@@ -202,7 +205,7 @@ async def process(ctx: Context, run: ConnectionRun, document: models.Document) -
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _File:
-    """A downloaded file as it is deposited: where it is, what it is, what Loop calls it."""
+    """A downloaded file as it is deposited (where it is, what it is, what Loop calls it)."""
 
     path: pathlib.Path
     size: int
@@ -379,10 +382,12 @@ class _Job:
         return False
 
     async def _send(self, file: _File) -> tuple[int, cegid.Stored | errors.RelayError] | None:
-        """One attempt: its row committed before the first byte, then the POST, inside the
-        upload slots (held only while a request is out, so bookkeeping and backoff leave them
-        busy); (attempt, Loop's answer), or None when a recovery took the document from this
-        worker (not ours to send)."""
+        """Make one attempt, its row committed before the first byte, then the POST.
+
+        The POST runs inside the upload slots, held only while a request is out (bookkeeping and
+        backoff do not keep them busy). Returns (attempt, Loop's answer), or None when a recovery
+        took the document from this worker (not ours to send).
+        """
         ctx, run, document = self.ctx, self.run, self.document
         starts = 0
 
@@ -439,8 +444,11 @@ class _Job:
     async def _settle(
         self, stored: cegid.Stored | errors.RelayError, upload_id: int, file: _File
     ) -> None:
-        """Record Loop's final answer: access refused (the connection waits), file refused
-        (failed), no answer after the whole file was sent (in doubt), or stored (uploaded)."""
+        """Record Loop's final answer.
+
+        Access refused (the connection waits), file refused (failed), no answer after the whole
+        file was sent (in doubt), or stored (uploaded).
+        """
         run, document = self.run, self.document
         if isinstance(stored, errors.CegidAccessRefused):
             # the daily dossier check clears the flag once access is back
@@ -486,8 +494,11 @@ class _Job:
         attempt: _Ended | None = None,
         release_content: bool = False,
     ) -> None:
-        """One transaction: the document's new state, its attempt's end, the dossier's content
-        given up; then the report's count and the log line."""
+        """Write the document's new state in one transaction, with its attempt's end if any.
+
+        The same transaction gives up the dossier's content when asked; then come the report's
+        count and the log line.
+        """
         ctx, run, document = self.ctx, self.run, self.document
         runs = 0
 
@@ -533,9 +544,11 @@ class _Job:
         )
 
     async def _wait_for_access(self, upload_id: int | None) -> None:
-        """Loop refused the connection's access: the document waits (pending) with that reason
-        and gives up its content claim (nothing went into Loop); the connection is flagged at
-        its end."""
+        """Leave the document pending after Loop refused the connection's access.
+
+        It waits with that reason and gives up its content claim (nothing went into Loop); the
+        connection is flagged at its end.
+        """
         await self.finish(
             models.DocumentState.PENDING,
             _waiting(self.run),
@@ -544,8 +557,10 @@ class _Job:
         )
 
     async def _record_uploaded(self, stored: cegid.Stored, upload_id: int) -> None:
-        """One statement: the attempt uploaded and the document with it (a second run finds it
-        done); then the connection's first deposit, once."""
+        """Mark the attempt and the document uploaded in one statement (a second run finds it done).
+
+        Then the connection's first deposit is recorded, once.
+        """
         ctx, run, document = self.ctx, self.run, self.document
         runs = 0
 
@@ -571,9 +586,11 @@ class _Job:
             _lost_hold(document, "uploaded")
 
     async def _already(self, state: str) -> bool:
-        """A transition that found the document no longer held, on a second run: whether its
-        first run had landed (its answer lost with the database) rather than a recovery taking
-        it."""
+        """Tell whether a transition's first run landed, once its second found the document gone.
+
+        The first run's answer may have been lost with the database; otherwise a recovery took the
+        document.
+        """
 
         async def read() -> bool:
             return await store.documents.state_of(self.ctx.pool, self.document.id) == state
@@ -581,9 +598,11 @@ class _Job:
         return await self.ctx.guard.run("read document", read)
 
     def unrecorded(self) -> None:
-        """The flush could not record this document's outcome: the next run's recovery settles
-        it (in doubt when an attempt was committed, pending when not); its answer, if any, is
-        logged."""
+        """Count this document as left unrecorded by the flush, logging Loop's answer if any.
+
+        The next run's recovery settles it (in doubt when an attempt was committed, pending when
+        not).
+        """
         answers, document = self.ctx.answers, self.document
         answer = answers.held.get(document.id)
         if answer is None:
@@ -600,8 +619,11 @@ class _Job:
 
 @contextlib.asynccontextmanager
 async def _content_turn(ctx: Context, key: tuple[str, str, str]) -> AsyncIterator[None]:
-    """One document at a time per dossier and content in this process: a second copy waits for
-    the first one's outcome (in Loop: a duplicate; refused: it may go) instead of a next run."""
+    """Let one document at a time per dossier and content through, in this process.
+
+    A second copy waits for the first one's outcome (in Loop: a duplicate; refused: it may go)
+    instead of a next run.
+    """
     turn = ctx.gates.contents.setdefault(key, _Turn())
     turn.users += 1
     try:
