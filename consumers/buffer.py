@@ -191,8 +191,11 @@ class Buffer:
         logger.warning("event_dead_lettered", reason=reason, event_id=item.message.message_id)
 
     async def _settle_all(self, items: list[Item]) -> None:
-        """Dead letters and retries are published (confirmed) first, then the whole batch is
-        acknowledged at once: every message before the batch's last one was settled already."""
+        """Publish dead letters and retries (confirmed), then acknowledge the whole batch at once.
+
+        One acknowledgement of the last message covers the batch, since every message before it
+        was settled already.
+        """
         await asyncio.gather(
             *(self._settle(i) for i in items if i.dead is not None or i.retry is not None)
         )
@@ -292,8 +295,11 @@ Key = tuple[uuid.UUID, str, str]  # (connection, source, resource id)
 
 
 async def _check_connections(conn: db.Conn, live: list[Item]) -> list[Item]:
-    """Mark each item whose connection is unknown (dead-lettered), inactive or whose topic is
-    ignored (recorded, nothing applied); the items still to record."""
+    """Mark each item whose connection is unknown or inactive, or whose topic is ignored.
+
+    Unknown ones are dead-lettered; the others are recorded with nothing applied. Returns the items
+    still to record.
+    """
     ids = list({i.connection_id for i in live if i.connection_id is not None})
     states = await store.connections.states(conn, ids)
     for item in live:
@@ -308,8 +314,10 @@ async def _check_connections(conn: db.Conn, live: list[Item]) -> list[Item]:
 
 
 def _drop_repeats(live: list[Item]) -> list[Item]:
-    """Mark every copy of an event id after its first in the batch a duplicate (as it would be
-    in a later batch); the items left."""
+    """Mark every repeat of an event id within the batch a duplicate, and return the items left.
+
+    A copy after the first is a duplicate, as it would be in a later batch.
+    """
     seen: set[tuple[uuid.UUID | None, str]] = set()
     for item in live:
         event_key = (item.connection_id, item.event.id if item.event else "")
@@ -344,8 +352,11 @@ async def _record_events(conn: db.Conn, live: list[Item]) -> list[Item]:
 
 
 async def _take_snapshot(conn: db.Conn, item: Item) -> tuple[uuid.UUID, events.Snapshot] | None:
-    """The resource snapshot an applied event carries (a transaction, a client invoice), kept on
-    the item; a consent revocation revokes its connection instead."""
+    """Return the resource snapshot an applied event carries, also kept on the item.
+
+    Transactions and client invoices carry one; a consent revocation revokes its connection
+    instead.
+    """
     event = item.event
     if item.outcome != "applied" or event is None or item.connection_id is None:
         return None
@@ -381,8 +392,11 @@ def _judge_snapshots(
     snapshots: list[tuple[uuid.UUID, events.Snapshot]],
     applied: ingest.Applied,
 ) -> None:
-    """Mark each fresh item whose snapshot was older than the one recorded, or than another of
-    the batch (stale), or a client invoice without a document (a draft or canceled one)."""
+    """Mark each fresh item whose snapshot is stale, or that is a client invoice without a document.
+
+    A snapshot is stale when it was older than the one recorded or than another of the batch; a
+    client invoice without a document is a draft or a canceled one.
+    """
     newest = _newest(snapshots)
     for item in fresh:
         if item.snapshot is None or item.connection_id is None:

@@ -299,8 +299,7 @@ async def run_forever(
         return result
 
     async def wait_or_stop(seconds: float) -> None:
-        """Wait until ``stop`` or ``seconds``, or until a flush is asked for or PostgreSQL is found
-        gone (poll now)."""
+        """Wait for ``stop``, ``seconds``, a flush asked for or PostgreSQL found gone (poll now)."""
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()

@@ -1,10 +1,9 @@
 """One document's way to Cegid Loop, one transaction per transition (see :mod:`consumers.flusher`).
 
 A claimed document is downloaded, typed by its bytes, deduplicated per dossier, its attempt row
-committed before the first byte, then POSTed: ``uploaded``, ``pending`` (retried next run),
-``failed`` or ``in_doubt`` (sent, no answer: never re-sent without an operator). :class:`_Job`
-names each step. Every write goes through the flush's :class:`consumers.patience.Guard`, which
-waits for PostgreSQL when it is gone, so a deposit already out keeps its answer.
+committed before the first byte, then POSTed; :class:`_Job` names each step. Every write goes
+through the flush's :class:`consumers.patience.Guard`, which waits for PostgreSQL when it is gone,
+so a deposit already out keeps its answer.
 """
 
 from __future__ import annotations
@@ -72,8 +71,11 @@ class Gates:
 
 @dataclasses.dataclass
 class Answers:
-    """Loop's answer to each deposit whose outcome is not recorded yet (what is said of it if the
-    flush gives up on the database), and what was left so: stored, sent (not stored), unsent."""
+    """Loop's answers to deposits whose outcome is not recorded yet, and what was left so.
+
+    An answer is what is said of a deposit if the flush gives up on the database; what was left is
+    counted as stored, sent (not stored) or unsent.
+    """
 
     held: dict[int, str] = dataclasses.field(default_factory=dict)
     left: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
@@ -152,10 +154,13 @@ def _answer(stored: cegid.Stored | errors.RelayError) -> str:
 
 
 def _doubt_unfounded(document: models.Document) -> None:
-    """A recovery (another flush, taking this worker for dead while it waited for the database)
-    put the document in doubt for an attempt row this worker committed without learning it: it
-    was never sent. The ledger's rule stands (this worker no longer holds it, it writes nothing);
-    the operator is told what to decide."""
+    """Tell the operator that a document a recovery put in doubt was never sent.
+
+    A recovery (another flush, taking this worker for dead while it waited for the database) put
+    the document in doubt for an attempt row this worker committed without learning it. The
+    ledger's rule stands (this worker no longer holds it, it writes nothing); the operator is told
+    what to decide.
+    """
     logger.warning(
         "document_in_doubt_never_sent",
         document=document.id,
@@ -235,8 +240,10 @@ class _Job:
     # -------------------------------------------------------------------------- download
 
     async def download_and_upload(self) -> None:
-        """Download the file, type it by its bytes, then deposit it (one copy per dossier and
-        content at a time in this process)."""
+        """Download the file, type it by its bytes, then deposit it.
+
+        One copy per dossier and content goes at a time in this process.
+        """
         run = self.run
         if run.refused:
             await self.finish(models.DocumentState.PENDING, _waiting(run))
@@ -267,8 +274,10 @@ class _Job:
             await self._deposit(file)
 
     async def _download(self) -> attachments.Download | None:
-        """The file, streamed from Qonto to ``path``; None when it cannot be had (the document
-        is then finished: skipped, or pending with the reason)."""
+        """Stream the file from Qonto to ``path``, or return None when it cannot be had.
+
+        The document is then finished (skipped, or pending with the reason).
+        """
         run = self.run
         try:
             return await run.qonto.download(self.document.qonto_attachment_id, self.path)
@@ -299,8 +308,10 @@ class _Job:
     # -------------------------------------------------------------------------- deposit
 
     async def _deposit(self, file: _File) -> None:
-        """Claim the content for the dossier, then POST it to Loop (again after a failure Loop
-        kept nothing of, under :data:`POLICY`) and record the outcome."""
+        """Claim the content for the dossier, POST it to Loop and record the outcome.
+
+        The POST is tried again under :data:`POLICY` after a failure Loop kept nothing of.
+        """
         if not await self._claim_content(file):
             return
         tries = POLICY.tries()
@@ -333,9 +344,11 @@ class _Job:
             await self.ctx.sleep(delay)
 
     async def _claim_content(self, file: _File) -> bool:
-        """Whether this document holds the file's content for its dossier; if another one does,
-        the document is finished: skipped when that copy is in Loop or in doubt, pending while
-        it is being sent."""
+        """Claim the file's content for its dossier and tell whether this document holds it.
+
+        If another one does, the document is finished: skipped when that copy is in Loop or in
+        doubt, pending while it is being sent.
+        """
         ctx, connection, document = self.ctx, self.run.connection, self.document
 
         async def claim() -> store.dossier_contents.Holder | None:
@@ -446,8 +459,9 @@ class _Job:
     ) -> None:
         """Record Loop's final answer.
 
-        Access refused (the connection waits), file refused (failed), no answer after the whole
-        file was sent (in doubt), or stored (uploaded).
+        Access refused (the connection waits, the document ``pending`` for the next run), file
+        refused (``failed``), no answer after the whole file was sent (``in_doubt``: never re-sent
+        without an operator), or stored (``uploaded``).
         """
         run, document = self.run, self.document
         if isinstance(stored, errors.CegidAccessRefused):

@@ -88,9 +88,11 @@ _fast = _FastPath()
 
 
 def fast(event: str, **fields: str | int | float | None) -> None:
-    """One info line for a hot path (a line per webhook) whose keys are fixed and whose values are
-    known safe (ids, outcomes, statuses, durations): rendered once with orjson, without the
-    scrubbing processors, in the same JSON shape as every other line."""
+    """Write one info line for a hot path (a line per webhook), rendered once with orjson.
+
+    Its keys are fixed and its values known safe (ids, outcomes, statuses, durations), so it skips
+    the scrubbing processors; the line has the same JSON shape as every other line.
+    """
     if not _fast.enabled:
         return
     if not _fast.json or _fast.out is None:

@@ -1,6 +1,8 @@
-"""How long a long-running role waits for PostgreSQL or RabbitMQ (``RELAY_OUTAGE_LIMIT``) before it
-exits 1, so that its supervisor restarts it instead of leaving it alive and idle; the delays between
-its attempts are :data:`relay.retry.OUTAGE`'s."""
+"""How long a long-running role waits for PostgreSQL or RabbitMQ before it exits 1.
+
+Past ``RELAY_OUTAGE_LIMIT`` the role exits, so that its supervisor restarts it instead of leaving it
+alive and idle. The delays between its attempts are :data:`relay.retry.OUTAGE`'s.
+"""
 
 from __future__ import annotations
 

@@ -51,8 +51,10 @@ RETRY = models.Why(models.Reason.RETRY_REQUESTED, "retry requested by an operato
 
 
 async def retry(pool: asyncpg.Pool, document_id: int) -> models.Document:
-    """Put a failed document back to pending for the next flush (``relay documents retry ID``; the
-    operator fixed what made Loop refuse it). Only a failed document can be retried."""
+    """Put a failed document back to pending for the next flush (``relay documents retry ID``).
+
+    The operator fixed what made Loop refuse it. Only a failed document can be retried.
+    """
     document = await store.overview.retry_document(pool, document_id, RETRY)
     if document is None:
         state = await store.documents.state_of(pool, document_id)

@@ -309,8 +309,10 @@ async def purge_dlq(request: Request) -> Any:
 
 
 async def get_status(request: Request) -> Any:
-    """What `relay status --json` prints (roles, queues, what is stalled), filtered by ``role``
-    and ``host`` when given; always 200: the verdict is in the body."""
+    """Answer what ``relay status --json`` prints (roles, queues, what is stalled).
+
+    It is filtered by ``role`` and ``host`` when given, and always 200 (the verdict is in the body).
+    """
     import socket
 
     from relay.domain import status

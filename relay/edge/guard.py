@@ -76,8 +76,11 @@ class Guard(asyncio.Protocol):
     """
 
     def __init__(self, **uvicorn_arguments: Any) -> None:
-        """uvicorn's protocol arguments; the worker's :class:`Limits` come from the application's
-        lifespan state (``connection_limits``, see :mod:`relay.edge.app`)."""
+        """Wrap uvicorn's protocol, built from its arguments.
+
+        The worker's :class:`Limits` come from the application's lifespan state
+        (``connection_limits``, see :mod:`relay.edge.app`).
+        """
         self.limits: Limits = uvicorn_arguments["app_state"][STATE_KEY]
         self._inner = HttpToolsProtocol(**uvicorn_arguments)
         self._loop = asyncio.get_running_loop()

@@ -109,8 +109,10 @@ class SecretCache:
 
     @property
     def complete(self) -> bool:
-        """Whether the cache holds every connection that accepts webhooks (it listens, and no
-        change it was told of is still to be loaded)."""
+        """Whether the cache holds every connection that accepts webhooks.
+
+        It does while it listens and no change it was told of is still to be loaded.
+        """
         return self._listener is not None and self._reloaded.is_set()
 
     async def _refresher(self) -> None:

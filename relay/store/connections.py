@@ -118,8 +118,10 @@ async def flag(
     reason: str | None,
     refused_by: Collection[models.Refuser],
 ) -> models.Connection | None:
-    """Set an active or flagged connection's state and who refused it (None when it is
-    disconnected or revoked)."""
+    """Set an active or flagged connection's state and who refused it.
+
+    Returns the connection, or None when it is disconnected or revoked.
+    """
     with db.translate("flag connection"):
         return _connection(
             await conn.fetchrow(

@@ -104,8 +104,10 @@ async def insert_pending(conn: db.Executor, rows: Sequence[NewDocument]) -> int:
 async def insert_named(
     conn: db.Executor, rows: Sequence[NewDocument], deleted: models.Why
 ) -> list[str]:
-    """List files only older snapshots named (skipped when the newest snapshot leaves them out);
-    the states of the ones added."""
+    """List files only older snapshots named, and return the states of the ones added.
+
+    They are skipped when the newest snapshot leaves them out.
+    """
     with db.translate("insert named documents"):
         records = await conn.fetch(
             queries.get("insert_named_documents"), *_columns(rows), deleted.text, deleted.code

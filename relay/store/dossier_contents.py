@@ -25,8 +25,11 @@ async def claim(
     content_type: str,
     file_name: str,
 ) -> Holder | None:
-    """Take the content for the document (unless a copy is in Loop, in doubt or being sent) and
-    record its file; the holder, or None when a concurrent transaction took it."""
+    """Take the content for the document and record its file, unless another copy holds it.
+
+    Another copy holds it while that copy is in Loop, in doubt or being sent. Returns the holder,
+    or None when a concurrent transaction took it.
+    """
     with db.translate("start upload"):
         record = await conn.fetchrow(
             queries.get("claim_dossier_content"),

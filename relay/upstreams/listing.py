@@ -1,10 +1,8 @@
 """Qonto's list walks, bringing every item of a paged list once even while items change.
 
-Offset pages shift under updates (an item updated after its page was read leaves the window or moves
-to its end, and every later item moves up a place), so a plain walk of pages loses items. Keyset
-walks by ``updated_at`` (:func:`keyset`) serve where the sort is documented, settled offset passes
-(:func:`settled`) where it is not. Each takes a :data:`FetchPage`, the HTTP call for one page, made
-by :mod:`relay.upstreams.qonto` (the boundary where httpx and Qonto's errors become the relay's).
+Offset pages shift under updates, so a plain walk of pages loses items. Keyset walks by
+``updated_at`` (:func:`keyset`) serve where the sort is documented, settled offset passes
+(:func:`settled`) where it is not; each takes a :data:`FetchPage` from :mod:`relay.upstreams.qonto`.
 """
 
 from __future__ import annotations
@@ -34,7 +32,8 @@ class Page:
 
 
 # One page of a list: (the query's parameters, the page number) -> the page, or None when Qonto
-# answered that page is past the end.
+# answered that page is past the end. relay.upstreams.qonto makes it (the boundary where httpx and
+# Qonto's errors become the relay's).
 FetchPage = Callable[[dict[str, Any], int], Awaitable[Page | None]]
 
 
@@ -120,8 +119,7 @@ async def keyset(
     start: dt.datetime,
     what: str,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every item of a list sorted by ``updated_at`` ascending, each once, however items change
-    while it is walked.
+    """Yield each item of a list sorted by ascending ``updated_at`` once, however items change.
 
     Offset pages alone lose items: one updated after its page was read leaves the window (or
     moves to its end) and every later item shifts up a place, so one is never listed. Here each
@@ -196,8 +194,11 @@ class _Walk:
         self.run.unsure = self.run.unsure or self.run.previous_full
 
     def take(self, got: Page) -> list[dict[str, Any]]:
-        """Record the page's items; those never seen before, to be listed. An item seen before
-        with a new ``updated_at``, on a later page of this run, moved: the run drifted."""
+        """Record the page's items and return those never seen before, to be listed.
+
+        An item seen before with a new ``updated_at``, on a later page of this run, moved: the run
+        drifted.
+        """
         fresh = []
         for item in got.items:
             item_id, updated = str(item["id"]), _updated_at(item)
@@ -226,8 +227,11 @@ class _Walk:
             run.drifted = True
 
     def check_cursor(self, got: Page, fresh: int) -> None:
-        """Stop moving the cursor when it does not narrow the list (a page 1 after a move that
-        brings nothing new) or when the sort is ignored (a page out of ``updated_at`` order)."""
+        """Stop moving the cursor when it does not narrow the list or when the sort is ignored.
+
+        A page 1 after a move that brings nothing new shows the first; a page out of
+        ``updated_at`` order, the second.
+        """
         if self.after_move and fresh == 0 and got.next_page is not None:
             self.moves = False  # follow pages from now on
         self.after_move = False
@@ -274,15 +278,15 @@ class _Walk:
 async def settled(
     fetch: FetchPage, params: dict[str, Any], what: str
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every item of a list whose order is not documented, each once, by whole offset passes
-    repeated until one pass finds every item of the previous one, unchanged.
+    """Yield each item of a list whose order is not documented once, by whole offset passes.
 
-    Without a documented sort no cursor can be trusted, so this walks pages and checks
-    instead: an item that changed or left during a pass may have shifted another out of it,
-    and shows in the next pass as missing or with a new ``updated_at``. A pass that finds every
-    item of the one before, unchanged, proves nothing shifted during that one, which was
-    therefore complete. A list read whole on page 1 needs no second pass. At most
-    ``MAX_LIST_PASSES`` passes, then QontoUnavailable (the caller keeps its watermark).
+    Passes are repeated until one finds every item of the previous one, unchanged. Without a
+    documented sort no cursor can be trusted, so this walks pages and checks instead: an item
+    that changed or left during a pass may have shifted another out of it, and shows in the next
+    pass as missing or with a new ``updated_at``. A pass that finds every item of the one before,
+    unchanged, proves nothing shifted during that one, which was therefore complete. A list read
+    whole on page 1 needs no second pass. At most ``MAX_LIST_PASSES`` passes, then
+    QontoUnavailable (the caller keeps its watermark).
     """
     yielded: set[str] = set()
     previous: dict[str, object] | None = None

@@ -323,8 +323,10 @@ class QontoClient:
     async def _send(
         self, request: Callable[[], Awaitable[httpx.Response]], what: str
     ) -> httpx.Response:
-        """One logical call, tried again under :data:`POLICY` after a 429, a 5xx or a network
-        error; QontoRateLimited or QontoUnavailable once its tries are spent."""
+        """Make one logical call, retried under :data:`POLICY` on a 429, a 5xx or a network error.
+
+        Raises QontoRateLimited or QontoUnavailable once its tries are spent.
+        """
         tries = POLICY.tries()
         while True:
             await self._http.limiter.acquire()
@@ -459,8 +461,10 @@ class QontoClient:
     async def transactions(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Transactions with attachments updated in the window, for every bank account (keyset
-        walks: ``sort_by=updated_at:asc`` is documented)."""
+        """Yield the transactions with attachments updated in the window, for every bank account.
+
+        They come from keyset walks, since ``sort_by=updated_at:asc`` is documented.
+        """
         organization = await self.get_organization()
         for account in organization.get("bank_accounts") or []:
             if not isinstance(account, dict) or not account.get("id"):
@@ -484,8 +488,10 @@ class QontoClient:
     async def supplier_invoices(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Supplier invoices updated in the window, whatever their status (a keyset walk:
-        ``sort_by=updated_at:asc`` is documented)."""
+        """Yield the supplier invoices updated in the window, whatever their status.
+
+        They come from a keyset walk, since ``sort_by=updated_at:asc`` is documented.
+        """
         params = {
             "filter[updated_at_to]": listing.stamp(updated_to, up=True),
             "sort_by": "updated_at:asc",
@@ -604,8 +610,11 @@ async def authorize(
     sleep: Sleep = asyncio.sleep,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> QontoClient:
-    """A client holding the tokens the consent's authorization ``code`` is exchanged for
-    (``grant_type=authorization_code``); its :attr:`QontoClient.current_credentials` are to be stored."""
+    """Exchange the consent's authorization ``code`` for tokens and return a client holding them.
+
+    The grant is ``grant_type=authorization_code``; the client's
+    :attr:`QontoClient.current_credentials` are to be stored.
+    """
     pending = credentials.QontoOAuth(refresh_token=config.Secret(""))
     qonto = QontoClient(settings, pending, http, sleep=sleep, now=now)
     await qonto._exchange(code)

@@ -86,8 +86,11 @@ ActionHandler = Callable[
 async def posted(
     request: Request, ctx: views.Context
 ) -> tuple[sessions.Session, dict[str, str]] | Response:
-    """Read the form of a POST by a signed-in operator with the page's CSRF token, or refuse it
-    (the sign-in page without a session, 403 without the token); nothing is changed either way."""
+    """Read the form of a POST by a signed-in operator with the page's CSRF token, or refuse it.
+
+    Without a session it goes to the sign-in page, without the token it is 403; nothing is changed
+    either way.
+    """
     try:
         fields = await forms.read(request)
     except forms.Invalid:
