@@ -86,7 +86,7 @@ class Policy:
             raise ValueError("a retry policy allows at least one try")
 
     def ceiling(self, attempt: int) -> float:
-        """The longest wait after failed try ``attempt`` (1-based)."""
+        """Return the longest wait after failed try ``attempt`` (1-based)."""
         doublings = min(max(attempt - 1, 0), _MAX_DOUBLINGS)
         return min(self.cap_s, self.first_s * float(2**doublings))
 
@@ -104,7 +104,7 @@ class Policy:
     def tries(
         self, *, deadline: float | None = None, clock: Callable[[], float] = time.monotonic
     ) -> Tries:
-        """The tries of one call under this policy; ``deadline`` (on ``clock``) ends them too."""
+        """Start the tries of one call under this policy, bounded by ``deadline`` on ``clock`` too."""
         return Tries(self, deadline, clock)
 
 
@@ -151,7 +151,7 @@ class Backoff:
         self._attempt = 0
 
     def next(self, retry_after: float | None = None) -> float:
-        """The delay before the next try."""
+        """Return the delay before the next try."""
         self._attempt = min(self._attempt + 1, _MAX_DOUBLINGS + 1)
         return self.policy.delay(self._attempt, retry_after)
 

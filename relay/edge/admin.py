@@ -35,7 +35,7 @@ class BadRequest(Exception):
 
 
 def _whole_number(text: str, what: str) -> int:
-    """A whole number from 1 to BIGINT_MAX, else BadRequest naming ``what``."""
+    """Read a whole number from 1 to BIGINT_MAX, else raise BadRequest naming ``what``."""
     if (
         not (text.isascii() and text.isdigit())
         or len(text) > 19
@@ -176,7 +176,7 @@ async def list_connections(request: Request) -> Any:
 
 
 def _field(name: str) -> str:
-    """The JSON key naming a field in the admin API's messages."""
+    """Name a field in the admin API's messages by its JSON key."""
     return {"webhook_secret": "webhook_secrets"}.get(name, name)
 
 

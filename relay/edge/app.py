@@ -72,7 +72,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 def create_app(settings: config.Settings, *, command: str = "serve") -> Starlette:
-    """Build the application; ``command`` names the relay command serving it (for its heartbeat)."""
+    """Build the application for ``command``, the relay command serving it (for its heartbeat)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -33,7 +33,7 @@ class StartFailed(errors.RelayError):
 
 
 def _factory() -> Starlette:
-    """Each worker process rebuilds the settings from the environment (already validated)."""
+    """Build a worker's application from the environment's settings (validated already)."""
     settings = config.from_env()
     log.configure(settings.log_level)
     return app.create_app(settings)
@@ -60,7 +60,10 @@ def options(settings: config.Settings) -> dict[str, Any]:
 
 
 async def check_dependencies(settings: config.Settings) -> None:
-    """PostgreSQL answers with every migration applied, and RabbitMQ answers; raise otherwise."""
+    """Check that PostgreSQL answers with every migration applied and that RabbitMQ answers.
+
+    Raises StartFailed when one does not answer, ConfigurationError when a migration is missing.
+    """
     try:
         conn = await db.connect(settings)
     except errors.DatabaseUnavailable as exc:
@@ -83,7 +86,7 @@ async def check_dependencies(settings: config.Settings) -> None:
 
 
 def bind(settings: config.Settings) -> socket.socket:
-    """The listening socket, bound by the parent (shared by every worker); StartFailed if taken."""
+    """Bind the listening socket in the parent, shared by every worker (StartFailed if taken)."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -101,7 +104,7 @@ def bind(settings: config.Settings) -> socket.socket:
 
 
 def run(settings: config.Settings) -> None:
-    """Serve until SIGTERM/SIGINT; in-flight requests get ``GRACEFUL_SHUTDOWN_S`` to finish.
+    """Serve until SIGTERM/SIGINT, giving in-flight requests ``GRACEFUL_SHUTDOWN_S`` to finish.
 
     A start that cannot succeed fails the command, whatever the number of workers: before any
     worker is started, the parent binds the port and checks that PostgreSQL (with an up-to-date

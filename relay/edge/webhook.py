@@ -116,7 +116,7 @@ class SecretCache:
         return self._listener is not None and self._reloaded.is_set()
 
     async def _refresher(self) -> None:
-        """Reload on NOTIFY, or every minute; re-listen with backoff while the listener is lost.
+        """Reload on NOTIFY or every minute, and re-listen with backoff while the listener is lost.
 
         Whatever fails, the last known cache keeps serving.
         """
@@ -148,7 +148,7 @@ class SecretCache:
                     pause = backoff.next()
 
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
-        """The connection's secrets; empty when it is unknown, disconnected or revoked.
+        """Return the connection's secrets, empty when it is unknown, disconnected or revoked.
 
         Raises ``errors.DatabaseUnavailable`` when the cache cannot tell (its LISTEN is lost and
         the lookups' rate is spent, or PostgreSQL does not answer).

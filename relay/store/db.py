@@ -103,20 +103,20 @@ def translate(what: str = "database") -> Any:
 
 
 async def acquire(pool: asyncpg.Pool, what: str) -> asyncpg.pool.PoolConnectionProxy:
-    """Take a pool connection held beyond one block (a session's advisory lock); errors translated."""
+    """Take a pool connection held past one block (a session's advisory lock), errors translated."""
     with translate(what):
         return await pool.acquire()
 
 
 async def release(pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy, what: str) -> None:
-    """Give back a connection :func:`acquire` took; errors translated."""
+    """Give back a connection :func:`acquire` took, translating errors."""
     with translate(what):
         await pool.release(conn)
 
 
 @contextlib.asynccontextmanager
 async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
-    """Lend a pool connection for several statements; errors in the block are translated."""
+    """Lend a pool connection for several statements, translating errors in the block."""
     with translate(what):
         async with pool.acquire() as conn:
             yield conn
@@ -124,7 +124,7 @@ async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
 
 @contextlib.asynccontextmanager
 async def transaction(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
-    """Run the block in one transaction on a pool connection; errors (the commit's too) translated."""
+    """Run the block in one transaction on a pool connection, errors (the commit's) translated."""
     with translate(what):
         async with pool.acquire() as conn, conn.transaction():
             token = _BLOCK.set(what)
@@ -174,7 +174,7 @@ async def create_pool(
 
 
 async def connect(settings: config.Settings) -> asyncpg.Connection:
-    """A single connection (LISTEN, advisory session locks), with the pool's codecs."""
+    """Open a single connection (LISTEN, advisory session locks) with the pool's codecs."""
     with translate("connect"):
         conn = await asyncpg.connect(settings.database_url.reveal(), timeout=10)
         await _init_connection(conn)
@@ -187,7 +187,7 @@ async def listen(
     on_notify: Callable[..., None],
     on_lost: Callable[..., None],
 ) -> asyncpg.Connection:
-    """Open a connection that LISTENs on ``channel``; ``on_lost`` is called when it dies."""
+    """Open a connection that LISTENs on ``channel`` and calls ``on_lost`` when it dies."""
     conn = await connect(settings)
     try:
         with translate("listen"):

@@ -95,7 +95,7 @@ async def count_by_state(conn: db.Executor, connection_id: uuid.UUID | None) -> 
 
 
 async def insert_pending(conn: db.Executor, rows: Sequence[NewDocument]) -> int:
-    """Add a pending document per new file (one skipped as deleted comes back); how many."""
+    """Add a pending document per new file, returning how many (a skipped one comes back)."""
     with db.translate("insert documents"):
         records = await conn.fetch(queries.get("insert_documents"), *_columns(rows))
     return len(records)
@@ -121,7 +121,7 @@ async def skip_removed(
     kept: Sequence[tuple[uuid.UUID, str]],
     why: models.Why,
 ) -> int:
-    """Skip the pending documents of complete snapshots that no longer list them; how many."""
+    """Skip pending documents that complete snapshots no longer list, returning how many."""
     with db.translate("skip removed attachments"):
         status: str = await conn.execute(
             queries.get("skip_removed_attachments"),
@@ -161,7 +161,7 @@ async def held(
 async def finish(
     conn: db.Executor, document_id: int, state: str, why: models.Why, worker: int
 ) -> bool:
-    """Settle a document ``worker`` holds; False when it no longer holds it."""
+    """Settle a document ``worker`` holds, or return False when it no longer holds it."""
     with db.translate("finish document"):
         status: str = await conn.execute(
             queries.get("finish_document"),
@@ -204,7 +204,7 @@ async def mark_uploaded(
 async def resolve(
     conn: db.Executor, document_id: int, state: str, why: models.Why
 ) -> models.Document | None:
-    """Settle an in-doubt document as an operator decided; None when it is no longer in doubt."""
+    """Settle an in-doubt document as an operator decided (None when it is no longer in doubt)."""
     with db.translate("resolve document"):
         record = await conn.fetchrow(
             queries.get("resolve_document"), document_id, state, why.text, why.code

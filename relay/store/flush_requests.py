@@ -63,7 +63,7 @@ async def insert(
     since: dt.datetime | None,
     requested_by: str,
 ) -> FlushRequest:
-    """Record a request; the trigger tells the schedulers (``relay_flush_requested``)."""
+    """Record a request, announced to the schedulers by a trigger (``relay_flush_requested``)."""
     with db.translate("ask for a flush"):
         record = await source.fetchrow(
             queries.get("insert_flush_request"), connection_id, since, requested_by
@@ -91,7 +91,7 @@ async def any_open(source: Source) -> bool:
 
 
 async def start(source: Source, request_id: int, run_id: int) -> list[int]:
-    """Link the request, and every open one asking for the same, to ``run_id``; their ids."""
+    """Link the request and every open one like it to ``run_id``, returning their ids."""
     with db.translate("start flush request"):
         records = await source.fetch(queries.get("start_flush_requests"), request_id, run_id)
     return [int(r["id"]) for r in records]

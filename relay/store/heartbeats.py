@@ -11,7 +11,7 @@ from relay.store import db, queries
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Beat:
-    """One beat as a role reports it; ages in seconds, turned into the database's clock."""
+    """One beat as a role reports it, its ages in seconds turned into the database's clock."""
 
     id: uuid.UUID
     role: str

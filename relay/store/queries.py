@@ -18,7 +18,7 @@ _HEADER = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 
 def parse(text: str) -> dict[str, str]:
-    """Split a queries file into statements by name; a name defined twice is an error."""
+    """Split a queries file into statements by name, refusing a name defined twice."""
     found: dict[str, str] = {}
     headers = list(_HEADER.finditer(text))
     for index, header in enumerate(headers):

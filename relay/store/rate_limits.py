@@ -8,7 +8,7 @@ from relay.store import db, queries
 
 
 async def hit(conn: db.Executor, bucket: str, window_start: dt.datetime) -> int:
-    """Count one hit; the window's count."""
+    """Count one hit and return the window's count."""
     with db.translate("count rate limit"):
         return int(await conn.fetchval(queries.get("hit_rate_limit"), bucket, window_start))
 

@@ -20,7 +20,7 @@ class ScheduledRun:
 
 
 async def claim_scheduled(conn: db.Executor, day: dt.date) -> int | None:
-    """Insert the day's scheduled run; its id, or None when it exists already."""
+    """Insert the day's scheduled run and return its id (None when it exists already)."""
     with db.translate("scheduler"):
         value = await conn.fetchval(queries.get("claim_scheduled_run"), day)
     return None if value is None else int(value)
@@ -38,7 +38,7 @@ async def get_scheduled(conn: db.Executor, day: dt.date) -> ScheduledRun | None:
 
 
 async def insert_manual(conn: db.Executor) -> int:
-    """Insert a manual run; its id."""
+    """Insert a manual run and return its id."""
     with db.translate("insert run"):
         return int(await conn.fetchval(queries.get("insert_manual_run")))
 

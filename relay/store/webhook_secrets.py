@@ -34,7 +34,7 @@ async def insert(
     subscription_id: str | None,
     topics: list[str],
 ) -> int:
-    """Store a connection's webhook secret (sealed); its id."""
+    """Store a connection's webhook secret (sealed) and return its id."""
     with db.translate("add webhook secret"):
         return int(
             await conn.fetchval(

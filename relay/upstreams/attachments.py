@@ -20,7 +20,10 @@ CHUNK: Final = 64 * 1024
 
 
 class TooLarge(errors.Permanent):
-    """The attachment is bigger than Cegid Loop accepts (50 MB); ``size`` is what had arrived."""
+    """An attachment bigger than Cegid Loop accepts (50 MB).
+
+    ``size`` is what had arrived.
+    """
 
     def __init__(self, size: int) -> None:
         super().__init__(
@@ -51,7 +54,10 @@ class Download:
 
 
 def parse(attachment_id: str, item: dict[str, Any]) -> Attachment:
-    """What ``GET /v2/attachments/{id}`` says of one; QontoProtocolError without a download URL."""
+    """Read what ``GET /v2/attachments/{id}`` says of one attachment.
+
+    Raises QontoProtocolError when it has no download URL.
+    """
     url = item.get("url")
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
         raise errors.QontoProtocolError("Qonto attachment: no download URL")

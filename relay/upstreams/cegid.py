@@ -131,7 +131,7 @@ class CegidClient:
         path: pathlib.Path,
         size: int,
     ) -> Stored:
-        """POST the file at ``path`` to the dossier's deposit; how it ended, or why not.
+        """POST the file at ``path`` to the dossier's deposit and return how it ended, or why not.
 
         Every way a deposit can end is classified (the contract documents none):
         - 2xx: stored; the whole answer is kept, with its ``id`` when there is one;

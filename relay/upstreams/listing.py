@@ -240,7 +240,7 @@ class _Walk:
             logger.warning("qonto_list_unsorted", call=self.what)
 
     def target(self, got: Page) -> dt.datetime | None:
-        """Where the cursor moves after this page, when there is more and it may move."""
+        """Find where the cursor moves after this page, when there is more and it may move."""
         if got.next_page is None or self.run.drifted or not self.moves:
             return None
         return _next_cursor(got.items, self.cursor, self.seen)

@@ -55,7 +55,7 @@ CALLBACK_PATH: Final = "/setup/oauth/callback"
 
 
 def redirect_uri(settings: config.Settings) -> str:
-    """Where Qonto sends the browser back after the consent (registered with the OAuth app)."""
+    """Return where Qonto sends the browser after the consent (registered with the OAuth app)."""
     return settings.public_url.rstrip("/") + CALLBACK_PATH
 
 
@@ -123,7 +123,7 @@ class HttpClients:
 
 @contextlib.asynccontextmanager
 async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
-    """Open the API and storage clients with explicit timeouts; close them on exit."""
+    """Open the API and storage clients with explicit timeouts, closing them on exit."""
     headers = {"Accept": "application/json", "User-Agent": "qonto-cegid-relay"}
     if settings.qonto_staging_token is not None:
         headers["X-Qonto-Staging-Token"] = settings.qonto_staging_token.reveal()
@@ -226,7 +226,7 @@ class QontoClient:
                 await self._store_rotated(STORE_POLICY)
 
     def _tokens(self, payload: dict[str, Any]) -> credentials.QontoOAuth:
-        """The credentials of a token endpoint's answer."""
+        """Read the credentials of a token endpoint's answer."""
         try:
             return credentials.QontoOAuth(
                 refresh_token=config.Secret(str(payload["refresh_token"])),
@@ -271,7 +271,7 @@ class QontoClient:
         return self._unsaved is not None
 
     async def save_tokens(self) -> bool:
-        """Store a rotated token left unsaved (one try); True when nothing is left unsaved."""
+        """Store a rotated token left unsaved in one try (True when nothing is left unsaved)."""
         await self._store_rotated(ONE_TRY)
         return self._unsaved is None
 
@@ -446,7 +446,7 @@ class QontoClient:
     async def _page(
         self, path: str, key: str, params: dict[str, Any], page: int, what: str
     ) -> listing.Page | None:
-        """One page of a list; None for a 422 on a page after the first (asked past the end)."""
+        """Fetch one page of a list (None for a 422 after the first page, asked past the end)."""
         response = await self._get_response(
             path, what, {**params, "page": page, "per_page": listing.PER_PAGE}
         )
@@ -455,7 +455,7 @@ class QontoClient:
         return listing.parse_page(self._json(response, what), key, page, what)
 
     def _pages(self, path: str, key: str, what: str) -> listing.FetchPage:
-        """The pages of the list at ``path`` (items under ``key``), for the walks of relay.upstreams.listing."""
+        """Return the page fetcher of the list at ``path``, its items under ``key``."""
         return lambda params, page: self._page(path, key, params, page, what)
 
     async def transactions(
@@ -558,7 +558,10 @@ class QontoClient:
         return dict(body.get("webhook_subscription") or body)
 
     async def delete_webhook_subscription(self, subscription_id: str) -> None:
-        """``DELETE /v2/webhook_subscriptions/{id}``; a 404 means it is gone already."""
+        """Delete a webhook subscription with ``DELETE /v2/webhook_subscriptions/{id}``.
+
+        A 404 means it is gone already.
+        """
         what = "delete webhook subscription"
 
         async def call() -> httpx.Response:
@@ -576,7 +579,7 @@ class QontoClient:
     # ------------------------------------------------------------------------------ download
 
     async def download(self, attachment_id: str, dest: pathlib.Path) -> attachments.Download:
-        """Stream the attachment to ``dest``; QontoNotFound when deleted, TooLarge over 50 MB.
+        """Stream the attachment to ``dest`` (QontoNotFound when deleted, TooLarge over 50 MB).
 
         Storage failures are tried again under :data:`POLICY`; an expired URL (403) is asked for
         afresh once.
@@ -630,7 +633,7 @@ def client(
     sleep: Sleep = asyncio.sleep,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> QontoClient:
-    """A client for one connection's credentials over the process's shared HTTP bundle."""
+    """Build a client for one connection's credentials over the process's shared HTTP bundle."""
     return QontoClient(
         settings, creds, http, on_tokens_rotated=on_tokens_rotated, sleep=sleep, now=now
     )

@@ -53,7 +53,7 @@ URGENT, TODAY, LATER, FINE = 0, 1, 2, 3
 
 
 def when(value: dt.datetime | str | None, *, never: str = "never") -> str:
-    """Say a moment as the console shows it (minutes, UTC); an ISO text is read first."""
+    """Say a moment as the console shows it (minutes, UTC), reading an ISO text first."""
     moment = value
     if isinstance(value, str):
         try:
