@@ -251,7 +251,7 @@ class Buffer:
                 )
 
     async def process(self, messages: list[aio_pika.abc.AbstractIncomingMessage]) -> dict[str, int]:
-        """Apply the batch, then settle every message; the count of each outcome.
+        """Apply the batch, then settle every message and return the count of each outcome.
 
         Raises ``errors.DatabaseUnavailable`` with nothing settled (the caller keeps the batch and
         calls again once PostgreSQL answers), and ``errors.BrokerUnavailable`` when RabbitMQ failed
@@ -328,7 +328,10 @@ def _drop_repeats(live: list[Item]) -> list[Item]:
 
 
 async def _record_events(conn: db.Conn, live: list[Item]) -> list[Item]:
-    """Insert the items' events; the ones already recorded are duplicates. The fresh items."""
+    """Insert the items' events and return the fresh items.
+
+    The ones already recorded are duplicates.
+    """
     new = await store.events.insert(
         conn,
         [
@@ -378,7 +381,7 @@ async def _take_snapshot(conn: db.Conn, item: Item) -> tuple[uuid.UUID, events.S
 
 
 def _newest(snapshots: list[tuple[uuid.UUID, events.Snapshot]]) -> dict[Key, dt.datetime]:
-    """Each resource's newest ``updated_at`` among the batch's snapshots."""
+    """Find each resource's newest ``updated_at`` among the batch's snapshots."""
     newest: dict[Key, dt.datetime] = {}
     for cid, snap in snapshots:
         key = (cid, str(snap.source), snap.resource_id)

@@ -55,7 +55,7 @@ class Gates:
 
     @classmethod
     def of(cls, settings: config.Settings) -> Gates:
-        """The gates the settings ask for."""
+        """Build the gates the settings ask for."""
         return cls(
             slots=asyncio.Semaphore(max(4, settings.upload_concurrency * 2)),
             uploads=asyncio.Semaphore(settings.upload_concurrency),
@@ -63,7 +63,7 @@ class Gates:
         )
 
     def firm(self, fingerprint: str) -> asyncio.Semaphore:
-        """The upload slots of the firm whose Loop key has this fingerprint."""
+        """Return the upload slots of the firm whose Loop key has this fingerprint."""
         if fingerprint not in self.firms:
             self.firms[fingerprint] = asyncio.Semaphore(self.per_firm)
         return self.firms[fingerprint]
@@ -134,7 +134,7 @@ async def transition(ctx: Context, what: str, write: Callable[[], Awaitable[None
 
 
 def _waiting(run: ConnectionRun) -> models.Why:
-    """The reason a document waits while its connection's access is refused."""
+    """Return the reason a document waits while its connection's access is refused."""
     return models.Why(
         models.Reason.ACCESS_REFUSED,
         f"waiting: {run.refused}",
@@ -173,7 +173,7 @@ def _doubt_unfounded(document: models.Document) -> None:
 
 
 def _lost_hold(document: models.Document, state: str) -> None:
-    """Log that this worker no longer held the document (a recovery settled it); its state stays."""
+    """Log that a recovery settled the document this worker held, leaving its state alone."""
     logger.warning(
         "document_transition_lost",
         document=document.id,
@@ -186,7 +186,7 @@ def _lost_hold(document: models.Document, state: str) -> None:
 
 
 async def process(ctx: Context, run: ConnectionRun, document: models.Document) -> None:
-    """Take one claimed document to Loop, or say why not; its slot is released at the end."""
+    """Take one claimed document to Loop, or say why not, releasing its slot at the end."""
     job = _Job(ctx, run, document, ctx.tmpdir / f"{document.id}-{secrets.token_hex(4)}")
     try:
         await job.download_and_upload()

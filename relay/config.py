@@ -40,7 +40,7 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,15}")  # a scheme that is safe to name
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...], bad: list[str]) -> str:
-    """Check a URL; a problem is described without the value (a typo'd URL may hold a password)."""
+    """Check a URL, describing a problem without the value (a typo'd URL may hold a password)."""
     expected = " or ".join(f"{scheme}://" for scheme in schemes)
     try:
         parts = urlsplit(value)
@@ -90,7 +90,7 @@ class Variable:
     parse: Parse
 
     def value(self, raw: str, bad: list[str]) -> Any:
-        """The setting read from ``raw`` (the default when empty); problems are added to ``bad``."""
+        """Read the setting from ``raw`` (the default when empty), adding problems to ``bad``."""
         return self.parse(self.name, raw.strip() or self.default, bad)
 
 
@@ -211,7 +211,7 @@ DEFAULTS: Final[Mapping[str, str]] = {v.name: v.default for v in VARIABLES}
 
 
 def _default(field: str) -> Any:
-    """A field's default, read from its variable's default text like any other value."""
+    """Read a field's default from its variable's default text like any other value."""
     (variable,) = (v for v in VARIABLES if v.field == field)
     bad: list[str] = []
     value = variable.value("", bad)
@@ -298,7 +298,7 @@ def from_env(
     require_admin_token: bool = False,
     require_cegid_subscription_key: bool = False,
 ) -> Settings:
-    """Build Settings from the environment; raise ConfigurationError naming every bad variable."""
+    """Build Settings from the environment, raising ConfigurationError naming every bad variable."""
     env = dict(os.environ if environ is None else environ)
     bad: list[str] = []
     key = _secret_key(env, bad, required=require_secret_key)

@@ -49,7 +49,10 @@ class Refuser(enum.StrEnum):
 
 
 class Reason(enum.StrEnum):
-    """Why a document is in its state (what reports group by); the prose beside it is for display."""
+    """Why a document is in its state, what reports group by.
+
+    The prose beside it is for display.
+    """
 
     DELETED = "deleted"
     UNSUPPORTED_TYPE = "unsupported_type"  # detail: the file kind

@@ -104,7 +104,7 @@ class Policy:
     def tries(
         self, *, deadline: float | None = None, clock: Callable[[], float] = time.monotonic
     ) -> Tries:
-        """Start the tries of one call under this policy, bounded by ``deadline`` on ``clock`` too."""
+        """Start the tries of one call under this policy, bounded by ``deadline`` (on ``clock``)."""
         return Tries(self, deadline, clock)
 
 

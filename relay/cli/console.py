@@ -44,7 +44,7 @@ def settings(
     require_admin_token: bool = False,
     require_cegid_key: bool = False,
 ) -> config.Settings:
-    """Read the settings; ``require_cegid_key`` for the commands that call Cegid Loop."""
+    """Read the settings (``require_cegid_key`` for the commands that call Cegid Loop)."""
     return config.from_env(
         require_secret_key=require_secret_key,
         require_admin_token=require_admin_token,

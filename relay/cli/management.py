@@ -310,7 +310,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    """Show every role's heartbeat and the queues; exit 1 when something is stalled."""
+    """Show every role's heartbeat and the queues, exiting 1 when something is stalled."""
     import socket
 
     from relay import errors

@@ -35,7 +35,7 @@ def folder_warning(
     connected_at: dt.datetime,
     first_deposit_at: dt.datetime | None,
 ) -> str | None:
-    """The advice to give about the client's folder in Loop, counted from the (re)connection.
+    """Advise about the client's folder in Loop, counting from the (re)connection.
 
     Loop shows the partner's folder after the first deposit, sometimes hours later; nothing in its
     API lists folders, so the relay cannot see it. 24 hours after (re)connection it advises

@@ -185,7 +185,7 @@ class Heartbeat:
         }
 
     async def beat(self, *, stop_reason: str | None = None, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a beat is bounded by the interval, not by its caller
-        """Write one beat; return False when it could not be written (logged once per outage)."""
+        """Write one beat, returning False when that failed (logged once per outage)."""
         row = self.row(stop_reason)
         beat = store.heartbeats.Beat(**{name: row[name] for name in _PARAMS})
         try:
@@ -265,7 +265,7 @@ async def beating(
     consumer: ConsumerProgress | None = None,
     interval_s: float | None = None,
 ) -> AsyncIterator[Heartbeat]:
-    """Beat for ``role`` while the block runs; mark the row stopped when it ends.
+    """Beat for ``role`` while the block runs, and mark the row stopped when it ends.
 
     ``work`` (serve, scheduler, flush) or ``consumer`` (consume) is read at each beat. ``command``
     is the relay command running the role when it differs from the role (``run``).

@@ -68,7 +68,7 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
 def _newest(
     items: Sequence[tuple[uuid.UUID, events.Snapshot]],
 ) -> tuple[dict[Key, events.Snapshot], dict[Key, list[events.Snapshot]]]:
-    """Each resource's newest snapshot (Qonto does not promise order), and every one given."""
+    """Pick each resource's newest snapshot (Qonto does not promise order), and every one given."""
     newest: dict[Key, events.Snapshot] = {}
     told: dict[Key, list[events.Snapshot]] = {}
     for connection_id, snapshot in items:
@@ -81,7 +81,7 @@ def _newest(
 
 
 def _files_of_newest(newest: dict[Key, events.Snapshot], applied: set[Key]) -> Files:
-    """The files of the snapshots recorded as their resource's newest."""
+    """Read the files of the snapshots recorded as their resource's newest."""
     files: Files = {}
     for key, snapshot in newest.items():
         if key in applied:
@@ -121,7 +121,7 @@ def _files_only_older(
     applied: set[Key],
     pending: Files,
 ) -> Files:
-    """The files only older snapshots named (stale ones, or ones the batch superseded)."""
+    """Find the files only older snapshots named (stale ones, or ones the batch superseded)."""
     files: Files = {}
     for key, snapshots in told.items():
         for snapshot in snapshots:
@@ -164,7 +164,7 @@ def _new(key: tuple[uuid.UUID, str, str], spec: events.DocumentSpec) -> store.do
 
 
 def _listed(snapshot: events.Snapshot) -> str | None:
-    """A complete snapshot's attachment ids as a JSON array; None when it does not list them all."""
+    """Return a complete snapshot's attachment ids as a JSON array, None for an incomplete one."""
     if not snapshot.complete:
         return None
     return orjson.dumps([s.attachment_id for s in snapshot.documents]).decode()

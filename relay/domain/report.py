@@ -99,7 +99,7 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
-        """0 when everything is uploaded or skipped with a reason; 1 when anything needs a look."""
+        """Return 0 when all is uploaded or skipped with a reason, 1 when anything needs a look."""
         return 1 if any(c.problems for c in self.connections) else 0
 
     def totals(self) -> dict[str, int]:

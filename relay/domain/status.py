@@ -323,9 +323,9 @@ async def look_again(
     default_beat_s: float,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Report:
-    """Look again while ``report`` is stalled only by an instant's view; the last report stands.
+    """Look again while ``report`` is stalled only by an instant's view.
 
-    It looks for up to the live consumers' beat and a second.
+    The last report stands. It looks for up to the live consumers' beat and a second.
     """
     if not report.suspect:
         return report
