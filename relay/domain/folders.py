@@ -1,8 +1,9 @@
 """Advice about the client's folder in Loop, which the relay cannot see.
 
 Loop shows the partner's folder for a client after the first deposit, sometimes hours later, and
-nothing in its API lists folders. :func:`folder_warning` is the advice `relay connections show` (and
-the run report) gives, counted from the connection's (re)connection and its first accepted deposit.
+nothing in its API lists folders. :func:`folder_warning` is the advice ``relay connections show``
+(and the run report) gives, counted from the connection's (re)connection and its first accepted
+deposit.
 """
 
 from __future__ import annotations

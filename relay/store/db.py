@@ -240,7 +240,7 @@ async def migrate(settings: config.Settings) -> list[str]:
     """Create the database if missing and apply every migration not yet applied.
 
     Idempotent and safe to run concurrently: a session advisory lock serialises runners, and each
-    migration is applied in its own transaction together with its `schema_migrations` row.
+    migration is applied in its own transaction together with its ``schema_migrations`` row.
     """
     created = await create_database_if_missing(settings)
     if created:
