@@ -129,7 +129,7 @@ class ConnectionRun:
 
 
 async def transition(ctx: Context, what: str, write: Callable[[], Awaitable[None]]) -> None:
-    """Runs one write that may run twice (it sets a state) through the guard."""
+    """Run one write that may run twice (it sets a state) through the guard."""
     await ctx.guard.run(what, write)
 
 
@@ -143,7 +143,7 @@ def _waiting(run: ConnectionRun) -> models.Why:
 
 
 def _answer(stored: cegid.Stored | errors.RelayError) -> str:
-    """Loop's answer to a deposit, in a line (held until the outcome is recorded)."""
+    """Say Loop's answer to a deposit in a line (held until the outcome is recorded)."""
     if isinstance(stored, cegid.Stored):
         return f"{STORED} as {stored.document_id or 'a document without id'} (HTTP {stored.status})"
     if isinstance(stored, errors.CegidUnavailable | errors.CegidAccessRefused):

@@ -285,7 +285,7 @@ class Settings:
         return self.public_url.lower().startswith("https://")
 
     def provider_email(self, domain: str) -> str | None:
-        """Loop Hub's "Email prestataire" for a firm's domain, when the operator set the local part."""
+        """Return Loop Hub's "Email prestataire" for a firm's domain (None without a local part)."""
         if not self.loop_provider_email_local_part:
             return None
         return f"{self.loop_provider_email_local_part}@{domain}.onmicrosoft.com"

@@ -32,7 +32,7 @@ class Outage:
         return self.since is not None
 
     def remaining_s(self) -> float:
-        """Seconds left before the limit (the whole limit when no outage is under way)."""
+        """Return the seconds left before the limit (all of it when no outage is under way)."""
         if self.since is None:
             return self.limit_s
         return max(0.0, self.limit_s - (time.monotonic() - self.since))

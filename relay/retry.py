@@ -26,7 +26,7 @@ def retry_after(
     now: Callable[[], dt.datetime] | None = None,
     limit_s: float = RETRY_AFTER_MAX_S,
 ) -> float | None:
-    """Seconds a ``Retry-After`` header value asks to wait, from either of its forms.
+    """Read the seconds a ``Retry-After`` header value asks to wait, from either of its forms.
 
     Delay-seconds (``"7"``, ``"0.5"``) or an HTTP date (``"Wed, 21 Oct 2026 07:28:00 GMT"``, taken
     from ``now``); clamped to ``[0, limit_s]``. None when absent or garbled (the caller falls back

@@ -37,7 +37,7 @@ _REFUSED: Final = {
 
 
 def group(code: models.Reason | None, detail: str | None = None) -> str:
-    """Names the report's group of a reason code and the value qualifying it."""
+    """Name the report's group of a reason code and the value qualifying it."""
     if code is None:
         return "unknown"
     if code is Reason.UNSUPPORTED_TYPE and detail:

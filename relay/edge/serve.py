@@ -40,7 +40,7 @@ def _factory() -> Starlette:
 
 
 def options(settings: config.Settings) -> dict[str, Any]:
-    """uvicorn's keyword arguments for these settings (the application aside).
+    """Build uvicorn's keyword arguments for these settings (the application aside).
 
     The HTTP protocol is :class:`relay.edge.guard.Guard` (uvicorn's httptools protocol behind the
     relay's bounds on connections, head size and the time to send a request).

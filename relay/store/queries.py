@@ -48,7 +48,7 @@ def get(name: str) -> str:
 
 
 def migrations() -> list[tuple[str, str]]:
-    """``[(version, sql)]`` in order, from ``sql/migrations/NNNN_*.sql``."""
+    """List the migrations as ``[(version, sql)]`` in order, from ``sql/migrations/NNNN_*.sql``."""
     files = sorted(
         (path for path in (SQL_DIR / "migrations").iterdir() if _MIGRATION.fullmatch(path.name)),
         key=lambda path: path.name,

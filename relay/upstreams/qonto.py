@@ -60,7 +60,7 @@ def redirect_uri(settings: config.Settings) -> str:
 
 
 def authorization_url(settings: config.Settings, state: str) -> str:
-    """Qonto's consent page for the relay's OAuth app, with ``state`` bound to one setup."""
+    """Build the URL of the consent page for the relay's OAuth app, ``state`` naming one setup."""
     if not settings.qonto_client_id:
         raise errors.ConfigurationError(
             "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: required for the Qonto consent"
@@ -508,7 +508,7 @@ class QontoClient:
     async def client_invoices(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Unpaid and paid client invoices updated since ``updated_from``.
+        """Yield the unpaid and paid client invoices updated since ``updated_from``.
 
         One walk per status (the docs do not say whether ``filter[status]`` takes a list), filtered
         again here in case the filter is ignored. The documented filters are ``filter[status]``,
