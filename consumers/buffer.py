@@ -1,4 +1,4 @@
-"""Turns batches of Qonto events from RabbitMQ into committed rows, then settles each message.
+"""Batches of Qonto events from RabbitMQ turned into committed rows, then each message settled.
 
 A batch (gathered by :mod:`consumers.consume`) is applied in one transaction and acknowledged only
 after the commit: a crash redelivers what was not acknowledged, and the events table's key

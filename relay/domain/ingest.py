@@ -1,4 +1,4 @@
-"""Turns Qonto resource snapshots into documents, for the webhooks and the daily scan alike.
+"""Qonto resource snapshots turned into documents, for the webhooks and the daily scan alike.
 
 :func:`apply` runs in the caller's transaction, a whole batch in a handful of statements, each a
 named step. A client invoice that was paid (or unpaid) and later becomes canceled keeps its
