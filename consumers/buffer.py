@@ -107,7 +107,7 @@ class Buffer:
             except errors.NotFound:
                 item.dead = "unknown connection"
             except errors.DatabaseUnavailable:
-                raise  # the whole batch waits for PostgreSQL (see the module docstring)
+                raise  # the whole batch waits for PostgreSQL (see Buffer._settle)
             except (
                 errors.QontoAuthRejected,
                 errors.ConfigurationError,
