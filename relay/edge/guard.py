@@ -65,7 +65,7 @@ class Guard(asyncio.Protocol):
 
     It sits between the socket and uvicorn's ``HttpToolsProtocol``, follows the messages with a
     second, cheap httptools parser (public API: callbacks only) and forwards every byte unchanged.
-    It
+    Besides, it
 
     - closes the connection at once when the worker already holds ``max_connections`` (503);
     - answers 431 and closes when a request's head grows past ``max_header_bytes``, before uvicorn
