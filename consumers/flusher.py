@@ -3,9 +3,8 @@
     pending ──claim──▶ uploading ──download, type, dedupe──▶ (commit the attempt: "sending")
         ──POST /storeDocument──▶ uploaded | pending (retry next run) | failed | in_doubt
 
-This module holds the run and each connection's claims; one document's way is in
-:mod:`consumers.upload`, the settling of what a worker left ``uploading`` in
-:mod:`consumers.recovery`.
+The run and each connection's claims are here; one document's way is in :mod:`consumers.upload`,
+the settling of what a worker left ``uploading`` in :mod:`consumers.recovery`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Heartbeats, by which every running role records who it is and what it last did.
 
-One row per role instance in ``heartbeats``; ``relay status`` judges them
-(:mod:`relay.domain.status`). A role runs inside :func:`beating`::
+Each role instance has a row, judged by :mod:`relay.domain.status`; a role runs in :func:`beating`::
 
     work = heartbeat.Work()
     async with heartbeat.beating(settings, "scheduler", work=work):
