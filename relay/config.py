@@ -222,7 +222,10 @@ def _default(field: str) -> Any:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the relay can be configured with. Tests build it directly."""
+    """Everything the relay can be configured with.
+
+    Tests build it directly.
+    """
 
     secret_key: Secret
     database_url: Secret = _default("database_url")

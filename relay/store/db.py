@@ -218,7 +218,7 @@ def database_name(url: str) -> str:
 
 
 async def create_database_if_missing(settings: config.Settings) -> bool:
-    """Create the database named in RELAY_DATABASE_URL if it does not exist. True if created."""
+    """Create the database named in RELAY_DATABASE_URL if missing, returning True if it did."""
     url = settings.database_url.reveal()
     name = database_name(url)
     with translate("create database"):
