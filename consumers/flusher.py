@@ -133,10 +133,10 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
     try:
         await _check_dossier(ctx, run)
         while not run.refused:
-            await ctx.slots.acquire()
+            await ctx.gates.slots.acquire()
             wanted = 1
-            while wanted < CLAIM_BATCH and not ctx.slots.locked():
-                await ctx.slots.acquire()  # free: returns at once
+            while wanted < CLAIM_BATCH and not ctx.gates.slots.locked():
+                await ctx.gates.slots.acquire()  # free: returns at once
                 wanted += 1
             claimed: list[models.Document] = []
             try:
@@ -145,7 +145,7 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
                 )
             finally:
                 for _ in range(wanted - len(claimed)):
-                    ctx.slots.release()
+                    ctx.gates.slots.release()
             run.seen.update(document.id for document in claimed)
             for document in claimed:  # each task releases its slot
                 task = asyncio.create_task(upload.process(ctx, run, document))
@@ -252,18 +252,15 @@ async def flush(
                 ctx = upload.Context(
                     settings=settings,
                     pool=pool,
-                    worker=lease.worker,
                     qonto_http=qonto_http,
                     cegid=cegid.CegidClient(settings, cegid_http),
                     box=crypto.Box(settings.secret_key.reveal()),
                     sleep=sleep,
                     tmpdir=pathlib.Path(tmp),
-                    uploads=asyncio.Semaphore(settings.upload_concurrency),
-                    firms={},
                     cutoff=await guard.run("database time", lambda: _database_now(pool)),
                     guard=guard,
                     lease=lease,
-                    slots=asyncio.Semaphore(max(4, settings.upload_concurrency * 2)),
+                    gates=upload.Gates.of(settings),
                 )
                 runs = await _prepare(ctx, scan, connection_id)
                 await asyncio.gather(
@@ -296,7 +293,7 @@ async def flush(
 
 def _stopped(exc: errors.OutageTooLong, ctx: upload.Context | None) -> str:
     """Write the closing line of a flush that gave up on PostgreSQL (what it leaves, what next)."""
-    left = ctx.left if ctx is not None else collections.Counter[str]()
+    left = ctx.answers.left if ctx is not None else collections.Counter[str]()
     parts = [f"{exc}: the flush stopped"]
     sent = left["stored"] + left["sent"]
     if sent:

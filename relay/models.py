@@ -64,6 +64,7 @@ class Reason(enum.StrEnum):
     FLUSH_STOPPED = "flush_stopped"
     FLUSH_ERROR = "flush_error"
     RESEND_REQUESTED = "resend_requested"
+    RETRY_REQUESTED = "retry_requested"
     CONFIRMED_BY_OPERATOR = "confirmed_by_operator"
     OTHER = "other"  # prose from before reasons were codes that matched none of them
 

@@ -742,9 +742,10 @@ LEFT JOIN LATERAL (
 ORDER BY d.id DESC;
 
 -- name: retry_document
--- params: $1 document id, $2 reason
+-- params: $1 document id, $2 reason (shown), $3 its code
 -- A failed document goes back to pending (an operator fixed the cause); NULL when it is not failed.
-UPDATE documents SET state = 'pending', reason = $2, claimed_by = NULL, updated_at = now()
+UPDATE documents SET state = 'pending', reason = $2, reason_code = $3, reason_detail = NULL,
+       claimed_by = NULL, updated_at = now()
 WHERE id = $1 AND state = 'failed'
 RETURNING *;
 

@@ -26,6 +26,7 @@ _GROUPS: Final = {
     Reason.FLUSH_STOPPED: "the previous flush stopped before sending it",
     Reason.FLUSH_ERROR: "an error stopped the flush before sending it, retried next run",
     Reason.RESEND_REQUESTED: "resend requested by an operator",
+    Reason.RETRY_REQUESTED: "retry requested by an operator",
     Reason.CONFIRMED_BY_OPERATOR: "confirmed in Loop by an operator",
     Reason.OTHER: "other (recorded before reasons had codes)",
 }

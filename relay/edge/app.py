@@ -110,14 +110,16 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
 
     application = Starlette(
         routes=[
-            Route("/webhooks/qonto/{connection_id}", webhook.receive, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Mount("/admin", app=Router(routes=admin.routes(), redirect_slashes=False)),
             *site.routes(settings),
         ],
-        middleware=[Middleware(admin.Authenticate)],  # all of /admin, before routing
+        middleware=[
+            Middleware(webhook.Intake),  # POST /webhooks/qonto/{id}: answered before routing
+            Middleware(admin.Authenticate),  # all of /admin, before routing
+        ],
         lifespan=lifespan,
     )
     # A path with a trailing slash is 404, never a redirect: Starlette would build its Location from

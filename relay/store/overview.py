@@ -113,11 +113,11 @@ async def documents_page(
 
 
 async def retry_document(
-    pool: asyncpg.Pool, document_id: int, reason: str
+    pool: asyncpg.Pool, document_id: int, why: models.Why
 ) -> models.Document | None:
     """Put a failed document back to pending; None when it is not (or no longer) failed."""
     with db.translate("retry document"):
-        record = await pool.fetchrow(queries.get("retry_document"), document_id, reason)
+        record = await pool.fetchrow(queries.get("retry_document"), document_id, why.text, why.code)
     return None if record is None else models.Document.from_record(record)
 
 

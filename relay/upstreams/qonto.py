@@ -1,17 +1,9 @@
-"""Qonto's Business API: the one boundary where httpx and Qonto errors become the relay's.
+"""Qonto's Business API client, where httpx and Qonto errors become the relay's.
 
-- API key (``login:secret`` verbatim) or OAuth (``Bearer``, refreshed before expiry; the rotated
-  refresh token is handed to ``on_tokens_rotated`` to be stored sealed, retried with backoff, and
-  kept flagged unsaved, then stored by the next call, when the store keeps failing).
-- 429 and 5xx and network errors are retried under :data:`POLICY` (:mod:`relay.retry`), honouring
-  ``Retry-After``; a client-side limiter keeps under the documented 1,000 requests / 10 s per IP.
-- A non-JSON 200 (the staging login page) is a protocol error, never data.
-- List walks never lose an item that changes while they run (offset pages shift under updates):
-  keyset walks by ``updated_at`` where the sort is documented, settled offset passes where it is not
-  (:mod:`relay.upstreams.listing` walks; this module fetches their pages).
-- Attachments are downloaded from their presigned URL (:mod:`relay.upstreams.attachments` fetches one, with
-  the storage client); an expired URL (403) is fetched afresh once, storage failures are retried
-  with backoff. URLs are never logged.
+Calls are tried again under :data:`POLICY` and kept under Qonto's documented rate limit by a
+:class:`RateLimiter`; OAuth tokens are refreshed before expiry. The list walks are
+:mod:`relay.upstreams.listing`'s, the file downloads :mod:`relay.upstreams.attachments`'. URLs are
+never logged.
 """
 
 from __future__ import annotations
@@ -378,6 +370,7 @@ class QontoClient:
             raise errors.QontoProtocolError(
                 f"Qonto {what}: HTTP {response.status_code}: {_error_detail(response)}"
             )
+        # a non-JSON 200 (the staging login page without X-Qonto-Staging-Token) is never data
         if "json" not in response.headers.get("content-type", ""):
             raise errors.QontoProtocolError(
                 f"Qonto {what}: answered {response.headers.get('content-type') or 'no content type'}, "
@@ -573,7 +566,11 @@ class QontoClient:
     # ------------------------------------------------------------------------------ download
 
     async def download(self, attachment_id: str, dest: pathlib.Path) -> attachments.Download:
-        """Stream the attachment to ``dest``; QontoNotFound when deleted, TooLarge over 50 MB."""
+        """Stream the attachment to ``dest``; QontoNotFound when deleted, TooLarge over 50 MB.
+
+        Storage failures are tried again under :data:`POLICY`; an expired URL (403) is asked for
+        afresh once.
+        """
         for fresh_url_attempt in range(2):
             attachment = await self.get_attachment(attachment_id)
             tries = POLICY.tries()
