@@ -1,4 +1,4 @@
-"""Turns batches of Qonto events from RabbitMQ into committed rows, then settles each message.
+"""Batches of Qonto events from RabbitMQ turned into committed rows, then each message settled.
 
 A batch (gathered by :mod:`consumers.consume`) is applied in one transaction and acknowledged only
 after the commit: a crash redelivers what was not acknowledged, and the events table's key
@@ -87,7 +87,7 @@ class Buffer:
             item.dead = str(exc)
 
     async def _fetch_invoices(self, items: list[Item]) -> None:
-        """Client invoice events without ``attachment_id``: re-fetch the invoice from Qonto."""
+        """Re-fetch from Qonto the invoice of client invoice events without ``attachment_id``."""
         clients: dict[uuid.UUID, qonto.QontoClient] = {}
         for item in items:
             event = item.event
@@ -107,7 +107,7 @@ class Buffer:
             except errors.NotFound:
                 item.dead = "unknown connection"
             except errors.DatabaseUnavailable:
-                raise  # the whole batch waits for PostgreSQL (see the module docstring)
+                raise  # the whole batch waits for PostgreSQL (see Buffer._settle)
             except (
                 errors.QontoAuthRejected,
                 errors.ConfigurationError,
@@ -128,8 +128,11 @@ class Buffer:
     # ------------------------------------------------------------------ apply (one transaction)
 
     async def _apply(self, items: list[Item], *, what: str = "apply batch") -> None:
-        """Apply the live items in one transaction: their connections checked, their events
-        recorded (a duplicate once), their snapshots turned into documents, their outcomes saved."""
+        """Apply the live items in one transaction.
+
+        Their connections are checked, their events recorded (a duplicate once), their snapshots
+        turned into documents and their outcomes saved.
+        """
         live = [i for i in items if not i.dead and not i.retry]
         if not live:
             return
@@ -148,8 +151,9 @@ class Buffer:
             await _save_outcomes(conn, [i for i in fresh if i.outcome != "applied"])
 
     async def _apply_each(self, items: list[Item], reason: str) -> None:
-        """PostgreSQL refused some record of the batch: apply each message in a transaction of its
-        own; the ones it still refuses are dead-lettered with its reason.
+        """Apply each message in a transaction of its own, after PostgreSQL refused the batch.
+
+        The messages it still refuses are dead-lettered with its reason.
 
         Only InvalidData (the data's fault) is isolated: a schema or configuration error would fail
         every message alike, so it propagates and stops the consumer instead of dead-lettering all.
@@ -187,8 +191,11 @@ class Buffer:
         logger.warning("event_dead_lettered", reason=reason, event_id=item.message.message_id)
 
     async def _settle_all(self, items: list[Item]) -> None:
-        """Dead letters and retries are published (confirmed) first, then the whole batch is
-        acknowledged at once: every message before the batch's last one was settled already."""
+        """Publish dead letters and retries (confirmed), then acknowledge the whole batch at once.
+
+        One acknowledgement of the last message covers the batch, since every message before it
+        was settled already.
+        """
         await asyncio.gather(
             *(self._settle(i) for i in items if i.dead is not None or i.retry is not None)
         )
@@ -244,7 +251,7 @@ class Buffer:
                 )
 
     async def process(self, messages: list[aio_pika.abc.AbstractIncomingMessage]) -> dict[str, int]:
-        """Apply the batch, then settle every message; the count of each outcome.
+        """Apply the batch, then settle every message and return the count of each outcome.
 
         Raises ``errors.DatabaseUnavailable`` with nothing settled (the caller keeps the batch and
         calls again once PostgreSQL answers), and ``errors.BrokerUnavailable`` when RabbitMQ failed
@@ -288,8 +295,11 @@ Key = tuple[uuid.UUID, str, str]  # (connection, source, resource id)
 
 
 async def _check_connections(conn: db.Conn, live: list[Item]) -> list[Item]:
-    """Mark each item whose connection is unknown (dead-lettered), inactive or whose topic is
-    ignored (recorded, nothing applied); the items still to record."""
+    """Mark each item whose connection is unknown or inactive, or whose topic is ignored.
+
+    Unknown ones are dead-lettered; the others are recorded with nothing applied. Returns the items
+    still to record.
+    """
     ids = list({i.connection_id for i in live if i.connection_id is not None})
     states = await store.connections.states(conn, ids)
     for item in live:
@@ -304,8 +314,10 @@ async def _check_connections(conn: db.Conn, live: list[Item]) -> list[Item]:
 
 
 def _drop_repeats(live: list[Item]) -> list[Item]:
-    """Mark every copy of an event id after its first in the batch a duplicate (as it would be
-    in a later batch); the items left."""
+    """Mark every repeat of an event id within the batch a duplicate, and return the items left.
+
+    A copy after the first is a duplicate, as it would be in a later batch.
+    """
     seen: set[tuple[uuid.UUID | None, str]] = set()
     for item in live:
         event_key = (item.connection_id, item.event.id if item.event else "")
@@ -316,7 +328,10 @@ def _drop_repeats(live: list[Item]) -> list[Item]:
 
 
 async def _record_events(conn: db.Conn, live: list[Item]) -> list[Item]:
-    """Insert the items' events; the ones already recorded are duplicates. The fresh items."""
+    """Insert the items' events and return the fresh items.
+
+    The ones already recorded are duplicates.
+    """
     new = await store.events.insert(
         conn,
         [
@@ -340,8 +355,11 @@ async def _record_events(conn: db.Conn, live: list[Item]) -> list[Item]:
 
 
 async def _take_snapshot(conn: db.Conn, item: Item) -> tuple[uuid.UUID, events.Snapshot] | None:
-    """The resource snapshot an applied event carries (a transaction, a client invoice), kept on
-    the item; a consent revocation revokes its connection instead."""
+    """Return the resource snapshot an applied event carries, also kept on the item.
+
+    Transactions and client invoices carry one; a consent revocation revokes its connection
+    instead.
+    """
     event = item.event
     if item.outcome != "applied" or event is None or item.connection_id is None:
         return None
@@ -363,7 +381,7 @@ async def _take_snapshot(conn: db.Conn, item: Item) -> tuple[uuid.UUID, events.S
 
 
 def _newest(snapshots: list[tuple[uuid.UUID, events.Snapshot]]) -> dict[Key, dt.datetime]:
-    """Each resource's newest ``updated_at`` among the batch's snapshots."""
+    """Find each resource's newest ``updated_at`` among the batch's snapshots."""
     newest: dict[Key, dt.datetime] = {}
     for cid, snap in snapshots:
         key = (cid, str(snap.source), snap.resource_id)
@@ -377,8 +395,11 @@ def _judge_snapshots(
     snapshots: list[tuple[uuid.UUID, events.Snapshot]],
     applied: ingest.Applied,
 ) -> None:
-    """Mark each fresh item whose snapshot was older than the one recorded, or than another of
-    the batch (stale), or a client invoice without a document (a draft or canceled one)."""
+    """Mark each fresh item whose snapshot is stale, or that is a client invoice without a document.
+
+    A snapshot is stale when it was older than the one recorded or than another of the batch; a
+    client invoice without a document is a draft or a canceled one.
+    """
     newest = _newest(snapshots)
     for item in fresh:
         if item.snapshot is None or item.connection_id is None:

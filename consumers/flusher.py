@@ -3,9 +3,8 @@
     pending ──claim──▶ uploading ──download, type, dedupe──▶ (commit the attempt: "sending")
         ──POST /storeDocument──▶ uploaded | pending (retry next run) | failed | in_doubt
 
-This module holds the run and each connection's claims; one document's way is in
-:mod:`consumers.upload`, the settling of what a worker left ``uploading`` in
-:mod:`consumers.recovery`.
+The run and each connection's claims are here; one document's way is in :mod:`consumers.upload`,
+the settling of what a worker left ``uploading`` in :mod:`consumers.recovery`.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=24)
 
 
 async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None:
-    """Check the connection's Cegid dossier once a day; a refusal flags the connection.
+    """Check the connection's Cegid dossier once a day, flagging the connection on a refusal.
 
     A wrong or dissociated dossier code loses deposits silently; an unavailable Cegid is not
     conclusive, so the run deposits anyway and checks again next run.
@@ -202,7 +201,7 @@ async def flush(
     sleep: upload.Sleep = asyncio.sleep,
     now: dt.datetime | None = None,
 ) -> report.RunReport:
-    """Recover, scan Qonto, then upload every pending document; returns the run's report.
+    """Recover, scan Qonto, then upload every pending document and return the run's report.
 
     With ``connection_id``, that connection only (NotFound when there is none, Refused when it is
     disconnected or revoked).

@@ -1,10 +1,9 @@
 """One document's way to Cegid Loop, one transaction per transition (see :mod:`consumers.flusher`).
 
 A claimed document is downloaded, typed by its bytes, deduplicated per dossier, its attempt row
-committed before the first byte, then POSTed: ``uploaded``, ``pending`` (retried next run),
-``failed`` or ``in_doubt`` (sent, no answer: never re-sent without an operator). :class:`_Job`
-names each step. Every write goes through the flush's :class:`consumers.patience.Guard`, which
-waits for PostgreSQL when it is gone, so a deposit already out keeps its answer.
+committed before the first byte, then POSTed; :class:`_Job` names each step. Every write goes
+through the flush's :class:`consumers.patience.Guard`, which waits for PostgreSQL when it is gone,
+so a deposit already out keeps its answer.
 """
 
 from __future__ import annotations
@@ -40,8 +39,11 @@ Sleep = Callable[[float], Awaitable[None]]
 
 @dataclasses.dataclass
 class Gates:
-    """The bounds a flush's connections share: documents in hand, deposits in flight (all firms
-    together and per firm), and one document at a time per dossier and content."""
+    """The bounds a flush's connections share.
+
+    They bound the documents in hand, the deposits in flight (all firms together and per firm), and
+    allow one document at a time per dossier and content.
+    """
 
     # documents in hand (downloading, waiting for an upload slot, uploading), all connections
     # together: bounds temporary files and Qonto downloads whatever the number of connections
@@ -53,7 +55,7 @@ class Gates:
 
     @classmethod
     def of(cls, settings: config.Settings) -> Gates:
-        """The gates the settings ask for."""
+        """Build the gates the settings ask for."""
         return cls(
             slots=asyncio.Semaphore(max(4, settings.upload_concurrency * 2)),
             uploads=asyncio.Semaphore(settings.upload_concurrency),
@@ -61,7 +63,7 @@ class Gates:
         )
 
     def firm(self, fingerprint: str) -> asyncio.Semaphore:
-        """The upload slots of the firm whose Loop key has this fingerprint."""
+        """Return the upload slots of the firm whose Loop key has this fingerprint."""
         if fingerprint not in self.firms:
             self.firms[fingerprint] = asyncio.Semaphore(self.per_firm)
         return self.firms[fingerprint]
@@ -69,8 +71,11 @@ class Gates:
 
 @dataclasses.dataclass
 class Answers:
-    """Loop's answer to each deposit whose outcome is not recorded yet (what is said of it if the
-    flush gives up on the database), and what was left so: stored, sent (not stored), unsent."""
+    """Loop's answers to deposits whose outcome is not recorded yet, and what was left so.
+
+    An answer is what is said of a deposit if the flush gives up on the database; what was left is
+    counted as stored, sent (not stored) or unsent.
+    """
 
     held: dict[int, str] = dataclasses.field(default_factory=dict)
     left: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
@@ -78,7 +83,7 @@ class Answers:
 
 @dataclasses.dataclass
 class Context:
-    """What one flush's documents share: settings, store, upstream clients and gates."""
+    """What one flush's documents share (settings, store, upstream clients and gates)."""
 
     settings: config.Settings
     pool: asyncpg.Pool
@@ -124,12 +129,12 @@ class ConnectionRun:
 
 
 async def transition(ctx: Context, what: str, write: Callable[[], Awaitable[None]]) -> None:
-    """Runs one write that may run twice (it sets a state) through the guard."""
+    """Run one write that may run twice (it sets a state) through the guard."""
     await ctx.guard.run(what, write)
 
 
 def _waiting(run: ConnectionRun) -> models.Why:
-    """The reason a document waits while its connection's access is refused."""
+    """Return the reason a document waits while its connection's access is refused."""
     return models.Why(
         models.Reason.ACCESS_REFUSED,
         f"waiting: {run.refused}",
@@ -138,7 +143,7 @@ def _waiting(run: ConnectionRun) -> models.Why:
 
 
 def _answer(stored: cegid.Stored | errors.RelayError) -> str:
-    """Loop's answer to a deposit, in a line (held until the outcome is recorded)."""
+    """Say Loop's answer to a deposit in a line (held until the outcome is recorded)."""
     if isinstance(stored, cegid.Stored):
         return f"{STORED} as {stored.document_id or 'a document without id'} (HTTP {stored.status})"
     if isinstance(stored, errors.CegidUnavailable | errors.CegidAccessRefused):
@@ -149,10 +154,13 @@ def _answer(stored: cegid.Stored | errors.RelayError) -> str:
 
 
 def _doubt_unfounded(document: models.Document) -> None:
-    """A recovery (another flush, taking this worker for dead while it waited for the database)
-    put the document in doubt for an attempt row this worker committed without learning it: it
-    was never sent. The ledger's rule stands (this worker no longer holds it, it writes nothing);
-    the operator is told what to decide."""
+    """Tell the operator that a document a recovery put in doubt was never sent.
+
+    A recovery (another flush, taking this worker for dead while it waited for the database) put
+    the document in doubt for an attempt row this worker committed without learning it. The
+    ledger's rule stands (this worker no longer holds it, it writes nothing); the operator is told
+    what to decide.
+    """
     logger.warning(
         "document_in_doubt_never_sent",
         document=document.id,
@@ -165,7 +173,7 @@ def _doubt_unfounded(document: models.Document) -> None:
 
 
 def _lost_hold(document: models.Document, state: str) -> None:
-    """This worker no longer held the document (a recovery settled it): its state is left alone."""
+    """Log that a recovery settled the document this worker held, leaving its state alone."""
     logger.warning(
         "document_transition_lost",
         document=document.id,
@@ -178,7 +186,7 @@ def _lost_hold(document: models.Document, state: str) -> None:
 
 
 async def process(ctx: Context, run: ConnectionRun, document: models.Document) -> None:
-    """Take one claimed document to Loop, or say why not; its slot is released at the end."""
+    """Take one claimed document to Loop, or say why not, releasing its slot at the end."""
     job = _Job(ctx, run, document, ctx.tmpdir / f"{document.id}-{secrets.token_hex(4)}")
     try:
         await job.download_and_upload()
@@ -202,7 +210,7 @@ async def process(ctx: Context, run: ConnectionRun, document: models.Document) -
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _File:
-    """A downloaded file as it is deposited: where it is, what it is, what Loop calls it."""
+    """A downloaded file as it is deposited (where it is, what it is, what Loop calls it)."""
 
     path: pathlib.Path
     size: int
@@ -232,8 +240,10 @@ class _Job:
     # -------------------------------------------------------------------------- download
 
     async def download_and_upload(self) -> None:
-        """Download the file, type it by its bytes, then deposit it (one copy per dossier and
-        content at a time in this process)."""
+        """Download the file, type it by its bytes, then deposit it.
+
+        One copy per dossier and content goes at a time in this process.
+        """
         run = self.run
         if run.refused:
             await self.finish(models.DocumentState.PENDING, _waiting(run))
@@ -264,8 +274,10 @@ class _Job:
             await self._deposit(file)
 
     async def _download(self) -> attachments.Download | None:
-        """The file, streamed from Qonto to ``path``; None when it cannot be had (the document
-        is then finished: skipped, or pending with the reason)."""
+        """Stream the file from Qonto to ``path``, or return None when it cannot be had.
+
+        The document is then finished (skipped, or pending with the reason).
+        """
         run = self.run
         try:
             return await run.qonto.download(self.document.qonto_attachment_id, self.path)
@@ -296,8 +308,10 @@ class _Job:
     # -------------------------------------------------------------------------- deposit
 
     async def _deposit(self, file: _File) -> None:
-        """Claim the content for the dossier, then POST it to Loop (again after a failure Loop
-        kept nothing of, under :data:`POLICY`) and record the outcome."""
+        """Claim the content for the dossier, POST it to Loop and record the outcome.
+
+        The POST is tried again under :data:`POLICY` after a failure Loop kept nothing of.
+        """
         if not await self._claim_content(file):
             return
         tries = POLICY.tries()
@@ -330,9 +344,11 @@ class _Job:
             await self.ctx.sleep(delay)
 
     async def _claim_content(self, file: _File) -> bool:
-        """Whether this document holds the file's content for its dossier; if another one does,
-        the document is finished: skipped when that copy is in Loop or in doubt, pending while
-        it is being sent."""
+        """Claim the file's content for its dossier and tell whether this document holds it.
+
+        If another one does, the document is finished: skipped when that copy is in Loop or in
+        doubt, pending while it is being sent.
+        """
         ctx, connection, document = self.ctx, self.run.connection, self.document
 
         async def claim() -> store.dossier_contents.Holder | None:
@@ -379,10 +395,12 @@ class _Job:
         return False
 
     async def _send(self, file: _File) -> tuple[int, cegid.Stored | errors.RelayError] | None:
-        """One attempt: its row committed before the first byte, then the POST, inside the
-        upload slots (held only while a request is out, so bookkeeping and backoff leave them
-        busy); (attempt, Loop's answer), or None when a recovery took the document from this
-        worker (not ours to send)."""
+        """Make one attempt, its row committed before the first byte, then the POST.
+
+        The POST runs inside the upload slots, held only while a request is out (bookkeeping and
+        backoff do not keep them busy). Returns (attempt, Loop's answer), or None when a recovery
+        took the document from this worker (not ours to send).
+        """
         ctx, run, document = self.ctx, self.run, self.document
         starts = 0
 
@@ -439,8 +457,12 @@ class _Job:
     async def _settle(
         self, stored: cegid.Stored | errors.RelayError, upload_id: int, file: _File
     ) -> None:
-        """Record Loop's final answer: access refused (the connection waits), file refused
-        (failed), no answer after the whole file was sent (in doubt), or stored (uploaded)."""
+        """Record Loop's final answer.
+
+        Access refused (the connection waits, the document ``pending`` for the next run), file
+        refused (``failed``), no answer after the whole file was sent (``in_doubt``: never re-sent
+        without an operator), or stored (``uploaded``).
+        """
         run, document = self.run, self.document
         if isinstance(stored, errors.CegidAccessRefused):
             # the daily dossier check clears the flag once access is back
@@ -486,8 +508,11 @@ class _Job:
         attempt: _Ended | None = None,
         release_content: bool = False,
     ) -> None:
-        """One transaction: the document's new state, its attempt's end, the dossier's content
-        given up; then the report's count and the log line."""
+        """Write the document's new state in one transaction, with its attempt's end if any.
+
+        The same transaction gives up the dossier's content when asked; then come the report's
+        count and the log line.
+        """
         ctx, run, document = self.ctx, self.run, self.document
         runs = 0
 
@@ -533,9 +558,11 @@ class _Job:
         )
 
     async def _wait_for_access(self, upload_id: int | None) -> None:
-        """Loop refused the connection's access: the document waits (pending) with that reason
-        and gives up its content claim (nothing went into Loop); the connection is flagged at
-        its end."""
+        """Leave the document pending after Loop refused the connection's access.
+
+        It waits with that reason and gives up its content claim (nothing went into Loop); the
+        connection is flagged at its end.
+        """
         await self.finish(
             models.DocumentState.PENDING,
             _waiting(self.run),
@@ -544,8 +571,10 @@ class _Job:
         )
 
     async def _record_uploaded(self, stored: cegid.Stored, upload_id: int) -> None:
-        """One statement: the attempt uploaded and the document with it (a second run finds it
-        done); then the connection's first deposit, once."""
+        """Mark the attempt and the document uploaded in one statement (a second run finds it done).
+
+        Then the connection's first deposit is recorded, once.
+        """
         ctx, run, document = self.ctx, self.run, self.document
         runs = 0
 
@@ -571,9 +600,11 @@ class _Job:
             _lost_hold(document, "uploaded")
 
     async def _already(self, state: str) -> bool:
-        """A transition that found the document no longer held, on a second run: whether its
-        first run had landed (its answer lost with the database) rather than a recovery taking
-        it."""
+        """Tell whether a transition's first run landed, once its second found the document gone.
+
+        The first run's answer may have been lost with the database; otherwise a recovery took the
+        document.
+        """
 
         async def read() -> bool:
             return await store.documents.state_of(self.ctx.pool, self.document.id) == state
@@ -581,9 +612,11 @@ class _Job:
         return await self.ctx.guard.run("read document", read)
 
     def unrecorded(self) -> None:
-        """The flush could not record this document's outcome: the next run's recovery settles
-        it (in doubt when an attempt was committed, pending when not); its answer, if any, is
-        logged."""
+        """Count this document as left unrecorded by the flush, logging Loop's answer if any.
+
+        The next run's recovery settles it (in doubt when an attempt was committed, pending when
+        not).
+        """
         answers, document = self.ctx.answers, self.document
         answer = answers.held.get(document.id)
         if answer is None:
@@ -600,8 +633,11 @@ class _Job:
 
 @contextlib.asynccontextmanager
 async def _content_turn(ctx: Context, key: tuple[str, str, str]) -> AsyncIterator[None]:
-    """One document at a time per dossier and content in this process: a second copy waits for
-    the first one's outcome (in Loop: a duplicate; refused: it may go) instead of a next run."""
+    """Let one document at a time per dossier and content through, in this process.
+
+    A second copy waits for the first one's outcome (in Loop: a duplicate; refused: it may go)
+    instead of a next run.
+    """
     turn = ctx.gates.contents.setdefault(key, _Turn())
     turn.users += 1
     try:

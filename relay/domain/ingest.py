@@ -1,4 +1,4 @@
-"""Turns Qonto resource snapshots into documents, for the webhooks and the daily scan alike.
+"""Qonto resource snapshots turned into documents, for the webhooks and the daily scan alike.
 
 :func:`apply` runs in the caller's transaction, a whole batch in a handful of statements, each a
 named step. A client invoice that was paid (or unpaid) and later becomes canceled keeps its
@@ -38,8 +38,10 @@ Files = dict[tuple[uuid.UUID, str], tuple[Key, events.DocumentSpec]]
 
 
 async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]]) -> Applied:
-    """Apply snapshots in the caller's transaction; idempotent, and the same whatever the order
-    and the batches they come in."""
+    """Apply snapshots in the caller's transaction, idempotently.
+
+    The result is the same whatever the order and the batches they come in.
+    """
     newest, told = _newest(items)
     if not newest:
         return Applied(frozenset(), frozenset(), 0, 0)
@@ -66,7 +68,7 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
 def _newest(
     items: Sequence[tuple[uuid.UUID, events.Snapshot]],
 ) -> tuple[dict[Key, events.Snapshot], dict[Key, list[events.Snapshot]]]:
-    """Each resource's newest snapshot (Qonto does not promise order), and every one given."""
+    """Pick each resource's newest snapshot (Qonto does not promise order), and every one given."""
     newest: dict[Key, events.Snapshot] = {}
     told: dict[Key, list[events.Snapshot]] = {}
     for connection_id, snapshot in items:
@@ -79,7 +81,7 @@ def _newest(
 
 
 def _files_of_newest(newest: dict[Key, events.Snapshot], applied: set[Key]) -> Files:
-    """The files of the snapshots recorded as their resource's newest."""
+    """Read the files of the snapshots recorded as their resource's newest."""
     files: Files = {}
     for key, snapshot in newest.items():
         if key in applied:
@@ -89,8 +91,10 @@ def _files_of_newest(newest: dict[Key, events.Snapshot], applied: set[Key]) -> F
 
 
 async def _insert_pending(conn: db.Conn, files: Files) -> int:
-    """A ``pending`` document for each file, once per connection and attachment (one that exists
-    keeps its state; one skipped as deleted comes back); how many are new."""
+    """Insert a ``pending`` document for each file, once per connection and attachment.
+
+    One that exists keeps its state; one skipped as deleted comes back. Returns how many are new.
+    """
     if not files:
         return 0
     return await store.documents.insert_pending(conn, [_new(k, s) for k, s in files.values()])
@@ -99,8 +103,11 @@ async def _insert_pending(conn: db.Conn, files: Files) -> int:
 async def _skip_removed(
     conn: db.Conn, newest: dict[Key, events.Snapshot], applied: set[Key]
 ) -> int:
-    """Skip as deleted ("deleted before sync") the pending documents a complete newest snapshot
-    (a transaction lists all its attachments) no longer lists; an uploaded one stays uploaded."""
+    """Skip as deleted the pending documents a complete newest snapshot no longer lists.
+
+    Their reason is "deleted before sync"; a snapshot is complete when it lists all its
+    attachments (a transaction's does). An uploaded document stays uploaded.
+    """
     complete = [k for k in newest if k in applied and newest[k].complete]
     if not complete:
         return 0
@@ -114,7 +121,7 @@ def _files_only_older(
     applied: set[Key],
     pending: Files,
 ) -> Files:
-    """The files only older snapshots named (stale ones, or ones the batch superseded)."""
+    """Find the files only older snapshots named (stale ones, or ones the batch superseded)."""
     files: Files = {}
     for key, snapshots in told.items():
         for snapshot in snapshots:
@@ -127,9 +134,11 @@ def _files_only_older(
 
 
 async def _list_older_files(conn: db.Conn, files: Files) -> tuple[int, int]:
-    """A document for each file only an older snapshot named, whatever the batches and their
-    order: skipped as deleted when the newest snapshot lists its files and leaves it out,
-    pending otherwise (one that exists keeps its state); (new pending, new skipped)."""
+    """Add a document for each file only an older snapshot named, whatever the batches' order.
+
+    It is skipped as deleted when the newest snapshot lists its files and leaves it out, pending
+    otherwise (one that exists keeps its state). Returns (new pending, new skipped).
+    """
     if not files:
         return 0, 0
     states = await store.documents.insert_named(
@@ -155,7 +164,7 @@ def _new(key: tuple[uuid.UUID, str, str], spec: events.DocumentSpec) -> store.do
 
 
 def _listed(snapshot: events.Snapshot) -> str | None:
-    """A complete snapshot's attachment ids as a JSON array; None when it does not list them all."""
+    """Return a complete snapshot's attachment ids as a JSON array, None for an incomplete one."""
     if not snapshot.complete:
         return None
     return orjson.dumps([s.attachment_id for s in snapshot.documents]).decode()

@@ -30,8 +30,10 @@ class Stored:
 async def http_client(
     settings: config.Settings, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The Cegid client's httpx client: base URL, subscription key, explicit timeouts.
-    ``transport`` is for tests (httpx.MockTransport)."""
+    """Open the Cegid client's httpx client with its base URL, subscription key and timeouts.
+
+    ``transport`` is for tests (httpx.MockTransport).
+    """
     if not settings.cegid_subscription_key:
         # without it Loop answers 401 to every call, which would be blamed on the firm's key
         raise errors.ConfigurationError(
@@ -78,7 +80,7 @@ class CegidClient:
         self._http = http
 
     async def check_dossier(self, creds: credentials.CegidCredentials, dossier: str) -> None:
-        """A cheap dossier-scoped read: return if the key may read the dossier, else raise.
+        """Check with a cheap dossier-scoped read that the key may read the dossier, else raise.
 
         Loop's refusals are undocumented; they are told apart as the sandbox models them: 401 the
         key itself (:class:`~relay.errors.CegidKeyRefused`), 403 a dossier the key may not read
@@ -129,7 +131,7 @@ class CegidClient:
         path: pathlib.Path,
         size: int,
     ) -> Stored:
-        """POST the file at ``path`` to the dossier's deposit; how it ended, or why not.
+        """POST the file at ``path`` to the dossier's deposit and return how it ended, or why not.
 
         Every way a deposit can end is classified (the contract documents none):
         - 2xx: stored; the whole answer is kept, with its ``id`` when there is one;
