@@ -18,14 +18,16 @@ import time
 
 
 def _requests(host: str, path: str, file: str) -> list[bytes]:
+    """Pre-built requests, one per line: ``signature<TAB>body[<TAB>path]`` (``path`` by default)."""
     built = []
     with open(file, encoding="utf-8") as lines:
         for line in lines:
-            signature, body = line.rstrip("\n").split("\t", 1)
+            signature, body, *own_path = line.rstrip("\n").split("\t", 2)
             raw = body.encode()
+            target = own_path[0] if own_path else path
             built.append(
                 (
-                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                    f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                     f"X-Qonto-Signature: {signature}\r\nContent-Length: {len(raw)}\r\n\r\n"
                 ).encode()
                 + raw

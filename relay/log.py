@@ -6,12 +6,14 @@ their logger with :func:`get` and call :func:`configure` once at start.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 _SENSITIVE = ("secret", "password", "token", "apikey", "api_key", "authorization", "url_signed")
@@ -70,6 +72,38 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # a TextIO duc
     """The handler this module puts on the root logger (replaced, not added, on reconfiguration)."""
 
 
+class _FastPath:
+    """How :func:`fast` writes, as set by :func:`configure`.
+
+    JSON goes straight to the stream, or through structlog when the output is for a terminal.
+    """
+
+    def __init__(self) -> None:
+        self.out: Any = None
+        self.json = False
+        self.enabled = True
+
+
+_fast = _FastPath()
+
+
+def fast(event: str, **fields: str | int | float | None) -> None:
+    """Write one info line for a hot path (a line per webhook), rendered once with orjson.
+
+    Its keys are fixed and its values known safe (ids, outcomes, statuses, durations), so it skips
+    the scrubbing processors; the line has the same JSON shape as every other line.
+    """
+    if not _fast.enabled:
+        return
+    if not _fast.json or _fast.out is None:
+        get("relay.fast").info(event, **fields)
+        return
+    fields["event"] = event
+    fields["level"] = "info"
+    fields["timestamp"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    _fast.out.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE).decode())
+
+
 def configure(level: str = "info", *, stream: Any = None, json: bool | None = None) -> None:
     """Configure structlog and the standard library's root logger to render alike.
 
@@ -86,6 +120,7 @@ def configure(level: str = "info", *, stream: Any = None, json: bool | None = No
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     threshold = logging.getLevelNamesMapping()[level.upper()]
+    _fast.out, _fast.json, _fast.enabled = out, as_json, threshold <= logging.INFO
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[

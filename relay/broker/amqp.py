@@ -72,7 +72,7 @@ def retry_queue_name(settings: config.Settings, delay_s: int) -> str:
 
 
 async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
-    """Declare the whole topology; idempotent, safe for every role to call at start.
+    """Declare the whole topology, idempotently, so that every role may call it at start.
 
     Names are prefixed by ``RELAY_AMQP_PREFIX`` (``{p}`` below):
 
@@ -240,7 +240,10 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         timeout: float | None = 5.0,  # noqa: ASYNC109 - aio-pika's confirm timeout
     ) -> None:
-        """Publish to the default exchange; raise BrokerUnavailable unless confirmed (ack) in time."""
+        """Publish to the default exchange and wait for RabbitMQ's confirmation.
+
+        Raises BrokerUnavailable unless it is confirmed (ack) in time.
+        """
         message = aio_pika.Message(
             body,
             message_id=message_id,
@@ -300,7 +303,7 @@ async def ping(conn: aio_pika.abc.AbstractConnection) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Depth:
-    """A queue's ready messages and subscribed consumers; both None when the queue does not exist."""
+    """A queue's ready messages and subscribed consumers (both None when there is no queue)."""
 
     name: str
     ready: int | None

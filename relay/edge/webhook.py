@@ -1,17 +1,9 @@
-"""The webhook intake: verify Qonto's signature, queue the raw event durably, answer.
+"""The webhook intake, which verifies Qonto's signature, queues the raw event durably and answers.
 
 ``POST /webhooks/qonto/{connection_id}`` answers 202 only after RabbitMQ confirmed the persistent
 message; 404 for an unknown or stopped connection, 413 over 1 MiB, 401 for a bad or stale signature,
 400 for a body that is not an event, 503 when the event could not be queued (Qonto then retries).
-
-Secrets live in memory (:class:`SecretCache`), loaded at start and refreshed on PostgreSQL
-``NOTIFY relay_connections_changed`` (and every minute as a safety net): a known connection's webhook
-never queries the database, and while the cache listens an unknown id costs no query either (the
-cache holds every connection that accepts webhooks). Only while its LISTEN is lost does an unknown id
-cost a lookup, at most ``UNKNOWN_LOOKUPS_PER_S`` per worker (503 beyond: Qonto retries).
-
-The bodies a worker holds at once are bounded (:class:`BodyBudget`, ``RELAY_BODY_BUFFER_BYTES``):
-beyond, 503 before the body is read.
+Read :class:`Intake`, then :class:`SecretCache` and :class:`BodyBudget`.
 """
 
 from __future__ import annotations
@@ -21,17 +13,16 @@ import contextlib
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Final
 
 import asyncpg
 import orjson
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import config, crypto, errors, log, retry, store
 from relay.broker import amqp
-from relay.domain import heartbeat
-from relay.edge import metrics, signature
+from relay.edge import signature
 from relay.store import db
 
 logger = log.get(__name__)
@@ -48,7 +39,14 @@ CHANNEL: Final = "relay_connections_changed"
 
 
 class SecretCache:
-    """Connection id → its currently valid webhook secrets (plaintext, in memory only)."""
+    """Connection id → its currently valid webhook secrets (plaintext, in memory only).
+
+    Loaded at start and refreshed on PostgreSQL ``NOTIFY relay_connections_changed`` (and every
+    minute as a safety net), so a known connection's webhook never queries the database; while the
+    cache listens, an unknown id costs no query either (the cache holds every connection that
+    accepts webhooks). Only while its LISTEN is lost does an unknown id cost a lookup, at most
+    ``UNKNOWN_LOOKUPS_PER_S`` per worker (503 beyond, and Qonto retries).
+    """
 
     def __init__(self, settings: config.Settings, pool: asyncpg.Pool) -> None:
         self._settings = settings
@@ -69,7 +67,7 @@ class SecretCache:
         self.listens = 0  # LISTEN connections opened
 
     async def start(self) -> None:
-        """Listen first, then load: a change committed in between is not missed."""
+        """Listen first, then load, so that a change committed in between is not missed."""
         await self._listen()
         await self.reload()
         self._tasks.append(asyncio.create_task(self._refresher(), name="secret-cache-refresh"))
@@ -111,12 +109,14 @@ class SecretCache:
 
     @property
     def complete(self) -> bool:
-        """Whether the cache holds every connection that accepts webhooks (it listens, and no
-        change it was told of is still to be loaded)."""
+        """Whether the cache holds every connection that accepts webhooks.
+
+        It does while it listens and no change it was told of is still to be loaded.
+        """
         return self._listener is not None and self._reloaded.is_set()
 
     async def _refresher(self) -> None:
-        """Reload on NOTIFY, or every minute; re-listen with backoff while the listener is lost.
+        """Reload on NOTIFY or every minute, and re-listen with backoff while the listener is lost.
 
         Whatever fails, the last known cache keeps serving.
         """
@@ -148,7 +148,7 @@ class SecretCache:
                     pause = backoff.next()
 
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
-        """The connection's secrets; empty when it is unknown, disconnected or revoked.
+        """Return the connection's secrets, empty when it is unknown, disconnected or revoked.
 
         Raises ``errors.DatabaseUnavailable`` when the cache cannot tell (its LISTEN is lost and
         the lookups' rate is spent, or PostgreSQL does not answer).
@@ -205,14 +205,6 @@ class SecretCache:
         return ()
 
 
-def _answer(
-    status: int, payload: dict[str, object], headers: dict[str, str] | None = None
-) -> Response:
-    return Response(
-        orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers
-    )
-
-
 class TooLarge(Exception):
     pass
 
@@ -221,9 +213,16 @@ class Busy(Exception):
     """The worker already holds as many body bytes as it may (RELAY_BODY_BUFFER_BYTES)."""
 
 
+class Disconnected(Exception):
+    pass
+
+
 class BodyBudget:
-    """The bytes of webhook bodies one worker may hold at once; a body takes its declared length
-    before it is read (a chunked one, as it grows) and gives it back once read or refused."""
+    """The bytes of webhook bodies one worker may hold at once (``RELAY_BODY_BUFFER_BYTES``).
+
+    A body takes its declared length before it is read (a chunked one, as it grows) and gives it
+    back once read or refused; beyond the budget the intake answers 503 before reading the body.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -239,8 +238,7 @@ class BodyBudget:
         self.held -= size
 
 
-async def _read_body(request: Request, budget: BodyBudget) -> bytes:
-    declared = request.headers.get("content-length")
+async def _read_body(receive: Receive, declared: bytes | None, budget: BodyBudget) -> bytes:
     held = 0
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()) or len(declared) > 12:
@@ -252,83 +250,124 @@ async def _read_body(request: Request, budget: BodyBudget) -> bytes:
             raise Busy
     try:
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise TooLarge
-            if size > held:
-                if not budget.take(size - held):
-                    raise Busy
-                held = size
-            chunks.append(chunk)
-        return b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise Disconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise TooLarge
+                if size > held:
+                    if not budget.take(size - held):
+                        raise Busy
+                    held = size
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         budget.give(held)
 
 
-async def receive(request: Request) -> Response:
-    """The endpoint; a last-resort catch-all turns an unexpected error into a logged 503."""
-    try:
-        return await _receive(request)
-    except Exception:
-        logger.exception("webhook_failed", connection=request.path_params["connection_id"][:64])
-        return _answer(503, {"error": "temporarily unavailable, retry later"}, {"Retry-After": "5"})
+PREFIX: Final = "/webhooks/qonto/"
+_JSON: Final = (b"content-type", b"application/json")
+_RETRY: Final = (b"retry-after", b"5")
+_UNAVAILABLE: Final = {"error": "temporarily unavailable, retry later"}
 
 
-async def _receive(request: Request) -> Response:
-    started = time.perf_counter()
-    state = request.app.state
-    cache: SecretCache = state.secrets
-    publisher: amqp.Publisher = state.publisher
-    stats: metrics.Metrics = state.metrics
-    work: heartbeat.Work = state.work
-    raw_id = request.path_params["connection_id"]
+class Intake:
+    """ASGI middleware that answers ``POST /webhooks/qonto/{connection_id}`` before routing.
 
-    def done(outcome: str, status: int, payload: dict[str, object], **context: object) -> Response:
+    Webhooks skip routing and the other middlewares (the hot path, where one webhook costs as
+    little as it can); every other request goes on to the application.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        raw_id: str = scope["path"][len(PREFIX) :]
+        if scope["method"] != "POST" or "/" in raw_id or not raw_id:
+            status = 405 if scope["method"] != "POST" and raw_id and "/" not in raw_id else 404
+            await _send(send, status, {"error": "not found" if status == 404 else "use POST"})
+            return
+        started = time.perf_counter()
+        try:
+            status, outcome, payload, context = await _receive(scope, receive, raw_id)
+        except Exception:
+            logger.exception("webhook_failed", connection=raw_id[:64])
+            status, outcome, payload, context = 503, "unavailable", _UNAVAILABLE, {}
         elapsed = time.perf_counter() - started
-        stats.webhook(outcome, elapsed)
+        state = scope["app"].state
+        state.metrics.webhook(outcome, elapsed)
         if status == 202:
-            work.add()
-        event = "webhook_accepted" if status == 202 else "webhook_rejected"
-        logger.info(
-            event,
+            state.work.add()
+        log.fast(
+            "webhook_accepted" if status == 202 else "webhook_rejected",
             connection=raw_id[:64],
             outcome=outcome,
             status=status,
             duration_ms=round(elapsed * 1000, 2),
             **context,
         )
-        headers = {"Retry-After": "5"} if status == 503 else None
-        return _answer(status, payload, headers)
+        await _send(send, status, payload)
 
+
+async def _send(send: Send, status: int, payload: Mapping[str, object]) -> None:
+    body = orjson.dumps(payload)
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append(_RETRY)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+Answer = tuple[int, str, Mapping[str, object], dict[str, str]]
+
+
+async def _receive(scope: Scope, receive: Receive, raw_id: str) -> Answer:
+    """Decide the answer as (status, outcome, JSON payload, context for the log line)."""
+    state = scope["app"].state
+    cache: SecretCache = state.secrets
     try:
         connection_id = uuid.UUID(raw_id)
     except ValueError:
-        return done("unknown_connection", 404, {"error": "unknown connection"})
+        return 404, "unknown_connection", {"error": "unknown connection"}, {}
     try:
         secrets = await cache.secrets_for(connection_id)
     except errors.DatabaseUnavailable:
-        return done("unavailable", 503, {"error": "temporarily unavailable, retry later"})
+        return 503, "unavailable", _UNAVAILABLE, {}
     if not secrets:
-        return done("unknown_connection", 404, {"error": "unknown or disconnected connection"})
+        return 404, "unknown_connection", {"error": "unknown or disconnected connection"}, {}
+    declared = signature_header = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            declared = value
+        elif name == b"x-qonto-signature":
+            signature_header = value.decode("latin-1")
     try:
-        body = await _read_body(request, state.bodies)
+        body = await _read_body(receive, declared, state.bodies)
     except Busy:
-        return done("busy", 503, {"error": "too many webhooks in flight, retry later"})
+        return 503, "busy", {"error": "too many webhooks in flight, retry later"}, {}
     except TooLarge:
-        return done("too_large", 413, {"error": f"body larger than {MAX_BODY} bytes"})
+        return 413, "too_large", {"error": f"body larger than {MAX_BODY} bytes"}, {}
     except ValueError:
-        return done("bad_request", 400, {"error": "invalid Content-Length"})
-    except ClientDisconnect:
-        return done("client_disconnected", 400, {"error": "client disconnected"})
+        return 400, "bad_request", {"error": "invalid Content-Length"}, {}
+    except Disconnected:
+        return 400, "client_disconnected", {"error": "client disconnected"}, {}
     try:
-        signature.verify(request.headers.get("x-qonto-signature"), body, secrets, now=time.time())
+        signature.verify(signature_header, body, secrets, now=time.time())
     except signature.Rejected as exc:
-        return done("bad_signature", 401, {"error": exc.reason})
+        return 401, "bad_signature", {"error": exc.reason}, {}
     try:
         event = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return done("not_json", 400, {"error": "body is not JSON"})
+        return 400, "not_json", {"error": "body is not JSON"}, {}
     if (
         not isinstance(event, dict)
         or not isinstance(event.get("id"), str)
@@ -336,21 +375,14 @@ async def _receive(request: Request) -> Response:
         or len(event["id"]) > 200
         or not isinstance(event.get("type"), str)
     ):
-        return done("not_an_event", 400, {"error": "not a Qonto event (needs string id and type)"})
+        error = "not a Qonto event (needs string id and type)"
+        return 400, "not_an_event", {"error": error}, {}
+    event_id: str = event["id"]
+    publisher: amqp.Publisher = state.publisher
     try:
-        await publisher.publish_event(body, connection_id=str(connection_id), event_id=event["id"])
+        await publisher.publish_event(body, connection_id=str(connection_id), event_id=event_id)
     except errors.BrokerUnavailable as exc:
-        return done(
-            "unavailable",
-            503,
-            {"error": "could not queue the event, retry later"},
-            event_id=event["id"],
-            reason=str(exc),
-        )
-    return done(
-        "queued",
-        202,
-        {"status": "queued", "event_id": event["id"]},
-        event_id=event["id"],
-        topic=event["type"],
-    )
+        error = "could not queue the event, retry later"
+        return 503, "unavailable", {"error": error}, {"event_id": event_id, "reason": str(exc)}
+    payload: dict[str, object] = {"status": "queued", "event_id": event_id}
+    return 202, "queued", payload, {"event_id": event_id, "topic": str(event["type"])[:100]}
