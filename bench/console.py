@@ -28,6 +28,7 @@ from relay.store import queries
 
 CONNECTIONS: Final = 200
 DOCUMENTS: Final = 100_000
+BIGGEST: Final = 20_000  # the first client's documents; the others share the rest
 RUNS: Final = 30
 DEAD_LETTERS: Final = 50
 WARMUP: Final = 3
@@ -39,7 +40,7 @@ _CSRF: Final = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 async def _fill(pool: Any, settings: config.Settings) -> list[uuid.UUID]:
-    """Fill the database: 200 connections, 100,000 documents (mostly uploaded; some pending, skipped, failed, in doubt,
+    """Fill the database: 200 connections (one client with 20,000 documents), 100,000 documents (mostly uploaded; some pending, skipped, failed, in doubt,
     with their attempts), 30 runs whose reports name every connection, 20 invitations."""
     ids = [await common.insert_connection(pool, settings) for _ in range(CONNECTIONS)]
     await pool.execute(
@@ -51,7 +52,7 @@ async def _fill(pool: Any, settings: config.Settings) -> list[uuid.UUID]:
         """
         INSERT INTO documents (connection_id, source, qonto_resource_id, qonto_attachment_id,
             direction, state, reason, file_name, uploaded_at, cegid_document_id, created_at)
-        SELECT ($1::uuid[])[1 + (i - 1) / ($2 / $3)], (ARRAY['transaction', 'supplier_invoice',
+        SELECT ($1::uuid[])[CASE WHEN i <= $4 THEN 1 ELSE 2 + (i - $4 - 1) % ($3 - 1) END], (ARRAY['transaction', 'supplier_invoice',
                 'client_invoice'])[1 + i % 3],
                'res-' || i, 'att-' || i, 'PURCHASE',
                CASE WHEN i % 100 < 90 THEN 'uploaded' WHEN i % 100 < 95 THEN 'pending'
@@ -68,6 +69,7 @@ async def _fill(pool: Any, settings: config.Settings) -> list[uuid.UUID]:
         ids,
         DOCUMENTS,
         CONNECTIONS,
+        BIGGEST,
     )
     await pool.execute(
         """

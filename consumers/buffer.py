@@ -1,23 +1,8 @@
-"""The PostgreSQL buffer: batches of Qonto events from RabbitMQ applied, then each message settled.
+"""Batches of Qonto events from RabbitMQ turned into committed rows, then each message settled.
 
-Messages come in batches (gathered by :mod:`consumers.consume`, up to ``batch_size`` or
-``batch_window_s``) and are applied in ONE transaction; the batch is acknowledged only after the
-commit. A crash at any point redelivers unacknowledged messages, and the events table's key
-(connection, Qonto event id) makes them no-ops.
-
-What happens to each message is decided in one place, :func:`_settle`, from the error class:
-- not an event, unknown topic version, unknown connection, Qonto refusing the credentials
-  → dead-letter queue at once, with the reason (an operator replays it after a fix);
-- PostgreSQL unavailable → :meth:`Buffer.process` raises ``errors.DatabaseUnavailable`` and settles
-  nothing: the consumer keeps the batch in hand and applies it again once PostgreSQL answers (the
-  retries below would burn out during a long outage and dead-letter good events);
-- transient for one message (Qonto unavailable while a client invoice is fetched) → the delay queue
-  for its attempt (1 s, 5 s, 30 s, 2 min, 10 min), then the dead-letter queue; never a hot loop;
-- PostgreSQL refusing a record (a value it cannot store, ``errors.InvalidData``): the batch's
-  transaction is rolled back and its messages are applied again one by one, each in a transaction
-  of its own, so that only the culprit goes to the dead-letter queue, with the reason, and the
-  others are applied;
-- everything else → applied and acknowledged.
+A batch (gathered by :mod:`consumers.consume`) is applied in one transaction and acknowledged only
+after the commit: a crash redelivers what was not acknowledged, and the events table's key
+(connection, Qonto event id) makes it a no-op. :meth:`Buffer._settle` decides each message's fate.
 """
 
 from __future__ import annotations
@@ -102,7 +87,7 @@ class Buffer:
             item.dead = str(exc)
 
     async def _fetch_invoices(self, items: list[Item]) -> None:
-        """Client invoice events without ``attachment_id``: re-fetch the invoice from Qonto."""
+        """Re-fetch from Qonto the invoice of client invoice events without ``attachment_id``."""
         clients: dict[uuid.UUID, qonto.QontoClient] = {}
         for item in items:
             event = item.event
@@ -122,7 +107,7 @@ class Buffer:
             except errors.NotFound:
                 item.dead = "unknown connection"
             except errors.DatabaseUnavailable:
-                raise  # the whole batch waits for PostgreSQL (see the module docstring)
+                raise  # the whole batch waits for PostgreSQL (see Buffer._settle)
             except (
                 errors.QontoAuthRejected,
                 errors.ConfigurationError,
@@ -143,111 +128,32 @@ class Buffer:
     # ------------------------------------------------------------------ apply (one transaction)
 
     async def _apply(self, items: list[Item], *, what: str = "apply batch") -> None:
+        """Apply the live items in one transaction.
+
+        Their connections are checked, their events recorded (a duplicate once), their snapshots
+        turned into documents and their outcomes saved.
+        """
         live = [i for i in items if not i.dead and not i.retry]
         if not live:
             return
-        ids = list({i.connection_id for i in live if i.connection_id is not None})
         async with db.transaction(self._pool, what) as conn:
-            states = await store.connections.states(conn, ids)
-            for item in live:
-                state = None if item.connection_id is None else states.get(item.connection_id)
-                if state is None:
-                    item.dead = "unknown connection"
-                elif state in ("revoked", "disconnected"):
-                    item.outcome = "connection_inactive"
-                elif item.event is not None and item.event.kind is events.Kind.IGNORED:
-                    item.outcome = "ignored_topic"
-            live = [i for i in live if not i.dead]
-            # the same event id twice in one batch: the first copy is the event, the rest are
-            # duplicates (as they would be in a later batch)
-            seen: set[tuple[uuid.UUID | None, str]] = set()
-            for item in live:
-                event_key = (item.connection_id, item.event.id if item.event else "")
-                if event_key in seen:
-                    item.outcome = "duplicate"
-                seen.add(event_key)
-            live = [i for i in live if i.outcome != "duplicate"]
+            live = _drop_repeats(await _check_connections(conn, live))
             if not live:
                 return
-            new = await store.events.insert(
-                conn,
-                [
-                    store.events.NewEvent(
-                        i.connection_id,
-                        i.event.id,
-                        i.event.topic,
-                        i.outcome,
-                        i.event.created_at,
-                        events.payload_text(i.message.body),
-                    )
-                    for i in live
-                    if i.event is not None and i.connection_id is not None
-                ],
-            )
-            fresh = [i for i in live if i.event and (i.connection_id, i.event.id) in new]
-            for item in live:
-                if item not in fresh:
-                    item.outcome = "duplicate"
-            snapshots: list[tuple[uuid.UUID, events.Snapshot]] = []
+            fresh = await _record_events(conn, live)
+            snapshots = []
             for item in fresh:
-                if item.outcome != "applied" or item.event is None or item.connection_id is None:
-                    continue
-                event = item.event
-                if event.kind is events.Kind.TRANSACTION:
-                    item.snapshot = events.transaction_snapshot(
-                        event.data, fallback=event.created_at
-                    )
-                elif event.kind is events.Kind.CLIENT_INVOICE:
-                    item.snapshot = events.client_invoice_snapshot(
-                        event.data, fallback=event.created_at
-                    )
-                elif event.kind is events.Kind.CONSENT_REVOCATION:
-                    revoked_at = event.data.get("revoked_at") or "now"
-                    await store.connections.revoke(
-                        conn,
-                        item.connection_id,
-                        f"consent revoked in Qonto at {revoked_at}: reconnect with new credentials",
-                    )
-                    item.outcome = "revoked"
-                if item.snapshot is not None:
-                    snapshots.append((item.connection_id, item.snapshot))
+                snapshot = await _take_snapshot(conn, item)
+                if snapshot is not None:
+                    snapshots.append(snapshot)
             applied = await ingest.apply(conn, snapshots)
-            newest: dict[tuple[uuid.UUID, str, str], dt.datetime] = {}
-            for cid, snap in snapshots:
-                key = (cid, str(snap.source), snap.resource_id)
-                if snap.updated_at and (key not in newest or snap.updated_at > newest[key]):
-                    newest[key] = snap.updated_at
-            changed = []
-            for item in fresh:
-                if item.snapshot is not None and item.connection_id is not None:
-                    key = (
-                        item.connection_id,
-                        str(item.snapshot.source),
-                        item.snapshot.resource_id,
-                    )
-                    when = item.snapshot.updated_at
-                    superseded = when is not None and key in newest and when < newest[key]
-                    if key in applied.stale or superseded:
-                        item.outcome = ingest.STALE
-                    elif item.snapshot.source is models.Source.CLIENT_INVOICE and not (
-                        item.snapshot.documents
-                    ):
-                        item.outcome = ingest.NOT_A_DOCUMENT  # a draft or canceled one
-                if item.outcome != "applied":
-                    changed.append(item)
-            if changed:
-                await store.events.set_outcomes(
-                    conn,
-                    [
-                        (i.connection_id, i.event.id, i.outcome)
-                        for i in changed
-                        if i.event is not None and i.connection_id is not None
-                    ],
-                )
+            _judge_snapshots(fresh, snapshots, applied)
+            await _save_outcomes(conn, [i for i in fresh if i.outcome != "applied"])
 
     async def _apply_each(self, items: list[Item], reason: str) -> None:
-        """PostgreSQL refused some record of the batch: apply each message in a transaction of its
-        own; the ones it still refuses are dead-lettered with its reason.
+        """Apply each message in a transaction of its own, after PostgreSQL refused the batch.
+
+        The messages it still refuses are dead-lettered with its reason.
 
         Only InvalidData (the data's fault) is isolated: a schema or configuration error would fail
         every message alike, so it propagates and stops the consumer instead of dead-lettering all.
@@ -285,8 +191,11 @@ class Buffer:
         logger.warning("event_dead_lettered", reason=reason, event_id=item.message.message_id)
 
     async def _settle_all(self, items: list[Item]) -> None:
-        """Dead letters and retries are published (confirmed) first, then the whole batch is
-        acknowledged at once: every message before the batch's last one was settled already."""
+        """Publish dead letters and retries (confirmed), then acknowledge the whole batch at once.
+
+        One acknowledgement of the last message covers the batch, since every message before it
+        was settled already.
+        """
         await asyncio.gather(
             *(self._settle(i) for i in items if i.dead is not None or i.retry is not None)
         )
@@ -294,7 +203,22 @@ class Buffer:
             await items[-1].message.ack(multiple=True)
 
     async def _settle(self, item: Item) -> None:
-        """The one place a message's fate is decided (the acknowledgement follows in _settle_all)."""
+        """Decide a message's fate, in this one place (the acknowledgement follows in _settle_all).
+
+        - not an event, unknown topic version, unknown connection, Qonto refusing the credentials
+          → dead-letter queue at once, with the reason (an operator replays it after a fix);
+        - transient for one message (Qonto unavailable while a client invoice is fetched) → the
+          delay queue for its attempt (1 s, 5 s, 30 s, 2 min, 10 min), then the dead-letter
+          queue; never a hot loop;
+        - everything else → applied and acknowledged.
+
+        Two failures never reach it: PostgreSQL unavailable makes :meth:`process` raise
+        ``errors.DatabaseUnavailable`` and settle nothing (the consumer keeps the batch in hand
+        and applies it again once PostgreSQL answers: the retries above would burn out during a
+        long outage and dead-letter good events); PostgreSQL refusing a record
+        (``errors.InvalidData``) rolls the batch back and applies its messages one by one
+        (:meth:`_apply_each`), so that only the culprit is dead-lettered.
+        """
         if item.dead is not None:
             await self._dead_letter(item, item.dead)
         elif item.retry is not None:
@@ -327,7 +251,7 @@ class Buffer:
                 )
 
     async def process(self, messages: list[aio_pika.abc.AbstractIncomingMessage]) -> dict[str, int]:
-        """Apply the batch, then settle every message; the count of each outcome.
+        """Apply the batch, then settle every message and return the count of each outcome.
 
         Raises ``errors.DatabaseUnavailable`` with nothing settled (the caller keeps the batch and
         calls again once PostgreSQL answers), and ``errors.BrokerUnavailable`` when RabbitMQ failed
@@ -363,3 +287,140 @@ class Buffer:
             **counts,
         )
         return counts
+
+
+# ---------------------------------------------------------------------- the steps of Buffer._apply
+
+Key = tuple[uuid.UUID, str, str]  # (connection, source, resource id)
+
+
+async def _check_connections(conn: db.Conn, live: list[Item]) -> list[Item]:
+    """Mark each item whose connection is unknown or inactive, or whose topic is ignored.
+
+    Unknown ones are dead-lettered; the others are recorded with nothing applied. Returns the items
+    still to record.
+    """
+    ids = list({i.connection_id for i in live if i.connection_id is not None})
+    states = await store.connections.states(conn, ids)
+    for item in live:
+        state = None if item.connection_id is None else states.get(item.connection_id)
+        if state is None:
+            item.dead = "unknown connection"
+        elif state in ("revoked", "disconnected"):
+            item.outcome = "connection_inactive"
+        elif item.event is not None and item.event.kind is events.Kind.IGNORED:
+            item.outcome = "ignored_topic"
+    return [i for i in live if not i.dead]
+
+
+def _drop_repeats(live: list[Item]) -> list[Item]:
+    """Mark every repeat of an event id within the batch a duplicate, and return the items left.
+
+    A copy after the first is a duplicate, as it would be in a later batch.
+    """
+    seen: set[tuple[uuid.UUID | None, str]] = set()
+    for item in live:
+        event_key = (item.connection_id, item.event.id if item.event else "")
+        if event_key in seen:
+            item.outcome = "duplicate"
+        seen.add(event_key)
+    return [i for i in live if i.outcome != "duplicate"]
+
+
+async def _record_events(conn: db.Conn, live: list[Item]) -> list[Item]:
+    """Insert the items' events and return the fresh items.
+
+    The ones already recorded are duplicates.
+    """
+    new = await store.events.insert(
+        conn,
+        [
+            store.events.NewEvent(
+                i.connection_id,
+                i.event.id,
+                i.event.topic,
+                i.outcome,
+                i.event.created_at,
+                events.payload_text(i.message.body),
+            )
+            for i in live
+            if i.event is not None and i.connection_id is not None
+        ],
+    )
+    fresh = [i for i in live if i.event and (i.connection_id, i.event.id) in new]
+    for item in live:
+        if item not in fresh:
+            item.outcome = "duplicate"
+    return fresh
+
+
+async def _take_snapshot(conn: db.Conn, item: Item) -> tuple[uuid.UUID, events.Snapshot] | None:
+    """Return the resource snapshot an applied event carries, also kept on the item.
+
+    Transactions and client invoices carry one; a consent revocation revokes its connection
+    instead.
+    """
+    event = item.event
+    if item.outcome != "applied" or event is None or item.connection_id is None:
+        return None
+    if event.kind is events.Kind.TRANSACTION:
+        item.snapshot = events.transaction_snapshot(event.data, fallback=event.created_at)
+    elif event.kind is events.Kind.CLIENT_INVOICE:
+        item.snapshot = events.client_invoice_snapshot(event.data, fallback=event.created_at)
+    elif event.kind is events.Kind.CONSENT_REVOCATION:
+        revoked_at = event.data.get("revoked_at") or "now"
+        await store.connections.revoke(
+            conn,
+            item.connection_id,
+            f"consent revoked in Qonto at {revoked_at}: reconnect with new credentials",
+        )
+        item.outcome = "revoked"
+    if item.snapshot is None:
+        return None
+    return item.connection_id, item.snapshot
+
+
+def _newest(snapshots: list[tuple[uuid.UUID, events.Snapshot]]) -> dict[Key, dt.datetime]:
+    """Find each resource's newest ``updated_at`` among the batch's snapshots."""
+    newest: dict[Key, dt.datetime] = {}
+    for cid, snap in snapshots:
+        key = (cid, str(snap.source), snap.resource_id)
+        if snap.updated_at and (key not in newest or snap.updated_at > newest[key]):
+            newest[key] = snap.updated_at
+    return newest
+
+
+def _judge_snapshots(
+    fresh: list[Item],
+    snapshots: list[tuple[uuid.UUID, events.Snapshot]],
+    applied: ingest.Applied,
+) -> None:
+    """Mark each fresh item whose snapshot is stale, or that is a client invoice without a document.
+
+    A snapshot is stale when it was older than the one recorded or than another of the batch; a
+    client invoice without a document is a draft or a canceled one.
+    """
+    newest = _newest(snapshots)
+    for item in fresh:
+        if item.snapshot is None or item.connection_id is None:
+            continue
+        key = (item.connection_id, str(item.snapshot.source), item.snapshot.resource_id)
+        when = item.snapshot.updated_at
+        superseded = when is not None and key in newest and when < newest[key]
+        if key in applied.stale or superseded:
+            item.outcome = ingest.STALE
+        elif item.snapshot.source is models.Source.CLIENT_INVOICE and not item.snapshot.documents:
+            item.outcome = ingest.NOT_A_DOCUMENT
+
+
+async def _save_outcomes(conn: db.Conn, changed: list[Item]) -> None:
+    """Record on their events the outcomes that are not "applied"."""
+    if changed:
+        await store.events.set_outcomes(
+            conn,
+            [
+                (i.connection_id, i.event.id, i.outcome)
+                for i in changed
+                if i.event is not None and i.connection_id is not None
+            ],
+        )

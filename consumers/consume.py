@@ -55,7 +55,7 @@ class _Tuning:
 
 
 class _Lost(Exception):
-    """The session's broker side is gone; its messages in hand are dropped.
+    """A session whose broker side is gone, its messages in hand dropped.
 
     The message says how it went.
     """
@@ -192,7 +192,7 @@ class _Session:
     # ------------------------------------------------------------------ open, close
 
     async def open(self) -> None:
-        """Connect, declare, set the prefetch and subscribe; BrokerUnavailable if any step fails."""
+        """Connect, declare, set the prefetch and subscribe (BrokerUnavailable if one fails)."""
         c = self._c
         self._conn = conn = await amqp.connect(c.settings, name="relay-consume")
         conn.close_callbacks.add(self._closed)

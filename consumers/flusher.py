@@ -3,9 +3,8 @@
     pending ──claim──▶ uploading ──download, type, dedupe──▶ (commit the attempt: "sending")
         ──POST /storeDocument──▶ uploaded | pending (retry next run) | failed | in_doubt
 
-This module holds the run and each connection's claims; one document's way is in
-:mod:`consumers.upload`, the settling of what a worker left ``uploading`` in
-:mod:`consumers.recovery`.
+The run and each connection's claims are here; one document's way is in :mod:`consumers.upload`,
+the settling of what a worker left ``uploading`` in :mod:`consumers.recovery`.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ DOSSIER_CHECK_EVERY: Final = dt.timedelta(hours=24)
 
 
 async def _check_dossier(ctx: upload.Context, run: upload.ConnectionRun) -> None:
-    """Check the connection's Cegid dossier once a day; a refusal flags the connection.
+    """Check the connection's Cegid dossier once a day, flagging the connection on a refusal.
 
     A wrong or dissociated dossier code loses deposits silently; an unavailable Cegid is not
     conclusive, so the run deposits anyway and checks again next run.
@@ -133,10 +132,10 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
     try:
         await _check_dossier(ctx, run)
         while not run.refused:
-            await ctx.slots.acquire()
+            await ctx.gates.slots.acquire()
             wanted = 1
-            while wanted < CLAIM_BATCH and not ctx.slots.locked():
-                await ctx.slots.acquire()  # free: returns at once
+            while wanted < CLAIM_BATCH and not ctx.gates.slots.locked():
+                await ctx.gates.slots.acquire()  # free: returns at once
                 wanted += 1
             claimed: list[models.Document] = []
             try:
@@ -145,7 +144,7 @@ async def _connection_loop(ctx: upload.Context, run: upload.ConnectionRun) -> No
                 )
             finally:
                 for _ in range(wanted - len(claimed)):
-                    ctx.slots.release()
+                    ctx.gates.slots.release()
             run.seen.update(document.id for document in claimed)
             for document in claimed:  # each task releases its slot
                 task = asyncio.create_task(upload.process(ctx, run, document))
@@ -202,7 +201,7 @@ async def flush(
     sleep: upload.Sleep = asyncio.sleep,
     now: dt.datetime | None = None,
 ) -> report.RunReport:
-    """Recover, scan Qonto, then upload every pending document; returns the run's report.
+    """Recover, scan Qonto, then upload every pending document and return the run's report.
 
     With ``connection_id``, that connection only (NotFound when there is none, Refused when it is
     disconnected or revoked).
@@ -252,18 +251,15 @@ async def flush(
                 ctx = upload.Context(
                     settings=settings,
                     pool=pool,
-                    worker=lease.worker,
                     qonto_http=qonto_http,
                     cegid=cegid.CegidClient(settings, cegid_http),
                     box=crypto.Box(settings.secret_key.reveal()),
                     sleep=sleep,
                     tmpdir=pathlib.Path(tmp),
-                    uploads=asyncio.Semaphore(settings.upload_concurrency),
-                    firms={},
                     cutoff=await guard.run("database time", lambda: _database_now(pool)),
                     guard=guard,
                     lease=lease,
-                    slots=asyncio.Semaphore(max(4, settings.upload_concurrency * 2)),
+                    gates=upload.Gates.of(settings),
                 )
                 runs = await _prepare(ctx, scan, connection_id)
                 await asyncio.gather(
@@ -296,7 +292,7 @@ async def flush(
 
 def _stopped(exc: errors.OutageTooLong, ctx: upload.Context | None) -> str:
     """Write the closing line of a flush that gave up on PostgreSQL (what it leaves, what next)."""
-    left = ctx.left if ctx is not None else collections.Counter[str]()
+    left = ctx.answers.left if ctx is not None else collections.Counter[str]()
     parts = [f"{exc}: the flush stopped"]
     sent = left["stored"] + left["sent"]
     if sent:

@@ -65,7 +65,7 @@ class Guard:
         return not self._up.is_set() or self.gave_up is not None
 
     async def wait_up(self) -> None:
-        """Return once PostgreSQL answers (at once when it does); raise when given up on."""
+        """Return once PostgreSQL answers (at once when it does), raising when given up on."""
         await self._up.wait()
         if self.gave_up is not None:
             raise self.gave_up

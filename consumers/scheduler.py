@@ -82,7 +82,7 @@ async def run_due(
     *,
     flush: Flush = flusher.flush,
 ) -> bool:
-    """Run the latest slot's scan and flush if no one has; True when this call ran it.
+    """Run the latest slot's scan and flush if no one has (True when this call ran it).
 
     A day is claimed in PostgreSQL: under a session advisory lock, the run row ``(scheduled,
     day)`` is inserted once (its unique key refuses a second). Two schedulers started together
@@ -127,7 +127,7 @@ async def run_due(
 async def run_requested(
     settings: config.Settings, pool: asyncpg.Pool, *, flush: RequestedFlush = flusher.flush
 ) -> bool:
-    """Run the oldest flush asked for, under the scheduler's lock; True when this call ran one.
+    """Run the oldest flush asked for under the scheduler's lock (True when this call ran one).
 
     A request that cannot run (its connection gone, disconnected or revoked) is failed with the
     reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers."""
@@ -155,7 +155,7 @@ async def _run_request(
     run_id: int,
     flush: RequestedFlush,
 ) -> None:
-    """Run the requested flush as run ``run_id``; finish or fail the requests it serves."""
+    """Run the requested flush as run ``run_id``, then finish or fail the requests it serves."""
     try:
         result = await flush(
             settings,
@@ -252,7 +252,7 @@ async def run_forever(
     progress: heartbeat.Work | None = None,
     flush_requested: RequestedFlush = flusher.flush,
 ) -> None:
-    """Check every minute (and at each slot) whether a day is due; stop when ``stop`` is set.
+    """Check every minute (and at each slot) whether a day is due, until ``stop`` is set.
 
     PostgreSQL going away is ridden out: between polls the scheduler pings it every
     ``PING_EVERY_S``; a failed ping or poll makes it poll again with a capped, jittered backoff,
@@ -299,8 +299,7 @@ async def run_forever(
         return result
 
     async def wait_or_stop(seconds: float) -> None:
-        """Wait until ``stop`` or ``seconds``, or until a flush is asked for or PostgreSQL is found
-        gone (poll now)."""
+        """Wait for ``stop``, ``seconds``, a flush asked for or PostgreSQL found gone (poll now)."""
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()

@@ -1,3 +1,3 @@
-"""Relays every Qonto receipt and invoice to the accountant's Cegid Loop client file, exactly once."""
+"""Qonto receipts and invoices relayed to the accountant's Cegid Loop client file, exactly once."""
 
 __version__ = "0.1.0"

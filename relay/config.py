@@ -40,7 +40,7 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,15}")  # a scheme that is safe to name
 
 
 def _url(name: str, value: str, schemes: tuple[str, ...], bad: list[str]) -> str:
-    """Check a URL; a problem is described without the value (a typo'd URL may hold a password)."""
+    """Check a URL, describing a problem without the value (a typo'd URL may hold a password)."""
     expected = " or ".join(f"{scheme}://" for scheme in schemes)
     try:
         parts = urlsplit(value)
@@ -82,7 +82,7 @@ Parse = Callable[[str, str, list[str]], Any]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Variable:
-    """A ``RELAY_*`` setting with a default: its Settings field, its default and how it is read."""
+    """A ``RELAY_*`` setting with a default, naming its Settings field and how it is read."""
 
     name: str
     field: str
@@ -90,7 +90,7 @@ class Variable:
     parse: Parse
 
     def value(self, raw: str, bad: list[str]) -> Any:
-        """The setting read from ``raw`` (the default when empty); problems are added to ``bad``."""
+        """Read the setting from ``raw`` (the default when empty), adding problems to ``bad``."""
         return self.parse(self.name, raw.strip() or self.default, bad)
 
 
@@ -211,7 +211,7 @@ DEFAULTS: Final[Mapping[str, str]] = {v.name: v.default for v in VARIABLES}
 
 
 def _default(field: str) -> Any:
-    """A field's default, read from its variable's default text like any other value."""
+    """Read a field's default from its variable's default text like any other value."""
     (variable,) = (v for v in VARIABLES if v.field == field)
     bad: list[str] = []
     value = variable.value("", bad)
@@ -222,7 +222,10 @@ def _default(field: str) -> Any:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the relay can be configured with. Tests build it directly."""
+    """Everything the relay can be configured with.
+
+    Tests build it directly.
+    """
 
     secret_key: Secret
     database_url: Secret = _default("database_url")
@@ -285,7 +288,7 @@ class Settings:
         return self.public_url.lower().startswith("https://")
 
     def provider_email(self, domain: str) -> str | None:
-        """Loop Hub's "Email prestataire" for a firm's domain, when the operator set the local part."""
+        """Return Loop Hub's "Email prestataire" for a firm's domain (None without a local part)."""
         if not self.loop_provider_email_local_part:
             return None
         return f"{self.loop_provider_email_local_part}@{domain}.onmicrosoft.com"
@@ -298,7 +301,7 @@ def from_env(
     require_admin_token: bool = False,
     require_cegid_subscription_key: bool = False,
 ) -> Settings:
-    """Build Settings from the environment; raise ConfigurationError naming every bad variable."""
+    """Build Settings from the environment, raising ConfigurationError naming every bad variable."""
     env = dict(os.environ if environ is None else environ)
     bad: list[str] = []
     key = _secret_key(env, bad, required=require_secret_key)

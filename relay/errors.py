@@ -17,7 +17,7 @@ class RelayError(Exception):
 
 
 class Retryable(RelayError):
-    """A failure to retry later; nothing about the work itself is wrong."""
+    """A failure to retry later (nothing about the work itself is wrong)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -41,7 +41,7 @@ class CegidUnavailable(Retryable):
 
 
 class RateLimited(Retryable):
-    """The upstream answered 429; ``retry_after`` holds its Retry-After when it sent one."""
+    """An upstream's 429, its Retry-After in ``retry_after`` when it sent one."""
 
 
 class QontoRateLimited(RateLimited, QontoUnavailable):
@@ -130,4 +130,4 @@ class OutageTooLong(RelayError):
 
 
 class OutcomeUnknown(RelayError):
-    """The request was fully sent but no answer came; the upstream may or may not have kept it."""
+    """A request fully sent that got no answer, which the upstream may or may not have kept."""

@@ -173,7 +173,7 @@ def _text(value: Any) -> str | None:
 
 
 def classify(topic: str) -> Kind:
-    """Say what the relay does with a topic; InvalidEvent for a used topic in an unknown version."""
+    """Say what the relay does with a topic (InvalidEvent for a used topic's unknown version)."""
     match = _TOPIC.match(topic)
     if match is None:
         raise errors.InvalidEvent(f"not a Qonto topic: {topic[:80]!r}")
@@ -192,7 +192,7 @@ def classify(topic: str) -> Kind:
 
 
 def parse(body: bytes) -> Event:
-    """Parse a webhook body into an Event; InvalidEvent when it is not a usable Qonto event."""
+    """Parse a webhook body into an Event (InvalidEvent when it is not a usable Qonto event)."""
     try:
         value = loads(body)
     except orjson.JSONDecodeError as exc:
@@ -302,7 +302,10 @@ def client_invoice_needs_fetch(invoice: dict[str, Any]) -> bool:
 def client_invoice_snapshot(
     invoice: dict[str, Any], *, fallback: dt.datetime | None = None
 ) -> Snapshot:
-    """Unpaid and paid invoices are SALE documents; drafts and canceled ones are none."""
+    """Take a client invoice's snapshot, an unpaid or paid one carrying a SALE document.
+
+    Drafts and canceled invoices carry none.
+    """
     documents: tuple[DocumentSpec, ...] = ()
     attachment_id = _text(invoice.get("attachment_id"))
     if invoice.get("status") in EXPORTED_CLIENT_INVOICE_STATUSES and attachment_id:

@@ -21,7 +21,10 @@ _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b
 
 
 def detect(head: bytes) -> Kind:
-    """Tell a file's kind from at least its first 16 bytes; ``exported`` only for JPEG, PNG, PDF."""
+    """Tell a file's kind from its first bytes (16 at least).
+
+    Only JPEG, PNG and PDF are ``exported``.
+    """
     if head.startswith(b"\xff\xd8\xff"):
         return JPEG
     if head.startswith(b"\x89PNG\r\n\x1a\n"):

@@ -74,9 +74,11 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # a TextIO duc
 
 
 class _FastPath:
-    """How :func:`fast` writes (set by :func:`configure`): JSON lines gathered during one turn of the
-    event loop and written together at its end (one write for all the webhooks answered in that
-    turn), or through structlog when the output is for a terminal."""
+    """How :func:`fast` writes, as set by :func:`configure`.
+
+    JSON lines gathered during one turn of the event loop are written together at its end (one
+    write for all the webhooks answered in that turn); a terminal gets them through structlog.
+    """
 
     def __init__(self) -> None:
         self.out: Any = None
@@ -103,10 +105,12 @@ _fast = _FastPath()
 
 
 def fast(event: str, **fields: str | int | float | None) -> None:
-    """One info line for a hot path (a line per webhook) whose keys are fixed and whose values are
-    known safe (ids, outcomes, statuses, durations): rendered once with orjson, without the
-    scrubbing processors, in the same JSON shape as every other line, and written at the end of
-    the event loop's turn with the other lines of that turn."""
+    """Write one info line for a hot path (a line per webhook), rendered once with orjson.
+
+    Its keys are fixed and its values known safe (ids, outcomes, statuses, durations), so it skips
+    the scrubbing processors; the line has the same JSON shape as every other line and is written
+    at the end of the event loop's turn with the other lines of that turn.
+    """
     if not _fast.enabled:
         return
     if not _fast.json or _fast.out is None:

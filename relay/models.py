@@ -42,14 +42,17 @@ class ConnectionState(enum.StrEnum):
 
 
 class Refuser(enum.StrEnum):
-    """Who refused a connection's access: what decides which check may clear its flag."""
+    """Who refused a connection's access, which decides the check that may clear its flag."""
 
     QONTO = "qonto"
     CEGID = "cegid"
 
 
 class Reason(enum.StrEnum):
-    """Why a document is in its state (what reports group by); the prose beside it is for display."""
+    """Why a document is in its state, what reports group by.
+
+    The prose beside it is for display.
+    """
 
     DELETED = "deleted"
     UNSUPPORTED_TYPE = "unsupported_type"  # detail: the file kind
@@ -64,13 +67,14 @@ class Reason(enum.StrEnum):
     FLUSH_STOPPED = "flush_stopped"
     FLUSH_ERROR = "flush_error"
     RESEND_REQUESTED = "resend_requested"
+    RETRY_REQUESTED = "retry_requested"
     CONFIRMED_BY_OPERATOR = "confirmed_by_operator"
     OTHER = "other"  # prose from before reasons were codes that matched none of them
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Why:
-    """A document's reason: its code, the value qualifying it, and the sentence shown."""
+    """A document's reason, with its code, the value qualifying it and the sentence shown."""
 
     code: Reason
     text: str

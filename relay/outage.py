@@ -1,6 +1,8 @@
-"""How long a long-running role waits for PostgreSQL or RabbitMQ (``RELAY_OUTAGE_LIMIT``) before it
-exits 1, so that its supervisor restarts it instead of leaving it alive and idle; the delays between
-its attempts are :data:`relay.retry.OUTAGE`'s."""
+"""How long a long-running role waits for PostgreSQL or RabbitMQ before it exits 1.
+
+Past ``RELAY_OUTAGE_LIMIT`` the role exits, so that its supervisor restarts it instead of leaving it
+alive and idle. The delays between its attempts are :data:`relay.retry.OUTAGE`'s.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ logger = log.get(__name__)
 
 
 class Outage:
-    """One dependency's outage as one role sees it: when it began, and whether it lasted too long.
+    """One dependency's outage as one role sees it, when it began and whether it lasted too long.
 
     ``failed`` at each failed attempt (the first one starts the clock and logs ``{role}_lost``);
     past ``limit_s`` it raises :class:`errors.OutageTooLong`. ``recovered`` at the first success
@@ -30,7 +32,7 @@ class Outage:
         return self.since is not None
 
     def remaining_s(self) -> float:
-        """Seconds left before the limit (the whole limit when no outage is under way)."""
+        """Return the seconds left before the limit (all of it when no outage is under way)."""
         if self.since is None:
             return self.limit_s
         return max(0.0, self.limit_s - (time.monotonic() - self.since))

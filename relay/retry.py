@@ -26,7 +26,7 @@ def retry_after(
     now: Callable[[], dt.datetime] | None = None,
     limit_s: float = RETRY_AFTER_MAX_S,
 ) -> float | None:
-    """Seconds a ``Retry-After`` header value asks to wait, from either of its forms.
+    """Read the seconds a ``Retry-After`` header value asks to wait, from either of its forms.
 
     Delay-seconds (``"7"``, ``"0.5"``) or an HTTP date (``"Wed, 21 Oct 2026 07:28:00 GMT"``, taken
     from ``now``); clamped to ``[0, limit_s]``. None when absent or garbled (the caller falls back
@@ -57,7 +57,7 @@ def _seconds_until(text: str, now: Callable[[], dt.datetime] | None) -> float | 
 
 
 def retries_status(status: int) -> bool:
-    """Whether an upstream's HTTP status is worth another try: 429 (rate limited) and 5xx."""
+    """Whether an upstream's HTTP status is worth another try (429, rate limited, and 5xx)."""
     return status == 429 or status >= 500
 
 
@@ -86,13 +86,16 @@ class Policy:
             raise ValueError("a retry policy allows at least one try")
 
     def ceiling(self, attempt: int) -> float:
-        """The longest wait after failed try ``attempt`` (1-based)."""
+        """Return the longest wait after failed try ``attempt`` (1-based)."""
         doublings = min(max(attempt - 1, 0), _MAX_DOUBLINGS)
         return min(self.cap_s, self.first_s * float(2**doublings))
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait after failed try ``attempt``: ``retry_after`` when the upstream gave
-        one (clamped), else a jittered draw below the ceiling."""
+        """Return the seconds to wait after failed try ``attempt``.
+
+        That is ``retry_after`` when the upstream gave one (clamped), else a jittered draw below
+        the ceiling.
+        """
         if retry_after is not None:
             return min(max(retry_after, 0.0), RETRY_AFTER_MAX_S)
         ceiling = self.ceiling(attempt)
@@ -101,12 +104,12 @@ class Policy:
     def tries(
         self, *, deadline: float | None = None, clock: Callable[[], float] = time.monotonic
     ) -> Tries:
-        """The tries of one call under this policy; ``deadline`` (on ``clock``) ends them too."""
+        """Start the tries of one call under this policy, bounded by ``deadline`` (on ``clock``)."""
         return Tries(self, deadline, clock)
 
 
 class Tries:
-    """The tries of one call: which one is under way, and how long to wait before the next."""
+    """The tries of one call, which one is under way and how long to wait before the next."""
 
     def __init__(self, policy: Policy, deadline: float | None, clock: Callable[[], float]) -> None:
         self.policy = policy
@@ -120,9 +123,11 @@ class Tries:
         return self.policy.attempts is not None and self.attempt >= self.policy.attempts
 
     def again(self, retry_after: float | None = None) -> float | None:
-        """The try under way failed: seconds to wait before the next one, which it counts; None
-        when no try is left (the budget is spent or the deadline has passed). A wait never
-        runs past the deadline."""
+        """Count a failed try and return the seconds to wait before the next one.
+
+        None when no try is left (the budget is spent or the deadline has passed). A wait never
+        runs past the deadline.
+        """
         if self.last:
             return None
         delay = self.policy.delay(self.attempt, retry_after)
@@ -136,20 +141,22 @@ class Tries:
 
 
 class Backoff:
-    """Delays between the tries of a loop without a budget (a role waiting for a service): each
-    one drawn from ``policy``, the ceiling doubling at each until :meth:`reset`."""
+    """Delays between the tries of a loop without a budget (a role waiting for a service).
+
+    Each one is drawn from ``policy``, the ceiling doubling at each until :meth:`reset`.
+    """
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._attempt = 0
 
     def next(self, retry_after: float | None = None) -> float:
-        """The delay before the next try."""
+        """Return the delay before the next try."""
         self._attempt = min(self._attempt + 1, _MAX_DOUBLINGS + 1)
         return self.policy.delay(self._attempt, retry_after)
 
     def reset(self) -> None:
-        """The service answered: the next outage starts from the shortest delay again."""
+        """Start the next outage from the shortest delay again, once the service answered."""
         self._attempt = 0
 
 

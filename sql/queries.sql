@@ -720,16 +720,20 @@ FROM connections c WHERE c.id = $1;
 -- name: console_documents_page
 -- params: $1 connection_id, $2 state (or NULL), $3 source (or NULL), $4 file name pattern for ILIKE (or NULL), $5 below this id (or NULL), $6 limit
 -- One page of a connection's documents, newest first, by keyset; with the last attempt's answer.
+-- The connection is bounded on both sides rather than compared with =, so that (connection_id, id)
+-- stays the sort key: only the connection's own index gives that order, and it is walked from the
+-- keyset down (the primary key, walked from the newest id, would read other clients' documents
+-- first, as many as sit above the page).
 SELECT d.*, u.http_status AS last_http_status, u.cegid_answer AS last_cegid_answer,
        u.error AS last_error
 FROM (
     SELECT * FROM documents
-    WHERE connection_id = $1
+    WHERE connection_id >= $1 AND connection_id <= $1
+      AND id < coalesce($5::bigint, 9223372036854775807)
       AND ($2::text IS NULL OR state = $2)
       AND ($3::text IS NULL OR source = $3)
       AND ($4::text IS NULL OR coalesce(file_name, qonto_file_name, '') ILIKE $4)
-      AND ($5::bigint IS NULL OR id < $5)
-    ORDER BY id DESC LIMIT $6
+    ORDER BY connection_id DESC, id DESC LIMIT $6
 ) d
 LEFT JOIN LATERAL (
     SELECT http_status, cegid_answer, error FROM uploads
@@ -738,9 +742,10 @@ LEFT JOIN LATERAL (
 ORDER BY d.id DESC;
 
 -- name: retry_document
--- params: $1 document id, $2 reason
+-- params: $1 document id, $2 reason (shown), $3 its code
 -- A failed document goes back to pending (an operator fixed the cause); NULL when it is not failed.
-UPDATE documents SET state = 'pending', reason = $2, claimed_by = NULL, updated_at = now()
+UPDATE documents SET state = 'pending', reason = $2, reason_code = $3, reason_detail = NULL,
+       claimed_by = NULL, updated_at = now()
 WHERE id = $1 AND state = 'failed'
 RETURNING *;
 

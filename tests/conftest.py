@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from relay import config, crypto, log
+from tests import services
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Copies of the contracts' example payloads and Qonto's signature test vector: the repository
@@ -39,3 +40,25 @@ def secret_key() -> str:
 def unit_settings(secret_key: str) -> config.Settings:
     """Settings for tests that run nothing (no database, no broker)."""
     return config.Settings(secret_key=config.Secret(secret_key))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its waits for the services lock to the controller."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["services_lock_waited_s"] = sum(session.config.stash.get(services.WAITED, []))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """The controller adds up its workers' waits for the services lock (xdist)."""
+    waited = getattr(node, "workeroutput", {}).get("services_lock_waited_s", 0.0)
+    node.config.stash.setdefault(services.WAITED, []).append(float(waited))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Says how long the tests waited for the services lock (other sessions' fault tests): part
+    of the wall time that is not theirs (summed over xdist workers)."""
+    waited = sum(config.stash.get(services.WAITED, []))
+    if waited >= 1:
+        terminalreporter.write_line(f"waited {waited:.0f} s for the services lock")

@@ -1,8 +1,8 @@
 """The real PostgreSQL and RabbitMQ, stopped, restarted and cut under the relay by the fault tests.
 
-A restart breaks every test beside it, so the services are guarded by a lock file: integration tests
-hold it shared for their whole session, each fault test holds it exclusively for its own duration
-(``make test`` runs them in a serial step of their own). Every fault is undone in the fixture's ``finally``: both services are
+A restart breaks every test beside it, so the services are guarded by a lock file, held around each
+test: shared by integration tests, exclusively by fault tests (``make test`` runs those in a serial
+step of their own). Every fault is undone in the fixture's ``finally``: both services are
 started again and waited for until they answer.
 """
 
@@ -17,13 +17,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import IO
 
 import aio_pika
 import asyncpg
 import pytest
 
 LOCK_PATH = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.lock"
+GATE_PATH = pathlib.Path(tempfile.gettempdir()) / "relay-tests-services.gate"
+# the seconds each test of this process waited for the lock (other sessions' fault tests)
+WAITED = pytest.StashKey[list[float]]()
 PG_ADMIN_DSN = os.environ.get("RELAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
 AMQP_URL = os.environ.get("RELAY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ANSWER_WITHIN_S = 90.0
@@ -39,47 +41,46 @@ Sup + length(Restarted).
 
 
 class Lock:
-    """The services lock of one test process: held shared for a whole session of ordinary
-    integration tests, and exclusively by each fault test for that test alone (taken before its
-    timeout starts), so other sessions' tests run between two fault tests."""
+    """The services lock of one test process, held around each test: shared by ordinary
+    integration tests, exclusively by a fault test. A gate beside it keeps new shared holders
+    waiting while a fault test waits or runs, so a stream of ordinary tests from other sessions
+    cannot starve the fault tests, and those take turns with them test by test."""
 
-    def __init__(self) -> None:
-        self._handle: IO[str] | None = None
-        self._kind: str | None = None  # "shared" or "fault": one kind per session
+    def __init__(self, path: pathlib.Path = LOCK_PATH, gate: pathlib.Path = GATE_PATH) -> None:
+        self.kind: str | None = None  # "shared" or "fault": one kind per session
+        self._held = False
+        self._path = path
+        self._gate = gate
 
     def _session(self, kind: str) -> None:
-        if self._kind not in (None, kind):
+        if self.kind not in (None, kind):
             pytest.fail(
                 "fault tests restart the services and must run apart from the other tests: "
                 "`pytest -m fault` on its own (make test does)",
                 pytrace=False,
             )
-        self._kind = kind
-
-    def share(self) -> None:
-        """Hold the lock shared until the session ends (ordinary integration tests)."""
-        self._session("shared")
-        if self._handle is None:
-            self._handle = LOCK_PATH.open("a")
-            fcntl.flock(self._handle, fcntl.LOCK_SH)
+        self.kind = kind
 
     @contextlib.contextmanager
-    def exclusively(self) -> Iterator[None]:
-        """Hold the lock exclusively for the block (one fault test), waiting for every other
-        session's tests to finish first."""
-        self._session("fault")
-        with LOCK_PATH.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    def held(self, *, exclusive: bool) -> Iterator[None]:
+        """Hold the lock for the block (nothing more when this process holds it already)."""
+        self._session("fault" if exclusive else "shared")
+        if self._held:
+            yield
+            return
+        with self._gate.open("a") as gate, self._path.open("a") as handle:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            if exclusive:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # the gate stays closed until the test ends
+            else:
+                fcntl.flock(handle, fcntl.LOCK_SH)
+                fcntl.flock(gate, fcntl.LOCK_UN)
+            self._held = True
             try:
                 yield
             finally:
+                self._held = False
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
 
 
 async def _run(*argv: str) -> str:

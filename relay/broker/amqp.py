@@ -73,7 +73,7 @@ def retry_queue_name(settings: config.Settings, delay_s: int) -> str:
 
 
 async def declare(channel: aio_pika.abc.AbstractChannel, settings: config.Settings) -> None:
-    """Declare the whole topology; idempotent, safe for every role to call at start.
+    """Declare the whole topology, idempotently, so that every role may call it at start.
 
     Names are prefixed by ``RELAY_AMQP_PREFIX`` (``{p}`` below):
 
@@ -241,11 +241,12 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         timeout: float | None = 5.0,  # noqa: ASYNC109 - aio-pika's confirm timeout
     ) -> None:
-        """Publish to the default exchange; raise BrokerUnavailable unless confirmed (ack) in time.
+        """Publish to the default exchange and wait for RabbitMQ's confirmation.
 
-        The frame goes out on aio-pika's underlying aiormq channel (``get_underlay_channel``, what
-        ``Exchange.publish`` does too) with the properties built once: an ``aio_pika.Message`` per
-        webhook cost the intake a tenth of its time.
+        Raises BrokerUnavailable unless it is confirmed (ack) in time. The frame goes out on
+        aio-pika's underlying aiormq channel (``get_underlay_channel``, what ``Exchange.publish``
+        does too) with the properties built once: an ``aio_pika.Message`` per webhook cost the
+        intake a tenth of its time.
         """
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
@@ -315,7 +316,7 @@ async def ping(conn: aio_pika.abc.AbstractConnection) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Depth:
-    """A queue's ready messages and subscribed consumers; both None when the queue does not exist."""
+    """A queue's ready messages and subscribed consumers (both None when there is no queue)."""
 
     name: str
     ready: int | None

@@ -163,7 +163,7 @@ class RunRoleError(errors.RelayError):
 
 
 async def _serve(server: Any) -> None:
-    """uvicorn's serve(), with its ``sys.exit`` at a failed start turned into an error of the role."""
+    """Run uvicorn's serve(), its ``sys.exit`` at a failed start turned into the role's error."""
     try:
         await server.serve()
     except SystemExit as exc:

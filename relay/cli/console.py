@@ -44,7 +44,7 @@ def settings(
     require_admin_token: bool = False,
     require_cegid_key: bool = False,
 ) -> config.Settings:
-    """Read the settings; ``require_cegid_key`` for the commands that call Cegid Loop."""
+    """Read the settings (``require_cegid_key`` for the commands that call Cegid Loop)."""
     return config.from_env(
         require_secret_key=require_secret_key,
         require_admin_token=require_admin_token,
@@ -53,8 +53,10 @@ def settings(
 
 
 async def check_secret_key(settings: config.Settings) -> None:
-    """Raise ConfigurationError (exit 2, one line) when RELAY_SECRET_KEY does not open the stored
-    webhook secrets: a role started with the wrong key says so before it starts any work.
+    """Refuse to start a role whose RELAY_SECRET_KEY does not open the stored webhook secrets.
+
+    It raises ConfigurationError (exit 2, one line), so a role started with the wrong key says so
+    before it starts any work.
 
     A database that cannot be reached or is not migrated is left to the role's own start, which
     says what is wrong with it.

@@ -306,7 +306,10 @@ async def _connect(
 async def _send_the_day(
     pool: asyncpg.Pool, q: qonto_sandbox.QontoSandbox, webhook_url: str, progress: Progress
 ) -> list[int]:
-    """Deliver Qonto's day as webhooks for the consumer to buffer; a supplier invoice is listed."""
+    """Deliver Qonto's day as webhooks for the consumer to buffer.
+
+    A supplier invoice is listed rather than delivered.
+    """
     events, afternoon = _seed_day(q)
     q.add_supplier_invoice(
         attachment_id=q.add_attachment(
@@ -487,7 +490,7 @@ async def _follow_setup(
     stop: asyncio.Event,
     progress: Progress,
 ) -> None:
-    """Wait for the connection made in the browser; show its first file reaching Loop."""
+    """Wait for the connection made in the browser, then show its first file reaching Loop."""
     while not stop.is_set():
         found = await connections.list_all(pool)
         if found:

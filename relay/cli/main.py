@@ -58,7 +58,7 @@ BIGINT_MAX = 2**63 - 1  # PostgreSQL's bigint: ids and limits beyond it are usag
 
 
 def _positive(value: str) -> int:
-    """A whole number from 1 to 2**63-1 (what PostgreSQL's bigint holds)."""
+    """Read a whole number from 1 to 2**63-1 (what PostgreSQL's bigint holds)."""
     try:
         number = int(value)
     except ValueError:

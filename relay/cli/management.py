@@ -21,9 +21,11 @@ from relay.domain import connections, credentials, documents, inputs
 
 
 class _Secrets:
-    """The secret flags of `connections add`: a value, ``-`` (standard input, read once) or
-    ``--<flag>-env VAR`` (an environment variable); errors name the flag or the variable, never a
-    value."""
+    """The secret flags of ``connections add``, read from a value, ``-`` or an environment variable.
+
+    ``-`` reads standard input (once); ``--<flag>-env VAR`` reads the variable ``VAR``. Errors name
+    the flag or the variable, never a value.
+    """
 
     def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         self._args = args
@@ -308,7 +310,7 @@ async def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    """Show every role's heartbeat and the queues; exit 1 when something is stalled."""
+    """Show every role's heartbeat and the queues, exiting 1 when something is stalled."""
     import socket
 
     from relay import errors

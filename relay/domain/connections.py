@@ -291,9 +291,10 @@ async def _checked(
 async def check(
     settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
 ) -> dict[str, Any]:
-    """Re-check both sides now; flag the connection when one refuses, clear the flag when both pass.
+    """Re-check both sides of the connection now.
 
-    A disconnected or revoked connection keeps its state.
+    The connection is flagged when one refuses, its flag cleared when both pass; a disconnected
+    or revoked connection keeps its state.
     """
     connection = await get(pool, connection_id)
     problems, notices, refused_by = await _verify(settings, pool, connection)
@@ -319,7 +320,7 @@ async def flag(
     reason: str | None,
     refused_by: Collection[models.Refuser] = (),
 ) -> bool:
-    """Set a state the relay decides by itself; True when applied.
+    """Set a state the relay decides by itself, returning True when applied.
 
     That is ``needs_attention`` on a refusal, ``active`` when a check passes. It applies only to an
     active or flagged connection, never over a disconnect or a revocation an operator or Qonto made
@@ -348,7 +349,10 @@ async def clear_cegid_flag(
 
 
 async def disconnect(pool: asyncpg.Pool, connection_id: uuid.UUID) -> models.Connection:
-    """Stop everything for this connection; its webhooks answer 404 (so Qonto keeps retrying them)."""
+    """Stop everything for this connection.
+
+    Its webhooks answer 404 (so Qonto keeps retrying them).
+    """
     return await set_state(
         pool, connection_id, models.ConnectionState.DISCONNECTED, "disconnected by an operator"
     )

@@ -30,7 +30,7 @@ class QontoApiKey:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QontoOAuth:
-    """OAuth tokens; the refresh token rotates on every refresh and must be stored at once."""
+    """OAuth tokens whose refresh token rotates on every refresh and must be stored at once."""
 
     refresh_token: Secret
     access_token: Secret | None = None

@@ -16,7 +16,7 @@ async def list_documents(
     state: str | None = None,
     limit: int | None = None,
 ) -> list[models.Document]:
-    """List every matching document, oldest first; no silent limit (``limit`` only when asked)."""
+    """List every matching document, oldest first, without a silent limit (``limit`` if asked)."""
     if state is not None and state not in set(models.DocumentState):
         raise errors.Refused(
             f"unknown state {state!r}: expected one of {', '.join(models.DocumentState)}"

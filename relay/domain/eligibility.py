@@ -100,7 +100,7 @@ async def read(client: qonto.QontoClient) -> Eligible:
 
 
 async def verify_qonto(client: qonto.QontoClient, organization_id: str) -> Eligible:
-    """Check the credentials' member may set up the export for this organization; raise Refused.
+    """Check the credentials' member may set up this organization's export, else raise Refused.
 
     Run before a connection is stored, and again by ``relay connections check`` and ``reconnect``,
     and at the setup pages' consent. It checks the member's role (``GET /v2/membership``), that

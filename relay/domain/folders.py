@@ -1,8 +1,9 @@
-"""The client's folder in Loop, which the relay cannot see: when to advise about it.
+"""Advice about the client's folder in Loop, which the relay cannot see.
 
 Loop shows the partner's folder for a client after the first deposit, sometimes hours later, and
-nothing in its API lists folders. :func:`folder_warning` is the advice `relay connections show` (and
-the run report) gives, counted from the connection's (re)connection and its first accepted deposit.
+nothing in its API lists folders. :func:`folder_warning` is the advice ``relay connections show``
+(and the run report) gives, counted from the connection's (re)connection and its first accepted
+deposit.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def folder_warning(
     connected_at: dt.datetime,
     first_deposit_at: dt.datetime | None,
 ) -> str | None:
-    """The advice to give about the client's folder in Loop, counted from the (re)connection.
+    """Advise about the client's folder in Loop, counting from the (re)connection.
 
     Loop shows the partner's folder after the first deposit, sometimes hours later; nothing in its
     API lists folders, so the relay cannot see it. 24 hours after (re)connection it advises

@@ -1,7 +1,6 @@
 """Heartbeats, by which every running role records who it is and what it last did.
 
-One row per role instance in ``heartbeats``; ``relay status`` judges them
-(:mod:`relay.domain.status`). A role runs inside :func:`beating`::
+Each role instance has a row, judged by :mod:`relay.domain.status`; a role runs in :func:`beating`::
 
     work = heartbeat.Work()
     async with heartbeat.beating(settings, "scheduler", work=work):
@@ -185,7 +184,7 @@ class Heartbeat:
         }
 
     async def beat(self, *, stop_reason: str | None = None, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a beat is bounded by the interval, not by its caller
-        """Write one beat; return False when it could not be written (logged once per outage)."""
+        """Write one beat, returning False when that failed (logged once per outage)."""
         row = self.row(stop_reason)
         beat = store.heartbeats.Beat(**{name: row[name] for name in _PARAMS})
         try:
@@ -265,7 +264,7 @@ async def beating(
     consumer: ConsumerProgress | None = None,
     interval_s: float | None = None,
 ) -> AsyncIterator[Heartbeat]:
-    """Beat for ``role`` while the block runs; mark the row stopped when it ends.
+    """Beat for ``role`` while the block runs, and mark the row stopped when it ends.
 
     ``work`` (serve, scheduler, flush) or ``consumer`` (consume) is read at each beat. ``command``
     is the relay command running the role when it differs from the role (``run``).

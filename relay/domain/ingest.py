@@ -1,22 +1,8 @@
-"""The one place where Qonto resource snapshots become documents (webhooks and the daily scan alike).
+"""Qonto resource snapshots turned into documents, for the webhooks and the daily scan alike.
 
-Runs inside the caller's transaction, a whole batch in a handful of statements:
-1. each resource's newest snapshot is recorded in ``resources``, with its complete list of files
-   when it carries one; an older one (Qonto does not promise order) is reported stale;
-2. each file of an applied snapshot becomes a ``pending`` document, once per connection and
-   attachment (a document skipped as deleted comes back if its attachment reappears);
-3. for transactions, which list all their attachments, a pending document whose attachment is no
-   longer listed becomes ``skipped`` ("deleted before sync"); an uploaded one stays uploaded;
-4. every file the relay is told about is listed, whatever the batches and their order: a file
-   that only an older snapshot names (a stale one, or one the same batch superseded) becomes a
-   document too, ``skipped`` ("deleted before sync") when the newest snapshot lists its files and
-   leaves it out, ``pending`` otherwise; a document that exists keeps its state.
-
-:func:`apply` takes a whole batch (the consumer, the scanner's pages) and says what became of it.
-
-A client invoice that was paid (or unpaid) and later becomes canceled keeps its document, even while
-it is still pending: it was an accounting document when it was issued, and a cancellation is booked
-as a credit note of its own in Qonto, not by deleting the invoice's file.
+:func:`apply` runs in the caller's transaction, a whole batch in a handful of statements, each a
+named step. A client invoice that was paid (or unpaid) and later becomes canceled keeps its
+document, even while pending: a cancellation is booked as a credit note of its own in Qonto.
 """
 
 from __future__ import annotations
@@ -46,17 +32,17 @@ class Applied:
     outcome: str = APPLIED
 
 
+Key = tuple[uuid.UUID, str, str]  # (connection, source, resource id)
+# the files to make documents of, one per (connection, attachment): the resource and the file
+Files = dict[tuple[uuid.UUID, str], tuple[Key, events.DocumentSpec]]
+
+
 async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]]) -> Applied:
-    """Apply snapshots in the caller's transaction; idempotent, and the same whatever the order
-    and the batches they come in."""
-    newest: dict[tuple[uuid.UUID, str, str], events.Snapshot] = {}
-    told: dict[tuple[uuid.UUID, str, str], list[events.Snapshot]] = {}
-    for connection_id, snapshot in items:
-        key = (connection_id, str(snapshot.source), snapshot.resource_id)
-        told.setdefault(key, []).append(snapshot)
-        held = newest.get(key)
-        if held is None or _newer_or_equal(snapshot, held):
-            newest[key] = snapshot
+    """Apply snapshots in the caller's transaction, idempotently.
+
+    The result is the same whatever the order and the batches they come in.
+    """
+    newest, told = _newest(items)
     if not newest:
         return Applied(frozenset(), frozenset(), 0, 0)
     keys = list(newest)
@@ -64,44 +50,102 @@ async def apply(conn: db.Conn, items: Sequence[tuple[uuid.UUID, events.Snapshot]
         conn,
         [store.resources.Newest(k, newest[k].updated_at, _listed(newest[k])) for k in keys],
     )
-    unique: dict[tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]] = {}
-    for key in keys:
-        if key in applied:
-            for spec in newest[key].documents:
-                unique.setdefault((key[0], spec.attachment_id), (key, spec))
-    created = 0
-    if unique:
-        created = await store.documents.insert_pending(
-            conn, [_new(k, s) for k, s in unique.values()]
-        )
-    complete = [k for k in keys if k in applied and newest[k].complete]
-    skipped = 0
-    if complete:
-        kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
-        skipped = await store.documents.skip_removed(conn, complete, kept, models.DELETED)
-    # the files only older snapshots named, listed against the newest one now recorded
-    others: dict[tuple[uuid.UUID, str], tuple[tuple[uuid.UUID, str, str], events.DocumentSpec]] = {}
-    for key in keys:
-        for snapshot in told[key]:
-            if key in applied and snapshot is newest[key]:
-                continue  # its files are the pending ones above
-            for spec in snapshot.documents:
-                if (key[0], spec.attachment_id) not in unique:
-                    others.setdefault((key[0], spec.attachment_id), (key, spec))
-    if others:
-        states = await store.documents.insert_named(
-            conn, [_new(k, s) for k, s in others.values()], models.DELETED
-        )
-        listed_skipped = sum(1 for state in states if state == models.DocumentState.SKIPPED)
-        created += len(states) - listed_skipped
-        skipped += listed_skipped
+    pending = _files_of_newest(newest, applied)
+    created = await _insert_pending(conn, pending)
+    skipped = await _skip_removed(conn, newest, applied)
+    listed, listed_skipped = await _list_older_files(
+        conn, _files_only_older(newest, told, applied, pending)
+    )
     return Applied(
         applied=frozenset(applied),
         stale=frozenset(set(keys) - applied),
-        created=created,
-        skipped=skipped,
+        created=created + listed,
+        skipped=skipped + listed_skipped,
         outcome=APPLIED if applied else STALE,
     )
+
+
+def _newest(
+    items: Sequence[tuple[uuid.UUID, events.Snapshot]],
+) -> tuple[dict[Key, events.Snapshot], dict[Key, list[events.Snapshot]]]:
+    """Pick each resource's newest snapshot (Qonto does not promise order), and every one given."""
+    newest: dict[Key, events.Snapshot] = {}
+    told: dict[Key, list[events.Snapshot]] = {}
+    for connection_id, snapshot in items:
+        key = (connection_id, str(snapshot.source), snapshot.resource_id)
+        told.setdefault(key, []).append(snapshot)
+        held = newest.get(key)
+        if held is None or _newer_or_equal(snapshot, held):
+            newest[key] = snapshot
+    return newest, told
+
+
+def _files_of_newest(newest: dict[Key, events.Snapshot], applied: set[Key]) -> Files:
+    """Read the files of the snapshots recorded as their resource's newest."""
+    files: Files = {}
+    for key, snapshot in newest.items():
+        if key in applied:
+            for spec in snapshot.documents:
+                files.setdefault((key[0], spec.attachment_id), (key, spec))
+    return files
+
+
+async def _insert_pending(conn: db.Conn, files: Files) -> int:
+    """Insert a ``pending`` document for each file, once per connection and attachment.
+
+    One that exists keeps its state; one skipped as deleted comes back. Returns how many are new.
+    """
+    if not files:
+        return 0
+    return await store.documents.insert_pending(conn, [_new(k, s) for k, s in files.values()])
+
+
+async def _skip_removed(
+    conn: db.Conn, newest: dict[Key, events.Snapshot], applied: set[Key]
+) -> int:
+    """Skip as deleted the pending documents a complete newest snapshot no longer lists.
+
+    Their reason is "deleted before sync"; a snapshot is complete when it lists all its
+    attachments (a transaction's does). An uploaded document stays uploaded.
+    """
+    complete = [k for k in newest if k in applied and newest[k].complete]
+    if not complete:
+        return 0
+    kept = [(k[0], s.attachment_id) for k in complete for s in newest[k].documents]
+    return await store.documents.skip_removed(conn, complete, kept, models.DELETED)
+
+
+def _files_only_older(
+    newest: dict[Key, events.Snapshot],
+    told: dict[Key, list[events.Snapshot]],
+    applied: set[Key],
+    pending: Files,
+) -> Files:
+    """Find the files only older snapshots named (stale ones, or ones the batch superseded)."""
+    files: Files = {}
+    for key, snapshots in told.items():
+        for snapshot in snapshots:
+            if key in applied and snapshot is newest[key]:
+                continue  # its files are the pending ones
+            for spec in snapshot.documents:
+                if (key[0], spec.attachment_id) not in pending:
+                    files.setdefault((key[0], spec.attachment_id), (key, spec))
+    return files
+
+
+async def _list_older_files(conn: db.Conn, files: Files) -> tuple[int, int]:
+    """Add a document for each file only an older snapshot named, whatever the batches' order.
+
+    It is skipped as deleted when the newest snapshot lists its files and leaves it out, pending
+    otherwise (one that exists keeps its state). Returns (new pending, new skipped).
+    """
+    if not files:
+        return 0, 0
+    states = await store.documents.insert_named(
+        conn, [_new(k, s) for k, s in files.values()], models.DELETED
+    )
+    skipped = sum(1 for state in states if state == models.DocumentState.SKIPPED)
+    return len(states) - skipped, skipped
 
 
 def _new(key: tuple[uuid.UUID, str, str], spec: events.DocumentSpec) -> store.documents.NewDocument:
@@ -120,7 +164,7 @@ def _new(key: tuple[uuid.UUID, str, str], spec: events.DocumentSpec) -> store.do
 
 
 def _listed(snapshot: events.Snapshot) -> str | None:
-    """A complete snapshot's attachment ids as a JSON array; None when it does not list them all."""
+    """Return a complete snapshot's attachment ids as a JSON array, None for an incomplete one."""
     if not snapshot.complete:
         return None
     return orjson.dumps([s.attachment_id for s in snapshot.documents]).decode()

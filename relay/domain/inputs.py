@@ -65,7 +65,7 @@ def qonto_credentials(
 
 
 def validate(new: NewConnection, *, label: Label = flag_name) -> None:
-    """Check a new connection's own values before anything is contacted; raise InvalidInput."""
+    """Check a new connection's own values before anything is contacted, raising InvalidInput."""
     for field, value in (
         ("client_name", new.client_name),
         ("qonto_organization_id", new.qonto_organization_id),

@@ -28,7 +28,7 @@ STEPS: Final = ("qonto", "key", "dossier", "hub")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Created:
-    """A new invitation; ``setup_url`` holds its token and is shown once, never stored."""
+    """A new invitation, whose ``setup_url`` holds its token and is shown once, never stored."""
 
     id: uuid.UUID
     client_name: str
@@ -101,7 +101,7 @@ async def record_qonto(
     plan: str | None,
     tokens: credentials.QontoOAuth,
 ) -> bool:
-    """Record an eligible member's consent, tokens sealed; False if the invitation is not open."""
+    """Record an eligible member's consent, tokens sealed (False if the invitation is not open)."""
     return await store.invitations.set_qonto(
         pool,
         invitation_id,

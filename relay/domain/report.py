@@ -1,4 +1,4 @@
-"""The run report: per connection, what this flush did to each document and what is left, and why."""
+"""The run report, per connection, of what this flush did to each document, what is left and why."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ _GROUPS: Final = {
     Reason.FLUSH_STOPPED: "the previous flush stopped before sending it",
     Reason.FLUSH_ERROR: "an error stopped the flush before sending it, retried next run",
     Reason.RESEND_REQUESTED: "resend requested by an operator",
+    Reason.RETRY_REQUESTED: "retry requested by an operator",
     Reason.CONFIRMED_BY_OPERATOR: "confirmed in Loop by an operator",
     Reason.OTHER: "other (recorded before reasons had codes)",
 }
@@ -36,7 +37,7 @@ _REFUSED: Final = {
 
 
 def group(code: models.Reason | None, detail: str | None = None) -> str:
-    """Names the report's group of a reason code and the value qualifying it."""
+    """Name the report's group of a reason code and the value qualifying it."""
     if code is None:
         return "unknown"
     if code is Reason.UNSUPPORTED_TYPE and detail:
@@ -98,7 +99,7 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
-        """0 when everything is uploaded or skipped with a reason; 1 when anything needs a look."""
+        """Return 0 when all is uploaded or skipped with a reason, 1 when anything needs a look."""
         return 1 if any(c.problems for c in self.connections) else 0
 
     def totals(self) -> dict[str, int]:

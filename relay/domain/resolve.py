@@ -1,5 +1,7 @@
-"""An operator's decision on a document: ``relay documents resolve ID`` for one in doubt,
-``relay documents retry ID`` for a failed one.
+"""An operator's decision on a document that the relay cannot settle alone.
+
+``relay documents resolve ID`` settles one in doubt; ``relay documents retry ID`` retries a failed
+one.
 
 Only an operator can know whether a file whose upload got no answer is in the client's Loop inbox.
 """
@@ -45,13 +47,15 @@ async def resolve(pool: asyncpg.Pool, document_id: int, *, uploaded: bool) -> mo
     return resolved
 
 
-RETRY_REASON = "retry requested by an operator"
+RETRY = models.Why(models.Reason.RETRY_REQUESTED, "retry requested by an operator")
 
 
 async def retry(pool: asyncpg.Pool, document_id: int) -> models.Document:
-    """Put a failed document back to pending for the next flush (``relay documents retry ID``; the
-    operator fixed what made Loop refuse it). Only a failed document can be retried."""
-    document = await store.overview.retry_document(pool, document_id, RETRY_REASON)
+    """Put a failed document back to pending for the next flush (``relay documents retry ID``).
+
+    The operator fixed what made Loop refuse it. Only a failed document can be retried.
+    """
+    document = await store.overview.retry_document(pool, document_id, RETRY)
     if document is None:
         state = await store.documents.state_of(pool, document_id)
         if state is None:

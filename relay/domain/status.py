@@ -49,7 +49,7 @@ class Report:
         ]
 
     def outcome(self, role: str | None = None, host: str | None = None) -> tuple[str, int]:
-        """("ok" | "stalled" | "unknown" | "missing", exit code).
+        """Judge the report as ("ok" | "stalled" | "unknown" | "missing", exit code).
 
         Without a filter: 1 when any role or the events queue is stalled, or the queues could not
         be read. With one (a health check): 0 only when a live, non-stalled role matches and no
@@ -86,7 +86,7 @@ class Report:
         return found
 
     def stalled(self, role: str | None = None, host: str | None = None) -> int:
-        """Stalled roles (matching the filter), and the events queue when unfiltered."""
+        """Count the stalled roles (matching the filter), and the events queue when unfiltered."""
         queue = role is None and host is None and self.events.state == stalls.STALLED
         return sum(j.state == stalls.STALLED for j in self.matching(role, host)) + int(queue)
 
@@ -323,9 +323,9 @@ async def look_again(
     default_beat_s: float,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Report:
-    """Look again while ``report`` is stalled only by an instant's view; the last report stands.
+    """Look again while ``report`` is stalled only by an instant's view.
 
-    It looks for up to the live consumers' beat and a second.
+    The last report stands. It looks for up to the live consumers' beat and a second.
     """
     if not report.suspect:
         return report

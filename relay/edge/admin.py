@@ -1,4 +1,4 @@
-"""The admin API under ``/admin``: JSON mirroring the CLI, behind ``Authorization: Bearer``.
+"""The admin API under ``/admin``, JSON mirroring the CLI behind a bearer token.
 
 Routes read what the application's lifespan put on ``app.state``: ``settings``, ``pool`` and ``amqp``.
 Every request under ``/admin`` is authenticated first (:class:`Authenticate`), whatever its path or
@@ -35,7 +35,7 @@ class BadRequest(Exception):
 
 
 def _whole_number(text: str, what: str) -> int:
-    """A whole number from 1 to BIGINT_MAX, else BadRequest naming ``what``."""
+    """Read a whole number from 1 to BIGINT_MAX, else raise BadRequest naming ``what``."""
     if (
         not (text.isascii() and text.isdigit())
         or len(text) > 19
@@ -52,7 +52,7 @@ def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) 
 
 
 def _refusal(request: Request) -> str | None:
-    """Why the request may not use the admin API (``None``: it may)."""
+    """Say why the request may not use the admin API, or ``None`` when it may."""
     settings: config.Settings = request.app.state.settings
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if settings.admin_token is None:
@@ -81,8 +81,10 @@ def is_admin_path(path: str) -> bool:
 
 
 class Authenticate:
-    """ASGI middleware: every HTTP request under ``/admin`` needs the bearer token, before routing
-    (an unknown path or a wrong method answers 401 too, not 404 or 405)."""
+    """ASGI middleware that requires the bearer token on every HTTP request under ``/admin``.
+
+    It runs before routing, so an unknown path or a wrong method answers 401 too, not 404 or 405.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -174,7 +176,7 @@ async def list_connections(request: Request) -> Any:
 
 
 def _field(name: str) -> str:
-    """The JSON key naming a field in the admin API's messages."""
+    """Name a field in the admin API's messages by its JSON key."""
     return {"webhook_secret": "webhook_secrets"}.get(name, name)
 
 
@@ -307,8 +309,10 @@ async def purge_dlq(request: Request) -> Any:
 
 
 async def get_status(request: Request) -> Any:
-    """What `relay status --json` prints (roles, queues, what is stalled), filtered by ``role``
-    and ``host`` when given; always 200: the verdict is in the body."""
+    """Answer what ``relay status --json`` prints (roles, queues, what is stalled).
+
+    It is filtered by ``role`` and ``host`` when given, and always 200 (the verdict is in the body).
+    """
     import socket
 
     from relay.domain import status
@@ -324,8 +328,10 @@ async def get_status(request: Request) -> Any:
 
 
 async def flush_now(request: Request) -> Any:
-    """Ask for a scan + flush: recorded for a scheduler to run (never run here); 202 with the
-    request's id and the URL that follows it."""
+    """Ask for a scan + flush, recorded for a scheduler to run (never run here).
+
+    Answers 202 with the request's id and the URL that follows it.
+    """
     body = await _body(request)
     connection_id = None
     if body.get("connection_id"):
@@ -351,7 +357,7 @@ def flush_request_url(settings: config.Settings, request_id: int) -> str:
 
 
 async def show_flush_request(request: Request) -> Any:
-    """Show a flush request: waiting, running, finished or failed, with its run's report."""
+    """Show a flush request's state (waiting, running, finished or failed) and its run's report."""
     raw_id = request.path_params["request_id"]
     if not raw_id.isdigit() or len(raw_id) > 18:
         raise errors.NotFound("no such flush request")

@@ -1,9 +1,7 @@
-"""The HTTP edge as a Starlette application: webhook intake, health, metrics, the admin API and the
-web pages (the client's setup: :mod:`relay.edge.pages`).
+"""The HTTP edge as a Starlette application, and the lifespan that owns its resources.
 
-The lifespan owns every resource (pool, AMQP connection, confirm channel, secret cache, the `serve`
-role's heartbeat) and puts them on ``app.state``: ``settings``, ``box``, ``pool``, ``amqp``,
-``publisher``, ``secrets``, ``metrics``, ``work`` (webhooks accepted, for the heartbeat).
+It serves webhook intake, health, metrics, the admin API and the web pages (the client's setup,
+:mod:`relay.edge.pages`); :func:`create_app` builds it.
 """
 
 from __future__ import annotations
@@ -74,10 +72,17 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 def create_app(settings: config.Settings, *, command: str = "serve") -> Starlette:
-    """The application; ``command`` is the relay command serving it (its heartbeat says so)."""
+    """Build the application for ``command``, the relay command serving it (for its heartbeat)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        """Open every resource the application uses and put it on ``app.state``.
+
+        The pool, the AMQP connection (``amqp``), its confirm channel (``publisher``), the secret
+        cache (``secrets``) and the ``serve`` role's heartbeat (``work``: webhooks accepted) live as
+        long as the application, beside ``settings``, ``box``, ``metrics``, ``connection_limits``
+        and ``bodies``.
+        """
         app.state.settings = settings
         app.state.box = crypto.Box(settings.secret_key.reveal())
         app.state.metrics = metrics.create()

@@ -1,18 +1,7 @@
 """Bounds on every HTTP connection, in front of uvicorn's own protocol (which has none of these).
 
 uvicorn with httptools bounds neither the size of a request's head nor the time a client takes to
-send it or its body (its only timer is the idle keep-alive one). :class:`Guard` is an asyncio
-protocol that sits between the socket and uvicorn's ``HttpToolsProtocol``: it follows the messages
-with a second, cheap httptools parser (public API: callbacks only) and forwards every byte unchanged,
-and it
-
-- closes the connection at once when the worker already holds ``max_connections`` (503);
-- answers 431 and closes when a request's head grows past ``max_header_bytes``, before uvicorn has
-  buffered it (a head is never held beyond that size plus one read);
-- answers 408 and closes when the head is not complete ``header_timeout_s`` after the connection
-  opened or the request began; closes when the body is not complete ``body_timeout_s`` after the
-  head (uvicorn may have answered already: nothing is written then).
-
+send it or its body (its only timer is the idle keep-alive one); :class:`Guard` adds those bounds.
 Idle keep-alive connections are closed by uvicorn itself (``timeout_keep_alive``).
 """
 
@@ -72,11 +61,26 @@ STATE_KEY = "connection_limits"  # where the lifespan state holds the worker's L
 
 
 class Guard(asyncio.Protocol):
-    """One connection: bounds it, then hands every byte to uvicorn's protocol (see the module)."""
+    """An asyncio protocol that bounds one connection and hands every byte to uvicorn's protocol.
+
+    It sits between the socket and uvicorn's ``HttpToolsProtocol``, follows the messages with a
+    second, cheap httptools parser (public API: callbacks only) and forwards every byte unchanged.
+    Besides, it
+
+    - closes the connection at once when the worker already holds ``max_connections`` (503);
+    - answers 431 and closes when a request's head grows past ``max_header_bytes``, before uvicorn
+      has buffered it (a head is never held beyond that size plus one read);
+    - answers 408 and closes when the head is not complete ``header_timeout_s`` after the
+      connection opened or the request began; closes when the body is not complete
+      ``body_timeout_s`` after the head (uvicorn may have answered already: nothing is written).
+    """
 
     def __init__(self, **uvicorn_arguments: Any) -> None:
-        """uvicorn's protocol arguments; the worker's :class:`Limits` come from the application's
-        lifespan state (``connection_limits``, see :mod:`relay.edge.app`)."""
+        """Wrap uvicorn's protocol, built from its arguments.
+
+        The worker's :class:`Limits` come from the application's lifespan state
+        (``connection_limits``, see :mod:`relay.edge.app`).
+        """
         self.limits: Limits = uvicorn_arguments["app_state"][STATE_KEY]
         self._inner = HttpToolsProtocol(**uvicorn_arguments)
         self._loop = asyncio.get_running_loop()

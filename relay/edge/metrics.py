@@ -52,17 +52,20 @@ class Metrics:
         self.webhook_seconds.observe(seconds)
 
     def admin_auth_failed(self, reason: str) -> None:
-        """A request to the admin API refused for its token (missing token, wrong token...)."""
+        """Count a request to the admin API refused for its token (missing or wrong token)."""
         self.admin_auth_failures.labels(reason).inc()
 
     def set_connections(self, open_now: int, cut: dict[str, int]) -> None:
-        """This worker's open HTTP connections, and those it cut off at a bound, by bound."""
+        """Set this worker's open HTTP connections, and those it cut off at a bound, by bound."""
         self.connections_open.set(open_now)
         for bound, count in cut.items():
             self.connections_cut.labels(bound).set(count)
 
     def set_documents(self, counts: dict[str, int]) -> None:
-        """Documents by state (every state present, zero when none); ``in_doubt`` needs an operator."""
+        """Set the count of documents in every state (zero when none).
+
+        ``in_doubt`` needs an operator.
+        """
         for state in DOCUMENT_STATES:
             self.documents.labels(state).set(counts.get(state, 0))
 
@@ -109,7 +112,7 @@ class Metrics:
         )
 
     def set_last_scheduled_run(self, run: runs.Run | None) -> None:
-        """Set when the last scheduled run started and finished (0: none yet, or not finished)."""
+        """Set when the last scheduled run started and finished (0 if none yet, or not finished)."""
         started = run.started_at.timestamp() if run is not None else 0.0
         finished = run.finished_at.timestamp() if run is not None and run.finished_at else 0.0
         self.last_run_started.set(started)

@@ -1,12 +1,8 @@
-"""`relay serve`: uvicorn with ``RELAY_WORKERS`` processes, uvloop and httptools when installed.
+"""The ``relay serve`` command, uvicorn in ``RELAY_WORKERS`` processes (uvloop, httptools if there).
 
 Each worker process builds its own application (own pool, AMQP connection, confirm channel, secret
 cache and metrics registry): with several workers, Prometheus sees whichever worker answered a scrape.
-
-A start that cannot succeed fails the command, whatever the number of workers: before any worker is
-started, the parent binds the port and checks that PostgreSQL (with an up-to-date schema) and RabbitMQ
-answer, and raises a :class:`StartFailed` or :class:`~relay.errors.ConfigurationError` with one clear
-line (exit 1, or 2 for configuration). A worker that still fails to start fails the command too.
+:func:`run` says how a start fails.
 """
 
 from __future__ import annotations
@@ -30,18 +26,21 @@ STARTUP_FAILURE = 3  # uvicorn's exit status for a worker that could not start
 
 
 class StartFailed(errors.RelayError):
-    """`relay serve` could not start (port in use, a dependency down, a worker failed): exit 1."""
+    """A ``relay serve`` that could not start (port in use, a dependency down, a worker failed).
+
+    The command exits 1.
+    """
 
 
 def _factory() -> Starlette:
-    """Each worker process rebuilds the settings from the environment (already validated)."""
+    """Build a worker's application from the environment's settings (validated already)."""
     settings = config.from_env()
     log.configure(settings.log_level)
     return app.create_app(settings)
 
 
 def options(settings: config.Settings) -> dict[str, Any]:
-    """uvicorn's keyword arguments for these settings (the application aside).
+    """Build uvicorn's keyword arguments for these settings (the application aside).
 
     The HTTP protocol is :class:`relay.edge.guard.Guard` (uvicorn's httptools protocol behind the
     relay's bounds on connections, head size and the time to send a request).
@@ -61,7 +60,10 @@ def options(settings: config.Settings) -> dict[str, Any]:
 
 
 async def check_dependencies(settings: config.Settings) -> None:
-    """PostgreSQL answers with every migration applied, and RabbitMQ answers; raise otherwise."""
+    """Check that PostgreSQL answers with every migration applied and that RabbitMQ answers.
+
+    Raises StartFailed when one does not answer, ConfigurationError when a migration is missing.
+    """
     try:
         conn = await db.connect(settings)
     except errors.DatabaseUnavailable as exc:
@@ -84,7 +86,7 @@ async def check_dependencies(settings: config.Settings) -> None:
 
 
 def bind(settings: config.Settings) -> socket.socket:
-    """The listening socket, bound by the parent (shared by every worker); StartFailed if taken."""
+    """Bind the listening socket in the parent, shared by every worker (StartFailed if taken)."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -102,9 +104,13 @@ def bind(settings: config.Settings) -> socket.socket:
 
 
 def run(settings: config.Settings) -> None:
-    """Serve until SIGTERM/SIGINT; in-flight requests get ``GRACEFUL_SHUTDOWN_S`` to finish.
+    """Serve until SIGTERM/SIGINT, giving in-flight requests ``GRACEFUL_SHUTDOWN_S`` to finish.
 
-    Returns after a clean stop; raises StartFailed or ConfigurationError when the start failed.
+    A start that cannot succeed fails the command, whatever the number of workers: before any
+    worker is started, the parent binds the port and checks that PostgreSQL (with an up-to-date
+    schema) and RabbitMQ answer, and raises :class:`StartFailed` (exit 1) or
+    :class:`~relay.errors.ConfigurationError` (exit 2) with one clear line. A worker that still
+    fails to start fails the command too. Returns after a clean stop.
     """
     asyncio.run(check_dependencies(settings))
     sock = bind(settings)

@@ -17,7 +17,7 @@ TOLERANCE_S: Final = 300
 
 
 class Rejected(Exception):
-    """The request is not provably from Qonto; ``reason`` is safe to return to the caller."""
+    """A request not provably from Qonto, with a ``reason`` safe to return to the caller."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -25,7 +25,7 @@ class Rejected(Exception):
 
 
 def parse(header: str) -> tuple[int, list[str]]:
-    """Parse the header into ``(timestamp, [v1 signatures])``; raise Rejected when malformed."""
+    """Parse the header into ``(timestamp, [v1 signatures])``, raising Rejected when malformed."""
     timestamp: int | None = None
     signatures: list[str] = []
     for item in header.split(","):
@@ -57,7 +57,7 @@ def verify(
     now: float,
     tolerance_s: int = TOLERANCE_S,
 ) -> None:
-    """Return if the signature is valid for one of ``secrets``; raise Rejected saying why not."""
+    """Return if the signature is valid for one of ``secrets``, else raise Rejected saying why."""
     if not header:
         raise Rejected("missing signature")
     timestamp, signatures = parse(header)

@@ -1,17 +1,9 @@
-"""The webhook intake: verify Qonto's signature, queue the raw event durably, answer.
+"""The webhook intake, which verifies Qonto's signature, queues the raw event durably and answers.
 
 ``POST /webhooks/qonto/{connection_id}`` answers 202 only after RabbitMQ confirmed the persistent
 message; 404 for an unknown or stopped connection, 413 over 1 MiB, 401 for a bad or stale signature,
 400 for a body that is not an event, 503 when the event could not be queued (Qonto then retries).
-
-Secrets live in memory (:class:`SecretCache`), loaded at start and refreshed on PostgreSQL
-``NOTIFY relay_connections_changed`` (and every minute as a safety net): a known connection's webhook
-never queries the database, and while the cache listens an unknown id costs no query either (the
-cache holds every connection that accepts webhooks). Only while its LISTEN is lost does an unknown id
-cost a lookup, at most ``UNKNOWN_LOOKUPS_PER_S`` per worker (503 beyond: Qonto retries).
-
-The bodies a worker holds at once are bounded (:class:`BodyBudget`, ``RELAY_BODY_BUFFER_BYTES``):
-beyond, 503 before the body is read.
+Read :class:`Intake`, then :class:`SecretCache` and :class:`BodyBudget`.
 """
 
 from __future__ import annotations
@@ -47,7 +39,14 @@ CHANNEL: Final = "relay_connections_changed"
 
 
 class SecretCache:
-    """Connection id → its currently valid webhook secrets (plaintext, in memory only)."""
+    """Connection id → its currently valid webhook secrets (plaintext, in memory only).
+
+    Loaded at start and refreshed on PostgreSQL ``NOTIFY relay_connections_changed`` (and every
+    minute as a safety net), so a known connection's webhook never queries the database; while the
+    cache listens, an unknown id costs no query either (the cache holds every connection that
+    accepts webhooks). Only while its LISTEN is lost does an unknown id cost a lookup, at most
+    ``UNKNOWN_LOOKUPS_PER_S`` per worker (503 beyond, and Qonto retries).
+    """
 
     def __init__(self, settings: config.Settings, pool: asyncpg.Pool) -> None:
         self._settings = settings
@@ -68,7 +67,7 @@ class SecretCache:
         self.listens = 0  # LISTEN connections opened
 
     async def start(self) -> None:
-        """Listen first, then load: a change committed in between is not missed."""
+        """Listen first, then load, so that a change committed in between is not missed."""
         await self._listen()
         await self.reload()
         self._tasks.append(asyncio.create_task(self._refresher(), name="secret-cache-refresh"))
@@ -110,12 +109,14 @@ class SecretCache:
 
     @property
     def complete(self) -> bool:
-        """Whether the cache holds every connection that accepts webhooks (it listens, and no
-        change it was told of is still to be loaded)."""
+        """Whether the cache holds every connection that accepts webhooks.
+
+        It does while it listens and no change it was told of is still to be loaded.
+        """
         return self._listener is not None and self._reloaded.is_set()
 
     async def _refresher(self) -> None:
-        """Reload on NOTIFY, or every minute; re-listen with backoff while the listener is lost.
+        """Reload on NOTIFY or every minute, and re-listen with backoff while the listener is lost.
 
         Whatever fails, the last known cache keeps serving.
         """
@@ -147,7 +148,7 @@ class SecretCache:
                     pause = backoff.next()
 
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
-        """The connection's secrets; empty when it is unknown, disconnected or revoked.
+        """Return the connection's secrets, empty when it is unknown, disconnected or revoked.
 
         Raises ``errors.DatabaseUnavailable`` when the cache cannot tell (its LISTEN is lost and
         the lookups' rate is spent, or PostgreSQL does not answer).
@@ -217,8 +218,11 @@ class Disconnected(Exception):
 
 
 class BodyBudget:
-    """The bytes of webhook bodies one worker may hold at once; a body takes its declared length
-    before it is read (a chunked one, as it grows) and gives it back once read or refused."""
+    """The bytes of webhook bodies one worker may hold at once (``RELAY_BODY_BUFFER_BYTES``).
+
+    A body takes its declared length before it is read (a chunked one, as it grows) and gives it
+    back once read or refused; beyond the budget the intake answers 503 before reading the body.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -274,9 +278,11 @@ _UNAVAILABLE: Final = {"error": "temporarily unavailable, retry later"}
 
 
 class Intake:
-    """ASGI middleware: ``POST /webhooks/qonto/{connection_id}`` is answered here, before routing
-    and the other middlewares (the hot path: one webhook costs as little as it can); every other
-    request goes on to the application."""
+    """ASGI middleware that answers ``POST /webhooks/qonto/{connection_id}`` before routing.
+
+    Webhooks skip routing and the other middlewares (the hot path, where one webhook costs as
+    little as it can); every other request goes on to the application.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -325,7 +331,7 @@ Answer = tuple[int, str, Mapping[str, object], dict[str, str]]
 
 
 async def _receive(scope: Scope, receive: Receive, raw_id: str) -> Answer:
-    """What to answer: (status, outcome, JSON payload, context for the log line)."""
+    """Decide the answer as (status, outcome, JSON payload, context for the log line)."""
     state = scope["app"].state
     cache: SecretCache = state.secrets
     try:

@@ -86,7 +86,9 @@ class CegidFaults:
 
 
 class CegidSandbox:
-    """Cegid Loop for the firms declared with :meth:`add_firm`; point the relay at ``url``.
+    """Cegid Loop for the firms declared with :meth:`add_firm`.
+
+    Point the relay at ``url``.
 
     Two static headers (``Ocp-Apim-Subscription-Key`` and ``x-apikey: key:secret``), ``POST
     /storeDocument`` with the raw bytes (hashed as they stream, never held), ``GET /journal``

@@ -148,7 +148,9 @@ class QontoFaults:
 
 
 class QontoSandbox:
-    """One organization with one bank account; seed it, then point the relay at ``url``.
+    """Qonto for one organization with one bank account.
+
+    Seed it, then point the relay at ``url``.
 
     It answers as the documentation says: authentication (``login:secret`` verbatim, or an OAuth
     bearer from its token endpoint), the staging token trap (an HTML page with status 200),
@@ -412,7 +414,7 @@ class QontoSandbox:
             return copy.deepcopy(invoice)
 
     def add_oauth_client(self, client_id: str, client_secret: str) -> str:
-        """Register an OAuth app; returns a refresh token for this organization."""
+        """Register an OAuth app and return a refresh token for this organization."""
         token = secrets.token_urlsafe(24)
         with self._lock:
             self._oauth_clients[client_id] = client_secret

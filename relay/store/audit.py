@@ -1,4 +1,4 @@
-"""The ``audit_log`` table: every change an operator made in the console, and its outcome."""
+"""The ``audit_log`` table, holding every change an operator made in the console and its outcome."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ async def record(
     outcome: str,
     detail: str | None = None,
 ) -> Entry:
-    """Append one entry (``outcome``: ok, refused or failed)."""
+    """Append one entry, whose ``outcome`` is ok, refused or failed."""
     with db.translate("audit"):
         row = await pool.fetchrow(
             queries.get("insert_audit"), who, action, target_kind, target, outcome, detail
@@ -52,7 +52,7 @@ async def record(
 async def for_target(
     pool: asyncpg.Pool, target_kind: str, target: str | None, *, limit: int = 20
 ) -> list[Entry]:
-    """Read the newest entries about one target (``target`` None: every target of that kind)."""
+    """Read the newest entries about one target (``target`` None reads every target of the kind)."""
     with db.translate("read audit"):
         rows = await pool.fetch(queries.get("audit_for_target"), target_kind, target, limit)
     return [Entry.from_record(r) for r in rows]

@@ -1,4 +1,4 @@
-"""The ``connections`` table: one Qonto organization linked to one Loop dossier, and its state."""
+"""The ``connections`` table, each a Qonto organization linked to a Loop dossier, and its state."""
 
 from __future__ import annotations
 
@@ -118,8 +118,10 @@ async def flag(
     reason: str | None,
     refused_by: Collection[models.Refuser],
 ) -> models.Connection | None:
-    """Set an active or flagged connection's state and who refused it (None when it is
-    disconnected or revoked)."""
+    """Set an active or flagged connection's state and who refused it.
+
+    Returns the connection, or None when it is disconnected or revoked.
+    """
     with db.translate("flag connection"):
         return _connection(
             await conn.fetchrow(

@@ -1,4 +1,4 @@
-"""PostgreSQL: the pool, migrations, transactions, and the translation of asyncpg's errors.
+"""PostgreSQL's pool, migrations and transactions, and the translation of asyncpg's errors.
 
 The statements themselves live in the table modules beside this one (see :mod:`relay.store`).
 """
@@ -77,10 +77,12 @@ _BLOCK: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_db_bl
 
 @contextlib.contextmanager
 def translate(what: str = "database") -> Any:
-    """Translate asyncpg/socket errors: 'PostgreSQL is not there' into DatabaseUnavailable,
-    'PostgreSQL refuses this data' into errors.InvalidData (permanent: retrying the same data fails again).
+    """Translate asyncpg's and the socket's errors into the relay's.
 
-    Inside a :func:`transaction` block, errors are named after the block."""
+    'PostgreSQL is not there' becomes DatabaseUnavailable; 'PostgreSQL refuses this data' becomes
+    errors.InvalidData (permanent, since retrying the same data fails again). Inside a
+    :func:`transaction` block, errors are named after the block.
+    """
     what = _BLOCK.get() or what
     try:
         yield
@@ -101,20 +103,20 @@ def translate(what: str = "database") -> Any:
 
 
 async def acquire(pool: asyncpg.Pool, what: str) -> asyncpg.pool.PoolConnectionProxy:
-    """Take a pool connection held beyond one block (a session's advisory lock); errors translated."""
+    """Take a pool connection held past one block (a session's advisory lock), errors translated."""
     with translate(what):
         return await pool.acquire()
 
 
 async def release(pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy, what: str) -> None:
-    """Give back a connection :func:`acquire` took; errors translated."""
+    """Give back a connection :func:`acquire` took, translating errors."""
     with translate(what):
         await pool.release(conn)
 
 
 @contextlib.asynccontextmanager
 async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
-    """Lend a pool connection for several statements; errors in the block are translated."""
+    """Lend a pool connection for several statements, translating errors in the block."""
     with translate(what):
         async with pool.acquire() as conn:
             yield conn
@@ -122,7 +124,7 @@ async def connection(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
 
 @contextlib.asynccontextmanager
 async def transaction(pool: asyncpg.Pool, what: str) -> AsyncIterator[Conn]:
-    """Run the block in one transaction on a pool connection; errors (the commit's too) translated."""
+    """Run the block in one transaction on a pool connection, errors (the commit's) translated."""
     with translate(what):
         async with pool.acquire() as conn, conn.transaction():
             token = _BLOCK.set(what)
@@ -172,7 +174,7 @@ async def create_pool(
 
 
 async def connect(settings: config.Settings) -> asyncpg.Connection:
-    """A single connection (LISTEN, advisory session locks), with the pool's codecs."""
+    """Open a single connection (LISTEN, advisory session locks) with the pool's codecs."""
     with translate("connect"):
         conn = await asyncpg.connect(settings.database_url.reveal(), timeout=10)
         await _init_connection(conn)
@@ -185,7 +187,7 @@ async def listen(
     on_notify: Callable[..., None],
     on_lost: Callable[..., None],
 ) -> asyncpg.Connection:
-    """Open a connection that LISTENs on ``channel``; ``on_lost`` is called when it dies."""
+    """Open a connection that LISTENs on ``channel`` and calls ``on_lost`` when it dies."""
     conn = await connect(settings)
     try:
         with translate("listen"):
@@ -216,7 +218,7 @@ def database_name(url: str) -> str:
 
 
 async def create_database_if_missing(settings: config.Settings) -> bool:
-    """Create the database named in RELAY_DATABASE_URL if it does not exist. True if created."""
+    """Create the database named in RELAY_DATABASE_URL if missing, returning True if it did."""
     url = settings.database_url.reveal()
     name = database_name(url)
     with translate("create database"):
@@ -238,7 +240,7 @@ async def migrate(settings: config.Settings) -> list[str]:
     """Create the database if missing and apply every migration not yet applied.
 
     Idempotent and safe to run concurrently: a session advisory lock serialises runners, and each
-    migration is applied in its own transaction together with its `schema_migrations` row.
+    migration is applied in its own transaction together with its ``schema_migrations`` row.
     """
     created = await create_database_if_missing(settings)
     if created:
@@ -279,7 +281,7 @@ async def ping(pool: asyncpg.Pool) -> None:
 
 
 async def drop_database(settings: config.Settings) -> None:
-    """Drop the database named in the settings (throwaway databases: the demo's, the benchmarks')."""
+    """Drop the database named in the settings (a throwaway one, the demo's or the benchmarks')."""
     url = settings.database_url.reveal()
     name = database_name(url).replace('"', "")
     with translate("drop database"):

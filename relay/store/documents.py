@@ -1,4 +1,4 @@
-"""The ``documents`` table: every Qonto attachment the relay knows of, and its fate."""
+"""The ``documents`` table, every Qonto attachment the relay knows of and its fate."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ async def count_by_state(conn: db.Executor, connection_id: uuid.UUID | None) -> 
 
 
 async def insert_pending(conn: db.Executor, rows: Sequence[NewDocument]) -> int:
-    """Add a pending document per new file (one skipped as deleted comes back); how many."""
+    """Add a pending document per new file, returning how many (a skipped one comes back)."""
     with db.translate("insert documents"):
         records = await conn.fetch(queries.get("insert_documents"), *_columns(rows))
     return len(records)
@@ -104,8 +104,10 @@ async def insert_pending(conn: db.Executor, rows: Sequence[NewDocument]) -> int:
 async def insert_named(
     conn: db.Executor, rows: Sequence[NewDocument], deleted: models.Why
 ) -> list[str]:
-    """List files only older snapshots named (skipped when the newest snapshot leaves them out);
-    the states of the ones added."""
+    """List files only older snapshots named, and return the states of the ones added.
+
+    They are skipped when the newest snapshot leaves them out.
+    """
     with db.translate("insert named documents"):
         records = await conn.fetch(
             queries.get("insert_named_documents"), *_columns(rows), deleted.text, deleted.code
@@ -119,7 +121,7 @@ async def skip_removed(
     kept: Sequence[tuple[uuid.UUID, str]],
     why: models.Why,
 ) -> int:
-    """Skip the pending documents of complete snapshots that no longer list them; how many."""
+    """Skip pending documents that complete snapshots no longer list, returning how many."""
     with db.translate("skip removed attachments"):
         status: str = await conn.execute(
             queries.get("skip_removed_attachments"),
@@ -159,7 +161,7 @@ async def held(
 async def finish(
     conn: db.Executor, document_id: int, state: str, why: models.Why, worker: int
 ) -> bool:
-    """Settle a document ``worker`` holds; False when it no longer holds it."""
+    """Settle a document ``worker`` holds, or return False when it no longer holds it."""
     with db.translate("finish document"):
         status: str = await conn.execute(
             queries.get("finish_document"),
@@ -182,8 +184,10 @@ async def mark_uploaded(
     http_status: int,
     answer: object,
 ) -> bool:
-    """Record Loop's 2xx: the attempt and the document uploaded; False when neither held nor in
-    doubt any more."""
+    """Record Loop's 2xx, marking the attempt and the document uploaded.
+
+    Returns False when the document is neither held nor in doubt any more.
+    """
     with db.translate("document uploaded"):
         status: str = await conn.execute(
             queries.get("mark_uploaded"),
@@ -200,7 +204,7 @@ async def mark_uploaded(
 async def resolve(
     conn: db.Executor, document_id: int, state: str, why: models.Why
 ) -> models.Document | None:
-    """Settle an in-doubt document as an operator decided; None when it is no longer in doubt."""
+    """Settle an in-doubt document as an operator decided (None when it is no longer in doubt)."""
     with db.translate("resolve document"):
         record = await conn.fetchrow(
             queries.get("resolve_document"), document_id, state, why.text, why.code

@@ -1,4 +1,4 @@
-"""The ``dossier_contents`` table: which document holds each content in a Loop dossier."""
+"""The ``dossier_contents`` table, naming the document that holds each content in a Loop dossier."""
 
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ async def claim(
     content_type: str,
     file_name: str,
 ) -> Holder | None:
-    """Take the content for the document (unless a copy is in Loop, in doubt or being sent) and
-    record its file; the holder, or None when a concurrent transaction took it."""
+    """Take the content for the document and record its file, unless another copy holds it.
+
+    Another copy holds it while that copy is in Loop, in doubt or being sent. Returns the holder,
+    or None when a concurrent transaction took it.
+    """
     with db.translate("start upload"):
         record = await conn.fetchrow(
             queries.get("claim_dossier_content"),
@@ -49,6 +52,6 @@ async def holder(conn: db.Executor, domain: str, dossier: str, sha256: str) -> H
 
 
 async def release(conn: db.Executor, document_id: int) -> None:
-    """Give up the document's content (it is not in Loop: another copy may be sent)."""
+    """Give up the document's content, which is not in Loop (another copy may be sent)."""
     with db.translate("release content"):
         await conn.execute(queries.get("release_dossier_content"), document_id)

@@ -1,4 +1,4 @@
-"""The ``events`` table: every Qonto event received, keyed by connection and event id (dedupe)."""
+"""The ``events`` table, every Qonto event received, keyed by connection and event id (dedupe)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class NewEvent:
 
 
 async def insert(conn: db.Executor, rows: Sequence[NewEvent]) -> set[tuple[uuid.UUID, str]]:
-    """Record events; the (connection, event id) of the ones not seen before."""
+    """Record events and return the (connection, event id) of the ones not seen before."""
     with db.translate("insert events"):
         records = await conn.fetch(
             queries.get("insert_events"),

@@ -1,4 +1,4 @@
-"""The ``flush_requests`` table: flushes asked for over HTTP, run later by a scheduler."""
+"""The ``flush_requests`` table, flushes asked for over HTTP and run later by a scheduler."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ Source = asyncpg.Pool | db.Conn
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FlushRequest:
-    """One flush asked for: its scope, who asked, and (once a scheduler took it) its run."""
+    """One flush asked for, with its scope, who asked, and (once a scheduler took it) its run."""
 
     id: int
     connection_id: uuid.UUID | None
@@ -36,7 +36,7 @@ class FlushRequest:
 
     @property
     def state(self) -> str:
-        """Say where the request is: ``waiting``, ``running``, ``finished`` or ``failed``."""
+        """Say where the request is (``waiting``, ``running``, ``finished`` or ``failed``)."""
         if self.finished_at is not None:
             return self.outcome or "finished"
         return "running" if self.started_at is not None else "waiting"
@@ -63,7 +63,7 @@ async def insert(
     since: dt.datetime | None,
     requested_by: str,
 ) -> FlushRequest:
-    """Record a request; the trigger tells the schedulers (``relay_flush_requested``)."""
+    """Record a request, announced to the schedulers by a trigger (``relay_flush_requested``)."""
     with db.translate("ask for a flush"):
         record = await source.fetchrow(
             queries.get("insert_flush_request"), connection_id, since, requested_by
@@ -91,14 +91,14 @@ async def any_open(source: Source) -> bool:
 
 
 async def start(source: Source, request_id: int, run_id: int) -> list[int]:
-    """Link the request, and every open one asking for the same, to ``run_id``; their ids."""
+    """Link the request and every open one like it to ``run_id``, returning their ids."""
     with db.translate("start flush request"):
         records = await source.fetch(queries.get("start_flush_requests"), request_id, run_id)
     return [int(r["id"]) for r in records]
 
 
 async def finish(source: Source, run_id: int, *, error: str | None) -> None:
-    """Finish the requests served by ``run_id``: finished, or failed with ``error``."""
+    """Finish the requests served by ``run_id`` as finished, or as failed with ``error``."""
     with db.translate("finish flush requests"):
         await source.execute(
             queries.get("finish_flush_requests"),

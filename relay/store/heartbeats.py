@@ -1,4 +1,4 @@
-"""The ``heartbeats`` table: one row per running role, rewritten at every beat."""
+"""The ``heartbeats`` table, one row per running role, rewritten at every beat."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from relay.store import db, queries
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Beat:
-    """One beat as a role reports it; ages in seconds, turned into the database's clock."""
+    """One beat as a role reports it, its ages in seconds turned into the database's clock."""
 
     id: uuid.UUID
     role: str

@@ -1,4 +1,4 @@
-"""The ``invitations`` table: setup links (their token's SHA-256) and the setup's progress."""
+"""The ``invitations`` table of setup links (their token's SHA-256) and the setup's progress."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ async def set_qonto(
     plan: str | None,
     sealed_tokens: bytes,
 ) -> bool:
-    """Record an eligible member's consent; False when the invitation is no longer open."""
+    """Record an eligible member's consent (False when the invitation is no longer open)."""
     with db.translate("record Qonto consent"):
         record = await conn.fetchrow(
             queries.get("set_invitation_qonto"),
@@ -107,7 +107,7 @@ async def set_problem(
 
 
 async def use(conn: db.Executor, invitation_id: uuid.UUID, connection_id: uuid.UUID) -> bool:
-    """Mark the invitation used by a connection; False when another Create won or it expired."""
+    """Mark the invitation used by a connection (False when another Create won or it expired)."""
     with db.translate("use invitation"):
         value = await conn.fetchval(queries.get("use_invitation"), invitation_id, connection_id)
     return value is not None

@@ -1,4 +1,4 @@
-"""The ``oauth_states`` table: the ``state`` of each Qonto consent started, by its SHA-256."""
+"""The ``oauth_states`` table, the ``state`` of each Qonto consent started, by its SHA-256."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ async def insert(
 
 
 async def use(conn: db.Executor, state_hash: bytes) -> Used | None:
-    """Mark a state used; None when there is no such state."""
+    """Mark a state used, or return None when there is no such state."""
     with db.translate("use consent state"):
         record = await conn.fetchrow(queries.get("use_oauth_state"), state_hash)
     if record is None:

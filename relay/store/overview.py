@@ -1,5 +1,8 @@
-"""What the console reads: connections with their last deposits, document counts, and one page of a
-connection's documents by keyset; and the operator's retry of a failed document."""
+"""The console's reads, and the operator's retry of a failed document.
+
+The console reads connections with their last deposits, document counts, and one page of a
+connection's documents by keyset.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ class DocumentRow:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DocumentFilter:
-    """Which of a connection's documents a page lists: by state, source and file name."""
+    """Which of a connection's documents a page lists, by state, source and file name."""
 
     state: str | None = None
     source: str | None = None
@@ -113,16 +116,16 @@ async def documents_page(
 
 
 async def retry_document(
-    pool: asyncpg.Pool, document_id: int, reason: str
+    pool: asyncpg.Pool, document_id: int, why: models.Why
 ) -> models.Document | None:
-    """Put a failed document back to pending; None when it is not (or no longer) failed."""
+    """Put a failed document back to pending (None when it is not, or no longer, failed)."""
     with db.translate("retry document"):
-        record = await pool.fetchrow(queries.get("retry_document"), document_id, reason)
+        record = await pool.fetchrow(queries.get("retry_document"), document_id, why.text, why.code)
     return None if record is None else models.Document.from_record(record)
 
 
 async def revoke_invitation(pool: asyncpg.Pool, invitation_id: uuid.UUID) -> str | None:
-    """Expire an open invitation now; its client's name, or None when it was not open."""
+    """Expire an open invitation now and return its client's name (None when it was not open)."""
     with db.translate("revoke invitation"):
         name = await pool.fetchval(queries.get("revoke_invitation"), invitation_id)
     return None if name is None else str(name)

@@ -18,7 +18,7 @@ _HEADER = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 
 def parse(text: str) -> dict[str, str]:
-    """Split a queries file into ``{name: statement}``; a name defined twice is an error."""
+    """Split a queries file into statements by name, refusing a name defined twice."""
     found: dict[str, str] = {}
     headers = list(_HEADER.finditer(text))
     for index, header in enumerate(headers):
@@ -48,7 +48,7 @@ def get(name: str) -> str:
 
 
 def migrations() -> list[tuple[str, str]]:
-    """``[(version, sql)]`` in order, from ``sql/migrations/NNNN_*.sql``."""
+    """List the migrations as ``[(version, sql)]`` in order, from ``sql/migrations/NNNN_*.sql``."""
     files = sorted(
         (path for path in (SQL_DIR / "migrations").iterdir() if _MIGRATION.fullmatch(path.name)),
         key=lambda path: path.name,

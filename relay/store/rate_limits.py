@@ -1,4 +1,4 @@
-"""The ``web_rate_limits`` table: hits per bucket and window (guesses at setup links)."""
+"""The ``web_rate_limits`` table, hits per bucket and window (guesses at setup links)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from relay.store import db, queries
 
 
 async def hit(conn: db.Executor, bucket: str, window_start: dt.datetime) -> int:
-    """Count one hit; the window's count."""
+    """Count one hit and return the window's count."""
     with db.translate("count rate limit"):
         return int(await conn.fetchval(queries.get("hit_rate_limit"), bucket, window_start))
 

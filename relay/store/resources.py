@@ -1,4 +1,4 @@
-"""The ``resources`` table: the newest snapshot applied per Qonto resource, and its files."""
+"""The ``resources`` table, the newest snapshot applied per Qonto resource and its files."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Newest:
 
 
 async def upsert(conn: db.Executor, rows: Sequence[Newest]) -> set[Key]:
-    """Record each snapshot unless an newer one is; the keys of the ones applied."""
+    """Record each snapshot unless a newer one is, returning the keys of the ones applied."""
     with db.translate("apply snapshots"):
         records = await conn.fetch(
             queries.get("upsert_resources"),

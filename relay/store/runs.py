@@ -1,4 +1,4 @@
-"""The ``runs`` table: scan + flush runs, a scheduled day claimed once, runs listed for the console."""
+"""The ``runs`` table of scan + flush runs (a scheduled day claimed once, lists for the console)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class ScheduledRun:
 
 
 async def claim_scheduled(conn: db.Executor, day: dt.date) -> int | None:
-    """Insert the day's scheduled run; its id, or None when it exists already."""
+    """Insert the day's scheduled run and return its id (None when it exists already)."""
     with db.translate("scheduler"):
         value = await conn.fetchval(queries.get("claim_scheduled_run"), day)
     return None if value is None else int(value)
@@ -38,7 +38,7 @@ async def get_scheduled(conn: db.Executor, day: dt.date) -> ScheduledRun | None:
 
 
 async def insert_manual(conn: db.Executor) -> int:
-    """Insert a manual run; its id."""
+    """Insert a manual run and return its id."""
     with db.translate("insert run"):
         return int(await conn.fetchval(queries.get("insert_manual_run")))
 
@@ -58,7 +58,7 @@ async def finish(conn: db.Executor, run_id: int, report: dict[str, Any]) -> None
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RunSummary:
-    """A run in a list: when, what kind, who asked, and its totals (not its whole report)."""
+    """A run as a list shows it (when, what kind, who asked, its totals), not its whole report."""
 
     id: int
     kind: str

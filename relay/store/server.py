@@ -1,5 +1,4 @@
-"""What belongs to the PostgreSQL server rather than a table: its clock, advisory locks, the schema
-versions applied."""
+"""What the PostgreSQL server holds beyond the tables (its clock, advisory locks, migrations)."""
 
 from __future__ import annotations
 

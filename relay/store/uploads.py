@@ -1,4 +1,4 @@
-"""The ``uploads`` table: each attempt to deposit a document in Loop, and its outcome."""
+"""The ``uploads`` table, each attempt to deposit a document in Loop and its outcome."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from relay.store import db, queries
 
 
 async def start(conn: db.Executor, document_id: int, worker: int) -> int | None:
-    """Commit an attempt (``sending``) while ``worker`` holds the document; its id, or None when
-    the worker no longer holds it (not its to send)."""
+    """Commit an attempt (``sending``) while ``worker`` holds the document.
+
+    Returns its id, or None when the worker no longer holds it (not its to send).
+    """
     with db.translate("record attempt"):
         value = await conn.fetchval(queries.get("start_upload"), document_id, worker)
     return None if value is None else int(value)

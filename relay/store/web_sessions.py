@@ -1,4 +1,4 @@
-"""The ``web_sessions`` table: the setup pages' browser sessions, by their id's SHA-256."""
+"""The ``web_sessions`` table, the setup pages' browser sessions by their id's SHA-256."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ async def insert(
 async def touch(
     conn: db.Executor, id_hash: bytes, expires_at: dt.datetime, created_after: dt.datetime
 ) -> Stored | None:
-    """Read a live session and pushes its expiry back; None when it is gone or too old."""
+    """Read a live session and push its expiry back (None when it is gone or too old)."""
     with db.translate("read session"):
         record = await conn.fetchrow(
             queries.get("get_web_session"), id_hash, expires_at, created_after

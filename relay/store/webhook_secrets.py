@@ -1,4 +1,4 @@
-"""The ``webhook_secrets`` table: the sealed secrets Qonto signs each connection's webhooks with."""
+"""The ``webhook_secrets`` table, the sealed secrets Qonto signs each connection's webhooks with."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ async def insert(
     subscription_id: str | None,
     topics: list[str],
 ) -> int:
-    """Store a connection's webhook secret (sealed); its id."""
+    """Store a connection's webhook secret (sealed) and return its id."""
     with db.translate("add webhook secret"):
         return int(
             await conn.fetchval(

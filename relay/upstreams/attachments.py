@@ -1,10 +1,7 @@
-"""Qonto attachments: what the API says of one, and its file fetched from object storage.
+"""Qonto attachments, what the API says of one and its file fetched from object storage.
 
-The file is downloaded from its presigned URL with the storage client, which has no base URL and no
-credentials (object storage refuses two, and Qonto's key must not go to another host), streamed to a
-file while hashed, and given up past what Cegid Loop accepts (:class:`TooLarge`). :func:`fetch` makes
-one try, translating httpx's errors for storage as :mod:`relay.upstreams.qonto` does for the API, whose
-``QontoClient.download`` retries it and asks for a fresh URL when one expired. URLs are never logged.
+:func:`parse` reads what the API says of an attachment; :func:`fetch` downloads its file from its
+presigned URL. URLs are never logged.
 """
 
 from __future__ import annotations
@@ -23,7 +20,10 @@ CHUNK: Final = 64 * 1024
 
 
 class TooLarge(errors.Permanent):
-    """The attachment is bigger than Cegid Loop accepts (50 MB); ``size`` is what had arrived."""
+    """An attachment bigger than Cegid Loop accepts (50 MB).
+
+    ``size`` is what had arrived.
+    """
 
     def __init__(self, size: int) -> None:
         super().__init__(
@@ -54,7 +54,10 @@ class Download:
 
 
 def parse(attachment_id: str, item: dict[str, Any]) -> Attachment:
-    """What ``GET /v2/attachments/{id}`` says of one; QontoProtocolError without a download URL."""
+    """Read what ``GET /v2/attachments/{id}`` says of one attachment.
+
+    Raises QontoProtocolError when it has no download URL.
+    """
     url = item.get("url")
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
         raise errors.QontoProtocolError("Qonto attachment: no download URL")
@@ -79,9 +82,17 @@ def parse(attachment_id: str, item: dict[str, Any]) -> Attachment:
 async def fetch(
     storage: httpx.AsyncClient, attachment: Attachment, dest: pathlib.Path
 ) -> Download | str:
-    """One try: the file streamed to ``dest`` while hashed, or why a new try may help ("expired"
-    for a refused URL, an HTTP status or a network error); QontoNotFound, TooLarge, or
-    QontoProtocolError when none can."""
+    """Make one try at streaming the file to ``dest``, hashing it on the way.
+
+    Returns the download, or why a new try may help ("expired" for a refused URL, an HTTP status or
+    a network error); raises QontoNotFound, TooLarge, or QontoProtocolError when none can.
+
+    The storage client has no base URL and no credentials (object storage refuses two, and Qonto's
+    key must not go to another host). The file is given up past what Cegid Loop accepts
+    (:class:`TooLarge`). httpx's errors for storage are translated here as
+    :mod:`relay.upstreams.qonto` does for the API, whose ``QontoClient.download`` retries this and
+    asks for a fresh URL when one expired.
+    """
     digest, size, head = hashlib.sha256(), 0, b""
     try:
         async with storage.stream("GET", attachment.url) as response:

@@ -1,16 +1,4 @@
-"""Cegid Loop's API: the one boundary where httpx and Loop answers become the relay's outcomes.
-
-``store_document`` classifies every way a deposit can end (the contract documents none of them):
-- 2xx: stored; the whole answer is kept, with its ``id`` when there is one;
-- 429 and 5xx, or a failure before the whole body was sent (refused connection, DNS, TLS, a write
-  error): Loop did not keep the file → ``CegidUnavailable`` / ``CegidRateLimited`` (retry);
-- 401/403: the firm's key or the dossier's association is refused → ``CegidAccessRefused``;
-- 408: Loop gave up receiving the request, nothing was stored → ``CegidUnavailable`` (retry);
-- 404/405: no such route (a wrong ``RELAY_CEGID_API_URL``) → ``CegidAccessRefused``: documents wait;
-- 400/413/415 and other 4xx: the file itself is refused → ``CegidFileRejected``;
-- the whole body was sent but no answer came (read timeout, connection reset or closed, garbled
-  answer) → ``OutcomeUnknown``: the file may or may not be in Loop.
-"""
+"""Cegid Loop's API client, where httpx errors and Loop's answers become the relay's outcomes."""
 
 from __future__ import annotations
 
@@ -42,8 +30,10 @@ class Stored:
 async def http_client(
     settings: config.Settings, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The Cegid client's httpx client: base URL, subscription key, explicit timeouts.
-    ``transport`` is for tests (httpx.MockTransport)."""
+    """Open the Cegid client's httpx client with its base URL, subscription key and timeouts.
+
+    ``transport`` is for tests (httpx.MockTransport).
+    """
     if not settings.cegid_subscription_key:
         # without it Loop answers 401 to every call, which would be blamed on the firm's key
         raise errors.ConfigurationError(
@@ -90,7 +80,7 @@ class CegidClient:
         self._http = http
 
     async def check_dossier(self, creds: credentials.CegidCredentials, dossier: str) -> None:
-        """A cheap dossier-scoped read: return if the key may read the dossier, else raise.
+        """Check with a cheap dossier-scoped read that the key may read the dossier, else raise.
 
         Loop's refusals are undocumented; they are told apart as the sandbox models them: 401 the
         key itself (:class:`~relay.errors.CegidKeyRefused`), 403 a dossier the key may not read
@@ -141,6 +131,19 @@ class CegidClient:
         path: pathlib.Path,
         size: int,
     ) -> Stored:
+        """POST the file at ``path`` to the dossier's deposit and return how it ended, or why not.
+
+        Every way a deposit can end is classified (the contract documents none):
+        - 2xx: stored; the whole answer is kept, with its ``id`` when there is one;
+        - 429 and 5xx, or a failure before the whole body was sent (refused connection, DNS, TLS,
+          a write error): Loop did not keep the file → ``CegidUnavailable`` / ``CegidRateLimited``;
+        - 401/403: the firm's key or the dossier's association is refused → ``CegidAccessRefused``;
+        - 408: Loop gave up receiving the request, nothing was stored → ``CegidUnavailable``;
+        - 404/405: no such route (a wrong ``RELAY_CEGID_API_URL``) → ``CegidAccessRefused``;
+        - 400/413/415 and other 4xx: the file itself is refused → ``CegidFileRejected``;
+        - the whole body was sent but no answer came (read timeout, connection reset or closed,
+          garbled answer) → ``OutcomeUnknown``: the file may or may not be in Loop.
+        """
         sent = {"all": False}
 
         async def body() -> AsyncIterator[bytes]:

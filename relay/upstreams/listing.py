@@ -1,11 +1,8 @@
-"""Qonto's list walks: every item of a paged list once, even when items change while it is walked.
+"""Qonto's list walks, bringing every item of a paged list once even while items change.
 
-Offset pages shift under updates (an item updated after its page was read leaves the window or moves
-to its end, and every later item moves up a place), so a plain walk of pages loses items. Keyset
-walks by ``updated_at`` (:func:`keyset`) serve where the sort is documented, settled offset passes
-(:func:`settled`) where it is not. Each takes a :data:`FetchPage`, the HTTP call for one page, made by
-:mod:`relay.upstreams.qonto` (the boundary where httpx and Qonto's errors become the relay's); :func:`parse_page`
-reads the answer, and :func:`stamp` writes the bounds of the update window as Qonto shows them.
+Offset pages shift under updates, so a plain walk of pages loses items. Keyset walks by
+``updated_at`` (:func:`keyset`) serve where the sort is documented, settled offset passes
+(:func:`settled`) where it is not; each takes a :data:`FetchPage` from :mod:`relay.upstreams.qonto`.
 """
 
 from __future__ import annotations
@@ -35,7 +32,8 @@ class Page:
 
 
 # One page of a list: (the query's parameters, the page number) -> the page, or None when Qonto
-# answered that page is past the end.
+# answered that page is past the end. relay.upstreams.qonto makes it (the boundary where httpx and
+# Qonto's errors become the relay's).
 FetchPage = Callable[[dict[str, Any], int], Awaitable[Page | None]]
 
 
@@ -62,8 +60,11 @@ def _ascending(items: list[dict[str, Any]]) -> bool:
 def _next_cursor(
     items: list[dict[str, Any]], cursor: dt.datetime, seen: dict[str, dt.datetime | None]
 ) -> dt.datetime | None:
-    """Where the next page 1 starts: the page's newest ``updated_at`` minus the overlap, when that
-    moves the cursor and re-reads at most half a page of items already seen; else None."""
+    """Find where the next page 1 starts, or None when the cursor should stay.
+
+    It is the page's newest ``updated_at`` minus the overlap, when that moves the cursor and
+    re-reads at most half a page of items already seen.
+    """
     newest = max((u for u in map(_updated_at, items) if u is not None), default=None)
     if newest is None or newest - CURSOR_OVERLAP <= cursor:
         return None
@@ -73,8 +74,11 @@ def _next_cursor(
 
 
 def stamp(moment: dt.datetime, *, up: bool = False) -> str:
-    """UTC with milliseconds, as Qonto shows them: cut down for a lower bound, rounded ``up``
-    for an upper one, so that neither bound leaves out an item stamped within its millisecond."""
+    """Write ``moment`` in UTC with milliseconds, as Qonto shows them.
+
+    It is cut down for a lower bound and rounded ``up`` for an upper one, so that neither bound
+    leaves out an item stamped within its millisecond.
+    """
     moment = moment.astimezone(dt.UTC)
     if up and moment.microsecond % 1000:
         moment += dt.timedelta(microseconds=1000 - moment.microsecond % 1000)
@@ -82,7 +86,7 @@ def stamp(moment: dt.datetime, *, up: bool = False) -> str:
 
 
 def parse_page(body: dict[str, Any], key: str, page: int, what: str) -> Page:
-    """Page ``page`` of a list from Qonto's answer: its items under ``key``, and its ``meta``."""
+    """Read page ``page`` of a list from Qonto's answer (its items under ``key``, its ``meta``)."""
     raw = body.get(key)
     if not isinstance(raw, list):
         raise errors.QontoProtocolError(f"Qonto {what}: answer without {key!r}")
@@ -115,8 +119,7 @@ async def keyset(
     start: dt.datetime,
     what: str,
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every item of a list sorted by ``updated_at`` ascending, each once, however items change
-    while it is walked.
+    """Yield each item of a list sorted by ascending ``updated_at`` once, however items change.
 
     Offset pages alone lose items: one updated after its page was read leaves the window (or
     moves to its end) and every later item shifts up a place, so one is never listed. Here each
@@ -161,7 +164,7 @@ async def keyset(
 
 @dataclasses.dataclass
 class _Run:
-    """One run of pages from page 1 at one cursor: what it brought, and whether it can be trusted."""
+    """One run of pages from page 1 at one cursor, what it brought and whether it can be trusted."""
 
     new: int = 0  # items never seen before
     total: int | None = None  # meta.total_count of its page 1
@@ -184,13 +187,18 @@ class _Walk:
     run: _Run = dataclasses.field(default_factory=_Run)
 
     def past_the_end(self) -> None:
-        """Qonto answered 422 for this page: after a full page, the list shrank under us or
-        ``next_page`` lied, so the run is unsure."""
+        """Take Qonto's 422 for this page as doubt on the run when the page before was full.
+
+        Then the list shrank under us or ``next_page`` lied, so the run is unsure.
+        """
         self.run.unsure = self.run.unsure or self.run.previous_full
 
     def take(self, got: Page) -> list[dict[str, Any]]:
-        """Record the page's items; those never seen before, to be listed. An item seen before
-        with a new ``updated_at``, on a later page of this run, moved: the run drifted."""
+        """Record the page's items and return those never seen before, to be listed.
+
+        An item seen before with a new ``updated_at``, on a later page of this run, moved: the run
+        drifted.
+        """
         fresh = []
         for item in got.items:
             item_id, updated = str(item["id"]), _updated_at(item)
@@ -205,8 +213,11 @@ class _Walk:
         return fresh
 
     def vouch(self, got: Page) -> None:
-        """Compare the page's ``total_count`` with page 1's: changed, something left the window
-        between two pages (drifted); missing after a full page, nothing vouches (unsure)."""
+        """Compare the page's ``total_count`` with page 1's to judge the run.
+
+        Changed, something left the window between two pages (drifted); missing after a full page,
+        nothing vouches (unsure).
+        """
         run = self.run
         if self.page == 1:
             run.total = got.total
@@ -216,8 +227,11 @@ class _Walk:
             run.drifted = True
 
     def check_cursor(self, got: Page, fresh: int) -> None:
-        """Stop moving the cursor when it does not narrow the list (a page 1 after a move that
-        brings nothing new) or when the sort is ignored (a page out of ``updated_at`` order)."""
+        """Stop moving the cursor when it does not narrow the list or when the sort is ignored.
+
+        A page 1 after a move that brings nothing new shows the first; a page out of
+        ``updated_at`` order, the second.
+        """
         if self.after_move and fresh == 0 and got.next_page is not None:
             self.moves = False  # follow pages from now on
         self.after_move = False
@@ -226,7 +240,7 @@ class _Walk:
             logger.warning("qonto_list_unsorted", call=self.what)
 
     def target(self, got: Page) -> dt.datetime | None:
-        """Where the cursor moves after this page, when there is more and it may move."""
+        """Find where the cursor moves after this page, when there is more and it may move."""
         if got.next_page is None or self.run.drifted or not self.moves:
             return None
         return _next_cursor(got.items, self.cursor, self.seen)
@@ -239,8 +253,10 @@ class _Walk:
         return True
 
     def end_run(self, target: dt.datetime | None) -> bool:
-        """The run of pages is over: walk it again (it drifted, or it is unsure and brought
-        something new), move the cursor to ``target``, or end the walk (False)."""
+        """Close the run of pages, then walk it again, move to ``target`` or end the walk (False).
+
+        The run is walked again when it drifted, or when it is unsure and brought something new.
+        """
         if self.run.drifted or (self.run.unsure and self.run.new > 0):
             self.passes += 1
             if self.passes > MAX_LIST_PASSES:
@@ -262,15 +278,15 @@ class _Walk:
 async def settled(
     fetch: FetchPage, params: dict[str, Any], what: str
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every item of a list whose order is not documented, each once, by whole offset passes
-    repeated until one pass finds every item of the previous one, unchanged.
+    """Yield each item of a list whose order is not documented once, by whole offset passes.
 
-    Without a documented sort no cursor can be trusted, so this walks pages and checks
-    instead: an item that changed or left during a pass may have shifted another out of it,
-    and shows in the next pass as missing or with a new ``updated_at``. A pass that finds every
-    item of the one before, unchanged, proves nothing shifted during that one, which was
-    therefore complete. A list read whole on page 1 needs no second pass. At most
-    ``MAX_LIST_PASSES`` passes, then QontoUnavailable (the caller keeps its watermark).
+    Passes are repeated until one finds every item of the previous one, unchanged. Without a
+    documented sort no cursor can be trusted, so this walks pages and checks instead: an item
+    that changed or left during a pass may have shifted another out of it, and shows in the next
+    pass as missing or with a new ``updated_at``. A pass that finds every item of the one before,
+    unchanged, proves nothing shifted during that one, which was therefore complete. A list read
+    whole on page 1 needs no second pass. At most ``MAX_LIST_PASSES`` passes, then
+    QontoUnavailable (the caller keeps its watermark).
     """
     yielded: set[str] = set()
     previous: dict[str, object] | None = None

@@ -1,17 +1,9 @@
-"""Qonto's Business API: the one boundary where httpx and Qonto errors become the relay's.
+"""Qonto's Business API client, where httpx and Qonto errors become the relay's.
 
-- API key (``login:secret`` verbatim) or OAuth (``Bearer``, refreshed before expiry; the rotated
-  refresh token is handed to ``on_tokens_rotated`` to be stored sealed, retried with backoff, and
-  kept flagged unsaved, then stored by the next call, when the store keeps failing).
-- 429 and 5xx and network errors are retried under :data:`POLICY` (:mod:`relay.retry`), honouring
-  ``Retry-After``; a client-side limiter keeps under the documented 1,000 requests / 10 s per IP.
-- A non-JSON 200 (the staging login page) is a protocol error, never data.
-- List walks never lose an item that changes while they run (offset pages shift under updates):
-  keyset walks by ``updated_at`` where the sort is documented, settled offset passes where it is not
-  (:mod:`relay.upstreams.listing` walks; this module fetches their pages).
-- Attachments are downloaded from their presigned URL (:mod:`relay.upstreams.attachments` fetches one, with
-  the storage client); an expired URL (403) is fetched afresh once, storage failures are retried
-  with backoff. URLs are never logged.
+Calls are tried again under :data:`POLICY` and kept under Qonto's documented rate limit by a
+:class:`RateLimiter`; OAuth tokens are refreshed before expiry. The list walks are
+:mod:`relay.upstreams.listing`'s, the file downloads :mod:`relay.upstreams.attachments`'. URLs are
+never logged.
 """
 
 from __future__ import annotations
@@ -63,12 +55,12 @@ CALLBACK_PATH: Final = "/setup/oauth/callback"
 
 
 def redirect_uri(settings: config.Settings) -> str:
-    """Where Qonto sends the browser back after the consent (registered with the OAuth app)."""
+    """Return where Qonto sends the browser after the consent (registered with the OAuth app)."""
     return settings.public_url.rstrip("/") + CALLBACK_PATH
 
 
 def authorization_url(settings: config.Settings, state: str) -> str:
-    """Qonto's consent page for the relay's OAuth app, with ``state`` bound to one setup."""
+    """Build the URL of the consent page for the relay's OAuth app, ``state`` naming one setup."""
     if not settings.qonto_client_id:
         raise errors.ConfigurationError(
             "RELAY_QONTO_CLIENT_ID and RELAY_QONTO_CLIENT_SECRET: required for the Qonto consent"
@@ -122,7 +114,7 @@ class RateLimiter:
 
 @dataclasses.dataclass
 class HttpClients:
-    """The process's Qonto HTTP bundle: ``api`` (base URL, staging token), ``storage`` (bare)."""
+    """The process's Qonto HTTP bundle, ``api`` (base URL, staging token) and ``storage`` (bare)."""
 
     api: httpx.AsyncClient
     storage: httpx.AsyncClient
@@ -131,7 +123,7 @@ class HttpClients:
 
 @contextlib.asynccontextmanager
 async def http_clients(settings: config.Settings) -> AsyncIterator[HttpClients]:
-    """Open the API and storage clients with explicit timeouts; close them on exit."""
+    """Open the API and storage clients with explicit timeouts, closing them on exit."""
     headers = {"Accept": "application/json", "User-Agent": "qonto-cegid-relay"}
     if settings.qonto_staging_token is not None:
         headers["X-Qonto-Staging-Token"] = settings.qonto_staging_token.reveal()
@@ -234,7 +226,7 @@ class QontoClient:
                 await self._store_rotated(STORE_POLICY)
 
     def _tokens(self, payload: dict[str, Any]) -> credentials.QontoOAuth:
-        """The credentials of a token endpoint's answer."""
+        """Read the credentials of a token endpoint's answer."""
         try:
             return credentials.QontoOAuth(
                 refresh_token=config.Secret(str(payload["refresh_token"])),
@@ -275,17 +267,19 @@ class QontoClient:
 
     @property
     def tokens_unsaved(self) -> bool:
-        """A rotated refresh token is held only in memory: storing it has failed so far."""
+        """Whether a rotated refresh token is held only in memory (storing it has failed so far)."""
         return self._unsaved is not None
 
     async def save_tokens(self) -> bool:
-        """Store a rotated token left unsaved (one try); True when nothing is left unsaved."""
+        """Store a rotated token left unsaved in one try (True when nothing is left unsaved)."""
         await self._store_rotated(ONE_TRY)
         return self._unsaved is None
 
     async def _after_call(self, pending: credentials.QontoOAuth | None) -> None:
-        """A call went through: store the rotation that was unsaved when it began (one try, at
-        most once per ``STORE_RETRY_GAP``, so that a database outage is not hammered)."""
+        """Store, after a call went through, the rotation that was unsaved when it began.
+
+        One try, at most once per ``STORE_RETRY_GAP``, so that a database outage is not hammered.
+        """
         if pending is not None and self._unsaved is pending and self._now() >= self._store_retry_at:
             await self._store_rotated(ONE_TRY)
 
@@ -329,8 +323,10 @@ class QontoClient:
     async def _send(
         self, request: Callable[[], Awaitable[httpx.Response]], what: str
     ) -> httpx.Response:
-        """One logical call, tried again under :data:`POLICY` after a 429, a 5xx or a network
-        error; QontoRateLimited or QontoUnavailable once its tries are spent."""
+        """Make one logical call, retried under :data:`POLICY` on a 429, a 5xx or a network error.
+
+        Raises QontoRateLimited or QontoUnavailable once its tries are spent.
+        """
         tries = POLICY.tries()
         while True:
             await self._http.limiter.acquire()
@@ -378,6 +374,7 @@ class QontoClient:
             raise errors.QontoProtocolError(
                 f"Qonto {what}: HTTP {response.status_code}: {_error_detail(response)}"
             )
+        # a non-JSON 200 (the staging login page without X-Qonto-Staging-Token) is never data
         if "json" not in response.headers.get("content-type", ""):
             raise errors.QontoProtocolError(
                 f"Qonto {what}: answered {response.headers.get('content-type') or 'no content type'}, "
@@ -418,9 +415,11 @@ class QontoClient:
         )
 
     async def get_subscription(self) -> dict[str, Any] | None:
-        """``GET /v2/subscription``: the organization's plan (``{"plan": {...}}`` or
-        ``{"plan": null}``); None when these credentials may not read it (403, a consent without
-        ``subscription.read``) or the route is absent (404)."""
+        """Read the organization's plan with ``GET /v2/subscription``.
+
+        Returns ``{"plan": {...}}`` or ``{"plan": null}``; None when these credentials may not read
+        it (403, a consent without ``subscription.read``) or the route is absent (404).
+        """
         what = "subscription"
         response = await self._get_response("/v2/subscription", what)
         if response.status_code in (403, 404):
@@ -447,7 +446,7 @@ class QontoClient:
     async def _page(
         self, path: str, key: str, params: dict[str, Any], page: int, what: str
     ) -> listing.Page | None:
-        """One page of a list; None for a 422 on a page after the first (asked past the end)."""
+        """Fetch one page of a list (None for a 422 after the first page, asked past the end)."""
         response = await self._get_response(
             path, what, {**params, "page": page, "per_page": listing.PER_PAGE}
         )
@@ -456,14 +455,16 @@ class QontoClient:
         return listing.parse_page(self._json(response, what), key, page, what)
 
     def _pages(self, path: str, key: str, what: str) -> listing.FetchPage:
-        """The pages of the list at ``path`` (items under ``key``), for the walks of relay.upstreams.listing."""
+        """Return the page fetcher of the list at ``path``, its items under ``key``."""
         return lambda params, page: self._page(path, key, params, page, what)
 
     async def transactions(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Transactions with attachments updated in the window, for every bank account (keyset
-        walks: ``sort_by=updated_at:asc`` is documented)."""
+        """Yield the transactions with attachments updated in the window, for every bank account.
+
+        They come from keyset walks, since ``sort_by=updated_at:asc`` is documented.
+        """
         organization = await self.get_organization()
         for account in organization.get("bank_accounts") or []:
             if not isinstance(account, dict) or not account.get("id"):
@@ -487,8 +488,10 @@ class QontoClient:
     async def supplier_invoices(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Supplier invoices updated in the window, whatever their status (a keyset walk:
-        ``sort_by=updated_at:asc`` is documented)."""
+        """Yield the supplier invoices updated in the window, whatever their status.
+
+        They come from a keyset walk, since ``sort_by=updated_at:asc`` is documented.
+        """
         params = {
             "filter[updated_at_to]": listing.stamp(updated_to, up=True),
             "sort_by": "updated_at:asc",
@@ -505,7 +508,7 @@ class QontoClient:
     async def client_invoices(
         self, updated_from: dt.datetime, updated_to: dt.datetime
     ) -> AsyncIterator[dict[str, Any]]:
-        """Unpaid and paid client invoices updated since ``updated_from``.
+        """Yield the unpaid and paid client invoices updated since ``updated_from``.
 
         One walk per status (the docs do not say whether ``filter[status]`` takes a list), filtered
         again here in case the filter is ignored. The documented filters are ``filter[status]``,
@@ -555,7 +558,10 @@ class QontoClient:
         return dict(body.get("webhook_subscription") or body)
 
     async def delete_webhook_subscription(self, subscription_id: str) -> None:
-        """``DELETE /v2/webhook_subscriptions/{id}``; a 404 means it is gone already."""
+        """Delete a webhook subscription with ``DELETE /v2/webhook_subscriptions/{id}``.
+
+        A 404 means it is gone already.
+        """
         what = "delete webhook subscription"
 
         async def call() -> httpx.Response:
@@ -573,7 +579,11 @@ class QontoClient:
     # ------------------------------------------------------------------------------ download
 
     async def download(self, attachment_id: str, dest: pathlib.Path) -> attachments.Download:
-        """Stream the attachment to ``dest``; QontoNotFound when deleted, TooLarge over 50 MB."""
+        """Stream the attachment to ``dest`` (QontoNotFound when deleted, TooLarge over 50 MB).
+
+        Storage failures are tried again under :data:`POLICY`; an expired URL (403) is asked for
+        afresh once.
+        """
         for fresh_url_attempt in range(2):
             attachment = await self.get_attachment(attachment_id)
             tries = POLICY.tries()
@@ -603,8 +613,11 @@ async def authorize(
     sleep: Sleep = asyncio.sleep,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> QontoClient:
-    """A client holding the tokens the consent's authorization ``code`` is exchanged for
-    (``grant_type=authorization_code``); its :attr:`QontoClient.current_credentials` are to be stored."""
+    """Exchange the consent's authorization ``code`` for tokens and return a client holding them.
+
+    The grant is ``grant_type=authorization_code``; the client's
+    :attr:`QontoClient.current_credentials` are to be stored.
+    """
     pending = credentials.QontoOAuth(refresh_token=config.Secret(""))
     qonto = QontoClient(settings, pending, http, sleep=sleep, now=now)
     await qonto._exchange(code)
@@ -620,7 +633,7 @@ def client(
     sleep: Sleep = asyncio.sleep,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> QontoClient:
-    """A client for one connection's credentials over the process's shared HTTP bundle."""
+    """Build a client for one connection's credentials over the process's shared HTTP bundle."""
     return QontoClient(
         settings, creds, http, on_tokens_rotated=on_tokens_rotated, sleep=sleep, now=now
     )

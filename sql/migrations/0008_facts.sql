@@ -21,8 +21,8 @@ ALTER TABLE documents
     ADD COLUMN reason_code text CHECK (reason_code IN (
         'deleted', 'unsupported_type', 'too_large', 'duplicate_content', 'file_refused',
         'qonto_download_failed', 'cegid_unavailable', 'access_refused', 'copy_being_sent',
-        'in_doubt', 'flush_stopped', 'flush_error', 'resend_requested', 'confirmed_by_operator',
-        'other')),
+        'in_doubt', 'flush_stopped', 'flush_error', 'resend_requested', 'retry_requested',
+        'confirmed_by_operator', 'other')),
     -- the value a code is qualified by: the file kind of an unsupported type, the side that
     -- refused access (qonto, cegid)
     ADD COLUMN reason_detail text;
@@ -43,6 +43,7 @@ UPDATE documents SET
         WHEN reason = 'the previous flush stopped before sending it' THEN 'flush_stopped'
         WHEN reason LIKE 'an error stopped the flush before sending it%' THEN 'flush_error'
         WHEN reason = 'resend requested by an operator' THEN 'resend_requested'
+        WHEN reason = 'retry requested by an operator' THEN 'retry_requested'
         WHEN reason = 'confirmed in Loop by an operator' THEN 'confirmed_by_operator'
         ELSE 'other'
     END,

@@ -8,6 +8,7 @@ hide it.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -33,21 +34,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_LOCK] = services.Lock()
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if _LOCK in config.stash:
-        config.stash[_LOCK].release()
-
-
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     """No fault test restarts a service under another test (see tests/services.py): the lock is
-    taken around the whole test, fixtures included, before its timeout starts."""
-    lock = item.config.stash[_LOCK]
-    if item.get_closest_marker("fault") is None:
-        lock.share()
-        yield
-        return
-    with lock.exclusively():
+    held around the whole test, fixtures included, taken before its timeout starts."""
+    asked = time.monotonic()
+    with item.config.stash[_LOCK].held(exclusive=item.get_closest_marker("fault") is not None):
+        item.config.stash.setdefault(services.WAITED, []).append(time.monotonic() - asked)
         yield
 
 
@@ -79,9 +72,9 @@ async def _admin() -> asyncpg.Connection:
 
 
 @pytest.fixture(scope="session")
-def migrated_template() -> Iterator[str]:
+def migrated_template(services_lock: services.Lock) -> Iterator[str]:
     """A database with every migration applied, cloned by each test (made and dropped under the
-    services lock, which the test that first needs it holds)."""
+    services lock)."""
     import asyncio
 
     async def create() -> None:
@@ -103,9 +96,10 @@ def migrated_template() -> Iterator[str]:
         finally:
             await admin.close()
 
-    asyncio.run(create())
+    asyncio.run(create())  # in the test that first needs it, which holds the lock
     yield TEMPLATE
-    asyncio.run(drop())
+    with services_lock.held(exclusive=services_lock.kind == "fault"):
+        asyncio.run(drop())  # maybe after the session's last integration test
 
 
 @pytest.fixture

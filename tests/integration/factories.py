@@ -13,11 +13,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from relay import config, crypto, events, models
+from relay import config, crypto, events, models, store
 from relay.domain import connections, credentials, ingest, inputs
 from relay.sandbox import files, signing
 from relay.sandbox import qonto as qonto_sandbox
-from relay.store import queries
+from relay.store import db
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 FIRM_KEY, FIRM_SECRET = "firm-key-0001", "firm-secret-0001"
@@ -67,40 +67,39 @@ async def make_connection(
     dossier: str = "ACME001",
     client_name: str = "Acme",
 ) -> uuid.UUID:
-    """A connection row written straight with SQL (no upstream check), with its webhook secret(s)."""
+    """A connection row written straight through the store (no upstream check), with its webhook
+    secret(s)."""
     box = crypto.Box(settings.secret_key.reveal())
     connection_id = uuid.uuid4()
     secrets = (webhook_secret,) if isinstance(webhook_secret, str) else webhook_secret
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.fetchrow(
-            queries.get("insert_connection"),
-            connection_id,
-            client_name,
-            organization_id,
-            "api_key",
-            credentials.seal_qonto(
-                box, credentials.QontoApiKey(login="login", secret=config.Secret("secret"))
-            ),
-            credentials.seal_cegid(
-                box,
-                credentials.CegidCredentials(
-                    api_key=config.Secret(FIRM_KEY), api_secret=config.Secret(FIRM_SECRET)
+    async with db.transaction(pool, "add connection") as conn:
+        await store.connections.insert(
+            conn,
+            store.connections.NewConnection(
+                id=connection_id,
+                client_name=client_name,
+                qonto_organization_id=organization_id,
+                qonto_auth_kind="api_key",
+                qonto_credentials=credentials.seal_qonto(
+                    box, credentials.QontoApiKey(login="login", secret=config.Secret("secret"))
                 ),
+                cegid_credentials=credentials.seal_cegid(
+                    box,
+                    credentials.CegidCredentials(
+                        api_key=config.Secret(FIRM_KEY), api_secret=config.Secret(FIRM_SECRET)
+                    ),
+                ),
+                cegid_key_fingerprint=crypto.fingerprint(FIRM_KEY),
+                cegid_dossier=dossier,
+                cegid_domain="CABINET",
+                scan_since=dt.datetime.now(dt.UTC),
+                dossier_checked_at=None,
             ),
-            crypto.fingerprint(FIRM_KEY),
-            dossier,
-            "CABINET",
-            dt.datetime.now(dt.UTC),
-            None,
         )
         for secret in secrets:
-            await conn.fetchval(
-                queries.get("insert_webhook_secret"), connection_id, box.seal(secret), None, []
-            )
+            await store.webhook_secrets.insert(conn, connection_id, box.seal(secret), None, [])
         if state != models.ConnectionState.ACTIVE:
-            await conn.fetchrow(
-                queries.get("set_connection_state"), connection_id, str(state), "set by a test"
-            )
+            await store.connections.set_state(conn, connection_id, str(state), "set by a test")
     return connection_id
 
 

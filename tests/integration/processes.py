@@ -3,7 +3,6 @@ with their JSON log lines, their readiness and their exit code."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pathlib
@@ -11,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 import httpx
@@ -80,47 +78,51 @@ class Role:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line.get("event") == name]
 
+    def _running(self) -> None:
+        assert self.process.poll() is None, f"relay {self.command[0]} exited: {self.log()}"
+
     async def ready(self, within_s: float = 30) -> None:
         """Poll /readyz until it answers 200 (roles with an HTTP edge: serve, run)."""
-        deadline = time.monotonic() + within_s
         async with httpx.AsyncClient(base_url=self.url) as client:
-            while time.monotonic() < deadline:
-                assert self.process.poll() is None, f"relay {self.command[0]} exited: {self.log()}"
+
+            async def ready() -> bool:
+                self._running()
                 try:
-                    if (await client.get("/readyz", timeout=2)).status_code == 200:
-                        return
+                    return (await client.get("/readyz", timeout=2)).status_code == 200
                 except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"relay {self.command[0]} not ready within {within_s} s: {self.log()}")
+                    return False
+
+            await factories.until(
+                ready,
+                within_s=within_s,
+                what=lambda: f"relay {self.command[0]} ready: {self.log()}",
+                every_s=0.05,
+            )
 
     async def logged(self, name: str, within_s: float = 30) -> dict[str, Any]:
         """Wait for the first log line with this event name."""
-        deadline = time.monotonic() + within_s
-        while not (found := self.events(name)):
-            assert self.process.poll() is None, f"relay {self.command[0]} exited: {self.log()}"
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {name!r} logged within {within_s} s: {self.log()}")
-            await asyncio.sleep(0.05)
-        return found[0]
+
+        def found() -> bool:
+            self._running()
+            return bool(self.events(name))
+
+        await factories.until(
+            found, within_s=within_s, what=lambda: f"{name!r} logged: {self.log()}", every_s=0.05
+        )
+        return self.events(name)[0]
 
     async def exited(self, within_s: float) -> int | None:
         """The exit code once the process ends, or None if it still runs after ``within_s``."""
-        deadline = time.monotonic() + within_s
-        while (code := self.process.poll()) is None:
-            if time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.02)
-        return code
+        with contextlib.suppress(AssertionError):
+            await factories.until(lambda: self.process.poll() is not None, within_s=within_s)
+        return self.process.poll()
 
     async def exit_code(self, within_s: float) -> int:
-        deadline = time.monotonic() + within_s
-        while (code := self.process.poll()) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"relay {self.command[0]} still running after {within_s} s: {self.log()}"
-                )
-            await asyncio.sleep(0.05)
+        """The exit code once the process ends; fail if it still runs after ``within_s``."""
+        code = await self.exited(within_s)
+        assert code is not None, (
+            f"relay {self.command[0]} still running after {within_s} s: {self.log()}"
+        )
         return code
 
     def alive(self) -> bool:

@@ -64,6 +64,7 @@ DOCUMENTS = [
         None,
     ),
     ("pending", "resend requested by an operator", "resend_requested", None),
+    ("pending", "retry requested by an operator", "retry_requested", None),
     ("uploaded", "confirmed in Loop by an operator", "confirmed_by_operator", None),
     ("skipped", "a reason no code matches", "other", None),
     ("pending", None, None, None),

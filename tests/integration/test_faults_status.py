@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import pathlib
 import socket
@@ -25,22 +24,27 @@ async def _served(
     settings: config.Settings, host: str, pid: int, within_s: float = 60
 ) -> stalls.Judged:
     """The serve role of this process once it is ok again (polled through status.check)."""
-    deadline = time.monotonic() + within_s
-    last = None
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    last: list[stalls.Judged] = []
+
+    async def back() -> bool:
         try:
             conn = await db.connect(settings)
         except errors.DatabaseUnavailable:
-            continue
+            return False
         try:
             report = await status.check(settings, conn, None, broker_error="not read")
         finally:
             await conn.close()
-        last = [j for j in report.matching("serve", host) if j.role.pid == pid]
-        if last and last[0].state == stalls.OK and last[0].role.beat_age_s < 2:
-            return last[0]
-    raise AssertionError(f"the serve role's heartbeat did not come back: {last}")
+        last[:] = [j for j in report.matching("serve", host) if j.role.pid == pid]
+        return bool(last) and last[0].state == stalls.OK and last[0].role.beat_age_s < 2
+
+    await factories.until(
+        back,
+        within_s=within_s,
+        what=lambda: f"the serve role's heartbeat coming back (last: {last})",
+        every_s=0.2,
+    )
+    return last[0]
 
 
 async def test_a_heartbeat_postgresql_cannot_take_never_disturbs_its_role(

@@ -208,11 +208,17 @@ async def test_refused_access_flags_the_connection_and_others_continue(
     assert by_connection[(other_id, fine)] == "uploaded"
     assert by_connection[(other_id, refused)] == "uploaded"
     flagged_row = await pool.fetchrow(
-        "SELECT state, state_reason FROM connections WHERE id = $1", connection_id
+        "SELECT state, state_reason, refused_by FROM connections WHERE id = $1", connection_id
     )
     assert flagged_row is not None
     assert flagged_row["state"] == "needs_attention"
     assert "Loop Hub" in flagged_row["state_reason"]
+    assert flagged_row["refused_by"] == ["cegid"]
+    waiting = await pool.fetch(
+        "SELECT DISTINCT reason_code, reason_detail FROM documents WHERE connection_id = $1",
+        connection_id,
+    )
+    assert [tuple(r) for r in waiting] == [("access_refused", "cegid")]
     flagged = next(c for c in result.connections if c.connection_id == connection_id)
     assert flagged.attention is not None
 
@@ -442,11 +448,16 @@ async def test_a_flag_cegid_raised_is_checked_again_by_the_flush_and_cleared_whe
 
 
 @pytest.mark.parametrize(
-    ("state", "reason"),
+    ("state", "reason", "refused_by"),
     [
-        ("needs_attention", "Qonto refused the credentials: reconnect the organization (401)"),
-        ("disconnected", "disconnected by an operator"),
-        ("revoked", "consent revoked in Qonto"),
+        (
+            "needs_attention",
+            "Qonto refused the credentials: reconnect the organization (401)",
+            ["qonto"],
+        ),
+        ("needs_attention", "Qonto: refused (401); Cegid: refused (403)", ["cegid", "qonto"]),
+        ("disconnected", "disconnected by an operator", []),
+        ("revoked", "consent revoked in Qonto", []),
     ],
 )
 async def test_the_flush_clears_only_a_flag_cegid_raised(
@@ -457,14 +468,17 @@ async def test_the_flush_clears_only_a_flag_cegid_raised(
     loop: cegid_sandbox.CegidSandbox,
     state: str,
     reason: str,
+    refused_by: list[str],
 ) -> None:
-    """A Qonto refusal, a disconnect, a revocation: Loop accepting the key changes none of them."""
+    """A Qonto refusal (alone or beside Cegid's), a disconnect, a revocation: Loop accepting the
+    key changes none of them."""
     attachment = await _seed(pool, qonto, connection_id)
     await pool.execute(
-        "UPDATE connections SET state = $2, state_reason = $3 WHERE id = $1",
+        "UPDATE connections SET state = $2, state_reason = $3, refused_by = $4 WHERE id = $1",
         connection_id,
         state,
         reason,
+        refused_by,
     )
     await flusher.flush(upstream_settings, pool, sleep=factories.no_wait)
     assert await _connection_state(pool, connection_id) == (state, reason)

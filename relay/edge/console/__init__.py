@@ -1,4 +1,4 @@
-"""The operators' console under ``/console``: what needs someone today, and a click to act on it.
+"""The operators' console under ``/console``, showing what needs someone today and acting on it.
 
 Built on the setup pages' web layer (:mod:`relay.edge.pages`: templates, sessions, CSRF, headers,
 rate limits). :mod:`.auth` signs operators in with the admin token and guards every page and

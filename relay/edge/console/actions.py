@@ -1,5 +1,8 @@
-"""The console's actions (POST): each one checked (session, CSRF), run, audited, and shown on the
-page it changed. The work is the domain's, as the command line does it."""
+"""The console's actions (POST), each checked, run, audited and shown on the page it changed.
+
+Each is checked for a session and a CSRF token first; the work is the domain's, as the command
+line does it.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ logger = log.get(__name__)
 
 
 async def sign_in(request: Request) -> Response:
-    """Sign in with the admin token: a new session (never the one the browser had), a day idle."""
+    """Sign in with the admin token into a new session (never the one the browser had).
+
+    The session ends after a day idle.
+    """
     ctx = views.context(request)
     address = views.client_address(request)
     try:
@@ -83,7 +89,7 @@ async def sign_in(request: Request) -> Response:
 
 
 async def sign_out(request: Request) -> Response:
-    """Sign out: end the session here and now."""
+    """Sign out, ending the session here and now."""
     ctx = views.context(request)
     checked = await auth.posted(request, ctx)
     if isinstance(checked, Response):
@@ -189,7 +195,7 @@ async def document_action(
 async def flush_now(
     request: Request, ctx: views.Context, session: sessions.Session, fields: dict[str, str]
 ) -> auth.Plan | Response:
-    """Plan **Flush now**: ask a scheduler for a run (this process never runs one)."""
+    """Plan **Flush now**, which asks a scheduler for a run (this process never runs one)."""
     pool = ctx.pool
 
     async def run() -> str:
@@ -286,7 +292,7 @@ async def create_invitation(request: Request) -> Response:
 async def revoke_invitation(
     request: Request, ctx: views.Context, session: sessions.Session, fields: dict[str, str]
 ) -> auth.Plan | Response:
-    """Plan **Revoke**: the invitation's link stops working now."""
+    """Plan **Revoke**, after which the invitation's link stops working."""
     try:
         invitation_id = uuid.UUID(fields.get("id", ""))
     except ValueError:

@@ -1,5 +1,7 @@
-"""Operators in the console: sign-in with the admin token, their sessions, and the guards every page
-and every action goes through (a session, a CSRF token, an audit entry)."""
+"""Operators in the console, their sign-in with the admin token and their sessions.
+
+Every page and every action goes through the guards here (a session, a CSRF token, an audit entry).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ LOGIN: Final = "/console/login"
 
 
 def who(session: sessions.Session) -> str:
-    """Name an operator for the audit: the session, by a short fingerprint of its id's hash."""
+    """Name an operator for the audit by their session, as a short fingerprint of its id's hash."""
     return f"session {session.id_hash.hex()[:12]}"
 
 
@@ -50,7 +52,7 @@ PageHandler = Callable[[Request, views.Context, sessions.Session], Awaitable[Res
 
 
 def page(handler: PageHandler) -> views.Handler:
-    """Guard a console page: signed-in operators only (others go to the sign-in page)."""
+    """Guard a console page for signed-in operators (others go to the sign-in page)."""
 
     async def wrapped(request: Request) -> Response:
         ctx = views.context(request)
@@ -64,8 +66,10 @@ def page(handler: PageHandler) -> views.Handler:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
-    """What an action is about to do: its audit target, where to go after, and the change itself
-    (which says what it did, in words)."""
+    """An action about to be done, with its audit target, where to go after and the change itself.
+
+    The change says what it did, in words.
+    """
 
     action: str
     target_kind: str
@@ -82,8 +86,11 @@ ActionHandler = Callable[
 async def posted(
     request: Request, ctx: views.Context
 ) -> tuple[sessions.Session, dict[str, str]] | Response:
-    """Read the form of a POST by a signed-in operator with the page's CSRF token, or refuse it
-    (the sign-in page without a session, 403 without the token); nothing is changed either way."""
+    """Read the form of a POST by a signed-in operator with the page's CSRF token, or refuse it.
+
+    Without a session it goes to the sign-in page, without the token it is 403; nothing is changed
+    either way.
+    """
     try:
         fields = await forms.read(request)
     except forms.Invalid:

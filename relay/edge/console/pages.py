@@ -1,5 +1,8 @@
-"""The console's pages (GET): sign-in, Today (the connections), a connection and its documents,
-runs, dead letters, invitations and health. None reads more than one page of documents."""
+"""The console's pages (GET), none of which reads more than one page of documents.
+
+Sign-in, Today (the connections), a connection and its documents, runs, dead letters, invitations
+and health.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ async def notice_and_entries(
 
 
 async def login(request: Request) -> Response:
-    """Show ``/console/login``: the field **Admin token** and **Sign in** (signed in: Today)."""
+    """Show ``/console/login`` with the field **Admin token** and **Sign in** (or Today)."""
     ctx = views.context(request)
     if await auth.operator(request, ctx) is not None:
         return views.see("/console/")
@@ -81,7 +84,7 @@ async def login(request: Request) -> Response:
 
 
 async def _health(ctx: views.Context, request: Request) -> tuple[status.Report | None, str | None]:
-    """Look once at the roles and queues (no second look: a page must answer at once)."""
+    """Look once at the roles and queues (never twice, since a page must answer at once)."""
     try:
         report = await status.check(ctx.settings, ctx.pool, request.app.state.amqp, confirm=False)
     except errors.DatabaseUnavailable:
@@ -93,7 +96,7 @@ async def _health(ctx: views.Context, request: Request) -> tuple[status.Report |
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Item:
-    """A connection on the Today page: its row, its counts by state, what it needs."""
+    """A connection on the Today page, with its row, its counts by state and what it needs."""
 
     row: overview.ConnectionRow
     counts: dict[str, int]
@@ -101,7 +104,7 @@ class Item:
 
 
 async def today(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """Show ``/console/``: every connection, those needing someone first, with the next action."""
+    """Show ``/console/``, every connection with its next action, those needing someone first."""
     rows = await overview.connections(ctx.pool)
     counts = await overview.counts(ctx.pool)
     now = dt.datetime.now(dt.UTC)
@@ -149,7 +152,7 @@ def _filter(request: Request) -> overview.DocumentFilter:
 
 
 async def connection(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """Show a connection: state, warnings, actions, and one page of its documents (newest first)."""
+    """Show a connection's state, warnings, actions and one page of its documents (newest first)."""
     try:
         connection_id = uuid.UUID(request.path_params["connection_id"])
     except ValueError:
@@ -244,7 +247,7 @@ async def run_page(request: Request, ctx: views.Context, session: sessions.Sessi
 
 
 def letter_filter(values: Any) -> tuple[str | None, str | None]:
-    """Read the dead letters' filter: (reason, connection id), each None when not given."""
+    """Read the dead letters' filter as (reason, connection id), each None when not given."""
     return (values.get("reason") or None), (values.get("connection") or None)
 
 
@@ -260,7 +263,7 @@ def matching(
 
 
 async def dead_letters(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """Show the dead-letter queue: each message's reason, topic, connection and failures."""
+    """Show the dead-letter queue with each message's reason, topic, connection and failures."""
     letters = await dlq.list_messages(ctx.settings, request.app.state.amqp)
     reason, connection_id = letter_filter(request.query_params)
     names = {
@@ -345,7 +348,7 @@ async def invitations_get(
 
 
 async def health(request: Request, ctx: views.Context, session: sessions.Session) -> Response:
-    """Show health at a glance: the queues, each role's last heartbeat, the last scheduled run."""
+    """Show health at a glance (the queues, each role's last heartbeat, the last scheduled run)."""
     report, error = await _health(ctx, request)
     last = await runs.last_scheduled(ctx.pool)
     queues = None

@@ -53,7 +53,7 @@ URGENT, TODAY, LATER, FINE = 0, 1, 2, 3
 
 
 def when(value: dt.datetime | str | None, *, never: str = "never") -> str:
-    """Say a moment as the console shows it (minutes, UTC); an ISO text is read first."""
+    """Say a moment as the console shows it (minutes, UTC), reading an ISO text first."""
     moment = value
     if isinstance(value, str):
         try:
@@ -166,8 +166,10 @@ def _masked(value: Any) -> Any:
 
 
 def masked_body(body: bytes) -> str:
-    """Render a dead-lettered message for an operator's eyes: secrets, tokens and the query strings of URLs
-    (presigned links) masked; pretty-printed when it is JSON."""
+    """Render a dead-lettered message for an operator's eyes, pretty-printed when it is JSON.
+
+    Secrets, tokens and the query strings of URLs (presigned links) are masked.
+    """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:

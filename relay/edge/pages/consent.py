@@ -25,7 +25,7 @@ def _consent_refused(ctx: views.Context, title: str, message: str, action: str) 
 
 
 async def callback(request: Request) -> Response:
-    """Receive Qonto's answer to the consent; a refusal stores nothing."""
+    """Receive Qonto's answer to the consent, storing nothing on a refusal."""
     ctx = views.context(request)
     params = request.query_params
     state = params.get("state", "")

@@ -166,7 +166,7 @@ def _short(exc: BaseException) -> str:
 
 
 async def ready(request: Request) -> Response:
-    """**Your integration is ready**, with the guide's note on the folder in Loop."""
+    """Show **Your integration is ready**, with the guide's note on the folder in Loop."""
     ctx = views.context(request)
     session = await sessions.current(ctx.pool, request)
     if session is None or "ready" not in session.data:

@@ -48,7 +48,7 @@ async def blocked(
 
 
 async def hit(pool: asyncpg.Pool, limit: Limit, key: str, *, now: dt.datetime | None = None) -> int:
-    """Count one event for ``key``; its count in the current window."""
+    """Count one event for ``key`` and return its count in the current window."""
     moment = now or dt.datetime.now(dt.UTC)
     start = limit.window_start(moment)
     async with db.transaction(pool, "count rate limit") as conn:

@@ -15,7 +15,7 @@ from relay.edge.pages import consent, create, security, setup, templates, views
 
 
 def setup_routes() -> list[BaseRoute]:
-    """List the setup pages' routes (under ``/setup``; fixed paths before the link's token)."""
+    """List the setup pages' routes (under ``/setup``, fixed paths before the link's token)."""
     guarded = views.guarded
     return [
         Route("/oauth/callback", guarded(consent.callback), methods=["GET"]),
