@@ -143,7 +143,8 @@ def _filter(request: Request) -> overview.DocumentFilter:
     params = request.query_params
     state = params.get("state") or None
     source = params.get("source") or None
-    search = (params.get("q") or "").strip()[:SEARCH_MAX] or None
+    # PostgreSQL text holds no NUL: one in a search would be refused by the database, not found.
+    search = (params.get("q") or "").replace("\x00", "").strip()[:SEARCH_MAX] or None
     return overview.DocumentFilter(
         state=state if state in set(models.DocumentState) else None,
         source=source if source in set(models.Source) else None,

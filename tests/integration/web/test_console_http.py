@@ -238,3 +238,46 @@ async def test_the_runs_page_says_when_no_scheduler_would_run_a_flush_asked_for(
         while "No scheduler is running" in (await client.get("/console/runs")).text:
             assert asyncio.get_running_loop().time() < deadline, "the scheduler is not seen"
             await asyncio.sleep(0.1)
+
+
+async def test_hostile_page_inputs_answer_a_clean_page_or_404_never_500(
+    client: httpx.AsyncClient,
+    web_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection: uuid.UUID,
+) -> None:
+    """Huge numbers, garbage cursors, NUL bytes and SQL-ish strings in a page's query, path or form:
+    a page (200), 400 or 404, never a server error, and nothing changed."""
+    csrf = await sign_in(client, web_settings)
+    here = f"/console/connections/{connection}"
+    gets = [
+        f"{here}?before=99999999999999999999999",
+        f"{here}?before=-1&state=x'%20OR%201=1--&source=%00",
+        f"{here}?q=%00",
+        f"{here}?q=%27%3B%20DROP%20TABLE%20documents%3B--",
+        f"{here}?q=%25_%5C&notice=1e9",
+        f"{here}?q=%ED%A0%80",
+        "/console/connections/not-a-uuid",
+        "/console/runs?before=%00",
+        "/console/runs/99999999999999999999",
+        "/console/runs/-1",
+        "/console/dead-letters?reason=%00&connection=%27--",
+        "/console/dead-letters/%00",
+        "/console/dead-letters/..%2F..",
+        "/console/?notice=%00",
+    ]
+    answered = {path: (await client.get(path)).status_code for path in gets}
+    assert {p: s for p, s in answered.items() if s not in (200, 400, 404)} == {}
+    posts = [
+        ("/console/invitations", {"client_name": "Acme\x00"}),
+        ("/console/invitations/revoke", {"id": "\x00"}),
+        ("/console/documents/99999999999999999999/retry", {}),
+        ("/console/dead-letters/replay", {"id": "\x00"}),
+    ]
+    posted = {
+        path: (await client.post(path, data={"csrf_token": csrf, **form}, headers=FORM)).status_code
+        for path, form in posts
+    }
+    assert {p: s for p, s in posted.items() if s not in (303, 400, 403, 404)} == {}
+    assert await pool.fetchval("SELECT count(*) FROM invitations") == 0
+    assert await pool.fetchval("SELECT count(*) FROM documents") == 0
