@@ -184,3 +184,31 @@ async def test_a_request_for_a_disconnected_connection_fails_with_the_reason(
     assert models.ConnectionState.DISCONNECTED in done.error
     assert await pool.fetchval("SELECT finished_at FROM runs WHERE id = $1", done.run_id)
     assert await scheduler.run_requested(upstream_settings, pool) is False
+
+
+async def test_a_request_for_a_connection_deleted_meanwhile_fails_with_the_reason(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
+) -> None:
+    """A connection deleted while its request waits: the request stays, and the scheduler fails it
+    saying the connection is gone (never lost, never widened to every connection)."""
+    asked = await flush_requests.insert(
+        pool, connection_id=connection_id, since=None, requested_by="console"
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "DELETE FROM uploads WHERE document_id IN "
+            "(SELECT id FROM documents WHERE connection_id = $1)",
+            connection_id,
+        )
+        await conn.execute("DELETE FROM documents WHERE connection_id = $1", connection_id)
+        await conn.execute("DELETE FROM events WHERE connection_id = $1", connection_id)
+        await conn.execute("DELETE FROM resources WHERE connection_id = $1", connection_id)
+        await conn.execute("DELETE FROM connections WHERE id = $1", connection_id)
+    assert await scheduler.run_requested(upstream_settings, pool) is True
+    done = await flush_requests.get(pool, asked.id)
+    assert done is not None
+    assert done.state == "failed"
+    assert done.connection_id == connection_id
+    assert done.error is not None
+    assert str(connection_id) in done.error
+    assert await scheduler.run_requested(upstream_settings, pool) is False
