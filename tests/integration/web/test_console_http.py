@@ -121,7 +121,8 @@ async def test_no_csrf_token_no_session_or_an_expired_one_changes_nothing(
     connection: uuid.UUID,
 ) -> None:
     """Disconnect without the token (403), with another session's token (403), without a session
-    and with an expired one (back to the sign-in): the connection stays active, nothing audited."""
+    and with an expired one (back to the sign-in): the connection stays active; the two refused
+    tokens are audited as refused, nothing else."""
     csrf = await sign_in(client, web_settings)
     path = f"/console/connections/{connection}/disconnect"
     assert (await client.post(path, data={}, headers=FORM)).status_code == 403
@@ -135,7 +136,9 @@ async def test_no_csrf_token_no_session_or_an_expired_one_changes_nothing(
     assert expired.status_code == 303
     assert expired.headers["location"] == "/console/login"
     assert await pool.fetchval("SELECT state FROM connections") == "active"
-    assert await pool.fetchval("SELECT count(*) FROM audit_log WHERE action <> 'sign_in'") == 0
+    refused = await pool.fetch("SELECT * FROM audit_log WHERE action <> 'sign_in' ORDER BY id")
+    assert [(r["action"], r["outcome"]) for r in refused] == [("csrf_refused", "refused")] * 2
+    assert all(r["who"].startswith("session ") and path in r["detail"] for r in refused)
 
 
 async def test_a_change_is_audited_and_shown_on_the_page_it_changed(
