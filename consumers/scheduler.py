@@ -129,8 +129,9 @@ async def run_requested(
 ) -> bool:
     """Run the oldest flush asked for under the scheduler's lock (True when this call ran one).
 
-    A request that cannot run (its connection gone, disconnected or revoked) is failed with the
-    reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers."""
+    A request that cannot run (its connection gone, disconnected or revoked, an upstream down) is
+    failed with the reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers.
+    """
     async with db.connection(pool, "scheduler") as conn:
         if not await store.server.try_scheduler_lock(conn, *LOCK):
             return False  # a run is going on: the request waits for it to end
@@ -165,10 +166,20 @@ async def _run_request(
             run_kind="manual",
             run_id=run_id,
         )
+    except errors.DatabaseUnavailable:
+        raise  # nothing can be recorded: the request stays open and is run once PostgreSQL answers
     except REQUEST_REFUSED as exc:
         logger.warning("requested_run_refused", run=run_id, reason=str(exc))
         await store.runs.finish(pool, run_id, {"kind": "manual", "error": str(exc)})
         await store.flush_requests.finish(pool, run_id, error=str(exc))
+        return
+    except errors.RelayError as exc:
+        # An upstream down for the whole run: failed with the reason (asking again is one click),
+        # rather than left open and run again at every poll, each time with one more run row.
+        reason = f"{exc} (nothing more was sent: ask again once it answers)"
+        logger.warning("requested_run_failed", run=run_id, reason=reason)
+        await store.runs.finish(pool, run_id, {"kind": "manual", "error": reason})
+        await store.flush_requests.finish(pool, run_id, error=reason)
         return
     await store.flush_requests.finish(pool, run_id, error=None)
     logger.info("requested_run_finished", run=run_id, **result.totals())

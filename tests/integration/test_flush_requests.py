@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from consumers import scheduler
-from relay import config, models
+from relay import config, errors, models
 from relay.domain import connections, report
 from relay.sandbox import qonto as qonto_sandbox
 from relay.store import flush_requests
@@ -212,3 +212,28 @@ async def test_a_request_for_a_connection_deleted_meanwhile_fails_with_the_reaso
     assert done.error is not None
     assert str(connection_id) in done.error
     assert await scheduler.run_requested(upstream_settings, pool) is False
+
+
+async def test_a_requested_run_that_finds_an_upstream_down_fails_once_with_the_reason(
+    settings: config.Settings, pool: asyncpg.Pool
+) -> None:
+    """Qonto unavailable for the whole requested run: the request fails saying so and its run row is
+    finished, instead of staying open to be run again at every poll with one more unfinished run."""
+    calls: list[int | None] = []
+
+    async def unavailable(*args: object, run_id: int | None, **kwargs: object) -> report.RunReport:
+        calls.append(run_id)
+        raise errors.QontoUnavailable("Qonto answered 503 three times")
+
+    asked = await flush_requests.insert(
+        pool, connection_id=None, since=None, requested_by="admin API"
+    )
+    assert await scheduler.run_requested(settings, pool, flush=unavailable) is True
+    assert await scheduler.run_requested(settings, pool, flush=unavailable) is False
+    assert len(calls) == 1
+    done = await flush_requests.get(pool, asked.id)
+    assert done is not None
+    assert done.state == "failed"
+    assert done.error is not None
+    assert "Qonto answered 503" in done.error
+    assert await pool.fetchval("SELECT finished_at FROM runs WHERE id = $1", calls[0])
