@@ -140,6 +140,7 @@ async def run_requested(
             if request is None:
                 return False
             run_id = await store.runs.insert_manual(conn)
+            await _close_dead_run(conn, request, run_id)
             served = await store.flush_requests.start(conn, request.id, run_id)
             logger.info("requested_run_started", run=run_id, requests=served)
             await _run_request(settings, pool, request, run_id, flush)
@@ -147,6 +148,19 @@ async def run_requested(
         finally:
             with contextlib.suppress(errors.DatabaseUnavailable):
                 await store.server.scheduler_unlock(conn, *LOCK)
+
+
+async def _close_dead_run(
+    conn: db.Conn, request: store.flush_requests.FlushRequest, run_id: int
+) -> None:
+    """Finish the run of a request whose scheduler died during it (we hold the lock it held)."""
+    if request.run_id is None:
+        return
+    dead = await store.runs.get(conn, request.run_id)
+    if dead is not None and dead.finished_at is None:
+        reason = f"the scheduler running it stopped before the end; run again as run {run_id}"
+        logger.warning("requested_run_abandoned", run=dead.id, rerun=run_id)
+        await store.runs.finish(conn, dead.id, {"kind": "manual", "error": reason})
 
 
 async def _run_request(

@@ -17,7 +17,7 @@ from consumers import scheduler
 from relay import config, errors, models
 from relay.domain import connections, report
 from relay.sandbox import qonto as qonto_sandbox
-from relay.store import flush_requests
+from relay.store import flush_requests, runs
 from tests.integration import factories, processes
 from tests.integration.web import conftest as web
 
@@ -237,3 +237,27 @@ async def test_a_requested_run_that_finds_an_upstream_down_fails_once_with_the_r
     assert done.error is not None
     assert "Qonto answered 503" in done.error
     assert await pool.fetchval("SELECT finished_at FROM runs WHERE id = $1", calls[0])
+
+
+async def test_a_request_whose_scheduler_died_is_run_again_and_its_first_run_closed(
+    settings: config.Settings, pool: asyncpg.Pool
+) -> None:
+    """A scheduler killed during a requested run (request started, run row open, lock gone): the
+    next scheduler runs it again as a new run, and the dead run is finished saying so, not left
+    running forever on the Runs page."""
+    asked = await flush_requests.insert(
+        pool, connection_id=None, since=None, requested_by="console"
+    )
+    dead_run = await runs.insert_manual(pool)
+    assert await flush_requests.start(pool, asked.id, dead_run) == [asked.id]
+    flush = Blocking()
+    flush.release.set()
+    assert await scheduler.run_requested(settings, pool, flush=flush) is True
+    done = await flush_requests.get(pool, asked.id)
+    assert done is not None
+    assert done.state == "finished"
+    assert done.run_id == flush.run_ids[0] != dead_run
+    dead = await runs.get(pool, dead_run)
+    assert dead is not None
+    assert dead.finished_at is not None
+    assert "stopped" in str(dead.report)
