@@ -59,6 +59,8 @@ async def test_a_flush_asked_over_http_is_run_by_the_scheduler_and_its_report_sh
         follow = asked.json()["url"]
         assert asked.headers["location"] == follow
         assert asked.json()["state"] == "waiting"
+        for garbage in ("%C2%B2", "99999999999999999999", "-1", "1%20OR%201=1"):
+            assert (await client.get(f"{url}/admin/flush/{garbage}")).status_code == 404, garbage
         assert await pool.fetchval("SELECT count(*) FROM runs WHERE kind = 'manual'") == 0
         assert await pool.fetchval("SELECT state FROM documents") == "pending"
 

@@ -53,7 +53,9 @@ def _query(values: dict[str, Any]) -> str:
 
 
 def _number(raw: str | None) -> int | None:
-    if raw is None or not raw.isdigit() or len(raw) > 18:
+    """Read a positive id from a page's input, or None (ASCII digits only: "²" is a digit to
+    ``str.isdigit`` but not to ``int``)."""
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         return None
     return int(raw)
 

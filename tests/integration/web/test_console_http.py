@@ -268,6 +268,9 @@ async def test_hostile_page_inputs_answer_a_clean_page_or_404_never_500(
         "/console/dead-letters/%00",
         "/console/dead-letters/..%2F..",
         "/console/?notice=%00",
+        "/console/runs/%C2%B2",
+        "/console/runs?before=%C2%B2",
+        f"{here}?before=%C2%B2&notice=%C2%B2",
     ]
     answered = {path: (await client.get(path)).status_code for path in gets}
     assert {p: s for p, s in answered.items() if s not in (200, 400, 404)} == {}
@@ -276,6 +279,7 @@ async def test_hostile_page_inputs_answer_a_clean_page_or_404_never_500(
         ("/console/invitations/revoke", {"id": "\x00"}),
         ("/console/documents/99999999999999999999/retry", {}),
         ("/console/dead-letters/replay", {"id": "\x00"}),
+        ("/console/documents/%C2%B2/retry", {}),
     ]
     posted = {
         path: (await client.post(path, data={"csrf_token": csrf, **form}, headers=FORM)).status_code
