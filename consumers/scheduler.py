@@ -129,8 +129,9 @@ async def run_requested(
 ) -> bool:
     """Run the oldest flush asked for under the scheduler's lock (True when this call ran one).
 
-    A request that cannot run (its connection gone, disconnected or revoked) is failed with the
-    reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers."""
+    A request that cannot run (its connection gone, disconnected or revoked, an upstream down) is
+    failed with the reason; PostgreSQL lost leaves it open, to be run again once PostgreSQL answers.
+    """
     async with db.connection(pool, "scheduler") as conn:
         if not await store.server.try_scheduler_lock(conn, *LOCK):
             return False  # a run is going on: the request waits for it to end
@@ -139,6 +140,7 @@ async def run_requested(
             if request is None:
                 return False
             run_id = await store.runs.insert_manual(conn)
+            await _close_dead_run(conn, request, run_id)
             served = await store.flush_requests.start(conn, request.id, run_id)
             logger.info("requested_run_started", run=run_id, requests=served)
             await _run_request(settings, pool, request, run_id, flush)
@@ -146,6 +148,19 @@ async def run_requested(
         finally:
             with contextlib.suppress(errors.DatabaseUnavailable):
                 await store.server.scheduler_unlock(conn, *LOCK)
+
+
+async def _close_dead_run(
+    conn: db.Conn, request: store.flush_requests.FlushRequest, run_id: int
+) -> None:
+    """Finish the run of a request whose scheduler died during it (we hold the lock it held)."""
+    if request.run_id is None:
+        return
+    dead = await store.runs.get(conn, request.run_id)
+    if dead is not None and dead.finished_at is None:
+        reason = f"the scheduler running it stopped before the end; run again as run {run_id}"
+        logger.warning("requested_run_abandoned", run=dead.id, rerun=run_id)
+        await store.runs.finish(conn, dead.id, {"kind": "manual", "error": reason})
 
 
 async def _run_request(
@@ -165,10 +180,20 @@ async def _run_request(
             run_kind="manual",
             run_id=run_id,
         )
+    except errors.DatabaseUnavailable:
+        raise  # nothing can be recorded: the request stays open and is run once PostgreSQL answers
     except REQUEST_REFUSED as exc:
         logger.warning("requested_run_refused", run=run_id, reason=str(exc))
         await store.runs.finish(pool, run_id, {"kind": "manual", "error": str(exc)})
         await store.flush_requests.finish(pool, run_id, error=str(exc))
+        return
+    except errors.RelayError as exc:
+        # An upstream down for the whole run: failed with the reason (asking again is one click),
+        # rather than left open and run again at every poll, each time with one more run row.
+        reason = f"{exc} (nothing more was sent: ask again once it answers)"
+        logger.warning("requested_run_failed", run=run_id, reason=reason)
+        await store.runs.finish(pool, run_id, {"kind": "manual", "error": reason})
+        await store.flush_requests.finish(pool, run_id, error=reason)
         return
     await store.flush_requests.finish(pool, run_id, error=None)
     logger.info("requested_run_finished", run=run_id, **result.totals())

@@ -264,7 +264,7 @@ async def retry_document(request: Request) -> Any:
     from relay.domain import resolve
 
     raw_id = request.path_params["document_id"]
-    if not raw_id.isdigit() or len(raw_id) > 18:
+    if not raw_id.isascii() or not raw_id.isdigit() or len(raw_id) > 18:
         raise errors.NotFound("no such document")
     return (await resolve.retry(request.app.state.pool, int(raw_id))).to_json()
 
@@ -359,7 +359,7 @@ def flush_request_url(settings: config.Settings, request_id: int) -> str:
 async def show_flush_request(request: Request) -> Any:
     """Show a flush request's state (waiting, running, finished or failed) and its run's report."""
     raw_id = request.path_params["request_id"]
-    if not raw_id.isdigit() or len(raw_id) > 18:
+    if not raw_id.isascii() or not raw_id.isdigit() or len(raw_id) > 18:
         raise errors.NotFound("no such flush request")
     pool = request.app.state.pool
     asked = await flush_requests.get(pool, int(raw_id))

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from consumers import scheduler
-from relay import config, models
+from relay import config, errors, models
 from relay.domain import connections, report
 from relay.sandbox import qonto as qonto_sandbox
-from relay.store import flush_requests
+from relay.store import flush_requests, runs
 from tests.integration import factories, processes
 from tests.integration.web import conftest as web
 
@@ -59,6 +59,8 @@ async def test_a_flush_asked_over_http_is_run_by_the_scheduler_and_its_report_sh
         follow = asked.json()["url"]
         assert asked.headers["location"] == follow
         assert asked.json()["state"] == "waiting"
+        for garbage in ("%C2%B2", "99999999999999999999", "-1", "1%20OR%201=1"):
+            assert (await client.get(f"{url}/admin/flush/{garbage}")).status_code == 404, garbage
         assert await pool.fetchval("SELECT count(*) FROM runs WHERE kind = 'manual'") == 0
         assert await pool.fetchval("SELECT state FROM documents") == "pending"
 
@@ -184,3 +186,80 @@ async def test_a_request_for_a_disconnected_connection_fails_with_the_reason(
     assert models.ConnectionState.DISCONNECTED in done.error
     assert await pool.fetchval("SELECT finished_at FROM runs WHERE id = $1", done.run_id)
     assert await scheduler.run_requested(upstream_settings, pool) is False
+
+
+async def test_a_request_for_a_connection_deleted_meanwhile_fails_with_the_reason(
+    upstream_settings: config.Settings, pool: asyncpg.Pool, connection_id: uuid.UUID
+) -> None:
+    """A connection deleted while its request waits: the request stays, and the scheduler fails it
+    saying the connection is gone (never lost, never widened to every connection)."""
+    asked = await flush_requests.insert(
+        pool, connection_id=connection_id, since=None, requested_by="console"
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "DELETE FROM uploads WHERE document_id IN "
+            "(SELECT id FROM documents WHERE connection_id = $1)",
+            connection_id,
+        )
+        await conn.execute("DELETE FROM documents WHERE connection_id = $1", connection_id)
+        await conn.execute("DELETE FROM events WHERE connection_id = $1", connection_id)
+        await conn.execute("DELETE FROM resources WHERE connection_id = $1", connection_id)
+        await conn.execute("DELETE FROM connections WHERE id = $1", connection_id)
+    assert await scheduler.run_requested(upstream_settings, pool) is True
+    done = await flush_requests.get(pool, asked.id)
+    assert done is not None
+    assert done.state == "failed"
+    assert done.connection_id == connection_id
+    assert done.error is not None
+    assert str(connection_id) in done.error
+    assert await scheduler.run_requested(upstream_settings, pool) is False
+
+
+async def test_a_requested_run_that_finds_an_upstream_down_fails_once_with_the_reason(
+    settings: config.Settings, pool: asyncpg.Pool
+) -> None:
+    """Qonto unavailable for the whole requested run: the request fails saying so and its run row is
+    finished, instead of staying open to be run again at every poll with one more unfinished run."""
+    calls: list[int | None] = []
+
+    async def unavailable(*args: object, run_id: int | None, **kwargs: object) -> report.RunReport:
+        calls.append(run_id)
+        raise errors.QontoUnavailable("Qonto answered 503 three times")
+
+    asked = await flush_requests.insert(
+        pool, connection_id=None, since=None, requested_by="admin API"
+    )
+    assert await scheduler.run_requested(settings, pool, flush=unavailable) is True
+    assert await scheduler.run_requested(settings, pool, flush=unavailable) is False
+    assert len(calls) == 1
+    done = await flush_requests.get(pool, asked.id)
+    assert done is not None
+    assert done.state == "failed"
+    assert done.error is not None
+    assert "Qonto answered 503" in done.error
+    assert await pool.fetchval("SELECT finished_at FROM runs WHERE id = $1", calls[0])
+
+
+async def test_a_request_whose_scheduler_died_is_run_again_and_its_first_run_closed(
+    settings: config.Settings, pool: asyncpg.Pool
+) -> None:
+    """A scheduler killed during a requested run (request started, run row open, lock gone): the
+    next scheduler runs it again as a new run, and the dead run is finished saying so, not left
+    running forever on the Runs page."""
+    asked = await flush_requests.insert(
+        pool, connection_id=None, since=None, requested_by="console"
+    )
+    dead_run = await runs.insert_manual(pool)
+    assert await flush_requests.start(pool, asked.id, dead_run) == [asked.id]
+    flush = Blocking()
+    flush.release.set()
+    assert await scheduler.run_requested(settings, pool, flush=flush) is True
+    done = await flush_requests.get(pool, asked.id)
+    assert done is not None
+    assert done.state == "finished"
+    assert done.run_id == flush.run_ids[0] != dead_run
+    dead = await runs.get(pool, dead_run)
+    assert dead is not None
+    assert dead.finished_at is not None
+    assert "stopped" in str(dead.report)

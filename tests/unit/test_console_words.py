@@ -66,6 +66,23 @@ def _row(state: str, reason: str | None = None) -> overview.ConnectionRow:
     return overview.ConnectionRow(connection, now, None, None)
 
 
+def test_credentials_inside_text_are_masked_in_json_and_plain_bodies() -> None:
+    """A bearer token, an Authorization header or a ``password=`` written inside a text (an error
+    copied into the payload, a header dump) is masked, in JSON strings and in plain bodies."""
+    body = orjson.dumps(
+        {
+            "error": "Qonto said 401 to Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.abc.def",
+            "note": "retried with password=hunter2 and client_secret: s3cr3t-value",
+            "headers": ["authorization: Basic dXNlcjpwYXNz"],
+        }
+    )
+    plain = b"POST /v1 Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.abc.def api_key=k-123"
+    for shown in (words.masked_body(body), words.masked_body(plain)):
+        for secret in ("eyJhbGciOiJIUzI1NiJ9", "hunter2", "s3cr3t-value", "dXNlcjpwYXNz", "k-123"):
+            assert secret not in shown, (secret, shown)
+    assert "Qonto said 401" in words.masked_body(body)
+
+
 def test_what_a_connection_needs_first() -> None:
     """Access refused, then in doubt, then failed, then the folder advice; otherwise nothing."""
     flagged = words.attention(_row("needs_attention", "Cegid: refused"), {"in_doubt": 1}, None)

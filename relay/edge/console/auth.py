@@ -88,8 +88,8 @@ async def posted(
 ) -> tuple[sessions.Session, dict[str, str]] | Response:
     """Read the form of a POST by a signed-in operator with the page's CSRF token, or refuse it.
 
-    Without a session it goes to the sign-in page, without the token it is 403; nothing is changed
-    either way.
+    Without a session it goes to the sign-in page, without the token it is 403 (audited as refused),
+    with a NUL in a field it is 400; nothing is changed in any case.
     """
     try:
         fields = await forms.read(request)
@@ -101,7 +101,21 @@ async def posted(
         return to_login()
     if not session.csrf_ok(fields.get(forms.CSRF_FIELD)):
         logger.warning("console_csrf_refused", path=request.url.path)
+        await audit.record(
+            ctx.pool,
+            who=who(session),
+            action="csrf_refused",
+            target_kind="session",
+            target=None,
+            outcome="refused",
+            detail=f"POST {request.url.path[:200]} without this session's CSRF token",
+        )
         return views.csrf_refused(ctx)
+    if any("\x00" in value for value in fields.values()):
+        # PostgreSQL text holds no NUL: refused here, before anything is changed or recorded.
+        return views.problem(
+            ctx, 400, "Unreadable form", "A field holds a NUL character.", session=session
+        )
     return session, fields
 
 

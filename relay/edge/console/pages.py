@@ -53,7 +53,9 @@ def _query(values: dict[str, Any]) -> str:
 
 
 def _number(raw: str | None) -> int | None:
-    if raw is None or not raw.isdigit() or len(raw) > 18:
+    """Read a positive id from a page's input, or None (ASCII digits only: "²" is a digit to
+    ``str.isdigit`` but not to ``int``)."""
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         return None
     return int(raw)
 
@@ -143,7 +145,8 @@ def _filter(request: Request) -> overview.DocumentFilter:
     params = request.query_params
     state = params.get("state") or None
     source = params.get("source") or None
-    search = (params.get("q") or "").strip()[:SEARCH_MAX] or None
+    # PostgreSQL text holds no NUL: one in a search would be refused by the database, not found.
+    search = (params.get("q") or "").replace("\x00", "").strip()[:SEARCH_MAX] or None
     return overview.DocumentFilter(
         state=state if state in set(models.DocumentState) else None,
         source=source if source in set(models.Source) else None,

@@ -146,10 +146,22 @@ _SECRET_KEY: Final = re.compile(
 )
 _URL_QUERY: Final = re.compile(r"(https?://[^\s\"'?]+)\?[^\s\"']*")
 _ASSIGNMENT: Final = re.compile(
-    r"((?:secret|token|password|api[_-]?key|signature)[\"']?\s*[:=]\s*[\"']?)[^\s\"',&}]+",
+    r"((?:secret|token|password|passwd|api[_-]?key|signature)[\"']?\s*[:=]\s*[\"']?)"
+    r"[^\s\"',&}]+",
+    re.IGNORECASE,
+)
+# An HTTP credential written out: "Authorization: Bearer x", "Basic x".
+_CREDENTIAL: Final = re.compile(
+    r"((?:authorization[\"']?\s*[:=]\s*[\"']?)?(?:bearer|basic)\s+)[^\s\"',&}]+",
     re.IGNORECASE,
 )
 MASK: Final = "•••• (masked)"
+
+
+def _masked_text(text: str) -> str:
+    """Mask the credentials, ``secret=``-like assignments and URL queries written in a text."""
+    text = _URL_QUERY.sub(r"\1?" + MASK, text)
+    return _ASSIGNMENT.sub(r"\1" + MASK, _CREDENTIAL.sub(r"\1" + MASK, text))
 
 
 def _masked(value: Any) -> Any:
@@ -161,18 +173,18 @@ def _masked(value: Any) -> Any:
     if isinstance(value, list):
         return [_masked(item) for item in value]
     if isinstance(value, str):
-        return _URL_QUERY.sub(r"\1?" + MASK, value)
+        return _masked_text(value)
     return value
 
 
 def masked_body(body: bytes) -> str:
     """Render a dead-lettered message for an operator's eyes, pretty-printed when it is JSON.
 
-    Secrets, tokens and the query strings of URLs (presigned links) are masked.
+    Secrets, tokens, credentials written in texts and the query strings of URLs (presigned links)
+    are masked.
     """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace")
-        return _URL_QUERY.sub(r"\1?" + MASK, _ASSIGNMENT.sub(r"\1" + MASK, text))
+        return _masked_text(body.decode("utf-8", "replace"))
     return orjson.dumps(_masked(value), option=orjson.OPT_INDENT_2).decode()

@@ -276,7 +276,8 @@ async def test_without_the_csrf_token_a_session_or_a_live_one_nothing_changes(
     connection_id: uuid.UUID,
 ) -> None:
     """From the signed-in browser, a POST without the token: 403; from a browser without a session:
-    the sign-in page; once the session expired: the sign-in page. The connection stays active."""
+    the sign-in page; once the session expired: the sign-in page. The connection stays active; only
+    the refused token is audited."""
     target = f"{relay_url}/console/connections/{connection_id}/disconnect"
 
     def forge(page: Any) -> tuple[dict[str, Any], str]:
@@ -306,4 +307,48 @@ async def test_without_the_csrf_token_a_session_or_a_live_one_nothing_changes(
 
     await browser.run(expired, storage_state=state)
     assert await pool.fetchval("SELECT state FROM connections") == "active"
-    assert await pool.fetchval("SELECT count(*) FROM audit_log WHERE action <> 'sign_in'") == 0
+    audited = await pool.fetch("SELECT action, outcome FROM audit_log WHERE action <> 'sign_in'")
+    assert [(r["action"], r["outcome"]) for r in audited] == [("csrf_refused", "refused")]
+
+
+async def test_every_console_page_fits_a_phone_and_is_used_with_the_keyboard(
+    browser: web.Browser,
+    relay_url: str,
+    web_settings: config.Settings,
+    nova: uuid.UUID,
+) -> None:
+    """At a phone's width (390 px) no console page scrolls sideways; the sign-in is done with the
+    keyboard alone (Tab to the field, type, Enter)."""
+    pages = {
+        "today": "/console/",
+        "connection": f"/console/connections/{nova}",
+        "runs": "/console/runs",
+        "dead-letters": "/console/dead-letters",
+        "invitations": "/console/invitations",
+        "health": "/console/health",
+    }
+
+    def phone(page: Any) -> dict[str, int]:
+        assert web_settings.admin_token is not None
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.goto(f"{relay_url}/console/login")
+        for _ in range(10):
+            page.keyboard.press("Tab")
+            if (
+                page.evaluate("document.activeElement && document.activeElement.id")
+                == "admin_token"
+            ):
+                break
+        page.keyboard.type(web_settings.admin_token.reveal())
+        page.keyboard.press("Enter")
+        page.wait_for_url(f"{relay_url}/console/")
+        wide = {}
+        for name, path in pages.items():
+            page.goto(f"{relay_url}{path}")
+            width = int(page.evaluate("document.documentElement.scrollWidth"))
+            if width > 390:
+                wide[path] = width
+            web.shoot(page, f"console-phone-{name}")
+        return wide
+
+    assert await browser.run(phone) == {}

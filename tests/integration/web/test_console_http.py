@@ -121,7 +121,8 @@ async def test_no_csrf_token_no_session_or_an_expired_one_changes_nothing(
     connection: uuid.UUID,
 ) -> None:
     """Disconnect without the token (403), with another session's token (403), without a session
-    and with an expired one (back to the sign-in): the connection stays active, nothing audited."""
+    and with an expired one (back to the sign-in): the connection stays active; the two refused
+    tokens are audited as refused, nothing else."""
     csrf = await sign_in(client, web_settings)
     path = f"/console/connections/{connection}/disconnect"
     assert (await client.post(path, data={}, headers=FORM)).status_code == 403
@@ -135,7 +136,9 @@ async def test_no_csrf_token_no_session_or_an_expired_one_changes_nothing(
     assert expired.status_code == 303
     assert expired.headers["location"] == "/console/login"
     assert await pool.fetchval("SELECT state FROM connections") == "active"
-    assert await pool.fetchval("SELECT count(*) FROM audit_log WHERE action <> 'sign_in'") == 0
+    refused = await pool.fetch("SELECT * FROM audit_log WHERE action <> 'sign_in' ORDER BY id")
+    assert [(r["action"], r["outcome"]) for r in refused] == [("csrf_refused", "refused")] * 2
+    assert all(r["who"].startswith("session ") and path in r["detail"] for r in refused)
 
 
 async def test_a_change_is_audited_and_shown_on_the_page_it_changed(
@@ -238,3 +241,50 @@ async def test_the_runs_page_says_when_no_scheduler_would_run_a_flush_asked_for(
         while "No scheduler is running" in (await client.get("/console/runs")).text:
             assert asyncio.get_running_loop().time() < deadline, "the scheduler is not seen"
             await asyncio.sleep(0.1)
+
+
+async def test_hostile_page_inputs_answer_a_clean_page_or_404_never_500(
+    client: httpx.AsyncClient,
+    web_settings: config.Settings,
+    pool: asyncpg.Pool,
+    connection: uuid.UUID,
+) -> None:
+    """Huge numbers, garbage cursors, NUL bytes and SQL-ish strings in a page's query, path or form:
+    a page (200), 400 or 404, never a server error, and nothing changed."""
+    csrf = await sign_in(client, web_settings)
+    here = f"/console/connections/{connection}"
+    gets = [
+        f"{here}?before=99999999999999999999999",
+        f"{here}?before=-1&state=x'%20OR%201=1--&source=%00",
+        f"{here}?q=%00",
+        f"{here}?q=%27%3B%20DROP%20TABLE%20documents%3B--",
+        f"{here}?q=%25_%5C&notice=1e9",
+        f"{here}?q=%ED%A0%80",
+        "/console/connections/not-a-uuid",
+        "/console/runs?before=%00",
+        "/console/runs/99999999999999999999",
+        "/console/runs/-1",
+        "/console/dead-letters?reason=%00&connection=%27--",
+        "/console/dead-letters/%00",
+        "/console/dead-letters/..%2F..",
+        "/console/?notice=%00",
+        "/console/runs/%C2%B2",
+        "/console/runs?before=%C2%B2",
+        f"{here}?before=%C2%B2&notice=%C2%B2",
+    ]
+    answered = {path: (await client.get(path)).status_code for path in gets}
+    assert {p: s for p, s in answered.items() if s not in (200, 400, 404)} == {}
+    posts = [
+        ("/console/invitations", {"client_name": "Acme\x00"}),
+        ("/console/invitations/revoke", {"id": "\x00"}),
+        ("/console/documents/99999999999999999999/retry", {}),
+        ("/console/dead-letters/replay", {"id": "\x00"}),
+        ("/console/documents/%C2%B2/retry", {}),
+    ]
+    posted = {
+        path: (await client.post(path, data={"csrf_token": csrf, **form}, headers=FORM)).status_code
+        for path, form in posts
+    }
+    assert {p: s for p, s in posted.items() if s not in (303, 400, 403, 404)} == {}
+    assert await pool.fetchval("SELECT count(*) FROM invitations") == 0
+    assert await pool.fetchval("SELECT count(*) FROM documents") == 0
