@@ -275,6 +275,15 @@ async def create_invitation(request: Request) -> Response:
             status_code=400,
         )
     if not ctx.settings.qonto_client_id:
+        await audit.record(
+            ctx.pool,
+            who=who,
+            action="create_invitation",
+            target_kind="invitation",
+            target=None,
+            outcome="failed",
+            detail="RELAY_QONTO_CLIENT_ID is not set: no setup link can be made",
+        )
         raise errors.ConfigurationError("RELAY_QONTO_CLIENT_ID: required for a setup link")
     created = await invitations.create(ctx.settings, ctx.pool, name)
     await audit.record(

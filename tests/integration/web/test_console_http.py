@@ -5,6 +5,7 @@ audit of each change, and a connection's documents paginated by keyset."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -288,3 +289,25 @@ async def test_hostile_page_inputs_answer_a_clean_page_or_404_never_500(
     assert {p: s for p, s in posted.items() if s not in (303, 400, 403, 404)} == {}
     assert await pool.fetchval("SELECT count(*) FROM invitations") == 0
     assert await pool.fetchval("SELECT count(*) FROM documents") == 0
+
+
+async def test_an_invitation_the_relay_cannot_make_is_audited_as_failed(
+    web_settings: config.Settings, pool: asyncpg.Pool
+) -> None:
+    """Without RELAY_QONTO_CLIENT_ID, Create invitation makes nothing and says the relay is not
+    configured; the audit records the attempt as failed, with the reason."""
+    unconfigured = dataclasses.replace(web_settings, qonto_client_id=None)
+    async with (
+        web.serving(unconfigured) as url,
+        httpx.AsyncClient(base_url=url, timeout=15) as client,
+    ):
+        csrf = await sign_in(client, unconfigured)
+        answer = await client.post(
+            "/console/invitations", data={"csrf_token": csrf, "client_name": "Acme"}, headers=FORM
+        )
+    assert answer.status_code >= 500
+    assert await pool.fetchval("SELECT count(*) FROM invitations") == 0
+    entry = await pool.fetchrow("SELECT * FROM audit_log WHERE action = 'create_invitation'")
+    assert entry is not None
+    assert entry["outcome"] == "failed"
+    assert "RELAY_QONTO_CLIENT_ID" in entry["detail"]
