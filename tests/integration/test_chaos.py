@@ -291,13 +291,17 @@ class Chaos:
         self._path = webhook_path
         self._tally = tally
         self.recoveries: list[float] = []
+        # the kinds in a random order, each once before any comes again (few faults per seed)
+        self._next: list[str] = []
         # a SIGKILL waits while a service is away or a recovery is measured (one disruption at once)
         self.disruption = asyncio.Lock()
 
     async def inject(self, phase: str) -> None:
-        """One service fault at random, then a webhook through the intake that must land in
+        """One service fault (each kind in turn, in a random order), then a webhook through the intake that must land in
         PostgreSQL: the seconds from the service's return to that row (the recovery time)."""
-        fault = self._rng.choice(SERVICE_FAULTS)
+        if not self._next:
+            self._next = self._rng.sample(SERVICE_FAULTS, len(SERVICE_FAULTS))
+        fault = self._next.pop()
         async with self.disruption:
             if fault == "rabbitmq_restart":
                 await self._faults.rabbitmq_restart(down_s=self._rng.uniform(0.2, 3.0))
