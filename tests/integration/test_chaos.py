@@ -297,8 +297,9 @@ class Chaos:
         self.disruption = asyncio.Lock()
 
     async def inject(self, phase: str) -> None:
-        """One service fault (each kind in turn, in a random order), then a webhook through the intake that must land in
-        PostgreSQL: the seconds from the service's return to that row (the recovery time)."""
+        """Inject one service fault (each kind in turn, in a random order), then send a webhook
+        through the intake that must land in PostgreSQL; the seconds from the service's return to
+        that row are the recovery time."""
         if not self._next:
             self._next = self._rng.sample(SERVICE_FAULTS, len(SERVICE_FAULTS))
         fault = self._next.pop()
