@@ -8,8 +8,8 @@ Cegid answers every deposit after a fixed latency L. The rate is measured over t
 recorded in the ledger (first attempt started to last one finished), so process start-up and the
 scan are not counted against it.
 
-``BENCH_BASELINE=DIR`` (a checkout of another version with its own ``.venv``, from ``make venv``)
-measures that version's flush too, alternately with this one's in the same run, for a before/after.
+``BENCH_BASELINE=DIR[,DIR...]`` (checkouts of other versions, each with its own ``.venv`` from
+``make venv``) measures their flushes too, alternately with this one's in the same run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from relay.sandbox import qonto as qonto_sandbox
 LATENCY_S = 0.05
 DOCUMENTS = 2000
 QONTO_DOCUMENTED_PER_10S = 1000  # contracts/qonto.md: 1,000 requests per 10 s per IP
-ROUNDS = 2  # documented-limit flushes per version; the least disturbed (lowest CPU) is the figure
+ROUNDS = 2  # documented-limit flushes per version, alternated; the least disturbed counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +50,16 @@ THIS = Version("this", sys.executable, None)
 
 
 def _versions() -> list[Version]:
-    baseline = os.environ.get("BENCH_BASELINE")
-    if not baseline:
-        return [THIS]
-    root = pathlib.Path(baseline).resolve()
-    python = root / ".venv" / "bin" / "python"
-    if not python.exists():
-        raise RuntimeError(f"BENCH_BASELINE: no {python} (run make venv in {root})")
-    return [Version("baseline", str(python), str(root)), THIS]
+    """This checkout, after the ``BENCH_BASELINE`` ones (comma-separated), each named after its
+    directory."""
+    versions = []
+    for directory in filter(None, os.environ.get("BENCH_BASELINE", "").split(",")):
+        root = pathlib.Path(directory).resolve()
+        python = root / ".venv" / "bin" / "python"
+        if not python.exists():
+            raise RuntimeError(f"BENCH_BASELINE: no {python} (run make venv in {root})")
+        versions.append(Version(root.name, str(python), str(root)))
+    return [*versions, THIS]
 
 
 FIRM_KEY, FIRM_SECRET, DOSSIER = "bench-key", "bench-secret", "BENCH001"
