@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import IO
 
 import aio_pika
 import asyncpg
@@ -44,13 +45,25 @@ class Lock:
     """The services lock of one test process, held around each test: shared by ordinary
     integration tests, exclusively by a fault test. A gate beside it keeps new shared holders
     waiting while a fault test waits or runs, so a stream of ordinary tests from other sessions
-    cannot starve the fault tests, and those take turns with them test by test."""
+    cannot starve the fault tests, and those take turns with them test by test. A fault test that
+    has waited ``gate_hold_s`` (longer than a test may last) opens the gate for ``gate_open_s``
+    before closing it again: a holder that keeps the lock far longer (a stuck test, a whole
+    session holding it) then stops the fault tests only, not every test of every checkout."""
 
-    def __init__(self, path: pathlib.Path = LOCK_PATH, gate: pathlib.Path = GATE_PATH) -> None:
+    def __init__(
+        self,
+        path: pathlib.Path = LOCK_PATH,
+        gate: pathlib.Path = GATE_PATH,
+        *,
+        gate_hold_s: float = 150.0,
+        gate_open_s: float = 20.0,
+    ) -> None:
         self.kind: str | None = None  # "shared" or "fault": one kind per session
         self._held = False
         self._path = path
         self._gate = gate
+        self._gate_hold_s = gate_hold_s
+        self._gate_open_s = gate_open_s
 
     def _session(self, kind: str) -> None:
         if self.kind not in (None, kind):
@@ -70,8 +83,11 @@ class Lock:
             return
         with self._gate.open("a") as gate, self._path.open("a") as handle:
             fcntl.flock(gate, fcntl.LOCK_EX)
-            if exclusive:
-                fcntl.flock(handle, fcntl.LOCK_EX)  # the gate stays closed until the test ends
+            if exclusive:  # the gate stays closed until the test ends
+                while not _taken_within(handle, self._gate_hold_s):
+                    fcntl.flock(gate, fcntl.LOCK_UN)
+                    time.sleep(self._gate_open_s)
+                    fcntl.flock(gate, fcntl.LOCK_EX)
             else:
                 fcntl.flock(handle, fcntl.LOCK_SH)
                 fcntl.flock(gate, fcntl.LOCK_UN)
@@ -81,6 +97,19 @@ class Lock:
             finally:
                 self._held = False
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _taken_within(handle: IO[str], within_s: float) -> bool:
+    """Take ``handle``'s lock exclusively if it comes free within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 async def _run(*argv: str) -> str:

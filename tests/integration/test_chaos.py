@@ -175,6 +175,7 @@ class Roles:
         self._tally = tally
         self._started: collections.Counter[str] = collections.Counter()
         self.exits: list[str] = []
+        self._killing: processes.Role | None = None
         self.serve = self._start("serve")
         self.consume = self._start("consume")
 
@@ -188,10 +189,10 @@ class Roles:
         )
 
     def supervise(self) -> None:
-        """Start again a role that exited by itself."""
+        """Start again a role that exited by itself (not one being SIGKILLed by the test)."""
         for name in ("serve", "consume"):
             role: processes.Role = getattr(self, name)
-            if not role.alive():
+            if not role.alive() and role is not self._killing:
                 self._tally[f"restarts_{name}"] += 1
                 self.exits.append(f"relay {name} exited {role.process.returncode}: {role.log()}")
                 EXITS.append(self.exits[-1])
@@ -199,9 +200,11 @@ class Roles:
 
     async def kill_consumer(self) -> None:
         """SIGKILL `relay consume` and start it again (what it held is redelivered)."""
+        self._killing = self.consume
         self.consume.kill()
         await self.consume.exited(10)
         self.consume = self.consume.again(self._log_path("consume"))
+        self._killing = None
         self._tally["consumers_killed"] += 1
 
     def close(self) -> None:
@@ -291,13 +294,18 @@ class Chaos:
         self._path = webhook_path
         self._tally = tally
         self.recoveries: list[float] = []
+        # the kinds in a random order, each once before any comes again (few faults per seed)
+        self._next: list[str] = []
         # a SIGKILL waits while a service is away or a recovery is measured (one disruption at once)
         self.disruption = asyncio.Lock()
 
     async def inject(self, phase: str) -> None:
-        """One service fault at random, then a webhook through the intake that must land in
-        PostgreSQL: the seconds from the service's return to that row (the recovery time)."""
-        fault = self._rng.choice(SERVICE_FAULTS)
+        """Inject one service fault (each kind in turn, in a random order), then send a webhook
+        through the intake that must land in PostgreSQL; the seconds from the service's return to
+        that row are the recovery time."""
+        if not self._next:
+            self._next = self._rng.sample(SERVICE_FAULTS, len(SERVICE_FAULTS))
+        fault = self._next.pop()
         async with self.disruption:
             if fault == "rabbitmq_restart":
                 await self._faults.rabbitmq_restart(down_s=self._rng.uniform(0.2, 3.0))

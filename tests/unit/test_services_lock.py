@@ -16,8 +16,12 @@ from tests import services
 class Holder:
     """A thread holding a Lock of its own (as another test process would) until told to let go."""
 
-    def __init__(self, tmp_path: pathlib.Path, *, exclusive: bool) -> None:
-        self.lock = services.Lock(tmp_path / "lock", tmp_path / "gate")
+    def __init__(
+        self, tmp_path: pathlib.Path, *, exclusive: bool, gate_hold_s: float = 150.0
+    ) -> None:
+        self.lock = services.Lock(
+            tmp_path / "lock", tmp_path / "gate", gate_hold_s=gate_hold_s, gate_open_s=0.05
+        )
         self.entered = threading.Event()
         self.leave = threading.Event()
         self._thread = threading.Thread(target=self._hold, args=(exclusive,), daemon=True)
@@ -85,6 +89,26 @@ def test_a_waiting_fault_test_goes_before_tests_that_come_after_it(tmp_path: pat
         fault.done()
         _wait(later.entered)
         later.done()
+
+
+def test_a_holder_that_never_lets_go_stops_the_fault_tests_only(tmp_path: pathlib.Path) -> None:
+    """A shared holder that keeps the lock far longer than a test (stuck, or a whole session):
+    the fault test waiting for it opens the gate now and then, so other tests still run."""
+    with _holders() as holders:
+        stuck = Holder(tmp_path, exclusive=False)
+        holders.append(stuck)
+        _wait(stuck.entered)
+        fault = Holder(tmp_path, exclusive=True, gate_hold_s=0.2)
+        holders.append(fault)
+        _wait(tmp_path / "gate")
+        later = Holder(tmp_path, exclusive=False)
+        holders.append(later)
+        _wait(later.entered)  # through the gate while the fault test still waits
+        assert not fault.entered.is_set()
+        later.done()
+        stuck.done()
+        _wait(fault.entered)
+        fault.done()
 
 
 def test_fault_tests_and_other_tests_never_share_a_session(tmp_path: pathlib.Path) -> None:
