@@ -294,13 +294,15 @@ async def run_forever(
     database = outage.Outage("scheduler", "PostgreSQL", settings.outage_limit_s)
     backoff = retry.Backoff(retry.OUTAGE)
 
-    async def flush_and_count(
-        settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
-    ) -> report.RunReport:
-        result = await flush(settings, pool, run_kind=run_kind, run_id=run_id)
+    def counted(result: report.RunReport) -> report.RunReport:
         if progress is not None:
             progress.add(result.totals()["uploaded"])
         return result
+
+    async def flush_and_count(
+        settings: config.Settings, pool: asyncpg.Pool, *, run_kind: str, run_id: int | None
+    ) -> report.RunReport:
+        return counted(await flush(settings, pool, run_kind=run_kind, run_id=run_id))
 
     async def requested_and_count(
         settings: config.Settings,
@@ -311,17 +313,16 @@ async def run_forever(
         run_kind: str,
         run_id: int | None,
     ) -> report.RunReport:
-        result = await flush_requested(
-            settings,
-            pool,
-            connection_id=connection_id,
-            since=since,
-            run_kind=run_kind,
-            run_id=run_id,
+        return counted(
+            await flush_requested(
+                settings,
+                pool,
+                connection_id=connection_id,
+                since=since,
+                run_kind=run_kind,
+                run_id=run_id,
+            )
         )
-        if progress is not None:
-            progress.add(result.totals()["uploaded"])
-        return result
 
     async def wait_or_stop(seconds: float) -> None:
         """Wait for ``stop``, ``seconds``, a flush asked for or PostgreSQL found gone (poll now)."""

@@ -243,10 +243,10 @@ class Publisher:
     ) -> None:
         """Publish to the default exchange and wait for RabbitMQ's confirmation.
 
-        Raises BrokerUnavailable unless it is confirmed (ack) in time. The frame goes out on
-        aio-pika's underlying aiormq channel (``get_underlay_channel``, what ``Exchange.publish``
-        does too) with the properties built once: an ``aio_pika.Message`` per webhook cost the
-        intake a tenth of its time.
+        Raises BrokerUnavailable unless it is confirmed (ack) in time; a message RabbitMQ returns
+        as unroutable (``mandatory``) is not an ack. The frame goes out on aio-pika's underlying
+        aiormq channel (``get_underlay_channel``, what ``Exchange.publish`` does too) with its
+        properties built directly, without an ``aio_pika.Message`` per webhook.
         """
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",

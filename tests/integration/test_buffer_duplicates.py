@@ -71,43 +71,31 @@ async def test_two_copies_of_one_event_in_a_batch_count_one_applied_one_duplicat
     assert await pool.fetchval("SELECT count(*) FROM events") == 1
 
 
-async def test_a_reused_event_id_in_a_batch_is_applied_as_the_first_copy_says(
+@pytest.mark.parametrize(
+    ("transaction_first", "outcome", "documents"),
+    [(True, "applied", 1), (False, "ignored_topic", 0)],
+    ids=["transaction-then-card", "card-then-transaction"],
+)
+async def test_a_reused_event_id_in_a_batch_is_recorded_and_applied_as_the_first_copy_says(
     upstream_settings: config.Settings,
     amqp_connection: aio_pika.abc.AbstractRobustConnection,
     pool: asyncpg.Pool,
     publisher: amqp.Publisher,
     connection_id: uuid.UUID,
     qonto: qonto_sandbox.QontoSandbox,
+    transaction_first: bool,
+    outcome: str,
+    documents: int,
 ) -> None:
-    """A v1/transactions then a v1/cards with its id: the events row and the documents agree."""
+    """A v1/transactions and a v1/cards with one id: the events row and the documents agree."""
     tx, _ = factories.receipt(qonto)
-    first = qonto.transaction_event(tx)
-    second = {**first, "type": "v1/cards", "data": {"id": str(uuid.uuid4())}}
+    transaction = qonto.transaction_event(tx)
+    card = {**transaction, "type": "v1/cards", "data": {"id": str(uuid.uuid4())}}
+    first, second = (transaction, card) if transaction_first else (card, transaction)
     counts = await _one_batch(
         upstream_settings, amqp_connection, pool, publisher, connection_id, [first, second]
     )
-    assert counts == {"applied": 1, "duplicate": 1}
+    assert counts == {outcome: 1, "duplicate": 1}
     row = await pool.fetchrow("SELECT topic, outcome FROM events")
-    assert (row["topic"], row["outcome"]) == ("v1/transactions", "applied")
-    assert await pool.fetchval("SELECT count(*) FROM documents") == 1
-
-
-async def test_a_reused_event_id_whose_first_copy_is_ignored_makes_no_document(
-    upstream_settings: config.Settings,
-    amqp_connection: aio_pika.abc.AbstractRobustConnection,
-    pool: asyncpg.Pool,
-    publisher: amqp.Publisher,
-    connection_id: uuid.UUID,
-    qonto: qonto_sandbox.QontoSandbox,
-) -> None:
-    """A v1/cards then a v1/transactions with its id: recorded ignored, and no document made."""
-    tx, _ = factories.receipt(qonto)
-    second = qonto.transaction_event(tx)
-    first = {**second, "type": "v1/cards", "data": {"id": str(uuid.uuid4())}}
-    counts = await _one_batch(
-        upstream_settings, amqp_connection, pool, publisher, connection_id, [first, second]
-    )
-    assert counts == {"ignored_topic": 1, "duplicate": 1}
-    row = await pool.fetchrow("SELECT topic, outcome FROM events")
-    assert (row["topic"], row["outcome"]) == ("v1/cards", "ignored_topic")
-    assert await pool.fetchval("SELECT count(*) FROM documents") == 0
+    assert (row["topic"], row["outcome"]) == (first["type"], outcome)
+    assert await pool.fetchval("SELECT count(*) FROM documents") == documents

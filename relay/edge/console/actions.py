@@ -256,17 +256,20 @@ async def create_invitation(request: Request) -> Response:
         return checked
     session, fields = checked
     name = fields.get("client_name", "").strip()
-    who = auth.who(session)
-    if not name or len(name) > 200:
+
+    async def record(outcome: str, detail: str, target: str | None = None) -> None:
         await audit.record(
             ctx.pool,
-            who=who,
+            who=auth.who(session),
             action="create_invitation",
             target_kind="invitation",
-            target=None,
-            outcome="refused",
-            detail="a client name (1 to 200 characters) is required",
+            target=target,
+            outcome=outcome,
+            detail=detail,
         )
+
+    if not name or len(name) > 200:
+        await record("refused", "a client name (1 to 200 characters) is required")
         return await pages.invitations_page(
             request,
             ctx,
@@ -275,25 +278,13 @@ async def create_invitation(request: Request) -> Response:
             status_code=400,
         )
     if not ctx.settings.qonto_client_id:
-        await audit.record(
-            ctx.pool,
-            who=who,
-            action="create_invitation",
-            target_kind="invitation",
-            target=None,
-            outcome="failed",
-            detail="RELAY_QONTO_CLIENT_ID is not set: no setup link can be made",
-        )
+        await record("failed", "RELAY_QONTO_CLIENT_ID is not set: no setup link can be made")
         raise errors.ConfigurationError("RELAY_QONTO_CLIENT_ID: required for a setup link")
     created = await invitations.create(ctx.settings, ctx.pool, name)
-    await audit.record(
-        ctx.pool,
-        who=who,
-        action="create_invitation",
-        target_kind="invitation",
+    await record(
+        "ok",
+        f"invitation for {name}, valid until {created.expires_at:%Y-%m-%d %H:%M} UTC",
         target=str(created.id),
-        outcome="ok",
-        detail=f"invitation for {name}, valid until {created.expires_at:%Y-%m-%d %H:%M} UTC",
     )
     return await pages.invitations_page(request, ctx, session, created=created, status_code=201)
 
