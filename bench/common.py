@@ -169,8 +169,9 @@ async def insert_connection(
 async def count_and_drain(
     settings: config.Settings, queue_name: str, *, idle_s: float = 1.0
 ) -> int:
-    """How many messages a queue holds, by consuming them (quorum queues' passive count lags)."""
-    count = 0
+    """How many events a queue holds, by consuming its messages (quorum queues' passive count
+    lags); a batch of events counts each one."""
+    count = messages_read = 0
     conn = await aio_pika.connect(settings.amqp_url.reveal())
     async with conn:
         channel = await conn.channel()
@@ -183,10 +184,11 @@ async def count_and_drain(
                     last = await asyncio.wait_for(messages.__anext__(), timeout=idle_s)
                 except (TimeoutError, StopAsyncIteration):
                     break
-                count += 1
-                if count % 500 == 0:
+                count += len(amqp.split(last.body, last.headers or {}, last.message_id))
+                messages_read += 1
+                if messages_read % 500 == 0:
                     await last.ack(multiple=True)
-            if last is not None and count % 500:
+            if last is not None and messages_read % 500:
                 await last.ack(multiple=True)
         await channel.close()
     return count

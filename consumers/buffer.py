@@ -13,7 +13,6 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import aio_pika
 import aio_pika.abc
@@ -30,7 +29,10 @@ logger = log.get(__name__)
 
 @dataclasses.dataclass
 class Item:
+    """One event of a batch, with the message that brought it (acknowledged for it)."""
+
     message: aio_pika.abc.AbstractIncomingMessage
+    piece: amqp.Piece  # the event, read from its message (several may share one)
     connection_id: uuid.UUID | None = None
     event: events.Event | None = None
     snapshot: events.Snapshot | None = None
@@ -39,12 +41,8 @@ class Item:
     retry: str | None = None  # reason to retry later
 
 
-def _headers(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
-    return dict(message.headers or {})
-
-
-def _attempts(message: aio_pika.abc.AbstractIncomingMessage) -> int:
-    value = _headers(message).get(amqp.HEADER_ATTEMPTS, 0)
+def _attempts(item: Item) -> int:
+    value = item.piece.headers.get(amqp.HEADER_ATTEMPTS, 0)
     return int(value) if isinstance(value, int) else 0
 
 
@@ -75,14 +73,14 @@ class Buffer:
     # ------------------------------------------------------------------ parse (outside the transaction)
 
     def _parse(self, item: Item) -> None:
-        raw = _headers(item.message).get(amqp.HEADER_CONNECTION)
+        raw = item.piece.headers.get(amqp.HEADER_CONNECTION)
         try:
             item.connection_id = uuid.UUID(str(raw))
         except ValueError:
             item.dead = "message without a valid x-connection-id header"
             return
         try:
-            item.event = events.parse(item.message.body)
+            item.event = events.parse(item.piece.body)
         except errors.InvalidEvent as exc:
             item.dead = str(exc)
 
@@ -174,21 +172,19 @@ class Buffer:
     async def _dead_letter(self, item: Item, reason: str) -> None:
         now = dt.datetime.now(dt.UTC).isoformat()
         headers = {
-            **_headers(item.message),
+            **item.piece.headers,
             amqp.HEADER_REASON: reason[:500],
             amqp.HEADER_FAILED_AT: now,
-            amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
-                amqp.HEADER_FIRST_FAILED_AT, now
-            ),
+            amqp.HEADER_FIRST_FAILED_AT: item.piece.headers.get(amqp.HEADER_FIRST_FAILED_AT, now),
             amqp.HEADER_DLQ_ID: str(uuid.uuid4()),
         }
         await self._publisher.publish(
             self._settings.dead_letter_queue,
-            item.message.body,
-            message_id=item.message.message_id,
+            item.piece.body,
+            message_id=item.piece.message_id,
             headers=headers,
         )
-        logger.warning("event_dead_lettered", reason=reason, event_id=item.message.message_id)
+        logger.warning("event_dead_lettered", reason=reason, event_id=item.piece.message_id)
 
     async def _settle_all(self, items: list[Item]) -> None:
         """Publish dead letters and retries (confirmed), then acknowledge the whole batch at once.
@@ -222,24 +218,24 @@ class Buffer:
         if item.dead is not None:
             await self._dead_letter(item, item.dead)
         elif item.retry is not None:
-            attempt = _attempts(item.message) + 1
+            attempt = _attempts(item) + 1
             if attempt > len(self._retry_delays):
                 item.dead = f"still failing after {attempt - 1} retries: {item.retry}"
                 await self._dead_letter(item, item.dead)
             else:
                 delay = self._retry_delays[attempt - 1]
                 headers = {
-                    **_headers(item.message),
+                    **item.piece.headers,
                     amqp.HEADER_ATTEMPTS: attempt,
                     amqp.HEADER_REASON: item.retry[:500],
-                    amqp.HEADER_FIRST_FAILED_AT: _headers(item.message).get(
+                    amqp.HEADER_FIRST_FAILED_AT: item.piece.headers.get(
                         amqp.HEADER_FIRST_FAILED_AT, dt.datetime.now(dt.UTC).isoformat()
                     ),
                 }
                 await self._publisher.publish(
                     amqp.retry_queue_name(self._settings, delay),
-                    item.message.body,
-                    message_id=item.message.message_id,
+                    item.piece.body,
+                    message_id=item.piece.message_id,
                     headers=headers,
                 )
                 logger.info(
@@ -247,7 +243,7 @@ class Buffer:
                     attempt=attempt,
                     delay_s=delay,
                     reason=item.retry,
-                    event_id=item.message.message_id,
+                    event_id=item.piece.message_id,
                 )
 
     async def process(self, messages: list[aio_pika.abc.AbstractIncomingMessage]) -> dict[str, int]:
@@ -258,7 +254,11 @@ class Buffer:
         to take a settlement (the caller gives up its channel: the broker delivers the batch again).
         """
         started = time.perf_counter()
-        items = [Item(m) for m in messages]
+        items = [
+            Item(message, piece)
+            for message in messages
+            for piece in amqp.split(message.body, message.headers or {}, message.message_id)
+        ]
         for item in items:
             self._parse(item)
         await self._fetch_invoices(items)
@@ -341,7 +341,7 @@ async def _record_events(conn: db.Conn, live: list[Item]) -> list[Item]:
                 i.event.topic,
                 i.outcome,
                 i.event.created_at,
-                events.payload_text(i.message.body),
+                events.payload_text(i.piece.body),
             )
             for i in live
             if i.event is not None and i.connection_id is not None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -40,6 +40,7 @@ HEADER_REASON: Final = "x-relay-reason"
 HEADER_DLQ_ID: Final = "x-relay-dlq-id"
 HEADER_FAILED_AT: Final = "x-relay-failed-at"
 HEADER_FIRST_FAILED_AT: Final = "x-relay-first-failed-at"  # kept through the retries
+HEADER_BATCH: Final = "x-relay-batch"  # a message holding several events: see Batcher
 # Classic queues have no delivery limit on any RabbitMQ version, whereas a quorum queue gets a
 # default limit of 20 from 4.0 on, and ``relay dlq`` browses by get and requeue, so every listing
 # would count. (``x-delivery-limit: -1`` is no way out: 4.x reads it as "no limit", but 3.10
@@ -232,6 +233,10 @@ class Publisher:
     def channel(self) -> aio_pika.abc.AbstractChannel:
         return self._channel
 
+    @property
+    def events_queue(self) -> str:
+        return self._settings.events_queue
+
     async def publish(
         self,
         routing_key: str,
@@ -253,7 +258,6 @@ class Publisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
             headers=dict(headers or {}),
             message_id=message_id,
-            timestamp=datetime.datetime.fromtimestamp(time.time(), datetime.UTC),
         )
         if self._channel.is_closed:
             raise errors.BrokerUnavailable("publish: RabbitMQ channel closed")
@@ -278,6 +282,7 @@ class Publisher:
         *,
         connection_id: str,
         event_id: str,
+        received_at_ms: int | None = None,
         timeout: float | None = 5.0,  # noqa: ASYNC109
     ) -> None:
         """Publish a Qonto event on the events queue, in the format the consumer reads.
@@ -292,7 +297,7 @@ class Publisher:
             message_id=event_id,
             headers={
                 HEADER_CONNECTION: connection_id,
-                HEADER_RECEIVED_AT: time.time_ns() // 1_000_000,
+                HEADER_RECEIVED_AT: received_at_ms or time.time_ns() // 1_000_000,
             },
             timeout=timeout,
         )
@@ -300,6 +305,176 @@ class Publisher:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._channel.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One Qonto event for the events queue, with what the consumer needs to read it."""
+
+    body: bytes  # the webhook body exactly as received
+    connection_id: str
+    event_id: str
+    received_at_ms: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Piece:
+    """One event read back from a message of the events queue (:func:`split`)."""
+
+    body: bytes
+    headers: dict[str, Any]
+    message_id: str | None
+
+
+def split(body: bytes, headers: Mapping[str, Any], message_id: str | None) -> list[Piece]:
+    """Read a message of the events queue back as its events, in the order they were received.
+
+    A message without ``x-relay-batch`` is one event. A batch's header lists, for each event, its
+    id, connection, time of receipt and size; its body is their bodies end to end. Each event gets
+    the message's other headers with its own connection and time of receipt. A batch whose header
+    does not describe its body is returned whole, as one piece (which then fails as not an event).
+    """
+    listed = headers.get(HEADER_BATCH)
+    if listed is None:
+        return [Piece(body, dict(headers), message_id)]
+    shared = {k: v for k, v in headers.items() if k != HEADER_BATCH}
+    pieces, at = [], 0
+    try:
+        for entry in listed:
+            size = int(entry["size"])
+            pieces.append(
+                Piece(
+                    body[at : at + size],
+                    {
+                        **shared,
+                        HEADER_CONNECTION: _text(entry["connection"]),
+                        HEADER_RECEIVED_AT: int(entry["received_at_ms"]),
+                    },
+                    _text(entry["id"]),
+                )
+            )
+            at += size
+    except (TypeError, KeyError, ValueError):
+        return [Piece(body, shared, message_id)]
+    if at != len(body) or not pieces:
+        return [Piece(body, shared, message_id)]
+    return pieces
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Batcher:
+    """Publishes the intake's events, several to a message while a publish is in flight.
+
+    An event that finds fewer than ``in_flight`` publishes waiting for RabbitMQ's confirmation
+    goes out at once, alone, in the one-event format. The others wait for the next free slot and
+    go together, up to ``max_events`` or ``max_bytes`` per message, in one confirmed message
+    (:func:`split` reads it back). So a quiet intake adds no wait, and a busy one makes RabbitMQ
+    write and confirm one message per handful of events, not one per event. Each caller returns
+    once its own message is confirmed, or gets ``BrokerUnavailable`` (never a 202 for less).
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        in_flight: int = 2,
+        max_events: int = 32,
+        max_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self._publisher = publisher
+        self._in_flight = in_flight
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._flying = 0
+        self._waiting: list[tuple[Event, asyncio.Future[None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.messages = 0  # messages published
+        self.events = 0  # events they held
+
+    async def publish_event(self, body: bytes, *, connection_id: str, event_id: str) -> None:
+        """Queue one event; return once RabbitMQ confirmed the message that holds it."""
+        event = Event(body, connection_id, event_id, time.time_ns() // 1_000_000)
+        if self._flying < self._in_flight and not self._waiting:
+            self._flying += 1
+            try:
+                await self._send([event])
+            finally:
+                self._landed()
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, done))
+        await done
+
+    def _landed(self) -> None:
+        """Free a slot, and send what waits for one."""
+        self._flying -= 1
+        if self._waiting and self._flying < self._in_flight:
+            self._flying += 1
+            batch: list[tuple[Event, asyncio.Future[None]]] = []
+            size = 0
+            for event, done in self._waiting:
+                if batch and (
+                    len(batch) >= self._max_events or size + len(event.body) > self._max_bytes
+                ):
+                    break
+                batch.append((event, done))
+                size += len(event.body)
+            del self._waiting[: len(batch)]
+            task = asyncio.get_running_loop().create_task(self._carry(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _carry(self, batch: list[tuple[Event, asyncio.Future[None]]]) -> None:
+        try:
+            await self._send([event for event, _ in batch])
+        except BaseException as exc:
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(
+                        exc
+                        if isinstance(exc, errors.BrokerUnavailable)
+                        else errors.BrokerUnavailable(f"publish: {type(exc).__name__}")
+                    )
+                    done.exception()  # a caller gone (disconnected) leaves it unretrieved
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+        finally:
+            self._landed()
+
+    async def _send(self, batch: list[Event]) -> None:
+        self.messages += 1
+        self.events += len(batch)
+        if len(batch) == 1:
+            event = batch[0]
+            await self._publisher.publish_event(
+                event.body,
+                connection_id=event.connection_id,
+                event_id=event.event_id,
+                received_at_ms=event.received_at_ms,
+            )
+            return
+        listed = [
+            {
+                "id": event.event_id,
+                "connection": event.connection_id,
+                "received_at_ms": event.received_at_ms,
+                "size": len(event.body),
+            }
+            for event in batch
+        ]
+        await self._publisher.publish(
+            self._publisher.events_queue,
+            b"".join(event.body for event in batch),
+            message_id=f"batch-{uuid.uuid4()}",
+            headers={HEADER_BATCH: listed, HEADER_RECEIVED_AT: batch[0].received_at_ms},
+        )
 
 
 async def ping(conn: aio_pika.abc.AbstractConnection) -> None:

@@ -1,7 +1,8 @@
 """Operators' commands on the dead-letter queue (list, show, replay, purge).
 
 A message's id is ``x-relay-dlq-id`` when the consumer dead-lettered it, else its message id (the
-Qonto event id) for messages the broker dead-lettered after the delivery limit.
+Qonto event id, or a batch's own id) for messages the broker dead-lettered after the delivery
+limit. A batch of events (``relay.broker.amqp.Batcher``) is listed and replayed as one message.
 """
 
 from __future__ import annotations
@@ -77,15 +78,19 @@ def describe(message: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
         else:
             reason = "dead-lettered by RabbitMQ (delivery limit)"
     topic = None
-    try:
-        body = orjson.loads(message.body)
-        if isinstance(body, dict) and isinstance(body.get("type"), str):
-            topic = body["type"]
-    except orjson.JSONDecodeError:
-        pass
+    listed = headers.get(amqp.HEADER_BATCH)
+    if isinstance(listed, list):  # the broker dead-lettered a batch: it is replayed whole
+        topic = f"{len(listed)} events in one message"
+    else:
+        try:
+            body = orjson.loads(message.body)
+            if isinstance(body, dict) and isinstance(body.get("type"), str):
+                topic = body["type"]
+        except orjson.JSONDecodeError:
+            pass
     return DeadLetter(
         id=_text(headers.get(amqp.HEADER_DLQ_ID)) or message.message_id or "unknown",
-        event_id=message.message_id,
+        event_id=None if isinstance(listed, list) else message.message_id,
         connection_id=_text(headers.get(amqp.HEADER_CONNECTION)),
         topic=topic,
         reason=reason,

@@ -647,3 +647,116 @@ def test_retry_delays_must_be_declared_delay_queues(unit_settings: config.Settin
     """A retry delay without its delay queue is refused at start (the message would be lost)."""
     with pytest.raises(errors.ConfigurationError):
         buffer.Buffer(unit_settings, None, None, None, retry_delays=(2,))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- events batched by the intake
+
+
+async def _batched(publisher: amqp.Publisher, events: list[tuple[uuid.UUID, bytes, str]]) -> None:
+    """Publish the events as the intake does under load: the first alone, the rest in one batch."""
+    batcher = amqp.Batcher(publisher, in_flight=1)
+    await asyncio.gather(
+        *(
+            batcher.publish_event(body, connection_id=str(connection), event_id=event_id)
+            for connection, body, event_id in events
+        )
+    )
+    assert (batcher.messages, batcher.events) == (2, len(events))
+
+
+async def test_a_batch_of_events_is_split_and_each_event_applied_or_dead_lettered_alone(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    consumer: asyncio.Event,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """Each event of a batch message gets its own fate: applied, duplicate, or dead-lettered in
+    the one-event format with its own id and connection; the batch is acknowledged once."""
+    receipts = [factories.receipt(qonto, seed=seed)[0] for seed in (11, 12, 13)]
+    bodies = [orjson.dumps(qonto.transaction_event(tx)) for tx in receipts]
+    ids = [str(orjson.loads(body)["id"]) for body in bodies]
+    stranger = uuid.uuid4()
+    lost = orjson.dumps({"id": "evt-lost", "type": "v1/transactions", "data": {"id": "t"}})
+    await _batched(
+        publisher,
+        [
+            (connection_id, bodies[0], ids[0]),
+            (connection_id, bodies[1], ids[1]),
+            (stranger, lost, "evt-lost"),
+            (connection_id, bodies[2], ids[2]),
+            (connection_id, bodies[1], ids[1]),  # sent twice by Qonto
+        ],
+    )
+    await _wait_count(pool, "SELECT count(*) FROM documents", 3)
+    [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
+    assert (letter.event_id, letter.connection_id, letter.reason, letter.body) == (
+        "evt-lost",
+        str(stranger),
+        "unknown connection",
+        lost,
+    )
+    rows = await pool.fetch("SELECT event_id, outcome FROM events")
+    assert sorted((r["event_id"], r["outcome"]) for r in rows) == sorted(
+        (event_id, "applied") for event_id in ids
+    )
+    rows = await pool.fetch("SELECT qonto_resource_id FROM documents ORDER BY id")
+    assert [r["qonto_resource_id"] for r in rows] == [tx["id"] for tx in receipts]
+
+
+async def test_a_batch_that_cannot_be_queued_fails_every_webhook_in_it(
+    publisher: amqp.Publisher, upstream_settings: config.Settings
+) -> None:
+    """No event of an unconfirmed batch is reported queued (each webhook gets its 503)."""
+    batcher = amqp.Batcher(publisher, in_flight=1)
+    await publisher.channel.close()
+    outcomes = await asyncio.gather(
+        *(
+            batcher.publish_event(b"{}", connection_id=str(uuid.uuid4()), event_id=f"evt-{n}")
+            for n in range(5)
+        ),
+        return_exceptions=True,
+    )
+    assert all(isinstance(outcome, errors.BrokerUnavailable) for outcome in outcomes)
+    assert batcher.events == 5
+
+
+async def test_a_batch_the_broker_dead_letters_is_listed_and_replayed_whole(
+    connection_id: uuid.UUID,
+    publisher: amqp.Publisher,
+    pool: asyncpg.Pool,
+    qonto: qonto_sandbox.QontoSandbox,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """A batch past its delivery limit lands in the dead-letter queue as one message: listed as
+    such, replayed whole, and its events are then applied."""
+    receipts = [factories.receipt(qonto, seed=seed)[0] for seed in (21, 22)]
+    bodies = [orjson.dumps(qonto.transaction_event(tx)) for tx in receipts]
+    listed = [
+        {
+            "id": str(orjson.loads(body)["id"]),
+            "connection": str(connection_id),
+            "received_at_ms": 1,
+            "size": len(body),
+        }
+        for body in bodies
+    ]
+    await publisher.publish(
+        upstream_settings.dead_letter_queue,
+        b"".join(bodies),
+        message_id="batch-1",
+        headers={amqp.HEADER_BATCH: listed, "x-death": [{"reason": "delivery_limit"}]},
+    )
+    [letter] = await _dead_letters(upstream_settings, amqp_connection, 1)
+    assert (letter.id, letter.event_id, letter.topic) == (
+        "batch-1",
+        None,
+        "2 events in one message",
+    )
+    assert await dlq.replay(upstream_settings, amqp_connection, ["batch-1"]) == 1
+    counts = await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, 1)
+    assert counts == {"applied": 2}
+    assert await _count(pool, "SELECT count(*) FROM documents") == 2
