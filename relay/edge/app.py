@@ -80,8 +80,8 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
 
         The pool, the AMQP connection (``amqp``), its confirm channel (``publisher``), the secret
         cache (``secrets``) and the ``serve`` role's heartbeat (``work``: webhooks accepted) live as
-        long as the application, beside ``settings``, ``box``, ``metrics``, ``connection_limits``
-        and ``bodies``.
+        long as the application, beside ``settings``, ``box``, ``metrics``, ``connection_limits``,
+        ``bodies`` and the intake's ``Desk`` (``intake``), which uses several of them.
         """
         app.state.settings = settings
         app.state.box = crypto.Box(settings.secret_key.reveal())
@@ -104,10 +104,20 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
                 cache = webhook.SecretCache(settings, pool)
                 await cache.start()
                 app.state.secrets = cache
+                app.state.intake = webhook.Desk(
+                    cache,
+                    app.state.bodies,
+                    amqp.Batcher(publisher),
+                    app.state.metrics,
+                    app.state.work,
+                )
                 logger.info("serve_started", host=settings.host, port=settings.port)
                 try:
                     # the lifespan state: uvicorn hands it to each connection's protocol (guard)
-                    yield {guard.STATE_KEY: app.state.connection_limits}
+                    yield {
+                        guard.STATE_KEY: app.state.connection_limits,
+                        webhook.STATE_KEY: app.state.intake,
+                    }
                 finally:
                     await cache.close()
                     await publisher.close()

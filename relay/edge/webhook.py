@@ -3,13 +3,17 @@
 ``POST /webhooks/qonto/{connection_id}`` answers 202 only after RabbitMQ confirmed the persistent
 message; 404 for an unknown or stopped connection, 413 over 1 MiB, 401 for a bad or stale signature,
 400 for a body that is not an event, 503 when the event could not be queued (Qonto then retries).
-Read :class:`Intake`, then :class:`SecretCache` and :class:`BodyBudget`.
+Read :class:`Arrival` (the decisions, whatever carries the webhook), then :class:`SecretCache` and
+:class:`BodyBudget`; :class:`relay.edge.guard.Guard` and :class:`Intake` carry webhooks to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import email.utils
+import http
 import time
 import uuid
 from collections import OrderedDict
@@ -22,7 +26,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay import config, crypto, errors, log, retry, store
 from relay.broker import amqp
-from relay.edge import signature
+from relay.domain import heartbeat
+from relay.edge import metrics, signature
 from relay.store import db
 
 logger = log.get(__name__)
@@ -147,6 +152,19 @@ class SecretCache:
                 else:  # still no listener: the next attempt waits longer (reloads keep the cache fresh)
                     pause = backoff.next()
 
+    def at_once(self, connection_id: uuid.UUID) -> tuple[str, ...] | None:
+        """Return the connection's secrets if the cache can tell without waiting, else None.
+
+        Empty when the connection surely has none; None when only :meth:`secrets_for` can tell.
+        """
+        found = self._known.get(connection_id)
+        if found is not None:
+            return found
+        if self.complete:
+            return ()
+        until = self._unknown.get(connection_id)
+        return () if until is not None and until > time.monotonic() else None
+
     async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
         """Return the connection's secrets, empty when it is unknown, disconnected or revoked.
 
@@ -205,18 +223,6 @@ class SecretCache:
         return ()
 
 
-class TooLarge(Exception):
-    pass
-
-
-class Busy(Exception):
-    """The worker already holds as many body bytes as it may (RELAY_BODY_BUFFER_BYTES)."""
-
-
-class Disconnected(Exception):
-    pass
-
-
 class BodyBudget:
     """The bytes of webhook bodies one worker may hold at once (``RELAY_BODY_BUFFER_BYTES``).
 
@@ -238,50 +244,228 @@ class BodyBudget:
         self.held -= size
 
 
-async def _read_body(receive: Receive, declared: bytes | None, budget: BodyBudget) -> bytes:
-    held = 0
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()) or len(declared) > 12:
-            raise ValueError("bad Content-Length")
-        held = int(declared)
-        if held > MAX_BODY:
-            raise TooLarge
-        if not budget.take(held):
-            raise Busy
-    try:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise Disconnected
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > MAX_BODY:
-                    raise TooLarge
-                if size > held:
-                    if not budget.take(size - held):
-                        raise Busy
-                    held = size
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
-        budget.give(held)
-
-
 PREFIX: Final = "/webhooks/qonto/"
-_JSON: Final = (b"content-type", b"application/json")
-_RETRY: Final = (b"retry-after", b"5")
-_UNAVAILABLE: Final = {"error": "temporarily unavailable, retry later"}
+STATE_KEY: Final = "intake"  # where the lifespan state holds the worker's Desk
+
+Answer = tuple[int, str, Mapping[str, object], dict[str, str]]
+"""An answer: status, outcome (metrics, log), JSON payload, context for the log line."""
+
+UNAVAILABLE: Final[Answer] = (
+    503,
+    "unavailable",
+    {"error": "temporarily unavailable, retry later"},
+    {},
+)
+UNKNOWN: Final[Answer] = (404, "unknown_connection", {"error": "unknown connection"}, {})
+GONE: Final[Answer] = (
+    404,
+    "unknown_connection",
+    {"error": "unknown or disconnected connection"},
+    {},
+)
+TOO_LARGE: Final[Answer] = (413, "too_large", {"error": f"body larger than {MAX_BODY} bytes"}, {})
+BAD_LENGTH: Final[Answer] = (400, "bad_request", {"error": "invalid Content-Length"}, {})
+BUSY: Final[Answer] = (503, "busy", {"error": "too many webhooks in flight, retry later"}, {})
+DISCONNECTED: Final[Answer] = (400, "client_disconnected", {"error": "client disconnected"}, {})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Desk:
+    """What one worker's intake works with, whichever path a webhook takes to it.
+
+    A webhook reaches it through :class:`relay.edge.guard.Guard` (a connection that opens with a
+    webhook, the hot path) or through the ASGI application (:class:`Intake`).
+    """
+
+    secrets: SecretCache
+    bodies: BodyBudget
+    events: amqp.Batcher
+    metrics: metrics.Metrics
+    work: heartbeat.Work
+
+
+class Arrival:
+    """One webhook, from its complete head to its answer, without I/O of its own.
+
+    Made when the head is in, it refuses at once what the head decides (an unknown connection, a
+    bad or too large ``Content-Length``, no room left in the body budget: :attr:`refusal`); then
+    takes the body piece by piece (:meth:`feed`), and :meth:`settle` decides what the body alone
+    decides. What is left, the lookup of a connection the cache cannot tell and the publish, is
+    :meth:`queue`.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_connection_id",
+        "_event",
+        "_held",
+        "_secrets",
+        "_signature",
+        "_size",
+        "desk",
+        "raw_id",
+        "refusal",
+        "started",
+    )
+
+    def __init__(
+        self, desk: Desk, raw_id: str, content_length: bytes | None, signature_header: str | None
+    ) -> None:
+        self.desk = desk
+        self.raw_id = raw_id
+        self.started = time.perf_counter()
+        self.refusal: Answer | None = None
+        self._signature = signature_header
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._held = 0  # bytes taken from the worker's body budget
+        self._secrets: tuple[str, ...] | None = None  # None: to be looked up
+        self._event: tuple[str, str] = ("", "")  # event id and topic, once judged
+        try:
+            self._connection_id = uuid.UUID(raw_id)
+        except ValueError:
+            self.refusal = UNKNOWN
+            return
+        self._secrets = desk.secrets.at_once(self._connection_id)
+        if self._secrets == ():
+            self.refusal = GONE
+        elif content_length is not None:
+            self.refusal = self._declare(content_length)
+
+    def _declare(self, content_length: bytes) -> Answer | None:
+        if not (content_length.isascii() and content_length.isdigit()) or len(content_length) > 12:
+            return BAD_LENGTH
+        declared = int(content_length)
+        if declared > MAX_BODY:
+            return TOO_LARGE
+        if not self.desk.bodies.take(declared):
+            return BUSY
+        self._held = declared
+        return None
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take a piece of the body; False once the webhook is refused (its body is not kept)."""
+        if self.refusal is not None:
+            return False
+        self._size += len(chunk)
+        if self._size > MAX_BODY:
+            self.refuse(TOO_LARGE)
+            return False
+        if self._size > self._held:
+            if not self.desk.bodies.take(self._size - self._held):
+                self.refuse(BUSY)
+                return False
+            self._held = self._size
+        self._chunks.append(chunk)
+        return True
+
+    def refuse(self, answer: Answer) -> None:
+        """Refuse the webhook with this answer, letting its body go."""
+        self.refusal = answer
+        self._chunks = []
+        self.release()
+
+    def release(self) -> None:
+        """Give the body's bytes back to the worker's budget (once; again is harmless)."""
+        self.desk.bodies.give(self._held)
+        self._held = 0
+
+    def settle(self) -> Answer | None:
+        """Decide what the complete body decides; None when :meth:`queue` is to answer."""
+        self.release()
+        if self.refusal is not None:
+            return self.refusal
+        if self._secrets is None:
+            return None  # the cache could not tell at once: queue() looks the connection up
+        return self._judge(self._secrets)
+
+    def _judge(self, secrets: tuple[str, ...]) -> Answer | None:
+        body = self.body
+        try:
+            signature.verify(self._signature, body, secrets, now=time.time())
+        except signature.Rejected as exc:
+            return 401, "bad_signature", {"error": exc.reason}, {}
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return 400, "not_json", {"error": "body is not JSON"}, {}
+        if (
+            not isinstance(event, dict)
+            or not isinstance(event.get("id"), str)
+            or not event["id"]
+            or len(event["id"]) > 200
+            or not isinstance(event.get("type"), str)
+        ):
+            return (
+                400,
+                "not_an_event",
+                {"error": "not a Qonto event (needs string id and type)"},
+                {},
+            )
+        self._event = (event["id"], str(event["type"])[:100])
+        return None
+
+    @property
+    def body(self) -> bytes:
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def queue(self) -> Answer:
+        """Publish the event and answer 202 once RabbitMQ confirmed it, or say why not.
+
+        The connection is looked up first when the cache could not tell at once.
+        """
+        if self._secrets is None:
+            try:
+                self._secrets = await self.desk.secrets.secrets_for(self._connection_id)
+            except errors.DatabaseUnavailable:
+                return UNAVAILABLE
+            if not self._secrets:
+                return GONE
+            refusal = self._judge(self._secrets)
+            if refusal is not None:
+                return refusal
+        event_id, topic = self._event
+        try:
+            await self.desk.events.publish_event(
+                self.body, connection_id=str(self._connection_id), event_id=event_id
+            )
+        except errors.BrokerUnavailable as exc:
+            error = "could not queue the event, retry later"
+            return 503, "unavailable", {"error": error}, {"event_id": event_id, "reason": str(exc)}
+        return (
+            202,
+            "queued",
+            {"status": "queued", "event_id": event_id},
+            {
+                "event_id": event_id,
+                "topic": topic,
+            },
+        )
+
+    def record(self, answer: Answer) -> None:
+        """Count the answer in the worker's metrics and heartbeat and write its log line."""
+        status, outcome, _, context = answer
+        elapsed = time.perf_counter() - self.started
+        self.desk.metrics.webhook(outcome, elapsed)
+        if status == 202:
+            self.desk.work.add()
+        log.fast(
+            "webhook_accepted" if status == 202 else "webhook_rejected",
+            connection=self.raw_id[:64],
+            outcome=outcome,
+            status=status,
+            duration_ms=round(elapsed * 1000, 2),
+            **context,
+        )
 
 
 class Intake:
     """ASGI middleware that answers ``POST /webhooks/qonto/{connection_id}`` before routing.
 
-    Webhooks skip routing and the other middlewares (the hot path, where one webhook costs as
-    little as it can); every other request goes on to the application.
+    Webhooks skip routing and the other middlewares; every other request goes on to the
+    application. (A connection that opens with a webhook is answered by
+    :class:`relay.edge.guard.Guard` before it reaches ASGI; this serves the others.)
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -296,26 +480,37 @@ class Intake:
             status = 405 if scope["method"] != "POST" and raw_id and "/" not in raw_id else 404
             await _send(send, status, {"error": "not found" if status == 404 else "use POST"})
             return
-        started = time.perf_counter()
+        desk: Desk = scope["app"].state.intake
+        content_length = signature_header = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                content_length = value
+            elif name == b"x-qonto-signature":
+                signature_header = value.decode("latin-1")
+        arrival = Arrival(desk, raw_id, content_length, signature_header)
         try:
-            status, outcome, payload, context = await _receive(scope, receive, raw_id)
+            answer = await _answer(arrival, receive)
         except Exception:
             logger.exception("webhook_failed", connection=raw_id[:64])
-            status, outcome, payload, context = 503, "unavailable", _UNAVAILABLE, {}
-        elapsed = time.perf_counter() - started
-        state = scope["app"].state
-        state.metrics.webhook(outcome, elapsed)
-        if status == 202:
-            state.work.add()
-        log.fast(
-            "webhook_accepted" if status == 202 else "webhook_rejected",
-            connection=raw_id[:64],
-            outcome=outcome,
-            status=status,
-            duration_ms=round(elapsed * 1000, 2),
-            **context,
-        )
-        await _send(send, status, payload)
+            answer = UNAVAILABLE
+        finally:
+            arrival.release()
+        arrival.record(answer)
+        await _send(send, answer[0], answer[2])
+
+
+async def _answer(arrival: Arrival, receive: Receive) -> Answer:
+    if arrival.refusal is not None:
+        return arrival.refusal  # decided by the head: the body is not read
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return DISCONNECTED
+        if not arrival.feed(message.get("body", b"")):
+            break
+        if not message.get("more_body", False):
+            break
+    return arrival.settle() or await arrival.queue()
 
 
 async def _send(send: Send, status: int, payload: Mapping[str, object]) -> None:
@@ -327,62 +522,34 @@ async def _send(send: Send, status: int, payload: Mapping[str, object]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-Answer = tuple[int, str, Mapping[str, object], dict[str, str]]
+_JSON: Final = (b"content-type", b"application/json")
+_RETRY: Final = (b"retry-after", b"5")
+_STATUS_LINES: Final = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
+    for status in http.HTTPStatus
+}
+_date: list[object] = [0, b""]  # (second, its Date line), rendered once a second
 
 
-async def _receive(scope: Scope, receive: Receive, raw_id: str) -> Answer:
-    """Decide the answer as (status, outcome, JSON payload, context for the log line)."""
-    state = scope["app"].state
-    cache: SecretCache = state.secrets
-    try:
-        connection_id = uuid.UUID(raw_id)
-    except ValueError:
-        return 404, "unknown_connection", {"error": "unknown connection"}, {}
-    try:
-        secrets = await cache.secrets_for(connection_id)
-    except errors.DatabaseUnavailable:
-        return 503, "unavailable", _UNAVAILABLE, {}
-    if not secrets:
-        return 404, "unknown_connection", {"error": "unknown or disconnected connection"}, {}
-    declared = signature_header = None
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            declared = value
-        elif name == b"x-qonto-signature":
-            signature_header = value.decode("latin-1")
-    try:
-        body = await _read_body(receive, declared, state.bodies)
-    except Busy:
-        return 503, "busy", {"error": "too many webhooks in flight, retry later"}, {}
-    except TooLarge:
-        return 413, "too_large", {"error": f"body larger than {MAX_BODY} bytes"}, {}
-    except ValueError:
-        return 400, "bad_request", {"error": "invalid Content-Length"}, {}
-    except Disconnected:
-        return 400, "client_disconnected", {"error": "client disconnected"}, {}
-    try:
-        signature.verify(signature_header, body, secrets, now=time.time())
-    except signature.Rejected as exc:
-        return 401, "bad_signature", {"error": exc.reason}, {}
-    try:
-        event = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return 400, "not_json", {"error": "body is not JSON"}, {}
-    if (
-        not isinstance(event, dict)
-        or not isinstance(event.get("id"), str)
-        or not event["id"]
-        or len(event["id"]) > 200
-        or not isinstance(event.get("type"), str)
-    ):
-        error = "not a Qonto event (needs string id and type)"
-        return 400, "not_an_event", {"error": error}, {}
-    event_id: str = event["id"]
-    publisher: amqp.Publisher = state.publisher
-    try:
-        await publisher.publish_event(body, connection_id=str(connection_id), event_id=event_id)
-    except errors.BrokerUnavailable as exc:
-        error = "could not queue the event, retry later"
-        return 503, "unavailable", {"error": error}, {"event_id": event_id, "reason": str(exc)}
-    payload: dict[str, object] = {"status": "queued", "event_id": event_id}
-    return 202, "queued", payload, {"event_id": event_id, "topic": str(event["type"])[:100]}
+def _date_line() -> bytes:
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, f"date: {email.utils.formatdate(now, usegmt=True)}\r\n".encode()
+    return _date[1]  # type: ignore[return-value]
+
+
+def encode(answer: Answer, *, close: bool) -> bytes:
+    """Render an answer as one complete HTTP/1.1 response (the guard writes it in one write)."""
+    status, _, payload, _ = answer
+    body = orjson.dumps(payload)
+    return b"".join(
+        (
+            _STATUS_LINES[status],
+            b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            _date_line(),
+            b"retry-after: 5\r\n" if status == 503 else b"",
+            b"connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )

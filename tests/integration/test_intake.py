@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aio_pika
 import aio_pika.abc
@@ -19,7 +21,7 @@ from starlette.applications import Starlette
 
 from relay import config, crypto
 from relay.broker import amqp
-from relay.edge import app
+from relay.edge import app, guard
 from relay.sandbox import signing
 from tests.integration import factories
 
@@ -35,18 +37,32 @@ async def connection_id(settings: config.Settings, pool: asyncpg.Pool) -> uuid.U
     return await factories.make_connection(pool, settings)
 
 
-@pytest.fixture
+@pytest.fixture(params=["guard", "asgi"])
 async def intake(
-    settings: config.Settings, connection_id: uuid.UUID
+    request: pytest.FixtureRequest, settings: config.Settings, connection_id: uuid.UUID
 ) -> AsyncIterator[tuple[str, Starlette]]:
     """`relay serve`'s application on a real socket, started after the test's connection exists.
 
+    Each test runs twice: through the relay's own protocol (``guard``: a connection that opens
+    with a webhook is answered without ASGI, as `relay serve` does) and through uvicorn's protocol
+    and the application alone (``asgi``: a webhook on a connection that began otherwise).
     (Created later, its NOTIFY would trigger a reload that a test could mistake for its own.)
     """
+    async with serving(settings, guarded=request.param == "guard") as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: config.Settings, *, guarded: bool
+) -> AsyncIterator[tuple[str, Starlette]]:
     port = _free_port()
     application = app.create_app(settings)
+    protocol: dict[str, Any] = {"http": guard.Guard} if guarded else {}
     server = uvicorn.Server(
-        uvicorn.Config(application, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            application, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **protocol
+        )
     )
     task = asyncio.create_task(server.serve())
 
