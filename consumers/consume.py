@@ -1,7 +1,7 @@
 """The ``relay consume`` worker, moving Qonto events from RabbitMQ to the PostgreSQL buffer.
 
-The events queue's deliveries are gathered into batches (up to ``batch_size`` or
-``batch_window_s``) for :class:`consumers.buffer.Buffer`, which applies and settles them.
+The events queue's deliveries are gathered into batches (up to ``batch_size`` events, a batch
+message counting each of its events, or ``batch_window_s``) for :class:`consumers.buffer.Buffer`, which applies and settles them.
 :class:`_Consumer` runs one :class:`_Session` (connection, subscription, batches) after another.
 """
 
@@ -511,7 +511,7 @@ async def _gather(
     *,
     idle_s: float = 1.0,
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Gather up to ``size`` messages from the inbox.
+    """Gather messages from the inbox, up to ``size`` events (a batch message counts each).
 
     It waits ``idle_s`` for the first (or until one of ``wake`` is set), then at most ``window``
     seconds for more.
@@ -531,18 +531,18 @@ async def _gather(
             await getting
         return []
     batch = [getting.result()]
+    events = amqp.events_in(batch[0].headers)
     deadline = time.monotonic() + window
-    while len(batch) < size:
+    while events < size:
         try:
             batch.append(inbox.get_nowait())
-            continue
         except asyncio.QueueEmpty:
-            pass
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            batch.append(await asyncio.wait_for(inbox.get(), timeout=remaining))
-        except TimeoutError:
-            break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(inbox.get(), timeout=remaining))
+            except TimeoutError:
+                break
+        events += amqp.events_in(batch[-1].headers)
     return batch

@@ -361,6 +361,12 @@ def split(body: bytes, headers: Mapping[str, Any], message_id: str | None) -> li
     return pieces
 
 
+def events_in(headers: Mapping[str, Any] | None) -> int:
+    """Count the events a message of the events queue holds, from its headers alone."""
+    listed = (headers or {}).get(HEADER_BATCH)
+    return len(listed) if isinstance(listed, list) and listed else 1
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 

@@ -760,3 +760,32 @@ async def test_a_batch_the_broker_dead_letters_is_listed_and_replayed_whole(
     counts = await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, 1)
     assert counts == {"applied": 2}
     assert await _count(pool, "SELECT count(*) FROM documents") == 2
+
+
+async def test_the_consumer_bounds_its_batches_in_events_not_messages(
+    publisher: amqp.Publisher,
+    upstream_settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    """A batch message counts as many events as it holds toward the consumer's batch size."""
+    batcher = amqp.Batcher(publisher, in_flight=1)
+    await asyncio.gather(
+        *(
+            batcher.publish_event(b"{}", connection_id=str(uuid.uuid4()), event_id=f"evt-{n}")
+            for n in range(4)
+        )
+    )  # one message of one event, then one of three
+    await _publish(publisher, uuid.uuid4(), {"id": "evt-last", "type": "v1/cards"})
+    channel = await amqp_connection.channel()
+    try:
+        queue = await channel.get_queue(upstream_settings.events_queue, ensure=False)
+        inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        for _ in range(3):
+            message = await queue.get(no_ack=True, timeout=5)
+            assert message is not None
+            inbox.put_nowait(message)
+        batch = await consume._gather(inbox, [], 3, 0.1)
+        assert [amqp.events_in(m.headers) for m in batch] == [1, 3]
+        assert inbox.qsize() == 1
+    finally:
+        await channel.close()

@@ -59,3 +59,17 @@ def test_a_batch_its_header_does_not_describe_is_one_piece_which_fails_as_an_eve
 ) -> None:
     [piece] = amqp.split(b"abcdefg", {amqp.HEADER_BATCH: listed, "x-other": 1}, "batch-1")
     assert piece == amqp.Piece(b"abcdefg", {"x-other": 1}, "batch-1")
+
+
+@pytest.mark.parametrize(
+    ("headers", "count"),
+    [
+        (None, 1),
+        ({amqp.HEADER_CONNECTION: "c"}, 1),
+        ({amqp.HEADER_BATCH: _listed(("e1", "c", 1), ("e2", "c", 1))}, 2),
+        ({amqp.HEADER_BATCH: []}, 1),
+    ],
+)
+def test_a_message_counts_its_events_from_its_headers(headers: Any, count: int) -> None:
+    """The consumer bounds its batches in events, a batch message counting each of its events."""
+    assert amqp.events_in(headers) == count
