@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import aio_pika
@@ -389,8 +389,11 @@ class Batcher:
         in_flight: int = 2,
         max_events: int = 32,
         max_bytes: int = 4 * 1024 * 1024,
+        on_sent: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_sent`` is told the number of events of each message once it is confirmed."""
         self._publisher = publisher
+        self._on_sent = on_sent
         self._in_flight = in_flight
         self._max_events = max_events
         self._max_bytes = max_bytes
@@ -457,6 +460,11 @@ class Batcher:
     async def _send(self, batch: list[Event]) -> None:
         self.messages += 1
         self.events += len(batch)
+        await self._publish(batch)
+        if self._on_sent is not None:
+            self._on_sent(len(batch))
+
+    async def _publish(self, batch: list[Event]) -> None:
         if len(batch) == 1:
             event = batch[0]
             await self._publisher.publish_event(

@@ -107,7 +107,7 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
                 app.state.intake = webhook.Desk(
                     cache,
                     app.state.bodies,
-                    amqp.Batcher(publisher),
+                    amqp.Batcher(publisher, on_sent=app.state.metrics.published),
                     app.state.metrics,
                     app.state.work,
                 )

@@ -32,6 +32,7 @@ class Metrics:
     registry: prom.CollectorRegistry
     webhooks: prom.Counter
     webhook_seconds: prom.Histogram
+    events_per_message: prom.Histogram
     admin_auth_failures: prom.Counter
     connections_open: prom.Gauge
     connections_cut: prom.Gauge
@@ -50,6 +51,10 @@ class Metrics:
         """Count a webhook answered, with its outcome (queued, bad_signature, ...) and duration."""
         self.webhooks.labels(outcome).inc()
         self.webhook_seconds.observe(seconds)
+
+    def published(self, events: int) -> None:
+        """Count a message the intake published on the events queue, and the events it held."""
+        self.events_per_message.observe(events)
 
     def admin_auth_failed(self, reason: str) -> None:
         """Count a request to the admin API refused for its token (missing or wrong token)."""
@@ -134,6 +139,12 @@ def create() -> Metrics:
             "relay_webhook_seconds",
             "Time to verify and durably queue a webhook",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        ),
+        events_per_message=prom.Histogram(
+            "relay_events_per_message",
+            "Events in each message the intake published on the events queue",
+            buckets=(1, 2, 4, 8, 16, 32),
             registry=registry,
         ),
         admin_auth_failures=prom.Counter(

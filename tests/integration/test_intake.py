@@ -323,6 +323,8 @@ async def test_health_readiness_and_metrics(
         text = (await client.get(f"{url}/metrics")).text
     assert 'relay_webhooks_total{outcome="queued"} 1.0' in text
     assert 'relay_documents{state="in_doubt"}' in text
+    assert "relay_events_per_message_count 1.0" in text  # one message, of one event
+    assert "relay_events_per_message_sum 1.0" in text
 
 
 async def test_admin_api_requires_the_bearer_token(
