@@ -336,23 +336,25 @@ class Guard(asyncio.Protocol):
         desk = cast(webhook.Desk, self._desk)
         arrival = webhook.Arrival(desk, raw_id.decode("latin-1"), content_length, signature_header)
         self._arrival = arrival
-        if arrival.refusal is not None:
-            self._refused_early()
+        if arrival.refusal is not None:  # a client waiting for 100 Continue sends no body: close
+            self._refused_early(close=expect or not self._parser.should_keep_alive())
         elif expect and not self._pending:
             cast(asyncio.Transport, self._transport).write(CONTINUE)
 
-    def _refused_early(self) -> None:
+    def _refused_early(self, *, close: bool = False) -> None:
         """Answer a webhook the head or part of its body refused; the rest of its body is dropped."""
         arrival = cast(webhook.Arrival, self._arrival)
         self._arrival = None
         answer = cast(webhook.Answer, arrival.refusal)
         arrival.record(answer)
-        self._owe(webhook.encode(answer, close=False), close=False)
+        self._owe(webhook.encode(answer, close=close), close=close)
 
     def _complete(self) -> None:
         """Answer a webhook whose body is in: at once when it is refused, else once queued."""
         arrival = self._arrival
         if arrival is None:  # refused early, answered already
+            if not self._parser.should_keep_alive():
+                self._owe(b"", close=True)
             return
         self._arrival = None
         close = not self._parser.should_keep_alive()

@@ -200,3 +200,21 @@ async def test_concurrent_webhooks_are_each_queued_once(
     queued = await _events_queued(settings, 40)
     assert sorted(str(p.message_id) for p in queued) == sorted(str(e["id"]) for e in sent)
     assert all(orjson.loads(p.body)["id"] == p.message_id for p in queued)
+
+
+@pytest.mark.parametrize(
+    ("head", "refused_head_only"),
+    [(b"Connection: close\r\n", False), (b"Expect: 100-continue\r\n", True)],
+)
+async def test_a_refusal_closes_when_the_client_asked_or_waits_for_100_continue(
+    front: tuple[str, int], head: bytes, refused_head_only: bool
+) -> None:
+    """The answer to an unknown connection says ``Connection: close`` and the relay closes; a
+    client waiting for 100 Continue gets the refusal instead, its body never sent."""
+    reader, writer = await asyncio.open_connection(*front)
+    request = _webhook(uuid.uuid4(), _event(), head=head)
+    writer.write(request.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" if refused_head_only else request)
+    status, headers, _ = await _answer(reader)
+    assert (status, headers[b"connection"]) == (404, b"close")
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
