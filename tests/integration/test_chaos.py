@@ -45,6 +45,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from prometheus_client import parser as prometheus_parser
 
 from consumers import recovery
 from relay import config, models
@@ -250,6 +251,19 @@ async def deliver(
         await asyncio.sleep(0.1)
 
 
+async def _intake_messages(client: httpx.AsyncClient, url: str) -> tuple[int, int]:
+    """The messages `relay serve` (one worker) published, and those that held several events."""
+    text = (await client.get(url + "/metrics", timeout=10)).text
+    [family] = [
+        f
+        for f in prometheus_parser.text_string_to_metric_families(text)
+        if f.name == "relay_events_per_message"
+    ]
+    values = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    messages = int(values[("relay_events_per_message_count", None)])
+    return messages, messages - int(values[("relay_events_per_message_bucket", "1.0")])
+
+
 async def _fetch(pool: asyncpg.Pool, sql: str, *args: object) -> list[asyncpg.Record]:
     """``pool.fetch``, tried again while the pool replaces connections a fault cut."""
     deadline = time.monotonic() + RECOVERY_WITHIN_S
@@ -370,10 +384,17 @@ async def _intake(
     path: str,
     events: list[dict[str, Any]],
 ) -> None:
-    """Every webhook of the day accepted (paced), then every event recorded by the consumer."""
-    for event in events:
-        await deliver(client, roles, path, event)
-        await asyncio.sleep(rng.uniform(0.0, 0.12))
+    """Every webhook of the day accepted, then every event recorded by the consumer.
+
+    They go in bursts of one to eight at once (so the intake also puts several events in one
+    message), paced as if one by one (the faults and kills land while the intake runs).
+    """
+    sent = 0
+    while sent < len(events):
+        burst = events[sent : sent + rng.randint(1, 8)]
+        sent += len(burst)
+        await asyncio.gather(*(deliver(client, roles, path, event) for event in burst))
+        await asyncio.sleep(rng.uniform(0.0, 0.12) * len(burst))
     wanted = sorted({str(e["id"]) for e in events})
     await factories.until(
         lambda: _recorded(
@@ -502,6 +523,9 @@ async def test_exactly_once_under_faults(
             )
             assert roles.serve.alive(), roles.exits
             assert roles.consume.alive(), roles.exits
+            messages, several = await _intake_messages(client, roles.serve.url)
+            tally["intake_messages"] += messages
+            tally["intake_messages_of_several_events"] += several
         stdout = tmp_path / "final-flush.json"
         final = processes.Role(
             settings,
