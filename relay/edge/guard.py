@@ -34,6 +34,7 @@ TOO_MANY = _response("503 Service Unavailable", "too many connections, retry lat
 HEAD_TOO_LARGE = _response("431 Request Header Fields Too Large", "request head too large")
 TOO_SLOW = _response("408 Request Timeout", "request not received in time")
 MALFORMED = _response("400 Bad Request", "malformed HTTP request")
+UNAVAILABLE = _response("503 Service Unavailable", "temporarily unavailable, retry later")
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 WEBHOOKS: Final = webhook.PREFIX.encode()
 
@@ -171,6 +172,11 @@ class Guard(asyncio.Protocol):
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:  # the relay's fault, not the client's
+            logger.exception("http_guard_failed", mode=self._mode)
+            self._mode = _DONE
+            self._owe(UNAVAILABLE, close=True)
+            return
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._unparsable(data)
             return
