@@ -1,6 +1,7 @@
 """Intake: `relay serve` beside the reference endpoint (bench/reference.py: Starlette, HMAC check,
 aio-pika publish with a confirm to the same quorum queue) served the same way with the same worker
-count, closed loop (wrk) and open loop; and valid webhooks' latency under a flood of unknown ids.
+count, closed loop (wrk, with the servers' and RabbitMQ's CPU per webhook read from /proc) and open
+loop (both at 1,000/s); and valid webhooks' latency under a flood of unknown ids.
 
 wrk (Debian's package, C, one Lua state per thread) generates the closed-loop load: a Python
 generator would need most of a core to reach the reference endpoint's rate on this two-core machine and
@@ -58,6 +59,63 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30) 
             pass
         time.sleep(0.01)
     raise RuntimeError(f"{url} not ready within {timeout} s")
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process, 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree(root: int) -> list[int]:
+    """The process and its descendants (uvicorn's workers are children of its supervisor)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _rabbitmq() -> list[int]:
+    """RabbitMQ's Erlang VM (beam), whose work per message both servers share."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", encoding="ascii") as comm:
+                    if comm.read().startswith("beam"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def measured_wrk(
+    url: str, file: str, seconds: int, server: subprocess.Popen[bytes]
+) -> dict[str, float]:
+    """:func:`wrk`, with the server's and RabbitMQ's CPU per accepted webhook (from /proc)."""
+    workers, broker = _tree(server.pid), _rabbitmq()
+    before = [sum(_cpu_s(p) for p in pids) for pids in (workers, broker)]
+    result = wrk(url, file, seconds)
+    after = [sum(_cpu_s(p) for p in pids) for pids in (workers, broker)]
+    accepted = max(result["accepted"], 1)
+    result["server_cpu_us_per_webhook"] = round(1e6 * (after[0] - before[0]) / accepted, 1)
+    result["rabbitmq_cpu_us_per_webhook"] = round(1e6 * (after[1] - before[1]) / accepted, 1)
+    return result
 
 
 def wrk(url: str, file: str, seconds: int) -> dict[str, float]:
@@ -206,16 +264,20 @@ async def run(tmpdir: str, seconds: int = 10) -> list[common.Figure]:
         reference = _serve_reference(settings, reference_port)
         try:
             _wait_port(reference_port, reference)
-            reference_closed = wrk(f"http://127.0.0.1:{reference_port}{path}", file, seconds)
+            reference_closed = measured_wrk(
+                f"http://127.0.0.1:{reference_port}{path}", file, seconds, reference
+            )
+            queued_reference = await common.count_and_drain(settings, settings.events_queue)
+            reference_open = openloop(reference_port, path, open_file, 1000, seconds)
+            await common.count_and_drain(settings, settings.events_queue)
         finally:
             common.stop(reference)
-        queued_reference = await common.count_and_drain(settings, settings.events_queue)
 
         # (b) relay serve with a real connection
         serve, log_file = _start_serve(settings, os.path.join(tmpdir, "serve.log"))
         try:
             startup_s = wait_ready(f"http://127.0.0.1:{port}/readyz", serve)
-            relay_closed = wrk(f"http://127.0.0.1:{port}{path}", file, seconds)
+            relay_closed = measured_wrk(f"http://127.0.0.1:{port}{path}", file, seconds, serve)
             queued_closed = await common.count_and_drain(settings, settings.events_queue)
             relay_open = openloop(port, path, open_file, 1000, seconds)
             queued_open = await common.count_and_drain(settings, settings.events_queue)
@@ -250,6 +312,28 @@ async def run(tmpdir: str, seconds: int = 10) -> list[common.Figure]:
     )
     figures.append(
         common.Figure(
+            "intake: server CPU per webhook (relay)",
+            relay_closed["server_cpu_us_per_webhook"],
+            "us",
+            ceiling=reference_closed["server_cpu_us_per_webhook"],
+            ceiling_name="reference server",
+            detail={
+                "rabbitmq_us_relay": relay_closed["rabbitmq_cpu_us_per_webhook"],
+                "rabbitmq_us_reference": reference_closed["rabbitmq_cpu_us_per_webhook"],
+            },
+        )
+    )
+    figures.append(
+        common.Figure(
+            "intake: RabbitMQ CPU per webhook (relay)",
+            relay_closed["rabbitmq_cpu_us_per_webhook"],
+            "us",
+            ceiling=reference_closed["rabbitmq_cpu_us_per_webhook"],
+            ceiling_name="reference's",
+        )
+    )
+    figures.append(
+        common.Figure(
             "intake: p50 latency closed loop (relay)",
             relay_closed["p50_ms"],
             "ms",
@@ -272,10 +356,13 @@ async def run(tmpdir: str, seconds: int = 10) -> list[common.Figure]:
             "intake: p99 at offered 1,000 req/s (open loop)",
             float(relay_open["p99_ms"]),
             "ms",
+            ceiling=float(reference_open["p99_ms"]),  # type: ignore[arg-type]
+            ceiling_name="reference, same load",
             target="< 20 ms",
             met=float(relay_open["p99_ms"]) < 20,
             detail={
                 **relay_open,
+                "reference": reference_open,
                 "queued_after_run": queued_open,
                 "every_202_queued": queued_open >= accepted_open,
             },
