@@ -343,7 +343,9 @@ class Guard(asyncio.Protocol):
         arrival = webhook.Arrival(desk, raw_id.decode("latin-1"), content_length, signature_header)
         self._arrival = arrival
         if arrival.refusal is not None:  # a client waiting for 100 Continue sends no body: close
-            self._refused_early(close=expect or not self._parser.should_keep_alive())
+            self._refused_early(
+                close=expect or self._closing or not self._parser.should_keep_alive()
+            )
         elif expect and not self._pending:
             cast(asyncio.Transport, self._transport).write(CONTINUE)
 
@@ -363,7 +365,7 @@ class Guard(asyncio.Protocol):
                 self._owe(b"", close=True)
             return
         self._arrival = None
-        close = not self._parser.should_keep_alive()
+        close = self._closing or not self._parser.should_keep_alive()
         answer = arrival.settle()
         if answer is not None:
             arrival.record(answer)

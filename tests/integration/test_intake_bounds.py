@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -215,3 +216,43 @@ async def test_bodies_held_open_cannot_take_more_than_the_body_budget(
     assert peak < baseline + 25, (baseline, peak)
     assert _rss_mb(role.process.pid) < baseline + 25
     assert await _valid_webhook(role, connection_id) == 202
+
+
+async def test_a_stop_answers_the_webhook_being_received_and_closes_idle_connections(
+    serve: tuple[processes.Role, uuid.UUID],
+) -> None:
+    """On SIGTERM, a kept-alive webhook connection that is idle is closed at once, and a webhook
+    whose body is still arriving is answered (202, queued) before `relay serve` exits."""
+    role, connection_id = serve
+    idle_reader, idle_writer = await _open(role)
+    body, headers = factories.signed({"id": str(uuid.uuid4()), "type": "v1/cards", "data": {}})
+    first = (
+        f"POST /webhooks/qonto/{connection_id} HTTP/1.1\r\nHost: relay\r\n"
+        f"X-Qonto-Signature: {headers['x-qonto-signature']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    idle_writer.write(first)
+    assert (await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), WAIT_S)).startswith(
+        b"HTTP/1.1 202"
+    )
+    await asyncio.wait_for(idle_reader.readuntil(b"}"), WAIT_S)
+    body, headers = factories.signed({"id": str(uuid.uuid4()), "type": "v1/cards", "data": {}})
+    head = (
+        f"POST /webhooks/qonto/{connection_id} HTTP/1.1\r\nHost: relay\r\n"
+        f"X-Qonto-Signature: {headers['x-qonto-signature']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await _open(role)
+    writer.write(head + body[:10])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the head is in: the request has begun
+    role.process.send_signal(signal.SIGTERM)
+    assert await _answer(idle_reader) == b""  # closed, not answered
+    await asyncio.sleep(0.2)
+    writer.write(body[10:])
+    answer = await _answer(reader)
+    assert answer.startswith(b"HTTP/1.1 202"), answer
+    assert b"connection: close" in answer
+    await role.exited(WAIT_S)
+    idle_writer.close()
+    writer.close()
