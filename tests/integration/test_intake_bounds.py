@@ -239,16 +239,16 @@ async def test_a_stop_answers_the_webhook_being_received_and_closes_idle_connect
     body, headers = factories.signed({"id": str(uuid.uuid4()), "type": "v1/cards", "data": {}})
     head = (
         f"POST /webhooks/qonto/{connection_id} HTTP/1.1\r\nHost: relay\r\n"
-        f"X-Qonto-Signature: {headers['x-qonto-signature']}\r\n"
+        f"X-Qonto-Signature: {headers['x-qonto-signature']}\r\nExpect: 100-continue\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     reader, writer = await _open(role)
-    writer.write(head + body[:10])
-    await writer.drain()
-    await asyncio.sleep(0.2)  # the head is in: the request has begun
+    writer.write(head)
+    continued = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)
+    assert continued == b"HTTP/1.1 100 Continue\r\n\r\n"  # the head is in: the request began
+    writer.write(body[:10])
     role.process.send_signal(signal.SIGTERM)
-    assert await _answer(idle_reader) == b""  # closed, not answered
-    await asyncio.sleep(0.2)
+    assert await _answer(idle_reader) == b""  # closed, not answered: the stop has begun
     writer.write(body[10:])
     answer = await _answer(reader)
     assert answer.startswith(b"HTTP/1.1 202"), answer
