@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route, Router
 from relay import config, crypto, errors, log, store
 from relay.broker import amqp
 from relay.domain import heartbeat, status
-from relay.edge import admin, guard, metrics, webhook
+from relay.edge import admin, guard, metrics, secret_cache, webhook
 from relay.edge.pages import site
 from relay.store import db
 
@@ -101,7 +101,7 @@ def create_app(settings: config.Settings, *, command: str = "serve") -> Starlett
                 await channel.close()
                 publisher = await amqp.Publisher.open(conn, settings)
                 app.state.publisher = publisher
-                cache = webhook.SecretCache(settings, pool)
+                cache = secret_cache.SecretCache(settings, pool)
                 await cache.start()
                 app.state.secrets = cache
                 app.state.intake = webhook.Desk(

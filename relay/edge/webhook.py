@@ -3,224 +3,33 @@
 ``POST /webhooks/qonto/{connection_id}`` answers 202 only after RabbitMQ confirmed the persistent
 message; 404 for an unknown or stopped connection, 413 over 1 MiB, 401 for a bad or stale signature,
 400 for a body that is not an event, 503 when the event could not be queued (Qonto then retries).
-Read :class:`Arrival` (the decisions, whatever carries the webhook), then :class:`SecretCache` and
-:class:`BodyBudget`; :class:`relay.edge.guard.Guard` and :class:`Intake` carry webhooks to it.
+Read :class:`Arrival` (the decisions, whatever carries the webhook), then :class:`BodyBudget`;
+:class:`relay.edge.guard.Guard` and :class:`Intake` carry webhooks to it; the connections' secrets
+come from :mod:`relay.edge.secret_cache`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import email.utils
+import functools
 import http
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Final
 
-import asyncpg
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay import config, crypto, errors, log, retry, store
+from relay import errors, log
 from relay.broker import amqp
 from relay.domain import heartbeat
-from relay.edge import metrics, signature
-from relay.store import db
+from relay.edge import metrics, secret_cache, signature
 
 logger = log.get(__name__)
 
 MAX_BODY: Final = 1024 * 1024
-UNKNOWN_TTL_S: Final = 30.0
-UNKNOWN_MAX: Final = 10_000
-UNKNOWN_LOOKUPS_PER_S: Final = 10.0  # per worker, only while the cache's LISTEN is lost
-RELOAD_WAIT_S: Final = 5.0  # how long a miss waits for a reload a NOTIFY asked for
-REFRESH_S: Final = 60.0
-# pauses between attempts to listen again after a lost LISTEN: from 1 s, never longer than 5 s
-RELISTEN: Final = retry.Policy(first_s=1.0, cap_s=5.0, floor=0.5)
-CHANNEL: Final = "relay_connections_changed"
-
-
-class SecretCache:
-    """Connection id → its currently valid webhook secrets (plaintext, in memory only).
-
-    Loaded at start and refreshed on PostgreSQL ``NOTIFY relay_connections_changed`` (and every
-    minute as a safety net), so a known connection's webhook never queries the database; while the
-    cache listens, an unknown id costs no query either (the cache holds every connection that
-    accepts webhooks). Only while its LISTEN is lost does an unknown id cost a lookup, at most
-    ``UNKNOWN_LOOKUPS_PER_S`` per worker (503 beyond, and Qonto retries).
-    """
-
-    def __init__(self, settings: config.Settings, pool: asyncpg.Pool) -> None:
-        self._settings = settings
-        self._pool = pool
-        self._box = crypto.Box(settings.secret_key.reveal())
-        self._known: dict[uuid.UUID, tuple[str, ...]] = {}
-        self._unknown: OrderedDict[uuid.UUID, float] = OrderedDict()
-        self._pending: dict[uuid.UUID, asyncio.Future[tuple[str, ...]]] = {}
-        self._listener: asyncpg.Connection | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._changed = asyncio.Event()
-        self._reloaded = asyncio.Event()  # clear while a NOTIFY's reload is pending
-        self._reloaded.set()
-        self._tokens = UNKNOWN_LOOKUPS_PER_S
-        self._tokens_at = time.monotonic()
-        self.lookups = 0  # single-id lookups in PostgreSQL (unknown ids)
-        self.reloads = 0  # full reloads
-        self.listens = 0  # LISTEN connections opened
-
-    async def start(self) -> None:
-        """Listen first, then load, so that a change committed in between is not missed."""
-        await self._listen()
-        await self.reload()
-        self._tasks.append(asyncio.create_task(self._refresher(), name="secret-cache-refresh"))
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-
-    async def reload(self) -> None:
-        known: dict[uuid.UUID, list[str]] = {}
-        for row in await store.webhook_secrets.intake_all(self._pool):
-            known.setdefault(row.connection_id, []).append(self._box.open(row.secret))
-        self._known = {k: tuple(v) for k, v in known.items()}
-        self._unknown.clear()
-        self.reloads += 1
-
-    async def _listen(self) -> None:
-        try:
-            self._listener = await db.listen(self._settings, CHANNEL, self._notified, self._lost)
-        except errors.DatabaseUnavailable:
-            self._listener = None
-            logger.warning("secret_cache_listen_failed")
-            return
-        self.listens += 1
-
-    def _notified(self, *_: object) -> None:
-        self._reloaded.clear()
-        self._changed.set()
-
-    def _lost(self, *_: object) -> None:
-        self._listener = None
-        self._changed.set()
-
-    @property
-    def complete(self) -> bool:
-        """Whether the cache holds every connection that accepts webhooks.
-
-        It does while it listens and no change it was told of is still to be loaded.
-        """
-        return self._listener is not None and self._reloaded.is_set()
-
-    async def _refresher(self) -> None:
-        """Reload on NOTIFY or every minute, and re-listen with backoff while the listener is lost.
-
-        Whatever fails, the last known cache keeps serving.
-        """
-        backoff = retry.Backoff(RELISTEN)
-        pause = RELISTEN.first_s
-        while True:
-            timeout = REFRESH_S if self._listener is not None else pause
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=timeout)
-            self._changed.clear()
-            try:
-                if self._listener is None:
-                    await self._listen()
-                await self.reload()
-                self._reloaded.set()
-            except Exception as exc:  # the cache must outlive any failure
-                pause = backoff.next()
-                logger.warning(
-                    "secret_cache_reload_failed",
-                    error=type(exc).__name__,
-                    retry_in_s=round(pause, 2),
-                )
-                await asyncio.sleep(pause)
-                self._changed.set()
-            else:
-                if self._listener is not None:
-                    backoff.reset()
-                else:  # still no listener: the next attempt waits longer (reloads keep the cache fresh)
-                    pause = backoff.next()
-
-    def at_once(self, connection_id: uuid.UUID) -> tuple[str, ...] | None:
-        """Return the connection's secrets if the cache can tell without waiting, else None.
-
-        Empty when the connection surely has none; None when only :meth:`secrets_for` can tell.
-        """
-        found = self._known.get(connection_id)
-        if found is not None:
-            return found
-        if self.complete:
-            return ()
-        until = self._unknown.get(connection_id)
-        return () if until is not None and until > time.monotonic() else None
-
-    async def secrets_for(self, connection_id: uuid.UUID) -> tuple[str, ...]:
-        """Return the connection's secrets, empty when it is unknown, disconnected or revoked.
-
-        Raises ``errors.DatabaseUnavailable`` when the cache cannot tell (its LISTEN is lost and
-        the lookups' rate is spent, or PostgreSQL does not answer).
-        """
-        found = self._known.get(connection_id)
-        if found is not None:
-            return found
-        if self._listener is not None and not self._reloaded.is_set():
-            # a change was notified and is being loaded: this id may be the new one
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reloaded.wait(), timeout=RELOAD_WAIT_S)
-            found = self._known.get(connection_id)
-            if found is not None:
-                return found
-        if self.complete:
-            return ()
-        now = time.monotonic()
-        until = self._unknown.get(connection_id)
-        if until is not None and until > now:
-            return ()
-        # Concurrent requests for the same unknown id share one lookup.
-        pending = self._pending.get(connection_id)
-        if pending is None:
-            if not self._spend_token(now):
-                raise errors.DatabaseUnavailable(
-                    "connection lookups rate-limited while not listening"
-                )
-            pending = asyncio.ensure_future(self._look_up(connection_id))
-            self._pending[connection_id] = pending
-            pending.add_done_callback(lambda _: self._pending.pop(connection_id, None))
-        return await asyncio.shield(pending)
-
-    def _spend_token(self, now: float) -> bool:
-        self._tokens = min(
-            UNKNOWN_LOOKUPS_PER_S, self._tokens + (now - self._tokens_at) * UNKNOWN_LOOKUPS_PER_S
-        )
-        self._tokens_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-    async def _look_up(self, connection_id: uuid.UUID) -> tuple[str, ...]:
-        self.lookups += 1
-        rows = await store.webhook_secrets.intake_one(self._pool, connection_id)
-        if rows:
-            value = tuple(self._box.open(row.secret) for row in rows)
-            self._known[connection_id] = value
-            return value
-        self._unknown[connection_id] = time.monotonic() + UNKNOWN_TTL_S
-        self._unknown.move_to_end(connection_id)
-        while len(self._unknown) > UNKNOWN_MAX:
-            self._unknown.popitem(last=False)
-        return ()
 
 
 class BodyBudget:
@@ -277,7 +86,7 @@ class Desk:
     webhook, the hot path) or through the ASGI application (:class:`Intake`).
     """
 
-    secrets: SecretCache
+    secrets: secret_cache.SecretCache
     bodies: BodyBudget
     events: amqp.Batcher
     metrics: metrics.Metrics
@@ -528,14 +337,12 @@ _STATUS_LINES: Final = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
     for status in http.HTTPStatus
 }
-_date: list[object] = [0, b""]  # (second, its Date line), rendered once a second
 
 
-def _date_line() -> bytes:
-    now = int(time.time())
-    if _date[0] != now:
-        _date[0], _date[1] = now, f"date: {email.utils.formatdate(now, usegmt=True)}\r\n".encode()
-    return _date[1]  # type: ignore[return-value]
+@functools.lru_cache(maxsize=2)
+def _date_at(second: int) -> bytes:
+    """Render the ``Date`` field of one second (once: the same second's answers reuse it)."""
+    return f"date: {email.utils.formatdate(second, usegmt=True)}\r\n".encode()
 
 
 def encode(answer: Answer, *, close: bool) -> bytes:
@@ -546,7 +353,7 @@ def encode(answer: Answer, *, close: bool) -> bytes:
         (
             _STATUS_LINES[status],
             b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-            _date_line(),
+            _date_at(int(time.time())),
             b"retry-after: 5\r\n" if status == 503 else b"",
             b"connection: close\r\n" if close else b"",
             b"\r\n",
