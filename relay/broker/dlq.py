@@ -46,6 +46,7 @@ class DeadLetter:
     failed_at: str | None
     body: bytes
     first_failed_at: str | None = None  # the first failure of an event retried before
+    events: tuple[tuple[str, str], ...] = ()  # a batch's events: (Qonto event id, connection)
 
     def to_json(self, *, with_body: bool = False) -> dict[str, Any]:
         value: dict[str, Any] = {
@@ -57,6 +58,8 @@ class DeadLetter:
             "failed_at": self.failed_at,
             "first_failed_at": self.first_failed_at or self.failed_at,
         }
+        if self.events:
+            value["events"] = [{"event_id": e, "connection_id": c} for e, c in self.events]
         if with_body:
             value["body"] = self.body.decode("utf-8", "replace")
         return value
@@ -79,8 +82,12 @@ def describe(message: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
             reason = "dead-lettered by RabbitMQ (delivery limit)"
     topic = None
     listed = headers.get(amqp.HEADER_BATCH)
+    pieces: list[amqp.Piece] = []
     if isinstance(listed, list):  # the broker dead-lettered a batch: it is replayed whole
         topic = f"{len(listed)} events in one message"
+        pieces = amqp.split(message.body, headers, message.message_id)
+        if not all(amqp.HEADER_CONNECTION in p.headers for p in pieces):
+            pieces = []  # a header that does not describe the body: no events to list
     else:
         try:
             body = orjson.loads(message.body)
@@ -97,6 +104,9 @@ def describe(message: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
         failed_at=_text(headers.get(amqp.HEADER_FAILED_AT)),
         body=message.body,
         first_failed_at=_text(headers.get(amqp.HEADER_FIRST_FAILED_AT)),
+        events=tuple(
+            (str(p.message_id), str(p.headers.get(amqp.HEADER_CONNECTION))) for p in pieces
+        ),
     )
 
 

@@ -756,6 +756,9 @@ async def test_a_batch_the_broker_dead_letters_is_listed_and_replayed_whole(
         None,
         "2 events in one message",
     )
+    assert letter.to_json()["events"] == [
+        {"event_id": e["id"], "connection_id": str(connection_id)} for e in listed
+    ]
     assert await dlq.replay(upstream_settings, amqp_connection, ["batch-1"]) == 1
     counts = await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, 1)
     assert counts == {"applied": 2}

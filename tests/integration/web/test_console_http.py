@@ -10,11 +10,13 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
 
 from relay import config
+from relay.broker import amqp
 from relay.domain import heartbeat
 from relay.sandbox import qonto as qonto_sandbox
 from tests.integration import factories
@@ -311,3 +313,40 @@ async def test_an_invitation_the_relay_cannot_make_is_audited_as_failed(
     assert entry is not None
     assert entry["outcome"] == "failed"
     assert "RELAY_QONTO_CLIENT_ID" in entry["detail"]
+
+
+async def test_a_batch_in_the_dead_letters_lists_its_events(
+    client: httpx.AsyncClient, web_settings: config.Settings
+) -> None:
+    """A batch RabbitMQ dead-lettered shows as one letter whose page lists each event and its
+    connection."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    bodies = [b'{"id": "evt-a", "type": "v1/cards"}', b'{"id": "evt-b", "type": "v1/cards"}']
+    listed = [
+        {"id": event_id, "connection": str(connection), "received_at_ms": 1, "size": len(body)}
+        for event_id, connection, body in (
+            ("evt-a", first, bodies[0]),
+            ("evt-b", second, bodies[1]),
+        )
+    ]
+    async with await aio_pika.connect(web_settings.amqp_url.reveal()) as conn:
+        channel = await conn.channel()
+        await amqp.declare(channel, web_settings)
+        await channel.close()
+        publisher = await amqp.Publisher.open(conn, web_settings)
+        await publisher.publish(
+            web_settings.dead_letter_queue,
+            b"".join(bodies),
+            message_id="batch-dl",
+            headers={amqp.HEADER_BATCH: listed},
+        )
+        await publisher.close()
+    await sign_in(client, web_settings)
+    listing = await client.get("/console/dead-letters")
+    assert "2 events in one message" in listing.text
+    page = await client.get("/console/dead-letters/batch-dl")
+    assert page.status_code == 200
+    for event_id, connection in (("evt-a", first), ("evt-b", second)):
+        assert re.search(
+            rf"<td>{event_id}</td><td><a href=\"/console/connections/{connection}\">", page.text
+        )
