@@ -256,3 +256,40 @@ async def test_a_stop_answers_the_webhook_being_received_and_closes_idle_connect
     await role.exited(WAIT_S)
     idle_writer.close()
     writer.close()
+
+
+def _signed_request(connection_id: uuid.UUID) -> bytes:
+    body, headers = factories.signed({"id": str(uuid.uuid4()), "type": "v1/cards", "data": {}})
+    return (
+        f"POST /webhooks/qonto/{connection_id} HTTP/1.1\r\nHost: relay\r\n"
+        f"X-Qonto-Signature: {headers['x-qonto-signature']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize(
+    ("then", "expected"),
+    [
+        (b"", b""),  # idle after the answer: closed (RELAY_KEEPALIVE_TIMEOUT)
+        (b"POST /webhooks/qonto/x HTTP/1.1\r\nHost: relay\r\n", b"HTTP/1.1 408 "),  # half a head
+        (b"POST /webhooks/qonto/x HTTP/1.1\r\nX-Big: " + b"a" * 16384, b"HTTP/1.1 431 "),
+        (b"POST /webhooks/qonto/{id} HTTP/1.1\r\nContent-Length: 100\r\n\r\n0123", b""),  # cut
+    ],
+    ids=["idle", "half-head", "head-too-large", "body-cut"],
+)
+async def test_the_bounds_hold_on_a_connection_the_guard_answers(
+    serve: tuple[processes.Role, uuid.UUID], then: bytes, expected: bytes
+) -> None:
+    """After a webhook answered 202 on the same connection (answered by the relay's own protocol,
+    not uvicorn's), the next request is bound as the first was."""
+    role, connection_id = serve
+    reader, writer = await _open(role)
+    writer.write(_signed_request(connection_id))
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)).startswith(
+        b"HTTP/1.1 202 "
+    )
+    await asyncio.wait_for(reader.readuntil(b"}"), WAIT_S)
+    writer.write(then.replace(b"{id}", str(connection_id).encode()))
+    answer = await _answer(reader)  # the connection is closed within WAIT_S
+    writer.close()
+    assert answer.startswith(expected) if expected else answer == b"", answer[:200]
