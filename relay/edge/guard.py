@@ -72,7 +72,8 @@ _IDLE, _HEAD, _BODY = range(3)
 # who answers the connection: not known before its first head is complete; uvicorn, given the
 # bytes as received (PASS) or without the guard following them any more (OPAQUE: a parse error or
 # an upgrade); the guard (WEBHOOKS); uvicorn, given requests the guard writes again from what it
-# parsed (RELAY: a connection that opened with webhooks, then asked for something else)
+# parsed (RELAY: a connection that opened with webhooks, then asked for something else); nobody
+# (DONE: a last answer is owed or written, nothing more is read)
 _UNDECIDED, _PASS, _OPAQUE, _WEBHOOKS, _RELAY, _DONE = range(6)
 
 
