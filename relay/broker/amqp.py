@@ -400,8 +400,6 @@ class Batcher:
         self._flying = 0
         self._waiting: list[tuple[Event, asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self.messages = 0  # messages published
-        self.events = 0  # events they held
 
     async def publish_event(self, body: bytes, *, connection_id: str, event_id: str) -> None:
         """Queue one event; return once RabbitMQ confirmed the message that holds it."""
@@ -458,8 +456,6 @@ class Batcher:
             self._landed()
 
     async def _send(self, batch: list[Event]) -> None:
-        self.messages += 1
-        self.events += len(batch)
         await self._publish(batch)
         if self._on_sent is not None:
             self._on_sent(len(batch))

@@ -164,19 +164,13 @@ class SecretCache:
             # a change was notified and is being loaded: this id may be the new one
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reloaded.wait(), timeout=RELOAD_WAIT_S)
-            found = self._known.get(connection_id)
-            if found is not None:
-                return found
-        if self.complete:
-            return ()
-        now = time.monotonic()
-        until = self._unknown.get(connection_id)
-        if until is not None and until > now:
-            return ()
+        told = self.at_once(connection_id)
+        if told is not None:
+            return told
         # Concurrent requests for the same unknown id share one lookup.
         pending = self._pending.get(connection_id)
         if pending is None:
-            if not self._spend_token(now):
+            if not self._spend_token(time.monotonic()):
                 raise errors.DatabaseUnavailable(
                     "connection lookups rate-limited while not listening"
                 )

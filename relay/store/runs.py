@@ -76,9 +76,7 @@ class RunSummary:
 
     @property
     def duration_s(self) -> float | None:
-        if self.finished_at is None:
-            return None
-        return (self.finished_at - self.started_at).total_seconds()
+        return _duration_s(self.started_at, self.finished_at)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,9 +97,7 @@ class Run:
 
     @property
     def duration_s(self) -> float | None:
-        if self.finished_at is None:
-            return None
-        return (self.finished_at - self.started_at).total_seconds()
+        return _duration_s(self.started_at, self.finished_at)
 
 
 async def page(source: db.Executor, *, before: int | None, limit: int) -> list[RunSummary]:
@@ -123,3 +119,8 @@ async def last_scheduled(source: db.Executor) -> Run | None:
     if record is None:
         return None
     return Run.from_record({**dict(record), "requested_by": None})
+
+
+def _duration_s(started_at: dt.datetime, finished_at: dt.datetime | None) -> float | None:
+    """The seconds a run took, None while it runs."""
+    return None if finished_at is None else (finished_at - started_at).total_seconds()
