@@ -71,17 +71,26 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _tree(root: int) -> list[int]:
-    """The process and its descendants (uvicorn's workers are children of its supervisor)."""
-    children: dict[int, list[int]] = {}
+def _processes() -> list[tuple[int, int, str]]:
+    """Every process as (pid, parent pid, name), from /proc."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                    text = stat.read()
             except OSError:
                 continue
-            children.setdefault(parent, []).append(int(entry))
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            found.append((int(entry), int(text.rsplit(")", 1)[1].split()[1]), name))
+    return found
+
+
+def _tree(root: int, processes: list[tuple[int, int, str]]) -> list[int]:
+    """The process and its descendants (uvicorn's workers are children of its supervisor)."""
+    children: dict[int, list[int]] = {}
+    for pid, parent, _ in processes:
+        children.setdefault(parent, []).append(pid)
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -90,25 +99,13 @@ def _tree(root: int) -> list[int]:
     return found
 
 
-def _rabbitmq() -> list[int]:
-    """RabbitMQ's Erlang VM (beam), whose work per message both servers share."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm", encoding="ascii") as comm:
-                    if comm.read().startswith("beam"):
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
 def measured_wrk(
     url: str, file: str, seconds: int, server: subprocess.Popen[bytes]
 ) -> dict[str, float]:
     """:func:`wrk`, with the server's and RabbitMQ's CPU per accepted webhook (from /proc)."""
-    workers, broker = _tree(server.pid), _rabbitmq()
+    processes = _processes()
+    workers = _tree(server.pid, processes)
+    broker = [pid for pid, _, name in processes if name.startswith("beam")]  # RabbitMQ
     before = [sum(_cpu_s(p) for p in pids) for pids in (workers, broker)]
     result = wrk(url, file, seconds)
     after = [sum(_cpu_s(p) for p in pids) for pids in (workers, broker)]
@@ -155,23 +152,15 @@ def wrk(url: str, file: str, seconds: int) -> dict[str, float]:
     }
 
 
+def _openloop_command(port: int, path: str, file: str, rate: int, seconds: int) -> list[str]:
+    """`python -m bench.openloop` sending the webhooks of ``file`` at ``rate`` for ``seconds``."""
+    arguments = ("127.0.0.1", str(port), path, file, str(rate), str(seconds))
+    return [sys.executable, "-m", "bench.openloop", *arguments]
+
+
 def openloop(port: int, path: str, file: str, rate: int, seconds: int) -> dict[str, object]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.openloop",
-            "127.0.0.1",
-            str(port),
-            path,
-            file,
-            str(rate),
-            str(seconds),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    command = _openloop_command(port, path, file, rate, seconds)
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out))
 
 
@@ -220,17 +209,7 @@ def _start_serve(settings: common.config.Settings, log_path: str) -> tuple[Any, 
 def _flood(port: int, path: str, valid: str, flood: str, seconds: int) -> dict[str, object]:
     """Valid webhooks at VALID_RATE/s while another process sends FLOOD_RATE/s to unknown ids."""
     flooding = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.openloop",
-            "127.0.0.1",
-            str(port),
-            path,
-            flood,
-            str(FLOOD_RATE),
-            str(seconds + 2),
-        ],
+        _openloop_command(port, path, flood, FLOOD_RATE, seconds + 2),
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -214,3 +214,13 @@ async def connection_id(
 ) -> uuid.UUID:
     """A connection made the way `relay connections add` makes it, against the sandboxes."""
     return await factories.connect(upstream_settings, pool, qonto)
+
+
+@pytest.fixture
+async def publisher(
+    settings: config.Settings, amqp_connection: aio_pika.abc.AbstractRobustConnection
+) -> AsyncIterator[amqp.Publisher]:
+    """A confirm channel publishing to the test's queues."""
+    value = await amqp.Publisher.open(amqp_connection, settings)
+    yield value
+    await value.close()

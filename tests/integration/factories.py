@@ -10,14 +10,18 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aio_pika.abc
 import asyncpg
 import orjson
 
+from consumers import buffer
 from relay import config, crypto, events, models, store
+from relay.broker import amqp
 from relay.domain import connections, credentials, ingest, inputs
 from relay.sandbox import files, signing
 from relay.sandbox import qonto as qonto_sandbox
 from relay.store import db
+from relay.upstreams import qonto as qonto_client
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 FIRM_KEY, FIRM_SECRET = "firm-key-0001", "firm-secret-0001"
@@ -188,3 +192,22 @@ def environment(settings: config.Settings) -> dict[str, str]:
     if settings.cegid_subscription_key is not None:
         env["RELAY_CEGID_SUBSCRIPTION_KEY"] = settings.cegid_subscription_key.reveal()
     return env
+
+
+async def process_from_queue(
+    settings: config.Settings,
+    amqp_connection: aio_pika.abc.AbstractConnection,
+    pool: asyncpg.Pool,
+    publisher: amqp.Publisher,
+    count: int,
+) -> dict[str, int]:
+    """Take ``count`` messages off the events queue and give them to one Buffer batch."""
+    channel = await amqp_connection.channel()
+    try:
+        queue = await channel.get_queue(settings.events_queue, ensure=False)
+        messages = [await queue.get(no_ack=False, timeout=5) for _ in range(count)]
+        async with qonto_client.http_clients(settings) as http:
+            worker = buffer.Buffer(settings, pool, publisher, http)
+            return await worker.process([m for m in messages if m is not None])
+    finally:
+        await channel.close()

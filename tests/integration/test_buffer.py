@@ -28,15 +28,6 @@ from tests.integration import factories, outages
 
 
 @pytest.fixture
-async def publisher(
-    upstream_settings: config.Settings, amqp_connection: aio_pika.abc.AbstractRobustConnection
-) -> AsyncIterator[amqp.Publisher]:
-    value = await amqp.Publisher.open(amqp_connection, upstream_settings)
-    yield value
-    await value.close()
-
-
-@pytest.fixture
 async def consumer(upstream_settings: config.Settings) -> AsyncIterator[asyncio.Event]:
     """`relay consume` running in this loop until the test ends."""
     stop = asyncio.Event()
@@ -55,7 +46,7 @@ async def _publish(
     body = event if isinstance(event, bytes) else orjson.dumps(event)
     event_id = event["id"] if isinstance(event, dict) else str(uuid.uuid4())
     await publisher.publish(
-        publisher._settings.events_queue,
+        publisher.events_queue,
         body,
         message_id=str(event_id),
         headers={amqp.HEADER_CONNECTION: str(connection_id), **headers},
@@ -89,25 +80,6 @@ async def _dead_letters(
 
     await factories.until(enough, within_s=5, what=lambda: f"{n} dead letters (found {len(found)})")
     return found
-
-
-async def _process_from_queue(
-    settings: config.Settings,
-    amqp_connection: Any,
-    pool: asyncpg.Pool,
-    publisher: amqp.Publisher,
-    count: int,
-) -> dict[str, int]:
-    """Take ``count`` messages off the events queue and give them to one Buffer batch."""
-    channel = await amqp_connection.channel()
-    try:
-        queue = await channel.get_queue(settings.events_queue, ensure=False)
-        messages = [await queue.get(no_ack=False, timeout=5) for _ in range(count)]
-        async with qonto_client.http_clients(settings) as http:
-            worker = buffer.Buffer(settings, pool, publisher, http)
-            return await worker.process([m for m in messages if m is not None])
-    finally:
-        await channel.close()
 
 
 async def test_transaction_events_become_pending_documents(
@@ -226,7 +198,9 @@ async def test_a_removed_attachment_is_listed_whatever_the_batching_and_order_of
     for event in [newer, older] if newer_first else [older, newer]:
         await _publish(publisher, connection_id, event)
     for size in [2] if one_batch else [1, 1]:
-        await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, size)
+        await factories.process_from_queue(
+            upstream_settings, amqp_connection, pool, publisher, size
+        )
     assert await factories.states(pool) == {keep: "pending", drop: "skipped"}
     reason = await pool.fetchval(
         "SELECT reason FROM documents WHERE qonto_attachment_id = $1", drop
@@ -338,7 +312,7 @@ async def test_database_down_settles_nothing_and_the_batch_is_applied_once_it_is
     )
     await dead.close()
     with pytest.raises(errors.DatabaseUnavailable):  # the channel closes: both go back
-        await _process_from_queue(upstream_settings, amqp_connection, dead, publisher, 2)
+        await factories.process_from_queue(upstream_settings, amqp_connection, dead, publisher, 2)
     stop = asyncio.Event()
     task = asyncio.create_task(consume.consume(upstream_settings, stop=stop))
     try:
@@ -556,7 +530,9 @@ async def test_a_record_postgresql_refuses_is_dead_lettered_alone_and_the_rest_a
     await _publish(publisher, connection_id, _transaction_event(1, "att-1"))
     await _publish(publisher, connection_id, poison)
     await _publish(publisher, connection_id, _transaction_event(3, "att-3"))
-    counts = await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, 3)
+    counts = await factories.process_from_queue(
+        upstream_settings, amqp_connection, pool, publisher, 3
+    )
     assert counts == {"applied": 2, "dead_lettered": 1}
     assert await factories.states(pool) == {"att-1": "pending", "att-3": "pending"}
     events_ids = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM events")}
@@ -652,16 +628,42 @@ def test_retry_delays_must_be_declared_delay_queues(unit_settings: config.Settin
 # ---------------------------------------------------------------------- events batched by the intake
 
 
-async def _batched(publisher: amqp.Publisher, events: list[tuple[uuid.UUID, bytes, str]]) -> None:
-    """Publish the events as the intake does under load: the first alone, the rest in one batch."""
-    batcher = amqp.Batcher(publisher, in_flight=1)
-    await asyncio.gather(
+async def _together(
+    publisher: amqp.Publisher,
+    events: list[tuple[uuid.UUID, bytes, str]],
+    *,
+    max_events: int = 32,
+) -> tuple[list[object], list[int]]:
+    """Publish the events at once through a Batcher with one publish in flight, as the intake does
+    under load; each one's outcome (None, or the error), and the events of each confirmed message."""
+    sent: list[int] = []
+    batcher = amqp.Batcher(publisher, in_flight=1, max_events=max_events, on_sent=sent.append)
+    outcomes = await asyncio.gather(
         *(
             batcher.publish_event(body, connection_id=str(connection), event_id=event_id)
             for connection, body, event_id in events
-        )
+        ),
+        return_exceptions=True,
     )
-    assert (batcher.messages, batcher.events) == (2, len(events))
+    return outcomes, sent
+
+
+def _anonymous(count: int) -> list[tuple[uuid.UUID, bytes, str]]:
+    return [(uuid.uuid4(), b"{}", f"evt-{n}") for n in range(count)]
+
+
+async def _batched(publisher: amqp.Publisher, events: list[tuple[uuid.UUID, bytes, str]]) -> None:
+    """Publish the events as the intake does under load: the first alone, the rest in one batch."""
+    outcomes, sent = await _together(publisher, events)
+    assert outcomes == [None] * len(events)
+    assert sent == [1, len(events) - 1]
+
+
+async def test_a_batch_holds_at_most_max_events(publisher: amqp.Publisher) -> None:
+    """Events waiting for a free publish go out in messages of at most ``max_events``, in order."""
+    outcomes, sent = await _together(publisher, _anonymous(8), max_events=3)
+    assert outcomes == [None] * 8
+    assert sent == [1, 3, 3, 1]
 
 
 async def test_a_batch_of_events_is_split_and_each_event_applied_or_dead_lettered_alone(
@@ -707,20 +709,13 @@ async def test_a_batch_of_events_is_split_and_each_event_applied_or_dead_lettere
 
 
 async def test_a_batch_that_cannot_be_queued_fails_every_webhook_in_it(
-    publisher: amqp.Publisher, upstream_settings: config.Settings
+    publisher: amqp.Publisher,
 ) -> None:
     """No event of an unconfirmed batch is reported queued (each webhook gets its 503)."""
-    batcher = amqp.Batcher(publisher, in_flight=1)
     await publisher.channel.close()
-    outcomes = await asyncio.gather(
-        *(
-            batcher.publish_event(b"{}", connection_id=str(uuid.uuid4()), event_id=f"evt-{n}")
-            for n in range(5)
-        ),
-        return_exceptions=True,
-    )
+    outcomes, sent = await _together(publisher, _anonymous(5))
     assert all(isinstance(outcome, errors.BrokerUnavailable) for outcome in outcomes)
-    assert batcher.events == 5
+    assert sent == []  # no message confirmed
 
 
 async def test_a_batch_the_broker_dead_letters_is_listed_and_replayed_whole(
@@ -760,7 +755,9 @@ async def test_a_batch_the_broker_dead_letters_is_listed_and_replayed_whole(
         {"event_id": e["id"], "connection_id": str(connection_id)} for e in listed
     ]
     assert await dlq.replay(upstream_settings, amqp_connection, ["batch-1"]) == 1
-    counts = await _process_from_queue(upstream_settings, amqp_connection, pool, publisher, 1)
+    counts = await factories.process_from_queue(
+        upstream_settings, amqp_connection, pool, publisher, 1
+    )
     assert counts == {"applied": 2}
     assert await _count(pool, "SELECT count(*) FROM documents") == 2
 
@@ -771,13 +768,8 @@ async def test_the_consumer_bounds_its_batches_in_events_not_messages(
     amqp_connection: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
     """A batch message counts as many events as it holds toward the consumer's batch size."""
-    batcher = amqp.Batcher(publisher, in_flight=1)
-    await asyncio.gather(
-        *(
-            batcher.publish_event(b"{}", connection_id=str(uuid.uuid4()), event_id=f"evt-{n}")
-            for n in range(4)
-        )
-    )  # one message of one event, then one of three
+    _, sent = await _together(publisher, _anonymous(4))
+    assert sent == [1, 3]
     await _publish(publisher, uuid.uuid4(), {"id": "evt-last", "type": "v1/cards"})
     channel = await amqp_connection.channel()
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika.abc
@@ -11,21 +10,10 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers import buffer
 from relay import config
 from relay.broker import amqp
 from relay.sandbox import qonto as qonto_sandbox
-from relay.upstreams import qonto as qonto_client
 from tests.integration import factories
-
-
-@pytest.fixture
-async def publisher(
-    upstream_settings: config.Settings, amqp_connection: aio_pika.abc.AbstractRobustConnection
-) -> AsyncIterator[amqp.Publisher]:
-    value = await amqp.Publisher.open(amqp_connection, upstream_settings)
-    yield value
-    await value.close()
 
 
 async def _one_batch(
@@ -41,15 +29,9 @@ async def _one_batch(
         await publisher.publish_event(
             orjson.dumps(body), connection_id=str(connection_id), event_id=str(body["id"])
         )
-    channel = await amqp_connection.channel()
-    try:
-        queue = await channel.get_queue(settings.events_queue, ensure=False)
-        messages = [await queue.get(no_ack=False, timeout=5) for _ in bodies]
-        async with qonto_client.http_clients(settings) as http:
-            worker = buffer.Buffer(settings, pool, publisher, http)
-            return await worker.process([m for m in messages if m is not None])
-    finally:
-        await channel.close()
+    return await factories.process_from_queue(
+        settings, amqp_connection, pool, publisher, len(bodies)
+    )
 
 
 async def test_two_copies_of_one_event_in_a_batch_count_one_applied_one_duplicate(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika.abc
 import asyncpg
@@ -17,15 +16,6 @@ from relay.broker import amqp, dlq
 from tests.integration import factories
 
 FUTURE = orjson.dumps({"id": "evt-v2", "type": "v2/transactions", "data": {"id": "tx-9"}})
-
-
-@pytest.fixture
-async def publisher(
-    settings: config.Settings, amqp_connection: aio_pika.abc.AbstractRobustConnection
-) -> AsyncIterator[amqp.Publisher]:
-    value = await amqp.Publisher.open(amqp_connection, settings)
-    yield value
-    await value.close()
 
 
 async def _letters(

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from relay import config, models
+from relay.broker import amqp
 from relay.domain import connections
 from relay.store import db
 from tests import services
@@ -80,14 +81,16 @@ async def intake(
 
 
 async def _queued(settings: config.Settings) -> set[str]:
-    """The ids of the events waiting in the events queue (read without taking them)."""
+    """The ids of the events waiting in the events queue, a batch's each (read without taking
+    them)."""
     connection = await aio_pika.connect(settings.amqp_url.reveal(), timeout=5)
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(settings.events_queue, ensure=False)
         found = set()
         while (message := await queue.get(no_ack=False, fail=False, timeout=5)) is not None:
-            found.add(str(message.message_id))
+            pieces = amqp.split(message.body, message.headers or {}, message.message_id)
+            found.update(str(piece.message_id) for piece in pieces)
         return found  # unacknowledged: back in the queue when the channel closes
 
 
